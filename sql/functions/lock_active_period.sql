@@ -1,0 +1,35 @@
+-- version: 20251219000000
+--
+-- tokentrack.lock_active_period(p_account_id uuid) -> tokentrack.usage_periods
+--
+-- Internal helper (no EXECUTE for application roles). Locks the account's active period
+-- FOR UPDATE and returns it, or a row of NULLs when the account has none.
+-- Locks: the active usage_periods row of the account (FOR UPDATE), nothing else.
+-- Writes: nothing.
+-- Why twice: under READ COMMITTED, a caller that waited for the lock while
+-- open_usage_period closed that period sees the closed row drop out of its result; the
+-- second statement takes a new snapshot and finds the period that replaced it.
+CREATE FUNCTION tokentrack.lock_active_period(p_account_id uuid)
+RETURNS tokentrack.usage_periods
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $function$
+DECLARE
+    v_period tokentrack.usage_periods%ROWTYPE;
+BEGIN
+    FOR v_attempt IN 1..2 LOOP
+        SELECT p.* INTO v_period
+        FROM tokentrack.usage_periods AS p
+        WHERE p.account_id = p_account_id AND p.status = 'active'
+        FOR UPDATE;
+        EXIT WHEN FOUND;
+    END LOOP;
+    RETURN v_period;
+END
+$function$;
+
+COMMENT ON FUNCTION tokentrack.lock_active_period(uuid) IS
+'Internal: locks and returns the account''s active usage period (all NULL when none).';
+
+REVOKE ALL ON FUNCTION tokentrack.lock_active_period(uuid) FROM PUBLIC;

@@ -1,0 +1,46 @@
+-- version: 20260108000000
+--
+-- PROCEDURE tokentrack.sweep_expired_reservations(p_batch_size integer DEFAULT 500)
+--
+-- The expiry sweep in bounded batches, for pg_cron and large backlogs:
+--   CALL tokentrack.sweep_expired_reservations();
+-- Each batch bills and expires at most p_batch_size reservations (expire_reservations) and
+-- commits, so the locks of a batch are held only for that batch. Must be called outside an
+-- explicit transaction block (it commits). Reports the totals with a NOTICE.
+-- It runs with the caller's rights (a procedure that commits cannot be SECURITY DEFINER); the
+-- caller needs EXECUTE on expire_reservations, which tokentrack_service has.
+-- Errors: 22004 a NULL batch size; 22023 a batch size below 1.
+CREATE PROCEDURE tokentrack.sweep_expired_reservations(p_batch_size integer DEFAULT 500)
+LANGUAGE plpgsql
+AS $procedure$
+DECLARE
+    v_batch jsonb;
+    v_expired bigint := 0;
+    v_billed bigint := 0;
+    v_batches integer := 0;
+BEGIN
+    IF p_batch_size IS NULL THEN
+        RAISE EXCEPTION 'p_batch_size must not be NULL' USING ERRCODE = '22004', COLUMN = 'p_batch_size';
+    END IF;
+    IF p_batch_size < 1 THEN
+        RAISE EXCEPTION 'p_batch_size must be at least 1 (got %)', p_batch_size
+            USING ERRCODE = '22023', COLUMN = 'p_batch_size';
+    END IF;
+    LOOP
+        v_batch := tokentrack.expire_reservations(p_batch_size);
+        COMMIT;
+        v_batches := v_batches + 1;
+        v_expired := v_expired + (v_batch ->> 'expired')::bigint;
+        v_billed := v_billed + (v_batch ->> 'billed_tokens')::bigint;
+        EXIT WHEN (v_batch ->> 'expired')::integer < p_batch_size;
+    END LOOP;
+    RAISE NOTICE 'tokentrack sweep: % reservations expired, % tokens billed, % batches',
+        v_expired, v_billed, v_batches;
+END
+$procedure$;
+
+COMMENT ON PROCEDURE tokentrack.sweep_expired_reservations(integer) IS
+'Expiry sweep in batches of p_batch_size, committing after each batch (for pg_cron).';
+
+REVOKE ALL ON PROCEDURE tokentrack.sweep_expired_reservations(integer) FROM PUBLIC;
+GRANT EXECUTE ON PROCEDURE tokentrack.sweep_expired_reservations(integer) TO tokentrack_service;

@@ -1,0 +1,21 @@
+-- Rollback of version 20251219000000: add_usage_tracking
+--
+-- Removes exactly what that version added: its functions, tables, trigger function, the
+-- current_account_id() hook and the schema grants. The roles tokentrack_service and
+-- tokentrack_reader are cluster-wide and may be granted to login roles: they are kept.
+-- The schema tokentrack and tokentrack.schema_migrations belong to the installer and stay.
+-- Refused (by the dependency of version 20260108000000's tables) while that version is applied.
+
+DROP FUNCTION tokentrack.open_usage_period(uuid, bigint, timestamptz);
+DROP FUNCTION tokentrack.increment_usage(uuid, integer, boolean, boolean);
+DROP FUNCTION tokentrack.lock_active_period(uuid);
+
+DROP TABLE tokentrack.usage_ledger;
+DROP TABLE tokentrack.reports;
+DROP TABLE tokentrack.usage_periods;
+DROP TABLE tokentrack.accounts;
+
+DROP FUNCTION tokentrack.usage_ledger_is_append_only();
+DROP FUNCTION tokentrack.current_account_id();
+
+REVOKE USAGE ON SCHEMA tokentrack FROM tokentrack_service, tokentrack_reader;
