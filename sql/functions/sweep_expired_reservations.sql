@@ -39,7 +39,8 @@ BEGIN
 END
 $procedure$;
 
-COMMENT ON PROCEDURE tokentrack.sweep_expired_reservations(integer) IS
+-- (sqlfluff misparses the argument list of COMMENT ON PROCEDURE: hence the noqa below)
+COMMENT ON PROCEDURE tokentrack.sweep_expired_reservations(integer) IS -- noqa: LT01
 'Expiry sweep in batches of p_batch_size, committing after each batch (for pg_cron).';
 
 REVOKE ALL ON PROCEDURE tokentrack.sweep_expired_reservations(integer) FROM PUBLIC;

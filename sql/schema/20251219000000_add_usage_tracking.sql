@@ -94,7 +94,7 @@ CREATE TABLE tokentrack.usage_ledger (
     tokens bigint NOT NULL CONSTRAINT usage_ledger_tokens_non_negative CHECK (tokens >= 0),
     reports integer NOT NULL DEFAULT 0 CONSTRAINT usage_ledger_reports_valid CHECK (reports IN (0, 1)),
     report_id uuid CONSTRAINT usage_ledger_report_fk REFERENCES tokentrack.reports (id) ON DELETE RESTRICT,
-    is_chat boolean NOT NULL DEFAULT false,
+    is_chat boolean NOT NULL DEFAULT FALSE,
     created_at timestamptz NOT NULL DEFAULT now()
 );
 
@@ -167,13 +167,13 @@ CREATE POLICY usage_ledger_reader_own ON tokentrack.usage_ledger
 FOR SELECT TO tokentrack_reader USING (account_id = tokentrack.current_account_id());
 
 CREATE POLICY accounts_service_read ON tokentrack.accounts
-FOR SELECT TO tokentrack_service USING (true);
+FOR SELECT TO tokentrack_service USING (TRUE);
 CREATE POLICY usage_periods_service_read ON tokentrack.usage_periods
-FOR SELECT TO tokentrack_service USING (true);
+FOR SELECT TO tokentrack_service USING (TRUE);
 CREATE POLICY reports_service_read ON tokentrack.reports
-FOR SELECT TO tokentrack_service USING (true);
+FOR SELECT TO tokentrack_service USING (TRUE);
 CREATE POLICY usage_ledger_service_read ON tokentrack.usage_ledger
-FOR SELECT TO tokentrack_service USING (true);
+FOR SELECT TO tokentrack_service USING (TRUE);
 
 REVOKE ALL ON tokentrack.accounts, tokentrack.usage_periods, tokentrack.reports,
 tokentrack.usage_ledger FROM PUBLIC;

@@ -72,7 +72,7 @@ CREATE TABLE tokentrack.report_step_usage (
     CONSTRAINT report_step_usage_billed_period_fk REFERENCES tokentrack.usage_periods (id) ON DELETE RESTRICT,
     billing_entry_id bigint
     CONSTRAINT report_step_usage_billing_entry_fk REFERENCES tokentrack.usage_ledger (id) ON DELETE RESTRICT,
-    late boolean NOT NULL DEFAULT false,
+    late boolean NOT NULL DEFAULT FALSE,
     CONSTRAINT report_step_usage_one_per_step UNIQUE (report_id, step_name),
     CONSTRAINT report_step_usage_total_covers_parts CHECK (
         total_tokens::bigint >= input_tokens::bigint + output_tokens::bigint
@@ -102,9 +102,9 @@ FOR SELECT TO tokentrack_reader USING (account_id = tokentrack.current_account_i
 CREATE POLICY report_step_usage_reader_own ON tokentrack.report_step_usage
 FOR SELECT TO tokentrack_reader USING (account_id = tokentrack.current_account_id());
 CREATE POLICY report_reservations_service_read ON tokentrack.report_reservations
-FOR SELECT TO tokentrack_service USING (true);
+FOR SELECT TO tokentrack_service USING (TRUE);
 CREATE POLICY report_step_usage_service_read ON tokentrack.report_step_usage
-FOR SELECT TO tokentrack_service USING (true);
+FOR SELECT TO tokentrack_service USING (TRUE);
 
 REVOKE ALL ON tokentrack.report_reservations, tokentrack.report_step_usage FROM PUBLIC;
 GRANT SELECT ON tokentrack.report_reservations, tokentrack.report_step_usage
