@@ -1,0 +1,170 @@
+"""The ``tokentrack`` command line.
+
+::
+
+    tokentrack migrate install   [--database-url URL]
+    tokentrack migrate rollback  [--steps N] [--database-url URL]
+    tokentrack migrate list      [--database-url URL]
+    tokentrack migrate sql       [--pending --database-url URL]
+    tokentrack demo
+
+The database comes from ``--database-url`` or the ``DATABASE_URL`` environment variable.
+Every failure prints one line ``tokentrack: error: ...`` on stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+
+from tokentrack_client import __version__, migrate
+
+EXIT_OK = 0
+EXIT_ERROR = 2
+
+
+class CliError(Exception):
+    """A usage problem found after parsing (e.g. no database given)."""
+
+
+def _database_url(args: argparse.Namespace) -> str:
+    url: str | None = args.database_url or os.environ.get("DATABASE_URL")
+    if not url:
+        raise CliError("no database given: pass --database-url URL or set DATABASE_URL")
+    return url
+
+
+def _add_database_url(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--database-url",
+        metavar="URL",
+        help="postgresql://user:password@host:port/dbname (default: $DATABASE_URL)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser of the ``tokentrack`` command."""
+    parser = argparse.ArgumentParser(
+        prog="tokentrack",
+        description="PostgreSQL-native exact LLM token accounting.",
+    )
+    parser.add_argument("--version", action="version", version=f"tokentrack {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    migrate_parser = commands.add_parser(
+        "migrate",
+        help="install, roll back, list or print the tokentrack SQL",
+        description=(
+            "Manage the tokentrack schema in a database. The SQL directory is "
+            "$TOKENTRACK_SQL_DIR, else the SQL shipped with the package."
+        ),
+    )
+    actions = migrate_parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    install = actions.add_parser(
+        "install",
+        help="apply every pending version (each in one transaction)",
+        description=(
+            "Apply every pending version in order, each in one transaction, under the "
+            f"advisory lock {migrate.ADVISORY_LOCK_KEY}. Refuses applied files edited since."
+        ),
+    )
+    _add_database_url(install)
+
+    rollback = actions.add_parser(
+        "rollback",
+        help="undo the newest applied version(s)",
+        description="Run the rollback file of the newest applied version(s), newest first.",
+    )
+    rollback.add_argument(
+        "--steps", type=int, default=1, metavar="N", help="how many versions (default: 1)"
+    )
+    _add_database_url(rollback)
+
+    listing = actions.add_parser(
+        "list",
+        help="show every version: applied, pending, drifted or missing",
+        description="Show every version with its status; changes nothing.",
+    )
+    _add_database_url(listing)
+
+    sql = actions.add_parser(
+        "sql",
+        help="print the SQL of every version for psql or another migration tool",
+        description=(
+            "Print the bootstrap and every version, each wrapped in BEGIN; ... COMMIT; with its "
+            "schema_migrations row, for `psql -v ON_ERROR_STOP=1 -f FILE`."
+        ),
+    )
+    sql.add_argument(
+        "--pending",
+        action="store_true",
+        help="only the versions not yet applied to the database (needs a database URL)",
+    )
+    _add_database_url(sql)
+
+    commands.add_parser(
+        "demo",
+        help="run a small report generator against a database",
+        description="Run a small report generator against a database.",
+    )
+    return parser
+
+
+def _print_status(rows: Sequence[migrate.VersionStatus]) -> None:
+    width = max([len(r.name) for r in rows] + [4])
+    print(f"{'VERSION':<14}  {'NAME':<{width}}  {'STATUS':<8}  APPLIED AT")
+    for row in rows:
+        applied_at = row.applied_at.isoformat(timespec="seconds") if row.applied_at else "-"
+        line = f"{row.version:<14}  {row.name:<{width}}  {row.status:<8}  {applied_at}"
+        if row.changed_files:
+            line += f"  changed: {', '.join(row.changed_files)}"
+        print(line)
+
+
+async def _run_migrate(args: argparse.Namespace) -> int:
+    action: str = args.action
+    if action == "install":
+        await migrate.install(_database_url(args))
+    elif action == "rollback":
+        await migrate.rollback(_database_url(args), steps=args.steps)
+    elif action == "list":
+        _print_status(await migrate.status(_database_url(args)))
+    elif action == "sql":
+        if args.pending:
+            versions = await migrate.pending_versions(_database_url(args))
+        else:
+            versions = migrate.load_versions()
+        sys.stdout.write(migrate.render_sql(versions))
+    else:  # pragma: no cover - argparse rejects unknown actions
+        raise CliError(f"unknown migrate action {action!r}")
+    return EXIT_OK
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``tokentrack`` command; return its exit status (0 ok, 2 error)."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "migrate":
+            return asyncio.run(_run_migrate(args))
+        if args.command == "demo":
+            print("tokentrack demo: coming with the client issue (#3)")
+            return EXIT_OK
+        raise CliError(f"unknown command {args.command!r}")  # pragma: no cover
+    except (migrate.MigrationError, CliError) as exc:
+        print(f"tokentrack: error: {_one_line(str(exc))}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("tokentrack: error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
