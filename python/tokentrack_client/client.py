@@ -1,0 +1,603 @@
+"""``TokenTracker``: the thin asyncpg client of the tokentrack SQL functions.
+
+One method per function; each call is one short transaction of its own::
+
+    BEGIN ISOLATION LEVEL READ COMMITTED
+    SELECT tokentrack.<function>($1::uuid, ...)::text
+    COMMIT
+
+It sets no session state and prepares no named statement of its own, so it works behind
+PgBouncer in transaction pooling mode as long as the caller's pool or connection was created
+with ``statement_cache_size=0`` (asyncpg's cache of named prepared statements is the one thing
+the client cannot switch off for the caller). The explicit transaction also keeps asyncpg's
+unnamed Parse and Bind on the same server connection behind PgBouncer, and tells the client
+whether a failed call may have committed (see :mod:`tokentrack_client.retry`).
+
+A connection that is already inside a transaction when a method is called (the caller's own
+``async with conn.transaction()``) is used as it is: the call joins the caller's transaction,
+commits with it, and is never retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import uuid
+from collections.abc import Mapping
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeAlias
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from tokentrack_client.errors import (
+    ConnectionLost,
+    DatabaseError,
+    InvalidArgument,
+    NotInstalled,
+    PermissionDenied,
+    TokenTrackError,
+    TransientError,
+    UnexpectedAnswer,
+    refusal_from_answer,
+)
+from tokentrack_client.results import (
+    PeriodOpened,
+    Reconciliation,
+    Reservation,
+    Settlement,
+    StepRecord,
+    SweepResult,
+    UsageIncrement,
+)
+from tokentrack_client.retry import (
+    DEFAULT_RETRY,
+    Phase,
+    RetryPolicy,
+    is_connection_failure,
+    is_rolled_back,
+    sqlstate_of,
+)
+
+if TYPE_CHECKING:
+    from tokentrack_client.tracking import ReportTracker
+
+__all__ = ["ConnectionLike", "IdLike", "TokenTracker"]
+
+logger = logging.getLogger("tokentrack_client")
+
+ConnectionLike: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
+"""A single asyncpg connection (or one acquired from a pool and held by the caller)."""
+
+IdLike: TypeAlias = "uuid.UUID | str"
+"""An account or report id: a :class:`uuid.UUID` or its string form."""
+
+INT_MAX: Final = 2**31 - 1
+NAME_MAX: Final = 200
+ERROR_MESSAGE_MAX: Final = 10_000
+REPORT_OUTCOMES: Final = ("complete", "failed", "cancelled")
+
+_SQL_TRY_RESERVE: Final = (
+    "SELECT tokentrack.try_reserve_tokens($1::uuid, $2::uuid, $3::integer)::text"
+)
+_SQL_PERSIST_STEP: Final = (
+    "SELECT tokentrack.persist_step_usage("
+    "$1::uuid, $2::uuid, $3::text, $4::integer, $5::integer, $6::integer, $7::text)::text"
+)
+_SQL_FINALIZE: Final = "SELECT tokentrack.finalize_report_usage($1::uuid, $2::uuid)::text"
+_SQL_FINISH: Final = "SELECT tokentrack.finish_report($1::uuid, $2::uuid, $3::text, $4::text)::text"
+_SQL_CLEANUP: Final = "SELECT tokentrack.cleanup_expired_reservations()::text"
+_SQL_RECONCILE: Final = "SELECT tokentrack.reconcile($1::uuid)::text"
+_SQL_INCREMENT: Final = (
+    "SELECT tokentrack.increment_usage($1::uuid, $2::integer, $3::boolean, $4::boolean)::text"
+)
+_SQL_OPEN_PERIOD: Final = (
+    "SELECT tokentrack.open_usage_period($1::uuid, $2::bigint, $3::timestamptz)::text"
+)
+_BEGIN: Final = "BEGIN ISOLATION LEVEL READ COMMITTED"
+
+
+class _AttemptFailed(Exception):
+    """One attempt failed: the driver error, how far the attempt got, and the connection's
+    state afterwards."""
+
+    def __init__(
+        self, error: Exception, phase: Phase, *, connection_closed: bool, joined: bool
+    ) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.phase = phase
+        self.connection_closed = connection_closed
+        self.joined = joined
+
+
+class TokenTracker:
+    """Bills LLM reports exactly once through the tokentrack SQL functions.
+
+    ``TokenTracker(pool)`` with an :class:`asyncpg.Pool` is the normal use: concurrent calls
+    run on separate connections, and a call whose connection breaks is retried on another
+    one. ``TokenTracker(connection)`` with a single connection serialises the calls on it
+    and cannot survive a broken connection (it raises :class:`ConnectionLost`). The client
+    never opens connections of its own and never reads credentials from the environment.
+
+    Behind PgBouncer in transaction pooling mode, create the pool (or connection) with
+    ``statement_cache_size=0``.
+
+    ``retry`` is the :class:`RetryPolicy` of transient failures (default: 5 attempts,
+    jittered backoff from 50 ms to 2 s); ``NO_RETRY`` switches retries off.
+
+    Refusals raise the typed :class:`~tokentrack_client.Refusal` subclasses, bad arguments
+    :class:`~tokentrack_client.InvalidArgument` (a ``ValueError``), everything else a
+    :class:`~tokentrack_client.DatabaseError` raised from the driver's exception.
+    """
+
+    def __init__(
+        self,
+        pool_or_connection: asyncpg.Pool[Any] | ConnectionLike,
+        *,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._pool: asyncpg.Pool[Any] | None = None
+        self._connection: ConnectionLike | None = None
+        if isinstance(pool_or_connection, asyncpg.Pool):
+            self._pool = pool_or_connection
+        elif isinstance(pool_or_connection, asyncpg.Connection | PoolConnectionProxy):
+            self._connection = pool_or_connection
+        else:
+            raise TypeError(
+                "TokenTracker needs an asyncpg.Pool or an asyncpg.Connection, "
+                f"not {type(pool_or_connection).__name__}"
+            )
+        if not isinstance(retry, RetryPolicy):
+            raise TypeError(f"retry must be a RetryPolicy, not {type(retry).__name__}")
+        self._retry = retry
+        self._rng = rng or random.Random()
+        self._lock = asyncio.Lock()
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """The retry policy of transient failures."""
+        return self._retry
+
+    # ----------------------------------------------------------------------------------------
+    # The RPCs
+    # ----------------------------------------------------------------------------------------
+
+    async def try_reserve(
+        self, account_id: IdLike, report_id: IdLike, estimated_tokens: int
+    ) -> Reservation:
+        """Reserve ``estimated_tokens`` of the account's budget for a report before it runs.
+
+        Creates the report (status ``processing``) when it does not exist yet. Reserving again
+        while the report's reservation is active returns that reservation (``existing``).
+        Raises :class:`InsufficientTokens` (with ``available_tokens`` and
+        ``requested_tokens``), :class:`NoActivePeriod`, :class:`AccountNotFound`,
+        :class:`ReportAccountMismatch` or :class:`ReportFinalized`; nothing is written then.
+        """
+        args = (
+            _id("account_id", account_id),
+            _id("report_id", report_id),
+            _count("estimated_tokens", estimated_tokens, minimum=1),
+        )
+        answer = await self._call("try_reserve_tokens", _SQL_TRY_RESERVE, args)
+        return Reservation.from_answer(answer)
+
+    async def persist_step(
+        self,
+        report_id: IdLike,
+        account_id: IdLike,
+        step_name: str,
+        input_tokens: int,
+        output_tokens: int,
+        total_tokens: int | None = None,
+        model: str | None = None,
+    ) -> StepRecord:
+        """Record one finished step of a report.
+
+        ``total_tokens`` defaults to input + output; a larger total may count cache or
+        reasoning tokens. The same step again with the same numbers is a retry
+        (``duplicate``); with other numbers it raises :class:`StepConflict` and the first
+        record stands. A step of a report that was already billed is billed at once
+        (``late``); when the report already has an outcome, ``report_status`` says which
+        (the generator should stop). Raises :class:`ReservationNotFound` and
+        :class:`ReportAccountMismatch`.
+        """
+        name = _text("step_name", step_name, required=True)
+        inputs = _count("input_tokens", input_tokens, minimum=0)
+        outputs = _count("output_tokens", output_tokens, minimum=0)
+        total: int | None = None
+        if total_tokens is not None:
+            total = _count("total_tokens", total_tokens, minimum=0)
+            if total < inputs + outputs:
+                raise InvalidArgument(
+                    "total_tokens",
+                    f"total_tokens ({total}) must not be below input_tokens + output_tokens "
+                    f"({inputs + outputs})",
+                )
+        elif inputs + outputs > INT_MAX:
+            raise InvalidArgument(
+                "total_tokens",
+                f"total_tokens (None, so input_tokens + output_tokens = {inputs + outputs}) "
+                f"exceeds {INT_MAX}",
+            )
+        args = (
+            _id("report_id", report_id),
+            _id("account_id", account_id),
+            name,
+            inputs,
+            outputs,
+            total,
+            _text("model", model, required=False),
+        )
+        answer = await self._call("persist_step_usage", _SQL_PERSIST_STEP, args)
+        return StepRecord.from_answer(answer)
+
+    async def finalize(self, report_id: IdLike, account_id: IdLike) -> Settlement:
+        """Bill the report's recorded steps exactly once and complete its reservation.
+
+        Idempotent: calling it again changes nothing and answers ``already_finalized`` with
+        the same ``billed_tokens``. It does not set the report's outcome: generators end a
+        report with :meth:`finish_report` (or :meth:`track_report`). Raises
+        :class:`ReservationNotFound` and :class:`ReportAccountMismatch`.
+        """
+        args = (_id("report_id", report_id), _id("account_id", account_id))
+        answer = await self._call("finalize_report_usage", _SQL_FINALIZE, args)
+        return Settlement.from_answer(answer)
+
+    async def finish_report(
+        self,
+        report_id: IdLike,
+        account_id: IdLike,
+        status: str,
+        error_message: str | None = None,
+    ) -> Settlement:
+        """Set the report's outcome (``complete``, ``failed`` or ``cancelled``) and bill it.
+
+        One transaction; the same outcome again is an idempotent retry. Another outcome than
+        the one the report already has raises :class:`ReportFinalized` (its
+        ``report_status`` says which it has). ``error_message`` (at most 10,000 characters)
+        is kept on the report. Raises :class:`ReservationNotFound` and
+        :class:`ReportAccountMismatch`.
+        """
+        if status not in REPORT_OUTCOMES:
+            raise InvalidArgument(
+                "status", f"status must be complete, failed or cancelled, not {status!r}"
+            )
+        message = _text("error_message", error_message, required=False, limit=ERROR_MESSAGE_MAX)
+        args = (_id("report_id", report_id), _id("account_id", account_id), status, message)
+        answer = await self._call("finish_report", _SQL_FINISH, args)
+        return Settlement.from_answer(answer)
+
+    async def cancel_report(self, report_id: IdLike, account_id: IdLike) -> Settlement:
+        """Cancel a report from outside (a cancel button) and bill it at once.
+
+        The same as ``finish_report(report_id, account_id, "cancelled")``. The generator's
+        next step is still recorded (billed late, never lost) and its
+        :meth:`ReportTracker.step` then raises :class:`ReportCancelled`. Cancelling a report
+        that already ended otherwise raises :class:`ReportFinalized`.
+        """
+        return await self.finish_report(report_id, account_id, "cancelled")
+
+    async def cleanup_expired_reservations(self) -> SweepResult:
+        """Run the expiry sweep once: bill and expire every reservation past ``expires_at``.
+
+        Safe to run concurrently with itself and with finalize. For a large backlog prefer
+        ``CALL tokentrack.sweep_expired_reservations()`` (batched commits), e.g. from pg_cron.
+        """
+        answer = await self._call("cleanup_expired_reservations", _SQL_CLEANUP, ())
+        return SweepResult.from_answer(answer)
+
+    async def reconcile(self, account_id: IdLike | None = None) -> Reconciliation:
+        """Audit every period (of one account, or all): is ``tokens_used`` explained by the
+        ledger? Read-only. Raises :class:`AccountNotFound` for an unknown account."""
+        account = None if account_id is None else _id("account_id", account_id)
+        answer = await self._call("reconcile", _SQL_RECONCILE, (account,))
+        return Reconciliation.from_answer(answer)
+
+    async def increment_usage(
+        self,
+        account_id: IdLike,
+        tokens: int,
+        *,
+        is_report: bool = False,
+        is_chat: bool = False,
+    ) -> UsageIncrement:
+        """The legacy path: add ``tokens`` (and a report when ``is_report``) to the active
+        period at once.
+
+        Not idempotent: every call adds. It is retried only when the server certainly did not
+        commit it; when the connection breaks while its ``COMMIT`` is in flight it raises
+        :class:`ConnectionLost` with ``outcome_unknown=True`` (check before repeating it).
+        Raises :class:`AccountNotFound` and :class:`NoActivePeriod`.
+        """
+        args = (
+            _id("account_id", account_id),
+            _count("tokens", tokens, minimum=0),
+            _flag("is_report", is_report),
+            _flag("is_chat", is_chat),
+        )
+        answer = await self._call("increment_usage", _SQL_INCREMENT, args, idempotent=False)
+        return UsageIncrement.from_answer(answer)
+
+    async def open_usage_period(
+        self, account_id: IdLike, tokens_limit: int, period_end: datetime | None = None
+    ) -> PeriodOpened:
+        """Open a new active usage period of ``tokens_limit`` tokens for an account (creating
+        the account when missing) and close its active one.
+
+        ``period_end`` defaults to one month from now (the server's clock decides whether it
+        is in the future). Not idempotent: each call opens a new period, so a call whose
+        ``COMMIT`` was lost raises :class:`ConnectionLost` with ``outcome_unknown=True``.
+        """
+        if period_end is not None and not isinstance(period_end, datetime):
+            raise InvalidArgument("period_end", "period_end must be a datetime or None")
+        args = (
+            _id("account_id", account_id),
+            _count("tokens_limit", tokens_limit, minimum=0, maximum=2**63 - 1),
+            period_end,
+        )
+        answer = await self._call("open_usage_period", _SQL_OPEN_PERIOD, args, idempotent=False)
+        return PeriodOpened.from_answer(answer)
+
+    def track_report(
+        self, account_id: IdLike, report_id: IdLike, estimated_tokens: int
+    ) -> ReportTracker:
+        """The report lifecycle as an async context manager::
+
+            async with tracker.track_report(account_id, report_id, 40_000) as report:
+                reply = await llm(...)
+                await report.step("AN0", input_tokens=reply.input, output_tokens=reply.output)
+
+        Entering reserves ``estimated_tokens`` (raising :class:`InsufficientTokens` and the
+        other refusals of :meth:`try_reserve`); each ``step`` records one finished step. A
+        normal exit marks the report ``complete`` and bills it; an exception marks it
+        ``failed`` with the exception's message, bills it, and lets the exception propagate;
+        cancellation of the task marks it ``cancelled`` and bills it, shielded from the
+        cancellation, then lets ``CancelledError`` propagate. See :class:`ReportTracker`.
+        """
+        from tokentrack_client.tracking import ReportTracker
+
+        return ReportTracker(self, account_id, report_id, estimated_tokens)
+
+    # ----------------------------------------------------------------------------------------
+    # Calling a function: one transaction per attempt, retries, error mapping
+    # ----------------------------------------------------------------------------------------
+
+    async def _call(
+        self, function: str, sql: str, args: tuple[Any, ...], *, idempotent: bool = True
+    ) -> Mapping[str, Any]:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                raw = await self._attempt(sql, args)
+            except _AttemptFailed as failed:
+                retry = self._may_retry(failed, idempotent)
+                if retry and attempt < self._retry.max_attempts:
+                    pause = self._retry.delay(attempt, self._rng)
+                    logger.warning(
+                        "tokentrack %s: attempt %d failed (%s during %s), retrying in %.3f s",
+                        function,
+                        attempt,
+                        _describe(failed.error),
+                        failed.phase.value,
+                        pause,
+                    )
+                    await asyncio.sleep(pause)
+                    continue
+                _raise_failure(function, failed, attempt)
+            return _answer(function, raw)
+
+    def _may_retry(self, failed: _AttemptFailed, idempotent: bool) -> bool:
+        """Whether the failed attempt may be repeated (see :mod:`tokentrack_client.retry`)."""
+        if failed.joined:
+            return False  # the caller's transaction is aborted: only the caller can retry
+        error = failed.error
+        if is_connection_failure(error, failed.connection_closed):
+            if self._pool is None and failed.connection_closed:
+                return False  # a single connection that broke cannot be replaced
+            return idempotent or failed.phase is not Phase.COMMIT
+        return is_rolled_back(error)
+
+    async def _attempt(self, sql: str, args: tuple[Any, ...]) -> str:
+        if self._pool is None:
+            assert self._connection is not None
+            async with self._lock:
+                return await self._in_transaction(self._connection, sql, args)
+        try:
+            connection = await self._pool.acquire()
+        except Exception as exc:
+            raise _AttemptFailed(exc, Phase.ACQUIRE, connection_closed=False, joined=False) from exc
+        try:
+            return await self._in_transaction(connection, sql, args)
+        finally:
+            try:
+                await self._pool.release(connection)
+            except Exception as exc:  # the answer (if any) stands; the pool drops the connection
+                logger.debug("tokentrack: releasing a connection failed: %s", _describe(exc))
+
+    async def _in_transaction(
+        self, connection: ConnectionLike, sql: str, args: tuple[Any, ...]
+    ) -> str:
+        if connection.is_in_transaction():
+            # The caller's transaction: join it; it commits (or not) with the caller.
+            try:
+                raw = await connection.fetchval(sql, *args)
+            except Exception as exc:
+                raise _AttemptFailed(
+                    exc, Phase.CALL, connection_closed=_closed(connection), joined=True
+                ) from exc
+            return _text_result(raw)
+        phase = Phase.BEGIN
+        try:
+            await connection.execute(_BEGIN)
+            phase = Phase.CALL
+            raw = await connection.fetchval(sql, *args)
+            phase = Phase.COMMIT
+            await connection.execute("COMMIT")
+        except BaseException as exc:
+            await _rollback(connection)
+            if isinstance(exc, Exception):
+                raise _AttemptFailed(
+                    exc, phase, connection_closed=_closed(connection), joined=False
+                ) from exc
+            raise
+        return _text_result(raw)
+
+
+def _closed(connection: ConnectionLike) -> bool:
+    """Whether the connection is gone (a pool's proxy detaches itself when its connection
+    breaks, and then answers every method with InterfaceError)."""
+    try:
+        return connection.is_closed()
+    except asyncpg.InterfaceError:
+        return True
+
+
+async def _rollback(connection: ConnectionLike) -> None:
+    """Leave the connection outside any transaction, even while the task is being cancelled."""
+    if _closed(connection) or not connection.is_in_transaction():
+        return
+    try:
+        await asyncio.shield(connection.execute("ROLLBACK"))
+    except BaseException as exc:  # a broken connection: nothing left to roll back
+        logger.debug("tokentrack: ROLLBACK failed: %s", _describe(exc))
+
+
+def _text_result(raw: object) -> str:
+    if isinstance(raw, str):
+        return raw
+    raise UnexpectedAnswer(f"expected the function's jsonb answer as text, got {raw!r}")
+
+
+def _answer(function: str, raw: str) -> Mapping[str, Any]:
+    """Parse a function's answer; raise the typed refusal for ``"success": false``."""
+    try:
+        answer = json.loads(raw)
+    except ValueError:
+        raise UnexpectedAnswer(f"{function}: the answer is not JSON: {raw[:200]!r}") from None
+    if not isinstance(answer, dict):
+        raise UnexpectedAnswer(f"{function}: the answer is not a JSON object: {raw[:200]!r}")
+    if answer.get("success") is False:
+        raise refusal_from_answer(answer)
+    return answer
+
+
+def _describe(exc: BaseException) -> str:
+    state = sqlstate_of(exc)
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return (
+        f"{type(exc).__name__} [SQLSTATE {state}]: {text}"
+        if state
+        else f"{type(exc).__name__}: {text}"
+    )
+
+
+def _raise_failure(function: str, failed: _AttemptFailed, attempts: int) -> NoReturn:
+    """Raise the client's exception for a failed call, ``from`` the driver's exception."""
+    error = failed.error
+    if isinstance(error, TokenTrackError):
+        raise error
+    state = sqlstate_of(error)
+    detail = _describe(error)
+    if state is not None and state.startswith("22"):
+        column = getattr(error, "column_name", None)
+        argument = column.removeprefix("p_") if isinstance(column, str) and column else None
+        message = getattr(error, "message", None) or str(error)
+        raise InvalidArgument(argument, f"{function}: {message}", state) from error
+    if is_connection_failure(error, failed.connection_closed):
+        unknown = failed.phase is Phase.COMMIT
+        if failed.phase is Phase.ACQUIRE:
+            how = "could not get a connection"
+        elif unknown:
+            how = (
+                "the connection broke while COMMIT was in flight: "
+                "it may or may not have taken effect"
+            )
+        else:
+            how = "the connection broke before COMMIT: the call did not take effect"
+        raise ConnectionLost(
+            f"{function}: {how} (after {attempts} attempt(s)): {detail}",
+            state,
+            attempts,
+            outcome_unknown=unknown,
+        ) from error
+    if is_rolled_back(error):
+        raise TransientError(
+            f"{function}: rolled back by the server (after {attempts} attempt(s)): {detail}",
+            state,
+            attempts,
+        ) from error
+    if state in ("42883", "3F000", "42P01"):
+        raise NotInstalled(
+            f"{function}: tokentrack is not installed in this database, or is older than the "
+            f"client (run `tokentrack migrate install`): {detail}",
+            state,
+        ) from error
+    if state in ("26000", "42P05"):
+        raise DatabaseError(
+            f"{function}: asyncpg's prepared statement went missing or collided ({detail}); "
+            "behind PgBouncer in transaction pooling mode, create the pool or connection with "
+            "statement_cache_size=0",
+            state,
+        ) from error
+    if state == "42501":
+        raise PermissionDenied(
+            f"{function}: permission denied (grant the role tokentrack_service): {detail}", state
+        ) from error
+    raise DatabaseError(f"{function}: {detail}", state) from error
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks: the same rules as the SQL, so that bad input never reaches the server
+# --------------------------------------------------------------------------------------------
+
+
+def _id(name: str, value: object) -> uuid.UUID:
+    if isinstance(value, uuid.UUID):
+        return value
+    if isinstance(value, str):
+        try:
+            return uuid.UUID(value)
+        except ValueError:
+            raise InvalidArgument(name, f"{name} is not a UUID: {value[:100]!r}") from None
+    if value is None:
+        raise InvalidArgument(name, f"{name} must not be None")
+    raise InvalidArgument(name, f"{name} must be a UUID, not {type(value).__name__}")
+
+
+def _count(name: str, value: object, *, minimum: int, maximum: int = INT_MAX) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        what = "None" if value is None else type(value).__name__
+        raise InvalidArgument(name, f"{name} must be an integer, not {what}")
+    if value < minimum:
+        rule = "positive" if minimum == 1 else f"at least {minimum}"
+        raise InvalidArgument(name, f"{name} must be {rule} (got {value})")
+    if value > maximum:
+        raise InvalidArgument(name, f"{name} must be at most {maximum} (got {value})")
+    return value
+
+
+def _text(name: str, value: object, *, required: bool, limit: int = NAME_MAX) -> str | None:
+    if value is None:
+        if required:
+            raise InvalidArgument(name, f"{name} must not be None")
+        return None
+    if not isinstance(value, str):
+        raise InvalidArgument(name, f"{name} must be a string, not {type(value).__name__}")
+    if required and not value.strip(" "):  # the server's btrim() strips spaces only
+        raise InvalidArgument(name, f"{name} must not be empty")
+    if len(value) > limit:
+        raise InvalidArgument(name, f"{name} must be at most {limit} characters (got {len(value)})")
+    if "\x00" in value:
+        raise InvalidArgument(name, f"{name} must not contain NUL characters")
+    return value
+
+
+def _flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidArgument(name, f"{name} must be a bool, not {type(value).__name__}")
+    return value

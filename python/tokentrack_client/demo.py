@@ -1,0 +1,419 @@
+"""``tokentrack demo``: the four report types on several accounts at once, end to end.
+
+Without a database URL it starts a throwaway PostgreSQL in a temporary directory
+(:mod:`tokentrack_client.embedded`), installs the tokentrack SQL with the migrator, runs the
+reports, prints what the database billed and reconcile's verdict, then stops the server and
+removes its directory, also on Ctrl-C or SIGTERM. With a URL it uses that database
+(installing the SQL when it is missing) and creates new demo accounts there.
+
+The scenario: eight reports on four accounts run concurrently through one pool. One is
+cancelled from outside (``cancel_report`` over a connection of its own, as a web
+application's cancel button does) while its generator is in the middle of a step; one fails
+(its LLM call raises); two race for a budget that holds only one of them. A fake LLM answers
+with seeded, realistic token counts after a short delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Final, TextIO
+
+import asyncpg
+
+from tokentrack_client import migrate
+from tokentrack_client.client import TokenTracker
+from tokentrack_client.embedded import EmbeddedPostgres, EmbeddedPostgresError
+from tokentrack_client.errors import InsufficientTokens, ReportCancelled, ReportFinalized
+
+__all__ = ["DemoError", "EmbeddedPostgresError", "main", "run_demo"]
+
+# Step profiles: model, (min, max) input tokens, (min, max) output tokens, max reasoning tokens.
+PROFILES: Final[dict[str, tuple[str, tuple[int, int], tuple[int, int], int]]] = {
+    "AN0": ("gpt-4o-mini", (1_800, 2_600), (250, 450), 0),
+    "AN1.5": ("gpt-4o", (6_000, 9_000), (900, 1_400), 0),
+    "AN1.7": ("gpt-4o-mini", (3_500, 5_000), (600, 900), 0),
+    "AN2": ("gpt-4o", (12_000, 18_000), (1_800, 2_600), 0),
+    "AN3": ("o3-mini", (7_000, 10_000), (1_000, 1_600), 4_000),
+    "AN4": ("gpt-4o", (9_000, 14_000), (1_200, 2_000), 0),
+    "AN5": ("gpt-4o", (4_000, 7_000), (2_500, 4_000), 0),
+}
+
+MODES: Final[dict[str, tuple[str, ...]]] = {
+    "standard": ("AN0", "AN2", "AN4", "AN5"),
+    "dd": ("AN0", "AN1.5", "AN1.7", "AN2", "AN3", "AN4", "AN5"),
+    "discovery": ("AN0", "AN1.5", "AN1.7", "AN5"),
+    "hybrid": ("AN0", "AN1.5", "AN2", "AN3", "AN5"),
+}
+
+
+def estimate(mode: str) -> int:
+    """What a report of ``mode`` reserves: the worst case of each of its steps."""
+    return sum(PROFILES[s][1][1] + PROFILES[s][2][1] + PROFILES[s][3] for s in MODES[mode])
+
+
+# Four accounts; initech's budget holds one standard report, not two.
+ACCOUNTS: Final[dict[str, int]] = {
+    "acme": 400_000,
+    "globex": 400_000,
+    "initech": estimate("standard") + estimate("standard") // 2,
+    "umbrella": 400_000,
+}
+
+
+@dataclass
+class DemoReport:
+    """One report of the scenario and what became of it."""
+
+    name: str
+    account: str
+    mode: str
+    seed: int
+    fail_at: str | None = None  # the fake LLM raises at this step
+    cancel_after: int | None = None  # cancel_report once this many steps are recorded
+    report_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    outcome: str = "running"
+    note: str = ""
+
+
+def scenario() -> list[DemoReport]:
+    """The eight reports of the demo."""
+    return [
+        DemoReport("acme-1", "acme", "standard", seed=11),
+        DemoReport("acme-2", "acme", "dd", seed=12),
+        DemoReport("umbrella-1", "umbrella", "hybrid", seed=21),
+        DemoReport("umbrella-2", "umbrella", "discovery", seed=22),
+        DemoReport("globex-1", "globex", "discovery", seed=31, cancel_after=2),
+        DemoReport("globex-2", "globex", "hybrid", seed=32, fail_at="AN3"),
+        DemoReport("initech-1", "initech", "standard", seed=41),
+        DemoReport("initech-2", "initech", "standard", seed=42),
+    ]
+
+
+class LLMError(RuntimeError):
+    """The fake provider failed."""
+
+
+class FakeLLM:
+    """Seeded token counts per (seed, step), after a short seeded delay."""
+
+    def __init__(self, seed: int, latency: float, fail_at: str | None = None) -> None:
+        self.seed = seed
+        self.latency = latency
+        self.fail_at = fail_at
+
+    async def complete(self, step: str) -> tuple[str, int, int, int]:
+        """Answer one step: (model, input tokens, output tokens, total tokens)."""
+        model, inputs, outputs, reasoning = PROFILES[step]
+        rng = random.Random(f"{self.seed}:{step}")
+        await asyncio.sleep(self.latency * rng.uniform(0.6, 1.4))
+        if step == self.fail_at:
+            raise LLMError(f"{model} timed out during {step}")
+        i, o = rng.randint(*inputs), rng.randint(*outputs)
+        return model, i, o, i + o + rng.randint(0, reasoning)
+
+
+class Progress:
+    """The progress line: rewritten in place on a terminal, one line per finished report
+    otherwise."""
+
+    def __init__(self, out: TextIO, total: int) -> None:
+        self.out = out
+        self.total = total
+        self.done = 0
+        self.steps = 0
+        self.tokens = 0
+        self.tty = out.isatty()
+
+    def line(self) -> str:
+        return (
+            f"progress: {self.done}/{self.total} reports done | {self.steps} steps | "
+            f"{self.tokens:,} tokens recorded"
+        )
+
+    def step(self, tokens: int) -> None:
+        self.steps += 1
+        self.tokens += tokens
+
+    def report_done(self) -> None:
+        self.done += 1
+        if not self.tty:
+            print(self.line(), file=self.out, flush=True)
+
+    async def animate(self) -> None:
+        """Rewrite the line on a terminal until cancelled."""
+        if not self.tty:
+            return
+        spinner = "|/-\\"
+        tick = 0
+        while True:
+            self.out.write(f"\r{spinner[tick % 4]} {self.line()} ")
+            self.out.flush()
+            tick += 1
+            await asyncio.sleep(0.1)
+
+    def finish(self) -> None:
+        if self.tty:
+            self.out.write(f"\r  {self.line()} \n")
+            self.out.flush()
+
+
+class DemoError(Exception):
+    """The demo could not run (no PostgreSQL, no database, SQL install failed)."""
+
+
+async def _generate(
+    tracker: TokenTracker,
+    report: DemoReport,
+    account_id: uuid.UUID,
+    progress: Progress,
+    on_step: Callable[[DemoReport, int], None],
+    latency: float,
+) -> None:
+    """One report generator: reserve, run the mode's steps, end the report."""
+    llm = FakeLLM(report.seed, latency, report.fail_at)
+    try:
+        async with tracker.track_report(
+            account_id, report.report_id, estimate(report.mode)
+        ) as tracked:
+            for name in MODES[report.mode]:
+                model, inputs, outputs, total = await llm.complete(name)
+                try:
+                    await tracked.step(
+                        name,
+                        input_tokens=inputs,
+                        output_tokens=outputs,
+                        total_tokens=total,
+                        model=model,
+                    )
+                except ReportCancelled:
+                    progress.step(total)  # recorded (billed late), then it raised
+                    raise
+                progress.step(total)
+                on_step(report, len(tracked.steps))
+        report.outcome = "complete"
+    except InsufficientTokens as refused:
+        report.outcome = "refused"
+        report.note = f"insufficient_tokens: {refused.available_tokens:,} available"
+    except ReportCancelled:
+        report.outcome = "cancelled"
+        report.note = "cancelled from outside; the step in flight was billed late"
+    except LLMError as failed:
+        report.outcome = "failed"
+        report.note = f"LLM error: {failed}"
+    except asyncio.CancelledError:
+        report.outcome = "interrupted"  # track_report marked it cancelled and billed it
+        raise
+    progress.report_done()
+
+
+async def _install(dsn: str, out: TextIO) -> None:
+    try:
+        await migrate.install(dsn, echo=lambda line: print(f"  {line}", file=out))
+    except migrate.MigrationError as exc:
+        raise DemoError(f"installing the tokentrack SQL failed: {exc}") from exc
+
+
+async def _label_reports(
+    pool: asyncpg.Pool[Any], reports: Sequence[DemoReport], ids: dict[str, uuid.UUID]
+) -> None:
+    """Create the report rows with their mode (the application's side; try_reserve_tokens
+    creates missing rows as mode standard). Skipped when the role may not insert."""
+    with contextlib.suppress(asyncpg.InsufficientPrivilegeError):
+        await pool.executemany(
+            "INSERT INTO tokentrack.reports (id, account_id, mode) VALUES ($1, $2, $3)",
+            [(r.report_id, ids[r.account], r.mode) for r in reports],
+        )
+
+
+async def _table(pool: asyncpg.Pool[Any], reports: Sequence[DemoReport]) -> list[list[str]]:
+    rows = await pool.fetch(
+        """
+        SELECT r.id, r.mode, r.status, rr.reserved_tokens,
+               COALESCE((r.token_usage ->> 'totalTokens')::bigint, 0) AS billed,
+               (SELECT count(*) FROM tokentrack.report_step_usage AS s WHERE s.report_id = r.id)
+                   AS steps,
+               (SELECT count(*) FROM tokentrack.report_step_usage AS s
+                WHERE s.report_id = r.id AND s.late) AS late
+        FROM tokentrack.reports AS r
+        LEFT JOIN tokentrack.report_reservations AS rr ON rr.report_id = r.id
+        WHERE r.id = ANY($1::uuid[])
+        """,
+        [r.report_id for r in reports],
+    )
+    by_id = {row["id"]: row for row in rows}
+    table = [["report", "mode", "outcome", "reserved", "billed", "steps", ""]]
+    for report in reports:
+        row = by_id.get(report.report_id)
+        if row is None or row["reserved_tokens"] is None:
+            outcome, reserved, billed, steps = report.outcome, "-", "0", "0"
+        else:
+            outcome = row["status"]
+            reserved = f"{row['reserved_tokens']:,}"
+            billed = f"{row['billed']:,}"
+            steps = str(row["steps"]) + (f" ({row['late']} late)" if row["late"] else "")
+        table.append([report.name, report.mode, outcome, reserved, billed, steps, report.note])
+    return table
+
+
+def _print_table(table: list[list[str]], out: TextIO, right: set[int]) -> None:
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        cells = [
+            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
+            for i, cell in enumerate(row)
+        ]
+        print("  ".join(cells).rstrip(), file=out)
+
+
+async def run_demo(dsn: str, out: TextIO = sys.stdout, *, latency: float = 0.25) -> bool:
+    """Run the scenario against ``dsn`` (installing the SQL when needed); print the table and
+    reconcile's verdict; return whether reconcile is ok."""
+    await _install(dsn, out)
+    reports = scenario()
+    try:
+        pool = await asyncpg.create_pool(dsn, min_size=2, max_size=10)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise DemoError(f"cannot connect: {exc}") from exc
+    try:
+        tracker = TokenTracker(pool)
+        ids = {name: uuid.uuid4() for name in ACCOUNTS}
+        for name, limit in ACCOUNTS.items():
+            await tracker.open_usage_period(ids[name], limit)
+        await _label_reports(pool, reports, ids)
+        budget = ", ".join(f"{name} {limit:,}" for name, limit in ACCOUNTS.items())
+        print(f"accounts (token budgets): {budget}", file=out)
+        print(
+            f"running {len(reports)} reports on {len(ACCOUNTS)} accounts at once: globex-1 is "
+            "cancelled from outside mid-run, globex-2 fails, initech-1 and initech-2 race for "
+            "a budget that holds one",
+            file=out,
+            flush=True,
+        )
+
+        # The cancel button: another task, over a connection of its own.
+        button_connection = await asyncpg.connect(dsn)
+        button = TokenTracker(button_connection)
+        cancel_now: dict[uuid.UUID, asyncio.Event] = {
+            r.report_id: asyncio.Event() for r in reports if r.cancel_after is not None
+        }
+
+        def on_step(report: DemoReport, recorded: int) -> None:
+            if report.cancel_after is not None and recorded == report.cancel_after:
+                cancel_now[report.report_id].set()
+
+        async def press_cancel(report: DemoReport) -> None:
+            await cancel_now[report.report_id].wait()
+            with contextlib.suppress(ReportFinalized):  # it ended before the button was pressed
+                await button.cancel_report(report.report_id, ids[report.account])
+
+        progress = Progress(out, len(reports))
+        animation = asyncio.create_task(progress.animate())
+        buttons = {
+            asyncio.create_task(press_cancel(r)): r.report_id
+            for r in reports
+            if r.cancel_after is not None
+        }
+        interrupted = False
+        try:
+            # A TaskGroup (unlike gather) waits for every report when it is cancelled, so each
+            # one has recorded its outcome before the demo goes on.
+            async with asyncio.TaskGroup() as group:
+                for r in reports:
+                    group.create_task(
+                        _generate(tracker, r, ids[r.account], progress, on_step, latency)
+                    )
+        except asyncio.CancelledError:
+            interrupted = True
+        finally:
+            for task, report_id in buttons.items():  # reports that never got that far
+                if not cancel_now[report_id].is_set():
+                    task.cancel()
+            await asyncio.gather(*buttons, return_exceptions=True)
+            animation.cancel()
+            await asyncio.gather(animation, return_exceptions=True)
+            progress.finish()
+            await button_connection.close()
+        if interrupted:
+            stopped = sum(r.outcome == "interrupted" for r in reports)
+            print(
+                f"interrupted: {stopped} running report(s) were marked cancelled and billed",
+                file=out,
+                flush=True,
+            )
+
+        print(file=out)
+        _print_table(await _table(pool, reports), out, right={3, 4})
+        print(file=out)
+        verdicts = [await tracker.reconcile(ids[name]) for name in ACCOUNTS]
+        ok = all(v.ok for v in verdicts)
+        periods = sum(v.periods_checked for v in verdicts)
+        found = sum(len(v.discrepancies) for v in verdicts)
+        print(
+            f"reconcile: {'ok' if ok else 'FAILED'} ({len(ACCOUNTS)} accounts, {periods} periods "
+            f"checked, {found} discrepancies)",
+            file=out,
+            flush=True,
+        )
+        if interrupted:
+            raise asyncio.CancelledError
+        return ok
+    finally:
+        await asyncio.wait_for(pool.close(), timeout=10)
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Ctrl-C (even when the shell started us with SIGINT ignored), SIGTERM and SIGHUP all
+    interrupt the demo as KeyboardInterrupt, so that its cleanup runs."""
+    saved = {}
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        saved[sig] = signal.signal(sig, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def main(database_url: str | None, out: TextIO = sys.stdout) -> int:
+    """The ``tokentrack demo`` command: 0 when reconcile is ok, 1 when it is not."""
+    started = time.monotonic()
+    if database_url:
+        print("tokentrack demo: using the database of DATABASE_URL", file=out)
+        ok = asyncio.run(run_demo(database_url, out))
+        return 0 if ok else 1
+    with _terminate_as_interrupt():
+        server = EmbeddedPostgres()
+        print(
+            f"tokentrack demo: starting a throwaway PostgreSQL ({server.bindir}/postgres)",
+            file=out,
+            flush=True,
+        )
+        with server:
+            print(
+                f"tokentrack demo: PostgreSQL running in {server.base} on "
+                f"{server.host}:{server.port}",
+                file=out,
+                flush=True,
+            )
+            try:
+                ok = asyncio.run(run_demo(server.dsn, out))
+            finally:
+                base = server.base
+                server.stop()
+                print(
+                    f"tokentrack demo: stopped PostgreSQL and removed {base} "
+                    f"({time.monotonic() - started:.1f} s in all)",
+                    file=out,
+                    flush=True,
+                )
+    return 0 if ok else 1

@@ -1,0 +1,284 @@
+"""The exceptions of the tokentrack client.
+
+Everything the client raises is a :class:`TokenTrackError`::
+
+    TokenTrackError
+    ├── Refusal                     a business refusal: the answer had "success": false
+    │   ├── InsufficientTokens      insufficient_tokens (.available_tokens, .requested_tokens)
+    │   ├── NoActivePeriod          no_active_period
+    │   ├── AccountNotFound         account_not_found
+    │   ├── ReportAccountMismatch   report_account_mismatch
+    │   ├── StepConflict            step_conflict (.recorded: the numbers that stand)
+    │   ├── ReservationNotFound     reservation_not_found
+    │   └── ReportFinalized         report_finalized (.report_status when known)
+    ├── ReportEnded                 a step of a report that was ended from outside (.status)
+    │   └── ReportCancelled         ... ended as "cancelled" (the cancel button)
+    ├── InvalidArgument             also a ValueError: a bad argument (.argument names it)
+    ├── UnexpectedAnswer            the server answered something the client does not understand
+    └── DatabaseError               any other driver or server error (.sqlstate)
+        ├── NotInstalled            the tokentrack schema or a function is missing
+        ├── PermissionDenied        the role may not call the function (42501)
+        └── TransientError          a transient failure that outlived the retries
+            └── ConnectionLost      the connection broke (.outcome_unknown)
+
+Refusals are mapped from the answer's ``"error"`` code, never from its message text. Every
+exception that wraps a driver error is raised ``from`` it, so ``__cause__`` is the asyncpg
+exception.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tokentrack_client.results import StepRecord
+
+__all__ = [
+    "AccountNotFound",
+    "ConnectionLost",
+    "DatabaseError",
+    "InsufficientTokens",
+    "InvalidArgument",
+    "NoActivePeriod",
+    "NotInstalled",
+    "PermissionDenied",
+    "Refusal",
+    "ReportAccountMismatch",
+    "ReportCancelled",
+    "ReportEnded",
+    "ReportFinalized",
+    "ReservationNotFound",
+    "StepConflict",
+    "TokenTrackError",
+    "TransientError",
+    "UnexpectedAnswer",
+    "refusal_from_answer",
+]
+
+
+class TokenTrackError(Exception):
+    """Base class of every exception the tokentrack client raises."""
+
+
+# --------------------------------------------------------------------------------------------
+# Refusals: "success": false answers, mapped by code
+# --------------------------------------------------------------------------------------------
+
+
+class Refusal(TokenTrackError):
+    """The database refused the request: its answer was ``{"success": false, "error": CODE}``.
+
+    Nothing was written. ``code`` is the machine-readable reason, ``message`` the server's
+    human-readable text (for logs only: never match on it), ``answer`` the whole answer.
+    Codes this client does not know yet are raised as a plain :class:`Refusal`.
+    """
+
+    code: str = ""
+
+    def __init__(self, code: str, message: str, answer: Mapping[str, Any]) -> None:
+        super().__init__(f"{code}: {message}" if message else code)
+        self.code = code
+        self.message = message
+        self.answer: Mapping[str, Any] = answer
+
+
+class InsufficientTokens(Refusal):
+    """``insufficient_tokens``: the estimate does not fit the account's remaining budget.
+
+    ``available_tokens`` is what the account could still reserve, ``requested_tokens`` the
+    estimate that was refused.
+    """
+
+    code = "insufficient_tokens"
+
+    def __init__(self, code: str, message: str, answer: Mapping[str, Any]) -> None:
+        super().__init__(code, message, answer)
+        self.available_tokens: int | None = _int_or_none(answer.get("available_tokens"))
+        self.requested_tokens: int | None = _int_or_none(answer.get("requested_tokens"))
+
+
+class NoActivePeriod(Refusal):
+    """``no_active_period``: the account exists but has no active usage period."""
+
+    code = "no_active_period"
+
+
+class AccountNotFound(Refusal):
+    """``account_not_found``: there is no such account."""
+
+    code = "account_not_found"
+
+
+class ReportAccountMismatch(Refusal):
+    """``report_account_mismatch``: the report belongs to another account."""
+
+    code = "report_account_mismatch"
+
+
+class StepConflict(Refusal):
+    """``step_conflict``: the step was already recorded with other numbers; the first stands.
+
+    ``recorded`` holds the numbers that stand (``input_tokens``, ``output_tokens``,
+    ``total_tokens``) when the server sent them.
+    """
+
+    code = "step_conflict"
+
+    def __init__(self, code: str, message: str, answer: Mapping[str, Any]) -> None:
+        super().__init__(code, message, answer)
+        recorded = answer.get("recorded")
+        self.recorded: Mapping[str, Any] | None = (
+            recorded if isinstance(recorded, Mapping) else None
+        )
+
+
+class ReservationNotFound(Refusal):
+    """``reservation_not_found``: the report has no reservation (try_reserve was not granted)."""
+
+    code = "reservation_not_found"
+
+
+class ReportFinalized(Refusal):
+    """``report_finalized``: the report already has an outcome, or was already billed.
+
+    ``report_status`` is the outcome it has (``complete``, ``failed`` or ``cancelled``) when
+    the server said so.
+    """
+
+    code = "report_finalized"
+
+    def __init__(self, code: str, message: str, answer: Mapping[str, Any]) -> None:
+        super().__init__(code, message, answer)
+        status = answer.get("report_status")
+        self.report_status: str | None = status if isinstance(status, str) else None
+
+
+_REFUSALS: dict[str, type[Refusal]] = {
+    cls.code: cls
+    for cls in (
+        InsufficientTokens,
+        NoActivePeriod,
+        AccountNotFound,
+        ReportAccountMismatch,
+        StepConflict,
+        ReservationNotFound,
+        ReportFinalized,
+    )
+}
+
+
+def refusal_from_answer(answer: Mapping[str, Any]) -> Refusal:
+    """The typed :class:`Refusal` for a ``"success": false`` answer, chosen by its code."""
+    code = answer.get("error")
+    code = code if isinstance(code, str) and code else "unknown"
+    message = answer.get("message")
+    cls = _REFUSALS.get(code, Refusal)
+    return cls(code, message if isinstance(message, str) else "", answer)
+
+
+# --------------------------------------------------------------------------------------------
+# A report ended from outside
+# --------------------------------------------------------------------------------------------
+
+
+class ReportEnded(TokenTrackError):
+    """The report was given an outcome from outside while the generator was still running.
+
+    Raised by :meth:`ReportTracker.step <tokentrack_client.ReportTracker.step>` *after* the
+    step was recorded (and billed as late usage, so nothing is lost): spend no more tokens.
+    ``status`` is the outcome the report has, ``step`` the result of the step just recorded.
+    """
+
+    def __init__(self, report_id: uuid.UUID, status: str, step: StepRecord | None = None) -> None:
+        super().__init__(f"report {report_id} was ended from outside as {status}")
+        self.report_id = report_id
+        self.status = status
+        self.step = step
+
+
+class ReportCancelled(ReportEnded):
+    """The report was cancelled from outside (``cancel_report``, a cancel button)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Arguments, answers and driver errors
+# --------------------------------------------------------------------------------------------
+
+
+class InvalidArgument(TokenTrackError, ValueError):
+    """An argument is invalid; nothing was written.
+
+    Raised before calling the server when the client can tell, and for the server's SQLSTATE
+    class 22 errors (data exception) otherwise. ``argument`` names the argument (the Python
+    parameter name; the server's ``p_`` prefix is dropped), ``sqlstate`` is set when the
+    server raised it.
+    """
+
+    def __init__(self, argument: str | None, message: str, sqlstate: str | None = None) -> None:
+        super().__init__(message)
+        self.argument = argument
+        self.sqlstate = sqlstate
+
+
+class UnexpectedAnswer(TokenTrackError):
+    """The server's answer is not the JSON object the client expects (a version mismatch?)."""
+
+
+class DatabaseError(TokenTrackError):
+    """A driver or server error that is neither a refusal nor an invalid argument.
+
+    ``sqlstate`` is the server's SQLSTATE when there is one. The asyncpg exception is the
+    ``__cause__``.
+    """
+
+    def __init__(self, message: str, sqlstate: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+class NotInstalled(DatabaseError):
+    """The tokentrack schema or one of its functions does not exist (run ``tokentrack migrate
+    install``), or the installed version is older than this client."""
+
+
+class PermissionDenied(DatabaseError):
+    """The database role may not call the function: grant it ``tokentrack_service``."""
+
+
+class TransientError(DatabaseError):
+    """A transient failure (serialization failure, deadlock, server shutting down, connection
+    lost) that was not retried, or that outlived the retries. ``attempts`` says how many
+    attempts were made."""
+
+    def __init__(self, message: str, sqlstate: str | None = None, attempts: int = 1) -> None:
+        super().__init__(message, sqlstate)
+        self.attempts = attempts
+
+
+class ConnectionLost(TransientError):
+    """The connection to the server broke during a call.
+
+    ``outcome_unknown`` is true when the connection broke while the call's ``COMMIT`` was in
+    flight, so that the call may or may not have taken effect. For every call but
+    ``increment_usage`` that does not matter (they are idempotent: call again); an
+    ``increment_usage`` with an unknown outcome must be checked (``reconcile``, the ledger)
+    before it is repeated. With a single connection (no pool) a lost connection is never
+    retried: the client cannot open a new one.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        sqlstate: str | None = None,
+        attempts: int = 1,
+        *,
+        outcome_unknown: bool = False,
+    ) -> None:
+        super().__init__(message, sqlstate, attempts)
+        self.outcome_unknown = outcome_unknown
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

@@ -1,0 +1,313 @@
+"""Frozen result types of the tokentrack client, built from the functions' jsonb answers.
+
+Each result keeps the whole answer in ``answer`` (excluded from comparisons and ``repr``),
+so keys that a newer SQL version adds are not lost.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from tokentrack_client.errors import UnexpectedAnswer
+
+__all__ = [
+    "Discrepancy",
+    "PeriodOpened",
+    "Reconciliation",
+    "Reservation",
+    "Settlement",
+    "StepRecord",
+    "SweepResult",
+    "UsageIncrement",
+]
+
+
+def _answer_field() -> Any:
+    """The ``answer`` field: the raw answer, kept out of comparisons, hashing and repr."""
+    return field(default_factory=dict, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """A granted reservation (``try_reserve_tokens``).
+
+    ``available_tokens`` is what the account can still reserve after this one; ``existing``
+    is true when the report already held this active reservation (a retry: nothing more was
+    reserved).
+    """
+
+    reservation_id: uuid.UUID
+    reserved_tokens: int
+    available_tokens: int
+    expires_at: datetime
+    period_id: uuid.UUID | None = None
+    existing: bool = False
+    answer: Mapping[str, Any] = _answer_field()
+
+    @classmethod
+    def from_answer(cls, answer: Mapping[str, Any]) -> Reservation:
+        """Build from a ``"success": true`` answer of ``try_reserve_tokens``."""
+        return cls(
+            reservation_id=_uuid(answer, "reservation_id"),
+            reserved_tokens=_int(answer, "reserved_tokens"),
+            available_tokens=_int(answer, "available_tokens"),
+            expires_at=_datetime(answer, "expires_at"),
+            period_id=_optional_uuid(answer, "period_id"),
+            existing=_bool(answer, "existing", default=False),
+            answer=answer,
+        )
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """A recorded step (``persist_step_usage``).
+
+    ``duplicate``: the same step with the same numbers was already recorded (a retry; nothing
+    changed). ``late``: the report was already billed, so this step was billed at once.
+    ``report_status`` is set when the report already has an outcome (``complete``,
+    ``failed``, ``cancelled``): the generator should stop.
+    """
+
+    step_id: uuid.UUID
+    total_tokens: int
+    duplicate: bool
+    late: bool
+    report_status: str | None = None
+    answer: Mapping[str, Any] = _answer_field()
+
+    @classmethod
+    def from_answer(cls, answer: Mapping[str, Any]) -> StepRecord:
+        """Build from a ``"success": true`` answer of ``persist_step_usage``."""
+        return cls(
+            step_id=_uuid(answer, "step_id"),
+            total_tokens=_int(answer, "total_tokens"),
+            duplicate=_bool(answer, "duplicate"),
+            late=_bool(answer, "late"),
+            report_status=_optional_str(answer, "report_status"),
+            answer=answer,
+        )
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """A billed report (``finalize_report_usage``, ``finish_report``, ``cancel_report``).
+
+    ``billed_tokens`` is what the reservation billed (the first time, however often it is
+    asked), ``steps`` how many steps it covers; ``already_finalized`` is true when it had been
+    billed before this call. ``tokens_used``/``tokens_limit`` are the period's after billing.
+    ``report_status`` is the report's outcome (set by ``finish_report``).
+    """
+
+    billed_tokens: int
+    steps: int
+    already_finalized: bool
+    tokens_used: int
+    tokens_limit: int
+    reservation_status: str | None = None
+    report_status: str | None = None
+    answer: Mapping[str, Any] = _answer_field()
+
+    @classmethod
+    def from_answer(cls, answer: Mapping[str, Any]) -> Settlement:
+        """Build from a ``"success": true`` answer of finalize or finish_report."""
+        return cls(
+            billed_tokens=_int(answer, "billed_tokens"),
+            steps=_int(answer, "steps"),
+            already_finalized=_bool(answer, "already_finalized"),
+            tokens_used=_int(answer, "tokens_used"),
+            tokens_limit=_int(answer, "tokens_limit"),
+            reservation_status=_optional_str(answer, "reservation_status"),
+            report_status=_optional_str(answer, "report_status"),
+            answer=answer,
+        )
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """What one expiry sweep did (``cleanup_expired_reservations``)."""
+
+    expired: int
+    billed_tokens: int
+    steps: int = 0
+    answer: Mapping[str, Any] = _answer_field()
+
+    @classmethod
+    def from_answer(cls, answer: Mapping[str, Any]) -> SweepResult:
+        """Build from the answer of ``cleanup_expired_reservations``."""
+        return cls(
+            expired=_int(answer, "expired"),
+            billed_tokens=_int(answer, "billed_tokens"),
+            steps=_int(answer, "steps", default=0),
+            answer=answer,
+        )
+
+
+@dataclass(frozen=True)
+class Discrepancy:
+    """One failed check of :meth:`TokenTracker.reconcile`.
+
+    ``check`` is ``tokens_used``, ``reports_count``, ``ledger_entry`` or ``billed_steps``;
+    ``expected`` is what the ledger explains, ``actual`` what the period (or entry) holds.
+    """
+
+    period_id: uuid.UUID
+    account_id: uuid.UUID
+    check: str
+    expected: int
+    actual: int
+    ledger_entry_id: int | None = None
+    answer: Mapping[str, Any] = _answer_field()
+
+    @classmethod
+    def from_answer(cls, answer: Mapping[str, Any]) -> Discrepancy:
+        """Build from one element of reconcile's ``discrepancies``."""
+        entry = answer.get("ledger_entry_id")
+        return cls(
+            period_id=_uuid(answer, "period_id"),
+            account_id=_uuid(answer, "account_id"),
+            check=_str(answer, "check"),
+            expected=_int(answer, "expected"),
+            actual=_int(answer, "actual"),
+            ledger_entry_id=entry if isinstance(entry, int) else None,
+            answer=answer,
+        )
+
+
+@dataclass(frozen=True)
+class Reconciliation:
+    """The verdict of ``reconcile``: ``ok`` when every period is explained by its ledger."""
+
+    ok: bool
+    periods_checked: int
+    discrepancies: tuple[Discrepancy, ...] = ()
+    answer: Mapping[str, Any] = _answer_field()
+
+    @classmethod
+    def from_answer(cls, answer: Mapping[str, Any]) -> Reconciliation:
+        """Build from the answer of ``reconcile``."""
+        found = answer.get("discrepancies", [])
+        if not isinstance(found, list):
+            raise UnexpectedAnswer(f"reconcile: discrepancies is not a list: {found!r}")
+        return cls(
+            ok=_bool(answer, "ok"),
+            periods_checked=_int(answer, "periods_checked"),
+            discrepancies=tuple(Discrepancy.from_answer(_mapping(item)) for item in found),
+            answer=answer,
+        )
+
+
+@dataclass(frozen=True)
+class UsageIncrement:
+    """The period after ``increment_usage`` (the legacy path)."""
+
+    tokens_used: int
+    tokens_limit: int
+    reports_count: int
+    period_id: uuid.UUID | None = None
+    answer: Mapping[str, Any] = _answer_field()
+
+    @classmethod
+    def from_answer(cls, answer: Mapping[str, Any]) -> UsageIncrement:
+        """Build from a ``"success": true`` answer of ``increment_usage``."""
+        return cls(
+            tokens_used=_int(answer, "tokens_used"),
+            tokens_limit=_int(answer, "tokens_limit"),
+            reports_count=_int(answer, "reports_count"),
+            period_id=_optional_uuid(answer, "period_id"),
+            answer=answer,
+        )
+
+
+@dataclass(frozen=True)
+class PeriodOpened:
+    """A newly opened usage period (``open_usage_period``)."""
+
+    period_id: uuid.UUID
+    tokens_limit: int
+    period_start: datetime
+    period_end: datetime
+    previous_period_id: uuid.UUID | None = None
+    answer: Mapping[str, Any] = _answer_field()
+
+    @classmethod
+    def from_answer(cls, answer: Mapping[str, Any]) -> PeriodOpened:
+        """Build from a ``"success": true`` answer of ``open_usage_period``."""
+        return cls(
+            period_id=_uuid(answer, "period_id"),
+            tokens_limit=_int(answer, "tokens_limit"),
+            period_start=_datetime(answer, "period_start"),
+            period_end=_datetime(answer, "period_end"),
+            previous_period_id=_optional_uuid(answer, "previous_period_id"),
+            answer=answer,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Field readers: a missing or mistyped key is an UnexpectedAnswer, never a KeyError
+# --------------------------------------------------------------------------------------------
+
+_MISSING = object()
+
+
+def _get(answer: Mapping[str, Any], key: str, default: object = _MISSING) -> object:
+    if key in answer:
+        return answer[key]
+    if default is _MISSING:
+        raise UnexpectedAnswer(f"the answer has no {key!r}: {dict(answer)!r}")
+    return default
+
+
+def _int(answer: Mapping[str, Any], key: str, default: object = _MISSING) -> int:
+    value = _get(answer, key, default)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise UnexpectedAnswer(f"{key!r} is not an integer: {value!r}")
+
+
+def _bool(answer: Mapping[str, Any], key: str, default: object = _MISSING) -> bool:
+    value = _get(answer, key, default)
+    if isinstance(value, bool):
+        return value
+    raise UnexpectedAnswer(f"{key!r} is not a boolean: {value!r}")
+
+
+def _str(answer: Mapping[str, Any], key: str) -> str:
+    value = _get(answer, key)
+    if isinstance(value, str):
+        return value
+    raise UnexpectedAnswer(f"{key!r} is not a string: {value!r}")
+
+
+def _optional_str(answer: Mapping[str, Any], key: str) -> str | None:
+    value = answer.get(key)
+    return value if isinstance(value, str) else None
+
+
+def _uuid(answer: Mapping[str, Any], key: str) -> uuid.UUID:
+    value = _get(answer, key)
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        raise UnexpectedAnswer(f"{key!r} is not a uuid: {value!r}") from None
+
+
+def _optional_uuid(answer: Mapping[str, Any], key: str) -> uuid.UUID | None:
+    return None if answer.get(key) is None else _uuid(answer, key)
+
+
+def _datetime(answer: Mapping[str, Any], key: str) -> datetime:
+    value = _get(answer, key)
+    try:
+        return datetime.fromisoformat(str(value))
+    except ValueError:
+        raise UnexpectedAnswer(f"{key!r} is not a timestamp: {value!r}") from None
+
+
+def _mapping(value: object) -> Mapping[str, Any]:
+    if isinstance(value, Mapping):
+        return value
+    raise UnexpectedAnswer(f"expected a JSON object, got {value!r}")

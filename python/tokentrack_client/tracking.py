@@ -1,0 +1,241 @@
+"""``ReportTracker``: the report lifecycle as an async context manager.
+
+::
+
+    async with tracker.track_report(account_id, report_id, estimated_tokens=40_000) as report:
+        for name in ("AN0", "AN2", "AN5"):
+            reply = await llm.complete(name, ...)
+            await report.step(name, input_tokens=reply.input_tokens,
+                              output_tokens=reply.output_tokens, model=reply.model)
+
+=====================================  =============================================
+how the block ends                     what the report becomes
+=====================================  =============================================
+normally                               ``complete``, billed
+an exception                           ``failed`` (the exception's message), billed;
+                                       the exception propagates
+the task is cancelled                  ``cancelled``, billed while shielded from the
+                                       cancellation; ``CancelledError`` propagates
+a step after ``cancel_report``         the step is recorded (billed late), then
+                                       ``step()`` raises :class:`ReportCancelled`;
+                                       the report stays ``cancelled``
+=====================================  =============================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable
+from types import TracebackType
+from typing import TYPE_CHECKING, TypeVar
+
+from tokentrack_client.errors import (
+    ReportCancelled,
+    ReportEnded,
+    ReportFinalized,
+    ReservationNotFound,
+    TokenTrackError,
+)
+from tokentrack_client.results import Reservation, Settlement, StepRecord
+
+if TYPE_CHECKING:
+    import uuid
+
+    from tokentrack_client.client import IdLike, TokenTracker
+
+__all__ = ["ReportTracker", "run_to_completion"]
+
+logger = logging.getLogger("tokentrack_client")
+
+T = TypeVar("T")
+
+ERROR_MESSAGE_MAX = 10_000
+
+
+async def _wait_shielded(task: asyncio.Future[T]) -> bool:
+    """Wait until ``task`` is done, shielded from cancellation; True if we were cancelled."""
+    interrupted = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                interrupted = True
+        except BaseException:  # the task's own exception: the caller reads it from the task
+            break
+    return interrupted
+
+
+async def run_to_completion(awaitable: Awaitable[T]) -> T:
+    """Await ``awaitable`` to the end even if the calling task is cancelled meanwhile.
+
+    The work runs in a task of its own behind :func:`asyncio.shield`; a cancellation of the
+    caller does not interrupt it. Once it is done, a cancellation that arrived meanwhile is
+    raised as ``CancelledError``; otherwise its result is returned (or its exception raised).
+    """
+    task = asyncio.ensure_future(awaitable)
+    if await _wait_shielded(task):
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("tokentrack: shielded work failed: %s", task.exception())
+        raise asyncio.CancelledError
+    return task.result()
+
+
+class ReportTracker:
+    """One report's lifecycle; made by :meth:`TokenTracker.track_report`.
+
+    Entering reserves the estimate (:meth:`TokenTracker.try_reserve`); :meth:`step` records
+    each finished step; leaving sets the outcome and bills the report in one call
+    (:meth:`TokenTracker.finish_report`). After the block, ``status`` is the report's outcome
+    and ``settlement`` what it billed (``None`` when the report was ended from outside).
+
+    Steps may be recorded concurrently (``asyncio.gather`` over parallel LLM calls). A block
+    re-entered with the same ``report_id`` after a crash resumes the same reservation; steps
+    recorded again with the same numbers are answered as duplicates.
+    """
+
+    def __init__(
+        self,
+        tracker: TokenTracker,
+        account_id: IdLike,
+        report_id: IdLike,
+        estimated_tokens: int,
+    ) -> None:
+        from tokentrack_client.client import _count, _id
+
+        self._tracker = tracker
+        self.account_id: uuid.UUID = _id("account_id", account_id)
+        self.report_id: uuid.UUID = _id("report_id", report_id)
+        self.estimated_tokens: int = _count("estimated_tokens", estimated_tokens, minimum=1)
+        self.reservation: Reservation | None = None
+        self.settlement: Settlement | None = None
+        self.status: str | None = None
+        self.steps: list[StepRecord] = []
+        self._entered = False
+        self._exited = False
+        self._ended_from_outside: str | None = None
+
+    @property
+    def tokens_recorded(self) -> int:
+        """Total tokens of the steps recorded through this tracker (duplicates counted once)."""
+        return sum(step.total_tokens for step in self.steps if not step.duplicate)
+
+    @property
+    def ended_from_outside(self) -> str | None:
+        """The outcome the report was given from outside (e.g. ``cancelled``), if any."""
+        return self._ended_from_outside
+
+    async def __aenter__(self) -> ReportTracker:
+        if self._entered:
+            raise RuntimeError("a ReportTracker can be entered only once")
+        self._entered = True
+        try:
+            self.reservation = await self._tracker.try_reserve(
+                self.account_id, self.report_id, self.estimated_tokens
+            )
+        except asyncio.CancelledError:
+            # The reservation may have been granted just before the cancellation: end the
+            # report so that the reservation does not hold the budget until it expires.
+            try:
+                await run_to_completion(self._cancel_after_interrupted_reserve())
+            except TokenTrackError as exc:
+                logger.warning("tokentrack: report %s: %s", self.report_id, exc)
+            raise
+        return self
+
+    async def _cancel_after_interrupted_reserve(self) -> None:
+        with contextlib.suppress(ReservationNotFound, ReportFinalized):
+            await self._tracker.finish_report(self.report_id, self.account_id, "cancelled")
+
+    async def step(
+        self,
+        name: str,
+        input_tokens: int,
+        output_tokens: int,
+        total_tokens: int | None = None,
+        model: str | None = None,
+    ) -> StepRecord:
+        """Record one finished step (``total_tokens`` defaults to input + output).
+
+        Returns the :class:`StepRecord`. When the report was ended from outside meanwhile
+        (``cancel_report``), the step is still recorded and billed, then this raises
+        :class:`ReportCancelled` (:class:`ReportEnded` for another outcome): stop spending
+        tokens. Raises :class:`StepConflict` when the step was recorded before with other
+        numbers, and :class:`InvalidArgument` for bad numbers.
+        """
+        if not self._entered or self.reservation is None:
+            raise RuntimeError("step() needs the report to be entered: `async with ... as report`")
+        if self._exited:
+            raise RuntimeError(f"report {self.report_id} is already finished")
+        record = await self._tracker.persist_step(
+            self.report_id,
+            self.account_id,
+            name,
+            input_tokens,
+            output_tokens,
+            total_tokens,
+            model,
+        )
+        self.steps.append(record)
+        if record.report_status is not None:
+            self._ended_from_outside = record.report_status
+            if record.report_status == "cancelled":
+                raise ReportCancelled(self.report_id, record.report_status, record)
+            raise ReportEnded(self.report_id, record.report_status, record)
+        return record
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._exited = True
+        if self._ended_from_outside is not None:
+            # A step learnt that the report already has an outcome: it is billed; nothing to set.
+            self.status = self._ended_from_outside
+            return
+        if exc is None:
+            status, message = "complete", None
+        elif isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
+            status, message = "cancelled", None
+        else:
+            status, message = "failed", _error_message(exc)
+        task = asyncio.ensure_future(self._finish(status, message))
+        interrupted = await _wait_shielded(task)
+        try:
+            self.settlement = task.result()
+            self.status = status
+        except ReportFinalized as refused:
+            # Ended from outside after the last step (e.g. cancelled): it is billed already.
+            ended = refused.report_status or "unknown"
+            self.status = self._ended_from_outside = ended
+            if exc is None and not interrupted:
+                if ended == "cancelled":
+                    raise ReportCancelled(self.report_id, ended) from refused
+                raise ReportEnded(self.report_id, ended) from refused
+        except TokenTrackError as failed:
+            if exc is None and not interrupted:
+                raise
+            # Keep the block's own exception; the reservation expires and the sweep bills it.
+            logger.error(
+                "tokentrack: report %s could not be marked %s: %s", self.report_id, status, failed
+            )
+            if exc is not None:
+                exc.add_note(f"tokentrack: the report could not be marked {status}: {failed}")
+        if interrupted and not isinstance(exc, asyncio.CancelledError):
+            # Cancelled while the outcome was being recorded: honour it now that it is.
+            raise asyncio.CancelledError
+
+    async def _finish(self, status: str, message: str | None) -> Settlement:
+        return await self._tracker.finish_report(self.report_id, self.account_id, status, message)
+
+
+def _error_message(exc: BaseException) -> str:
+    """The message kept on a failed report: the exception's text, else its type's name."""
+    text = str(exc).strip() or type(exc).__name__
+    if len(text) > ERROR_MESSAGE_MAX:
+        text = text[: ERROR_MESSAGE_MAX - 1] + "…"
+    return text.replace("\x00", "")
