@@ -1,0 +1,112 @@
+"""What every operations command shares: the connection, the errors, the table printer."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import asyncpg
+
+CONNECT_TIMEOUT: Final = 10.0
+
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+"""A check failed, an alert fired, or a figure that must not change changed."""
+
+
+class OpsError(Exception):
+    """A problem that stops an operations command; its message is one line for the CLI."""
+
+
+def describe_target(dsn: str) -> str:
+    """``user@host:port/db`` for messages; never the password."""
+    try:
+        parts = urlsplit(dsn)
+        host = parts.hostname or "localhost"
+        port = parts.port or 5432
+        user = f"{parts.username}@" if parts.username else ""
+        db = parts.path.lstrip("/") or "(default database)"
+    except ValueError:
+        return "the database"
+    return f"{user}{host}:{port}/{db}"
+
+
+def pg_error(exc: asyncpg.PostgresError) -> str:
+    """One line: the SQLSTATE and the server's message."""
+    return f"SQLSTATE {exc.sqlstate}: {' '.join(str(exc).split())}"
+
+
+@asynccontextmanager
+async def connected(dsn: str, application_name: str) -> AsyncIterator[asyncpg.Connection]:
+    """An asyncpg connection to ``dsn``; connection failures become :class:`OpsError`."""
+    if urlsplit(dsn).scheme not in ("postgresql", "postgres"):
+        raise OpsError(
+            "invalid DATABASE_URL: expected a URL like postgresql://user:password@host:5432/dbname"
+        )
+    target = describe_target(dsn)
+    try:
+        conn = await asyncpg.connect(
+            dsn,
+            timeout=CONNECT_TIMEOUT,
+            server_settings={"application_name": application_name},
+        )
+    except asyncpg.PostgresError as exc:
+        raise OpsError(f"cannot connect to {target}: {pg_error(exc)}") from exc
+    except (OSError, TimeoutError, asyncpg.InterfaceError, ValueError) as exc:
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise OpsError(f"cannot connect to {target}: {detail}") from exc
+    try:
+        yield conn
+    except asyncpg.PostgresError as exc:
+        raise OpsError(f"{target}: {pg_error(exc)}") from exc
+    finally:
+        try:
+            await conn.close(timeout=5)
+        except (asyncpg.InterfaceError, asyncpg.PostgresError, OSError, TimeoutError):
+            conn.terminate()
+
+
+async def require_installed(conn: asyncpg.Connection, *, table: str = "usage_periods") -> None:
+    """Refuse with a clear message when the tokentrack schema (or one of its tables) is missing."""
+    found = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", f"tokentrack.{table}")
+    if not found:
+        raise OpsError(
+            f"tokentrack.{table} not found in this database: install tokentrack first "
+            "(make install-sql DATABASE_URL=... or tokentrack migrate install)"
+        )
+
+
+async def fetchrow(conn: asyncpg.Connection, sql: str, *args: Any) -> asyncpg.Record:
+    """``conn.fetchrow`` for a query that always returns one row (an aggregate)."""
+    row = await conn.fetchrow(sql, *args)
+    if row is None:  # pragma: no cover - aggregates always return a row
+        raise OpsError(f"no row from {sql!r}")
+    return row
+
+
+async def jsonb(conn: asyncpg.Connection, sql: str, *args: Any) -> dict[str, Any]:
+    """Run ``sql`` (one jsonb value) and decode the answer."""
+    raw = await conn.fetchval(sql, *args)
+    answer = json.loads(raw)
+    if not isinstance(answer, dict):
+        raise OpsError(f"unexpected answer from {sql!r}: {raw!r}")
+    return answer
+
+
+def iso(value: datetime | None) -> str | None:
+    """ISO 8601 (seconds) or None."""
+    return value.isoformat(timespec="seconds") if value is not None else None
+
+
+def render_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain text table: a header line, then one line per row, columns aligned."""
+    cells = [[str(h) for h in headers], *[["-" if c is None else str(c) for c in r] for r in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,492 @@
+"""``tokentrack monitor``: the post-deploy monitoring queries and their alert thresholds.
+
+What it measures (``--hours`` is the window, 24 by default):
+
+* active reservations, and how many are older than 2 hours (warning) and 3 hours (alert
+  when more than ``--stale-alert-count``, 10 by default): an active reservation older than its
+  2-hour lifetime means the expiry sweep is not running;
+* completed reports of the window that have a reservation but no recorded step (alert when
+  any): the generator is not recording its steps;
+* usage accuracy: ``tokentrack.reconcile()`` over every period (alert when not ok);
+* reservations by status with the oldest and newest (every active one; the completed and
+  expired ones of the reports of the window);
+* reports per hour by status, with the failure rate (alert above 5%) and completion rate
+  (alert below 90%) of the window's reports that have an outcome, once at least
+  ``--min-reports`` (20) have one.
+
+Every query is served by an index (the partial index of active reservations, the unique
+(report_id) and (report_id, step_name) indexes, and an index on ``reports.created_at``), so
+the cost follows the window's traffic and the number of active reservations, not the size of
+the tables. ``reconcile()`` is the one exception: it audits every period, as it must.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any, Final
+
+import asyncpg
+
+from tokentrack_client.ops._common import connected, fetchrow, iso, render_table, require_installed
+
+REPORT_STATUSES: Final = ("pending", "processing", "complete", "failed", "cancelled")
+RESERVATION_STATUSES: Final = ("active", "completed", "expired")
+OUTCOMES: Final = ("complete", "failed", "cancelled")
+
+FAILURE_RATE_MAX: Final = 0.05
+COMPLETION_RATE_MIN: Final = 0.90
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Alert thresholds (the original checklist's values by default)."""
+
+    hours: int = 24
+    stale_alert_count: int = 10
+    failure_rate_max: float = FAILURE_RATE_MAX
+    completion_rate_min: float = COMPLETION_RATE_MIN
+    min_reports: int = 20
+
+
+@dataclass(frozen=True)
+class Alert:
+    """One alert rule and whether it fires; ``level`` is ``alert`` or ``warning``."""
+
+    name: str
+    level: str
+    firing: bool
+    message: str
+
+
+@dataclass
+class MonitorResult:
+    """Everything one monitor run measured."""
+
+    taken_at: datetime
+    thresholds: Thresholds
+    active: dict[str, Any]
+    reservations: dict[str, dict[str, Any]]
+    reports_without_steps: int
+    reports_without_steps_examples: list[str]
+    reconcile: dict[str, Any]
+    reports_by_hour: list[dict[str, Any]]
+    reports_window: dict[str, int]
+    failure_rate: float | None
+    completion_rate: float | None
+    alerts: list[Alert] = field(default_factory=list)
+
+    @property
+    def firing(self) -> list[Alert]:
+        """The alerts (not warnings) that fire: each makes the exit status 1."""
+        return [a for a in self.alerts if a.firing and a.level == "alert"]
+
+    # ---------------------------------------------------------------------------------------
+    def as_json(self) -> dict[str, Any]:
+        """JSON-ready data."""
+        return {
+            "taken_at": iso(self.taken_at),
+            "thresholds": asdict(self.thresholds),
+            "active_reservations": self.active,
+            "reservations_by_status": self.reservations,
+            "reports_without_steps": {
+                "count": self.reports_without_steps,
+                "examples": self.reports_without_steps_examples,
+            },
+            "reconcile": self.reconcile,
+            "reports_by_hour": self.reports_by_hour,
+            "reports_window": self.reports_window,
+            "failure_rate": self.failure_rate,
+            "completion_rate": self.completion_rate,
+            "alerts": [asdict(a) for a in self.alerts],
+            "ok": not self.firing,
+        }
+
+    def render_json(self) -> str:
+        """``--json``."""
+        return json.dumps(self.as_json(), indent=2, sort_keys=False, default=str)
+
+    def render(self) -> str:
+        """The human report."""
+        t = self.thresholds
+        a = self.active
+        out = [f"tokentrack monitor at {iso(self.taken_at)} (window: last {t.hours} hours)", ""]
+        out.append("Active reservations")
+        out.append(
+            render_table(
+                ("ACTIVE", "OLDER THAN 2H", "OLDER THAN 3H", "PAST EXPIRY", "OLDEST", "NEWEST"),
+                [
+                    (
+                        a["count"],
+                        a["older_than_2h"],
+                        a["older_than_3h"],
+                        a["past_expiry"],
+                        a["oldest"],
+                        a["newest"],
+                    )
+                ],
+            )
+        )
+        out += ["", "Reservations by status (every active one; others of the window's reports)"]
+        out.append(
+            render_table(
+                ("STATUS", "COUNT", "OLDEST", "NEWEST"),
+                [(s, r["count"], r["oldest"], r["newest"]) for s, r in self.reservations.items()],
+            )
+        )
+        out += ["", f"Completed reports without step usage: {self.reports_without_steps}"]
+        for example in self.reports_without_steps_examples:
+            out.append(f"  report {example}")
+        rec = self.reconcile
+        out += [
+            "",
+            f"Usage accuracy (reconcile): {'ok' if rec['ok'] else 'NOT OK'}, "
+            f"{rec['periods_checked']} periods checked, {len(rec['discrepancies'])} discrepancies",
+        ]
+        for d in rec["discrepancies"][:10]:
+            out.append(
+                f"  period {d.get('period_id')} ({d.get('check')}): expected {d.get('expected')},"
+                f" actual {d.get('actual')}"
+            )
+        out += ["", "Reports per hour by status"]
+        rows = [
+            (h["hour"], *(h[s] for s in REPORT_STATUSES), sum(h[s] for s in REPORT_STATUSES))
+            for h in self.reports_by_hour
+        ]
+        totals = self.reports_window
+        rows.append(("total", *(totals[s] for s in REPORT_STATUSES), sum(totals.values())))
+        out.append(render_table(("HOUR", *(s.upper() for s in REPORT_STATUSES), "TOTAL"), rows))
+        out.append(
+            f"failure rate {_pct(self.failure_rate)} (alert above {_pct(t.failure_rate_max)}), "
+            f"completion rate {_pct(self.completion_rate)} "
+            f"(alert below {_pct(t.completion_rate_min)})"
+        )
+        out += ["", "Alerts"]
+        out.append(
+            render_table(
+                ("ALERT", "LEVEL", "STATE", "DETAIL"),
+                [
+                    (al.name, al.level, "FIRING" if al.firing else "ok", al.message)
+                    for al in self.alerts
+                ],
+            )
+        )
+        out.append(
+            "monitor: "
+            + (f"{len(self.firing)} alert(s) firing" if self.firing else "no alert firing")
+        )
+        return "\n".join(out)
+
+    def render_prometheus(self) -> str:
+        """``--prometheus``: the Prometheus text exposition format (version 0.0.4)."""
+        metrics: list[tuple[str, str, list[tuple[dict[str, str], float]]]] = []
+
+        def gauge(name: str, help_text: str, *samples: tuple[dict[str, str], float]) -> None:
+            metrics.append((name, help_text, list(samples)))
+
+        a = self.active
+        gauge("tokentrack_reservations_active", "Active reservations.", ({}, a["count"]))
+        gauge(
+            "tokentrack_reservations_active_stale",
+            "Active reservations older than the given age.",
+            ({"older_than": "2h"}, a["older_than_2h"]),
+            ({"older_than": "3h"}, a["older_than_3h"]),
+        )
+        gauge(
+            "tokentrack_reservations_active_past_expiry",
+            "Active reservations past expires_at (the sweep has not run since).",
+            ({}, a["past_expiry"]),
+        )
+        gauge(
+            "tokentrack_reservation_oldest_active_age_seconds",
+            "Age of the oldest active reservation (0 when none).",
+            ({}, a["oldest_age_seconds"]),
+        )
+        gauge(
+            "tokentrack_reservations",
+            "Reservations by status: every active one, the others of the window's reports.",
+            *(({"status": s}, float(r["count"])) for s, r in self.reservations.items()),
+        )
+        gauge(
+            "tokentrack_reports",
+            "Reports created in the window, by status.",
+            *(({"status": s}, float(n)) for s, n in self.reports_window.items()),
+        )
+        gauge(
+            "tokentrack_reports_complete_without_steps",
+            "Completed reports of the window with a reservation but no recorded step.",
+            ({}, self.reports_without_steps),
+        )
+        gauge(
+            "tokentrack_report_failure_ratio",
+            "Failed / reports with an outcome, in the window (NaN when none).",
+            ({}, _nan(self.failure_rate)),
+        )
+        gauge(
+            "tokentrack_report_completion_ratio",
+            "Complete / reports with an outcome, in the window (NaN when none).",
+            ({}, _nan(self.completion_rate)),
+        )
+        rec = self.reconcile
+        gauge(
+            "tokentrack_reconcile_ok", "1 when reconcile() is ok.", ({}, 1.0 if rec["ok"] else 0.0)
+        )
+        gauge(
+            "tokentrack_reconcile_discrepancies",
+            "Discrepancies found by reconcile().",
+            ({}, float(len(rec["discrepancies"]))),
+        )
+        gauge(
+            "tokentrack_reconcile_periods_checked",
+            "Usage periods checked by reconcile().",
+            ({}, float(rec["periods_checked"])),
+        )
+        gauge(
+            "tokentrack_alert",
+            "1 when the alert (or warning) fires.",
+            *(
+                ({"name": al.name, "level": al.level}, 1.0 if al.firing else 0.0)
+                for al in self.alerts
+            ),
+        )
+        gauge(
+            "tokentrack_monitor_window_seconds",
+            "The monitoring window.",
+            ({}, float(self.thresholds.hours * 3600)),
+        )
+        lines: list[str] = []
+        for name, help_text, samples in metrics:
+            lines.append(f"# HELP {name} {help_text}")
+            lines.append(f"# TYPE {name} gauge")
+            for labels, value in samples:
+                label_text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+                lines.append(
+                    f"{name}{{{label_text}}} {_number(value)}"
+                    if label_text
+                    else f"{name} {_number(value)}"
+                )
+        return "\n".join(lines) + "\n"
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value * 100:.1f}%"
+
+
+def _nan(value: float | None) -> float:
+    return math.nan if value is None else value
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    if isinstance(value, float) and math.isnan(value):
+        return "NaN"
+    if float(value).is_integer():
+        return str(int(value))
+    return repr(float(value))
+
+
+# --------------------------------------------------------------------------------------------
+# The queries (each served by an index; see the module docstring)
+# --------------------------------------------------------------------------------------------
+
+ACTIVE_SQL: Final = """
+SELECT count(*) AS count,
+       count(*) FILTER (WHERE rr.created_at < now() - interval '2 hours') AS older_than_2h,
+       count(*) FILTER (WHERE rr.created_at < now() - interval '3 hours') AS older_than_3h,
+       count(*) FILTER (WHERE rr.expires_at <= now()) AS past_expiry,
+       min(rr.created_at) AS oldest,
+       max(rr.created_at) AS newest,
+       COALESCE(extract(epoch FROM now() - min(rr.created_at)), 0)::float8 AS oldest_age_seconds
+FROM tokentrack.report_reservations AS rr
+WHERE rr.status = 'active'
+"""
+
+# The LATERAL ... LIMIT 1 (one reservation per report anyway) keeps the lookup of each
+# window report's reservation on the unique (report_id) index, whatever the table sizes.
+WINDOW_RESERVATIONS_SQL: Final = """
+SELECT rr.status, count(*) AS count, min(rr.created_at) AS oldest, max(rr.created_at) AS newest
+FROM tokentrack.reports AS r
+CROSS JOIN LATERAL (
+    SELECT x.status, x.created_at FROM tokentrack.report_reservations AS x
+    WHERE x.report_id = r.id LIMIT 1
+) AS rr
+WHERE r.created_at >= now() - make_interval(hours => $1) AND rr.status <> 'active'
+GROUP BY rr.status
+"""
+
+# Correlated one-row lookups (not EXISTS, which the planner may turn into a hash join over a
+# whole table): each completed report of the window costs two index probes.
+WITHOUT_STEPS_SQL: Final = """
+SELECT r.id
+FROM tokentrack.reports AS r
+WHERE r.created_at >= now() - make_interval(hours => $1)
+  AND r.status = 'complete'
+  AND (SELECT 1 FROM tokentrack.report_reservations AS rr WHERE rr.report_id = r.id LIMIT 1) = 1
+  AND (SELECT 1 FROM tokentrack.report_step_usage AS s WHERE s.report_id = r.id LIMIT 1) IS NULL
+ORDER BY r.created_at DESC
+"""
+
+BY_HOUR_SQL: Final = """
+SELECT date_trunc('hour', r.created_at) AS hour, r.status, count(*) AS count
+FROM tokentrack.reports AS r
+WHERE r.created_at >= now() - make_interval(hours => $1)
+GROUP BY 1, 2
+ORDER BY 1, 2
+"""
+
+RECONCILE_SQL: Final = "SELECT tokentrack.reconcile(NULL)"
+
+MONITOR_QUERIES: Final = {
+    "active reservations": ACTIVE_SQL,
+    "reservations by status": WINDOW_RESERVATIONS_SQL,
+    "completed reports without steps": WITHOUT_STEPS_SQL,
+    "reports per hour": BY_HOUR_SQL,
+}
+"""The monitor's queries by name (``$1`` is the window in hours), for EXPLAIN in the tests."""
+
+
+async def measure(conn: asyncpg.Connection, thresholds: Thresholds) -> MonitorResult:
+    """Run every monitoring query (one read-only snapshot) and evaluate the alerts."""
+    await require_installed(conn, table="report_reservations")
+    hours = thresholds.hours
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        taken_at: datetime = await conn.fetchval("SELECT now()")
+        arow = await fetchrow(conn, ACTIVE_SQL)
+        window_rows = await conn.fetch(WINDOW_RESERVATIONS_SQL, hours)
+        without = await conn.fetch(WITHOUT_STEPS_SQL, hours)
+        by_hour_rows = await conn.fetch(BY_HOUR_SQL, hours)
+        reconcile = json.loads(await conn.fetchval(RECONCILE_SQL))
+
+    active = {
+        "count": int(arow["count"]),
+        "older_than_2h": int(arow["older_than_2h"]),
+        "older_than_3h": int(arow["older_than_3h"]),
+        "past_expiry": int(arow["past_expiry"]),
+        "oldest": iso(arow["oldest"]),
+        "newest": iso(arow["newest"]),
+        "oldest_age_seconds": round(float(arow["oldest_age_seconds"]), 3),
+    }
+    reservations: dict[str, dict[str, Any]] = {
+        "active": {"count": active["count"], "oldest": active["oldest"], "newest": active["newest"]}
+    }
+    for status in RESERVATION_STATUSES[1:]:
+        reservations[status] = {"count": 0, "oldest": None, "newest": None}
+    for r in window_rows:
+        reservations[r["status"]] = {
+            "count": int(r["count"]),
+            "oldest": iso(r["oldest"]),
+            "newest": iso(r["newest"]),
+        }
+
+    hours_map: dict[datetime, dict[str, Any]] = {}
+    window = dict.fromkeys(REPORT_STATUSES, 0)
+    for r in by_hour_rows:
+        entry = hours_map.setdefault(
+            r["hour"], {"hour": iso(r["hour"]), **dict.fromkeys(REPORT_STATUSES, 0)}
+        )
+        entry[r["status"]] = int(r["count"])
+        window[r["status"]] += int(r["count"])
+    by_hour = [hours_map[h] for h in sorted(hours_map)]
+
+    finished = sum(window[s] for s in OUTCOMES)
+    failure_rate = window["failed"] / finished if finished else None
+    completion_rate = window["complete"] / finished if finished else None
+
+    result = MonitorResult(
+        taken_at=taken_at,
+        thresholds=thresholds,
+        active=active,
+        reservations=reservations,
+        reports_without_steps=len(without),
+        reports_without_steps_examples=[str(r["id"]) for r in without[:5]],
+        reconcile={
+            "ok": bool(reconcile.get("ok")),
+            "periods_checked": int(reconcile.get("periods_checked", 0)),
+            "discrepancies": list(reconcile.get("discrepancies", [])),
+        },
+        reports_by_hour=by_hour,
+        reports_window=window,
+        failure_rate=failure_rate,
+        completion_rate=completion_rate,
+    )
+    result.alerts = evaluate(result)
+    return result
+
+
+def evaluate(result: MonitorResult) -> list[Alert]:
+    """The alert rules of the checklist, applied to one measurement."""
+    t = result.thresholds
+    a = result.active
+    finished = sum(result.reports_window[s] for s in OUTCOMES)
+    enough = finished >= t.min_reports
+    sample = f"{finished} reports with an outcome in {t.hours}h"
+    if not enough:
+        sample += f", fewer than --min-reports {t.min_reports}: rates not alerted"
+    alerts = [
+        Alert(
+            "stale_reservations",
+            "alert",
+            a["older_than_3h"] > t.stale_alert_count,
+            f"{a['older_than_3h']} active reservations older than 3h "
+            f"(alert above {t.stale_alert_count}); is the expiry sweep scheduled?",
+        ),
+        Alert(
+            "reservations_older_than_2h",
+            "warning",
+            a["older_than_2h"] > 0,
+            f"{a['older_than_2h']} active reservations older than 2h (their lifetime); "
+            "run tokentrack cleanup",
+        ),
+        Alert(
+            "reports_without_steps",
+            "alert",
+            result.reports_without_steps > 0,
+            f"{result.reports_without_steps} completed reports in {t.hours}h have no step usage",
+        ),
+        Alert(
+            "usage_accuracy",
+            "alert",
+            not result.reconcile["ok"],
+            f"reconcile(): {len(result.reconcile['discrepancies'])} discrepancies in "
+            f"{result.reconcile['periods_checked']} periods",
+        ),
+        Alert(
+            "failure_rate",
+            "alert",
+            enough and result.failure_rate is not None and result.failure_rate > t.failure_rate_max,
+            f"{_pct(result.failure_rate)} failed "
+            f"(alert above {_pct(t.failure_rate_max)}; {sample})",
+        ),
+        Alert(
+            "completion_rate",
+            "alert",
+            enough
+            and result.completion_rate is not None
+            and result.completion_rate < t.completion_rate_min,
+            f"{_pct(result.completion_rate)} complete (alert below "
+            f"{_pct(t.completion_rate_min)}; {sample})",
+        ),
+    ]
+    return alerts
+
+
+async def monitor(dsn: str, thresholds: Thresholds) -> MonitorResult:
+    """Connect to ``dsn`` and measure."""
+    async with connected(dsn, "tokentrack monitor") as conn:
+        return await measure(conn, thresholds)
+
+
+__all__ = [
+    "MONITOR_QUERIES",
+    "Alert",
+    "MonitorResult",
+    "Thresholds",
+    "evaluate",
+    "measure",
+    "monitor",
+]

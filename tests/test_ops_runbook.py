@@ -1,0 +1,230 @@
+"""docs/RUNBOOK.md, executed: its command blocks run as written, in the runbook's order.
+
+Each fenced ``sh`` block marked ``<!-- runbook-test: NAME -->`` runs under ``bash -euo
+pipefail`` with ``DATABASE_URL`` set, ``tokentrack`` (this interpreter's) and the PostgreSQL
+client programs on ``PATH``, and ``make`` running this repository's Makefile (with the venv
+stamp taken as up to date and ``BIN`` pointing at this interpreter's scripts). The database
+lives on a server with pg_cron, so ``make install-cron`` really schedules the sweep.
+
+The story: a database on version 20251219000000 with legacy usage; staging-day deploy;
+reports through the new path (some still running); rollback level 1 (in-flight steps are
+billed before the tables go); rollback level 2 (the pre-deploy backup comes back, exactly);
+deploy again; the monitoring commands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from ops_history import call, run_cli_sync
+from pgserver import PgServer
+from sqlkit import step
+from tokentrack_client import migrate
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNBOOK = ROOT / "docs" / "RUNBOOK.md"
+V1_TABLES = ("accounts", "usage_periods", "reports", "usage_ledger")
+BLOCK = re.compile(r"<!-- runbook-test: ([a-z0-9-]+) -->\n```sh\n(.*?)```", re.DOTALL)
+
+
+def runbook_blocks() -> dict[str, str]:
+    """The marked command blocks of docs/RUNBOOK.md by name."""
+    return {m[1]: m[2] for m in BLOCK.finditer(RUNBOOK.read_text(encoding="utf-8"))}
+
+
+def test_the_runbook_has_its_blocks_and_uses_real_commands() -> None:
+    blocks = runbook_blocks()
+    assert list(blocks) == ["deploy", "monitoring", "rollback-level-1", "rollback-level-2"]
+    text = RUNBOOK.read_text(encoding="utf-8")
+    assert "make rollback-sql STEPS=1" in blocks["rollback-level-1"]
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    for target in re.findall(r"^make ([a-z-]+)", "\n".join(blocks.values()), re.MULTILINE):
+        assert re.search(rf"^{target}:", makefile, re.MULTILINE), target
+    # Every tokentrack subcommand the runbook shows anywhere exists (its --help exits 0).
+    for command in sorted(set(re.findall(r"`tokentrack ([a-z]+(?: [a-z]+)?)", text))):
+        words = command.split()
+        result = run_cli_sync(*words, "--help")
+        if result.code != 0:  # "tokentrack cleanup every ..." style prose: the first word only
+            result = run_cli_sync(words[0], "--help")
+        assert result.code == 0, command
+
+
+async def _run_block(
+    name: str, dsn: str, cwd: Path, server: PgServer
+) -> subprocess.CompletedProcess[str]:
+    scripts = Path(sys.executable).parent
+    if not (scripts / "tokentrack").exists():
+        pytest.fail(f"{scripts}/tokentrack not found: install the package (make venv)")
+    script = (
+        "set -euo pipefail\n"
+        f'make() {{ command make --no-print-directory -C "{ROOT}" -o .venv/.installed'
+        f' BIN="{scripts}" "$@"; }}\n'
+        "set -x\n" + runbook_blocks()[name]
+    )
+    env = dict(server.client_env())
+    env.update(
+        DATABASE_URL=dsn,
+        PATH=f"{scripts}:{server.bindir}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+    )
+    env.pop("TOKENTRACK_SQL_DIR", None)
+    return await asyncio.to_thread(
+        subprocess.run,
+        ["bash", "-c", script],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+async def _v1_rows(conn: asyncpg.Connection) -> dict[str, list[str]]:
+    result = {}
+    for table in V1_TABLES:
+        rows = await conn.fetch(f"SELECT t::text AS row FROM tokentrack.{table} t ORDER BY 1")
+        result[table] = [r["row"] for r in rows]
+    return result
+
+
+async def test_the_runbook_as_written(cron_server: PgServer, tmp_path: Path) -> None:
+    admin = await asyncpg.connect(cron_server.dsn("postgres"))
+    try:
+        await admin.execute("CREATE DATABASE runbook")
+    finally:
+        await admin.close()
+    dsn = cron_server.dsn("runbook")
+    # The database before the deploy: version 20251219000000 with legacy usage.
+    await migrate.install(dsn, echo=lambda _: None)
+    await migrate.rollback(dsn, steps=1, echo=lambda _: None)
+    conn = await asyncpg.connect(dsn)
+    try:
+        accounts = [uuid.uuid4() for _ in range(3)]
+        for index, account in enumerate(accounts):
+            await call(conn, "open_usage_period", account, 1_000_000, None)
+            for tokens in (500, 1_200 + index, 90):
+                await call(conn, "increment_usage", account, tokens, True, False)
+        predeploy = await _v1_rows(conn)
+    finally:
+        await conn.close()
+    workdir = tmp_path / "staging"
+    workdir.mkdir()
+
+    # Staging day, 1. Deploy.
+    deploy = await _run_block("deploy", dsn, workdir, cron_server)
+    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+    assert "tokentrack-predeploy.dump" in os.listdir(workdir)
+    for expected in (
+        "verify: all checks passed",
+        "verify --functional: all staging tests passed",
+        "audit: usage periods unchanged (counts and sums)",
+        "'tokentrack-expiry-sweep' created: '0 */2 * * *'",
+        "monitor: no alert firing",
+    ):
+        assert expected in deploy.stdout, expected
+
+    # The application runs reports through the new path; two are still running.
+    conn = await asyncpg.connect(dsn)
+    try:
+        account = accounts[0]
+        in_flight = 0
+        for index in range(5):
+            report = uuid.uuid4()
+            assert (await call(conn, "try_reserve_tokens", account, report, 5_000))["success"]
+            for name in ("outline", "draft"):
+                answer = await step(conn, report, account, name, 300 + index, 120)
+                if index >= 3:
+                    in_flight += answer["total_tokens"]
+            if index < 3:
+                await call(conn, "finish_report", report, account, "complete", None)
+        used_before = await conn.fetchval(
+            "SELECT tokens_used FROM tokentrack.usage_periods WHERE account_id = $1", account
+        )
+    finally:
+        await conn.close()
+
+    # Rollback level 1.
+    level1 = await _run_block("rollback-level-1", dsn, workdir, cron_server)
+    assert level1.returncode == 0, level1.stdout + level1.stderr
+    assert "cron: removed job" in level1.stdout
+    assert (
+        f"cleanup: expired 2 reservation(s), billed {in_flight} tokens (4 step(s))" in level1.stdout
+    )
+    assert "applied with matching checksums: 20251219000000\n" in level1.stdout
+    assert level1.stdout.count("audit: usage periods unchanged") == 1
+    conn = await asyncpg.connect(dsn)
+    try:
+        assert await conn.fetchval("SELECT to_regclass('tokentrack.report_step_usage')") is None
+        used = await conn.fetchval(
+            "SELECT tokens_used FROM tokentrack.usage_periods WHERE account_id = $1", account
+        )
+        ledger = await conn.fetchval(
+            "SELECT sum(tokens) FROM tokentrack.usage_ledger WHERE account_id = $1", account
+        )
+        assert used == ledger == used_before + in_flight  # nothing in flight was lost
+    finally:
+        await conn.close()
+
+    # Rollback level 2: the pre-deploy backup comes back exactly.
+    level2 = await _run_block("rollback-level-2", dsn, workdir, cron_server)
+    assert level2.returncode == 0, level2.stdout + level2.stderr
+    assert "drop cascades to table tokentrack.usage_periods" in level2.stderr
+    assert "audit: usage periods unchanged (counts and sums)" in level2.stdout
+    assert "tokentrack-before-restore.dump" in os.listdir(workdir)
+    conn = await asyncpg.connect(dsn)
+    try:
+        assert await _v1_rows(conn) == predeploy
+        versions = await conn.fetch("SELECT version FROM tokentrack.schema_migrations")
+        assert [v["version"] for v in versions] == ["20251219000000"]
+    finally:
+        await conn.close()
+
+    # Deploy again, then the monitoring commands.
+    again = await _run_block("deploy", dsn, workdir, cron_server)
+    assert again.returncode == 0, again.stdout + again.stderr
+    monitoring = await _run_block("monitoring", dsn, workdir, cron_server)
+    assert monitoring.returncode == 0, monitoring.stdout + monitoring.stderr
+    assert "monitor: no alert firing" in monitoring.stdout
+    assert '"command": "CALL tokentrack.sweep_expired_reservations(500)"' in monitoring.stdout
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("audit",),
+        ("audit", "baseline"),
+        ("audit", "compare"),
+        ("verify",),
+        ("monitor",),
+        ("cleanup",),
+        ("cron",),
+        ("cron", "install"),
+        ("cron", "remove"),
+        ("cron", "status"),
+    ],
+)
+def test_every_operations_command_has_help(command: tuple[str, ...]) -> None:
+    result = run_cli_sync(*command, "--help")
+    assert result.code == 0
+    assert result.out.startswith(f"usage: tokentrack {' '.join(command)}")
+    if command not in (("audit",), ("cron",)):
+        assert "--database-url URL" in result.out
+
+
+def test_no_database_is_one_line_and_exit_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    for command in (("verify",), ("monitor",), ("cleanup",), ("cron", "install")):
+        result = run_cli_sync(*command)
+        assert result.code == 2
+        assert result.err == (
+            "tokentrack: error: no database given: pass --database-url URL or set DATABASE_URL\n"
+        )

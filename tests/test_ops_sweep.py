@@ -1,0 +1,247 @@
+"""``tokentrack cleanup`` and ``tokentrack cron``: the sweep once, and scheduled by a real pg_cron.
+
+The pg_cron tests use a server of their own with ``shared_preload_libraries = 'pg_cron'``
+(the ``cron_server`` fixture of ops_history.py; Debian's postgresql-15-cron, which
+``make test`` installs) and let pg_cron run the job.
+Debian bookworm ships pg_cron 1.4.2, whose smallest schedule is one minute ('* * * * *'),
+so the test that watches a run waits for the next minute boundary (at most about a minute);
+from pg_cron 1.5 on it uses '2 seconds'.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+import asyncpg
+
+from ops_history import call, tokentrack
+from pgserver import PgServer
+from tokentrack_client import migrate
+
+SWEEP = "CALL tokentrack.sweep_expired_reservations(500)"
+
+
+async def _seed_expired(dsn: str, reservations: int) -> tuple[uuid.UUID, int, int]:
+    """An account with ``reservations`` expired reservations holding 2 steps each."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        account = uuid.uuid4()
+        assert (await call(conn, "open_usage_period", account, 10_000_000, None))["success"]
+        tokens = steps = 0
+        for index in range(reservations):
+            report = uuid.uuid4()
+            assert (await call(conn, "try_reserve_tokens", account, report, 1_000))["success"]
+            for step in ("outline", "draft"):
+                answer = await call(
+                    conn, "persist_step_usage", report, account, step, 100 + index, 50, None, None
+                )
+                tokens += answer["total_tokens"]
+                steps += 1
+        await conn.execute(
+            "UPDATE tokentrack.report_reservations SET created_at = now() - interval '3 hours',"
+            " expires_at = now() - interval '1 hour' WHERE account_id = $1",
+            account,
+        )
+        return account, tokens, steps
+    finally:
+        await conn.close()
+
+
+async def _state(dsn: str, account: uuid.UUID) -> tuple[int, int, bool]:
+    """(active reservations, tokens_used of the account's period, reconcile ok)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        active = await conn.fetchval(
+            "SELECT count(*) FROM tokentrack.report_reservations"
+            " WHERE account_id = $1 AND status = 'active'",
+            account,
+        )
+        used = await conn.fetchval(
+            "SELECT tokens_used FROM tokentrack.usage_periods WHERE account_id = $1", account
+        )
+        ok = (await call(conn, "reconcile", None))["ok"]
+        return int(active), int(used), bool(ok)
+    finally:
+        await conn.close()
+
+
+# --------------------------------------------------------------------------------------------
+# cleanup
+# --------------------------------------------------------------------------------------------
+
+
+async def test_cleanup_expires_and_bills_what_was_left(history_dsn: str) -> None:
+    account, tokens, steps = await _seed_expired(history_dsn, 4)
+    result = await tokentrack("cleanup", "--database-url", history_dsn)
+    assert result.code == 0, result
+    assert result.out == (
+        f"cleanup: expired 4 reservation(s), billed {tokens} tokens ({steps} step(s))"
+        " in 1 transaction(s)\n"
+    )
+    assert await _state(history_dsn, account) == (0, tokens, True)
+    again = await tokentrack("cleanup", "--json", "--database-url", history_dsn)
+    assert json.loads(again.out) == {"expired": 0, "billed_tokens": 0, "steps": 0, "batches": 1}
+
+
+async def test_cleanup_in_batches_commits_each(db_dsn: str) -> None:
+    account, tokens, steps = await _seed_expired(db_dsn, 5)
+    result = await tokentrack("cleanup", "--batch-size", "2", "--json", "--database-url", db_dsn)
+    assert result.code == 0, result
+    assert json.loads(result.out) == {
+        "expired": 5,
+        "billed_tokens": tokens,
+        "steps": steps,
+        "batches": 3,
+    }
+    assert await _state(db_dsn, account) == (0, tokens, True)
+
+
+async def test_cleanup_errors(empty_db_dsn: str) -> None:
+    missing = await tokentrack("cleanup", "--database-url", empty_db_dsn)
+    assert missing.code == 2
+    assert missing.err.startswith("tokentrack: error: tokentrack.report_reservations not found")
+    zero = await tokentrack("cleanup", "--batch-size", "0", "--database-url", empty_db_dsn)
+    assert zero.code == 2
+    assert "must be at least 1" in zero.err
+
+
+# --------------------------------------------------------------------------------------------
+# cron without pg_cron
+# --------------------------------------------------------------------------------------------
+
+
+async def test_cron_install_says_clearly_when_pg_cron_is_not_loaded(db_dsn: str) -> None:
+    """The session server does not preload pg_cron: nothing is scheduled, and it says why."""
+    result = await tokentrack("cron", "install", "--database-url", db_dsn)
+    assert result.code == 2
+    assert result.err.startswith("tokentrack: error: pg_cron is ")
+    assert "so nothing was scheduled" in result.err
+    assert "shared_preload_libraries" in result.err
+    assert result.err.count("\n") == 1
+    tolerant = await tokentrack("cron", "install", "--if-available", "--database-url", db_dsn)
+    assert tolerant.code == 0
+    assert tolerant.err.startswith("tokentrack: notice: pg_cron is ")
+    for action in ("status", "remove"):
+        other = await tokentrack("cron", action, "--database-url", db_dsn)
+        assert other.code == 2
+        assert "nothing was scheduled" in other.err
+
+
+# --------------------------------------------------------------------------------------------
+# cron with a real pg_cron
+# --------------------------------------------------------------------------------------------
+
+
+async def _cron_rows(dsn: str) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return list(
+            await conn.fetch("SELECT jobid, jobname, schedule, command, database FROM cron.job")
+        )
+    finally:
+        await conn.close()
+
+
+async def test_cron_install_is_idempotent_and_pg_cron_runs_the_sweep(
+    cron_server: PgServer,
+) -> None:
+    home = cron_server.dsn("postgres")  # cron.database_name: pg_cron lives here
+    app = cron_server.dsn("tokentrack_app")  # the usual layout: tokentrack in another database
+    admin = await asyncpg.connect(home)
+    try:
+        await admin.execute("CREATE DATABASE tokentrack_app")
+    finally:
+        await admin.close()
+    for dsn in (home, app):
+        await migrate.install(dsn, echo=lambda _: None)
+
+    first = await tokentrack("cron", "install", "--database-url", app)
+    assert first.code == 0, first
+    assert first.out.startswith("cron: created extension pg_cron in database postgres\n")
+    assert "created: '0 */2 * * *' runs 'CALL tokentrack.sweep_expired_reservations(500)'" in (
+        first.out
+    )
+    assert "in database tokentrack_app" in first.out
+    [job] = await _cron_rows(home)
+    assert (job["jobname"], job["schedule"], job["command"], job["database"]) == (
+        "tokentrack-expiry-sweep",
+        "0 */2 * * *",
+        SWEEP,
+        "tokentrack_app",
+    )
+
+    again = await tokentrack("cron", "install", "--database-url", app)
+    assert again.code == 0
+    assert f"cron: job {job['jobid']} 'tokentrack-expiry-sweep' unchanged" in again.out
+    assert "created extension" not in again.out
+    assert [tuple(r) for r in await _cron_rows(home)] == [tuple(job)]
+
+    conn = await asyncpg.connect(home)
+    try:
+        version = await conn.fetchval(
+            "SELECT extversion FROM pg_extension WHERE extname = 'pg_cron'"
+        )
+    finally:
+        await conn.close()
+    major, minor = (int(p) for p in str(version).split("-")[0].split(".")[:2])
+    fast = "2 seconds" if (major, minor) >= (1, 5) else "* * * * *"
+
+    # A short schedule for the test: the same job is updated, not duplicated.
+    updated = await tokentrack("cron", "install", "--schedule", fast, "--database-url", app)
+    assert updated.code == 0
+    assert f"cron: job {job['jobid']} 'tokentrack-expiry-sweep' updated: '{fast}'" in updated.out
+    # The same-database layout: pg_cron and tokentrack both in cron.database_name.
+    local = await tokentrack(
+        "cron",
+        "install",
+        "--job-name",
+        "tokentrack-sweep-home",
+        "--schedule",
+        fast,
+        "--database-url",
+        home,
+    )
+    assert local.code == 0, local
+    rows = {r["jobname"]: r for r in await _cron_rows(home)}
+    assert rows["tokentrack-expiry-sweep"]["jobid"] == job["jobid"]
+    assert rows["tokentrack-expiry-sweep"]["schedule"] == fast
+    assert rows["tokentrack-sweep-home"]["database"] == "postgres"
+
+    seeded = {dsn: await _seed_expired(dsn, 3) for dsn in (app, home)}
+    deadline = time.monotonic() + 150
+    while True:
+        states = {dsn: await _state(dsn, account) for dsn, (account, _, _) in seeded.items()}
+        if all(active == 0 for active, _, _ in states.values()):
+            break
+        assert time.monotonic() < deadline, f"pg_cron did not sweep in time: {states}"
+        await asyncio.sleep(0.5)
+    for dsn, (_, tokens, _) in seeded.items():
+        assert states[dsn] == (0, tokens, True)
+
+    status = await tokentrack("cron", "status", "--database-url", app)
+    assert status.code == 0
+    data = json.loads(status.out)
+    assert data["job"]["command"] == SWEEP
+    deadline = time.monotonic() + 30
+    while not any(r["status"] == "succeeded" for r in data["runs"]):
+        assert time.monotonic() < deadline, data
+        await asyncio.sleep(0.2)
+        data = json.loads((await tokentrack("cron", "status", "--database-url", app)).out)
+
+    removed = await tokentrack("cron", "remove", "--database-url", app)
+    assert removed.code == 0
+    assert removed.out == f"cron: removed job {job['jobid']} (tokentrack-expiry-sweep)\n"
+    gone = await tokentrack("cron", "remove", "--database-url", app)
+    assert gone.out == "cron: no tokentrack sweep job was scheduled; nothing to remove\n"
+    assert [r["jobname"] for r in await _cron_rows(home)] == ["tokentrack-sweep-home"]
+
+
+async def test_cron_install_refuses_a_database_without_tokentrack(cron_server: PgServer) -> None:
+    result = await tokentrack("cron", "install", "--database-url", cron_server.dsn("template1"))
+    assert result.code == 2
+    assert result.err.startswith(
+        "tokentrack: error: tokentrack.sweep_expired_reservations(integer) not found"
+    )

@@ -1,0 +1,219 @@
+"""``tokentrack verify``: passes on what the installer created, fails on each kind of damage."""
+
+from __future__ import annotations
+
+import json
+
+import asyncpg
+import pytest
+
+from ops_history import tokentrack
+
+V1, V2 = "20251219000000", "20260108000000"
+
+
+async def _verify(dsn: str, *extra: str) -> tuple[int, dict[str, dict[str, object]], str]:
+    result = await tokentrack("verify", "--json", *extra, "--database-url", dsn)
+    data = json.loads(result.out)
+    return result.code, {c["name"]: c for c in data["checks"]}, result.out
+
+
+async def _execute(dsn: str, sql: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+async def test_verify_passes_on_a_fresh_install(db_dsn: str) -> None:
+    result = await tokentrack("verify", "--database-url", db_dsn)
+    assert result.code == 0, result.out
+    assert "verify: all checks passed" in result.out
+    for name in (
+        "versions",
+        "tables",
+        "row level security",
+        "routines",
+        "execute grants",
+        "policies",
+        "table grants",
+        "function answers",
+        "indexes",
+        "search_path",
+    ):
+        assert any(
+            line.startswith(name) and " PASS " in line for line in result.out.splitlines()
+        ), name
+    assert "rows: report_reservations  INFO    0 (none)" in result.out
+
+
+async def test_verify_passes_on_a_history_and_counts_the_new_tables(history_dsn: str) -> None:
+    code, checks, _ = await _verify(history_dsn)
+    assert code == 0
+    assert all(c["result"] in ("PASS", "INFO") for c in checks.values())
+    conn = await asyncpg.connect(history_dsn)
+    try:
+        steps = await conn.fetchval("SELECT count(*) FROM tokentrack.report_step_usage")
+        unbilled = await conn.fetchval(
+            "SELECT count(*) FROM tokentrack.report_step_usage WHERE billed_at IS NULL"
+        )
+        reservations = await conn.fetchval("SELECT count(*) FROM tokentrack.report_reservations")
+    finally:
+        await conn.close()
+    assert unbilled > 0  # the reports still running
+    assert checks["rows: report_step_usage"]["detail"] == f"{steps} ({unbilled} not billed yet)"
+    assert str(checks["rows: report_reservations"]["detail"]).startswith(f"{reservations} (")
+    assert "expired" in str(checks["rows: report_reservations"]["detail"])
+
+
+async def test_verify_fails_when_rls_is_switched_off(history_dsn: str) -> None:
+    await _execute(
+        history_dsn, "ALTER TABLE tokentrack.report_step_usage DISABLE ROW LEVEL SECURITY"
+    )
+    result = await tokentrack("verify", "--database-url", history_dsn)
+    assert result.code == 1
+    assert "row level security is disabled on tokentrack.report_step_usage" in result.out
+    assert "verify: FAILED" in result.out
+
+
+@pytest.mark.parametrize(
+    ("damage", "check", "problem"),
+    [
+        (
+            "GRANT EXECUTE ON FUNCTION tokentrack.try_reserve_tokens(uuid, uuid, integer)"
+            " TO PUBLIC",
+            "execute grants",
+            "PUBLIC may EXECUTE tokentrack.try_reserve_tokens(uuid, uuid, integer)",
+        ),
+        (
+            "GRANT EXECUTE ON FUNCTION tokentrack.settle_reservation(uuid, text)"
+            " TO tokentrack_reader",
+            "execute grants",
+            "tokentrack_reader may EXECUTE tokentrack.settle_reservation(uuid, text)",
+        ),
+        (
+            "REVOKE EXECUTE ON FUNCTION tokentrack.finalize_report_usage(uuid, uuid)"
+            " FROM tokentrack_service",
+            "execute grants",
+            "tokentrack_service may not EXECUTE tokentrack.finalize_report_usage(uuid, uuid)",
+        ),
+        (
+            "GRANT UPDATE ON tokentrack.usage_periods TO tokentrack_service",
+            "table grants",
+            "tokentrack_service has UPDATE on tokentrack.usage_periods",
+        ),
+        (
+            "DROP POLICY report_step_usage_reader_own ON tokentrack.report_step_usage",
+            "policies",
+            "policy report_step_usage_reader_own on tokentrack.report_step_usage is missing",
+        ),
+        (
+            "CREATE POLICY everyone ON tokentrack.reports FOR SELECT TO PUBLIC USING (true)",
+            "policies",
+            "policy everyone on tokentrack.reports is not created by the SQL",
+        ),
+        (
+            "ALTER FUNCTION tokentrack.reconcile(uuid) RESET search_path",
+            "search_path",
+            "SECURITY DEFINER tokentrack.reconcile(p_account_id uuid) does not pin search_path",
+        ),
+        (
+            "DROP FUNCTION tokentrack.cleanup_expired_reservations()",
+            "routines",
+            "function tokentrack.cleanup_expired_reservations() is missing",
+        ),
+        (
+            "DROP INDEX tokentrack.report_reservations_active_by_expiry",
+            "indexes",
+            "index report_reservations_active_by_expiry on tokentrack.report_reservations"
+            " is missing",
+        ),
+        (
+            "UPDATE tokentrack.schema_migrations SET checksum = 'x'"
+            " WHERE version = '20260108000000'",
+            "versions",
+            "version 20260108000000_antifragile_token_tracking: recorded checksum",
+        ),
+        (
+            "CREATE TABLE tokentrack.notes (account_id uuid)",
+            "row level security",
+            "tokentrack.notes holds account data but has no row level security",
+        ),
+        (
+            # A broken function: grants and signature intact, but it grants everything.
+            "CREATE OR REPLACE FUNCTION tokentrack.try_reserve_tokens("
+            "p_account_id uuid, p_report_id uuid, p_estimated_tokens integer) RETURNS jsonb"
+            " LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp"
+            " AS $$ SELECT '{\"success\": true}'::jsonb $$",
+            "function answers",
+            "try_reserve_tokens for unknown uuids answered",
+        ),
+        (
+            "UPDATE tokentrack.usage_periods SET tokens_used = tokens_used + 1"
+            " WHERE id = (SELECT id FROM tokentrack.usage_periods LIMIT 1)",
+            "function answers",
+            "reconcile() is not ok: 1 discrepancies",
+        ),
+    ],
+)
+async def test_verify_fails_on_damage(
+    history_dsn: str, damage: str, check: str, problem: str
+) -> None:
+    await _execute(history_dsn, damage)
+    code, checks, out = await _verify(history_dsn)
+    assert code == 1, out
+    assert checks[check]["ok"] is False
+    problems = checks[check]["problems"]
+    assert isinstance(problems, list)
+    assert any(problem in p for p in problems), problems
+    failed = {name for name, c in checks.items() if c["ok"] is False}
+    # Only the damaged aspect fails (an unknown table is also reported as such).
+    assert failed == {check} | ({"tables"} if damage.startswith("CREATE TABLE") else set())
+
+
+async def test_verify_after_rolling_back_version_2(db_dsn: str) -> None:
+    rolled = await tokentrack("migrate", "rollback", "--steps", "1", "--database-url", db_dsn)
+    assert rolled.code == 0, rolled
+    code, checks, _ = await _verify(db_dsn)
+    assert code == 1
+    assert checks["versions"]["problems"] == [
+        "version 20260108000000_antifragile_token_tracking is not applied"
+    ]
+    assert checks["tables"]["problems"] == [
+        "table tokentrack.report_reservations is missing",
+        "table tokentrack.report_step_usage is missing",
+    ]
+    result = await tokentrack("verify", "--upto", V1, "--database-url", db_dsn)
+    assert result.code == 0, result.out
+    assert "applied with matching checksums: 20251219000000\n" in result.out
+    assert "report_reservations" not in result.out
+
+
+async def test_verify_upto_fails_while_the_later_version_is_applied(db_dsn: str) -> None:
+    code, checks, _ = await _verify(db_dsn, "--upto", V1)
+    assert code == 1
+    assert checks["versions"]["problems"] == [
+        f"version {V2}_antifragile_token_tracking is applied but --upto {V1} expects it rolled back"
+    ]
+    assert (
+        "table tokentrack.report_reservations exists but its version is not applied"
+        in checks["tables"]["problems"]
+    )  # type: ignore[operator]
+
+
+async def test_verify_on_an_empty_database_fails(empty_db_dsn: str) -> None:
+    code, checks, _ = await _verify(empty_db_dsn)
+    assert code == 1
+    assert f"version {V1}_add_usage_tracking is not applied" in checks["versions"]["problems"]  # type: ignore[operator]
+    assert checks["schema"]["detail"] == "schema tokentrack does not exist"
+
+
+async def test_verify_errors(db_dsn: str) -> None:
+    unknown = await tokentrack("verify", "--upto", "20990101000000", "--database-url", db_dsn)
+    assert unknown.code == 2
+    assert unknown.err.startswith("tokentrack: error: --upto 20990101000000: no such version")
+    refused = await tokentrack("verify", "--database-url", "postgresql://nobody@127.0.0.1:1/x")
+    assert refused.code == 2
+    assert refused.err.startswith("tokentrack: error: cannot connect to nobody@127.0.0.1:1/x")
+    assert refused.err.count("\n") == 1
