@@ -6,15 +6,23 @@
 -- reservations past expires_at, bills their recorded steps exactly as finalize would
 -- (settle_reservation, ledger kind report_expired) and marks them expired.
 -- Returns {"success", "expired", "billed_tokens", "steps"}.
--- Locks, in order: every chosen reservation row first, in one statement (FOR UPDATE, in id
---   order; a reservation that a concurrent finalize or sweep billed meanwhile drops out when
---   its lock is granted), then per reservation its period row, report row and unbilled step
---   rows. Taking all reservation locks before any period lock keeps the global order
---   (reservation, period, report, steps), so the sweep cannot deadlock with finalize,
---   finish_report or persist_step_usage, nor with another sweep (same id order).
+-- Locks, in order: every chosen reservation row first, in one statement (FOR UPDATE, in
+--   (expires_at, id) order; a reservation that a concurrent finalize or sweep billed
+--   meanwhile drops out when its lock is granted), then per reservation, in (period_id, id)
+--   order, its period row, report row and unbilled step rows. Taking all reservation locks
+--   before any period lock keeps the global order (reservation, period, report, steps), so the sweep cannot deadlock
+--   with finalize, finish_report or persist_step_usage. A sweep is the only caller that holds
+--   several period rows at once; it settles its batch in (period_id, id) order, so it takes
+--   periods in ascending order and two sweeps whose batches do not overlap cannot deadlock on
+--   periods either (DBA review: settling in id order let sweep A hold period 1 and wait for
+--   period 2 while sweep B held period 2 and waited for period 1).
+-- Batch: the longest-expired first, (expires_at, id), which report_reservations_active_by_expiry
+--   serves by a range scan of the due reservations only (DBA review: ORDER BY id walked the
+--   whole primary key, every reservation ever made, to find the due ones).
 -- Runs with the caller's transaction: cleanup_expired_reservations() calls it once for all;
 --   sweep_expired_reservations() calls it per batch and commits in between.
--- Errors: 22023 a p_limit below 1.
+-- Errors: 25000 when run under REPEATABLE READ or SERIALIZABLE (READ COMMITTED only, see
+--   docs/REVIEW.md); 22023 a p_limit below 1.
 CREATE FUNCTION tokentrack.expire_reservations(p_limit integer)
 RETURNS jsonb
 LANGUAGE plpgsql
@@ -26,18 +34,28 @@ DECLARE
     v_id uuid;
     v_result jsonb;
     v_expired integer := 0;
-    v_billed bigint := 0;
-    v_steps bigint := 0;
+    -- ::bigint initialisers: no implicit integer-to-bigint cast (plpgsql_check performance warning).
+    v_billed bigint := 0::bigint;
+    v_steps bigint := 0::bigint;
 BEGIN
+    -- READ COMMITTED only (security review): as finalize_report_usage, it sums the
+    -- steps committed while it waited for the reservation locks.
+    IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'tokentrack.expire_reservations must run at READ COMMITTED, not %',
+            pg_catalog.upper(pg_catalog.current_setting('transaction_isolation'))
+            USING ERRCODE = '25000',
+            HINT = 'Begin its transaction with ISOLATION LEVEL READ COMMITTED (see docs/REVIEW.md).';
+    END IF;
     IF p_limit < 1 THEN
         RAISE EXCEPTION 'p_limit must be at least 1 (got %)', p_limit USING ERRCODE = '22023', COLUMN = 'p_limit';
     END IF;
 
-    SELECT pg_catalog.array_agg(due.id ORDER BY due.id) INTO v_ids
+    -- Settled in (period_id, id) order: periods are locked in ascending order (see the header).
+    SELECT pg_catalog.array_agg(due.id ORDER BY due.period_id, due.id) INTO v_ids
     FROM (
-        SELECT rr.id FROM tokentrack.report_reservations AS rr
+        SELECT rr.id, rr.period_id FROM tokentrack.report_reservations AS rr
         WHERE rr.status = 'active' AND rr.expires_at <= pg_catalog.now()
-        ORDER BY rr.id
+        ORDER BY rr.expires_at, rr.id
         LIMIT p_limit
         FOR UPDATE
     ) AS due;

@@ -11,7 +11,8 @@
 -- Idempotent: a second call changes nothing and answers "already_finalized": true with the
 --   same billed_tokens (also when the sweep billed the reservation).
 -- Refusals: report_account_mismatch, reservation_not_found.
--- Errors: 22004 a NULL argument.
+-- Errors: 25000 when run under REPEATABLE READ or SERIALIZABLE (READ COMMITTED only, see
+--   docs/REVIEW.md); 22004 a NULL argument.
 CREATE FUNCTION tokentrack.finalize_report_usage(p_report_id uuid, p_account_id uuid)
 RETURNS jsonb
 LANGUAGE plpgsql
@@ -21,6 +22,16 @@ AS $function$
 DECLARE
     v_reservation_id uuid;
 BEGIN
+    -- READ COMMITTED only (security review): after waiting for the reservation lock it
+    -- sums the steps that the lock holders (persist_step_usage) committed meanwhile; under
+    -- REPEATABLE READ or SERIALIZABLE its snapshot predates them and they would stay unbilled
+    -- behind a completed reservation, without any error.
+    IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'tokentrack.finalize_report_usage must run at READ COMMITTED, not %',
+            pg_catalog.upper(pg_catalog.current_setting('transaction_isolation'))
+            USING ERRCODE = '25000',
+            HINT = 'Begin its transaction with ISOLATION LEVEL READ COMMITTED (see docs/REVIEW.md).';
+    END IF;
     IF p_report_id IS NULL THEN
         RAISE EXCEPTION 'p_report_id must not be NULL' USING ERRCODE = '22004', COLUMN = 'p_report_id';
     END IF;

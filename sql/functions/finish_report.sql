@@ -15,7 +15,8 @@
 -- Idempotent: the same outcome again is a retry (nothing changes, already_finalized true);
 --   another outcome is refused with report_finalized and nothing changes.
 -- Refusals: report_account_mismatch, reservation_not_found, report_finalized.
--- Errors: 22004 a NULL id or status; 22023 a status other than complete, failed, cancelled;
+-- Errors: 25000 when run under REPEATABLE READ or SERIALIZABLE (READ COMMITTED only, see
+--   docs/REVIEW.md); 22004 a NULL id or status; 22023 a status other than complete, failed, cancelled;
 --   22001 an error message over 10,000 characters.
 CREATE FUNCTION tokentrack.finish_report(
     p_report_id uuid, p_account_id uuid, p_status text, p_error_message text DEFAULT NULL
@@ -32,6 +33,14 @@ DECLARE
     v_count_now boolean := false;
     v_answer jsonb;
 BEGIN
+    -- READ COMMITTED only (security review): as finalize_report_usage, it sums the steps
+    -- committed while it waited for the reservation lock.
+    IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'tokentrack.finish_report must run at READ COMMITTED, not %',
+            pg_catalog.upper(pg_catalog.current_setting('transaction_isolation'))
+            USING ERRCODE = '25000',
+            HINT = 'Begin its transaction with ISOLATION LEVEL READ COMMITTED (see docs/REVIEW.md).';
+    END IF;
     IF p_report_id IS NULL THEN
         RAISE EXCEPTION 'p_report_id must not be NULL' USING ERRCODE = '22004', COLUMN = 'p_report_id';
     END IF;

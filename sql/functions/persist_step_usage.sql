@@ -21,9 +21,10 @@
 --   nothing written); different numbers are refused with step_conflict and the first record
 --   stands. Answers for a report that already has an outcome carry "report_status".
 -- Refusals: report_account_mismatch, reservation_not_found, step_conflict.
--- Errors: 22004 a NULL id, step name or token count; 22023 a negative count, a total below
---   input + output, a blank step name; 22001 a step name or model over 200 characters;
---   22003 input + output beyond the integer range.
+-- Errors: 25000 when run under REPEATABLE READ or SERIALIZABLE (READ COMMITTED only, see
+--   docs/REVIEW.md); 22004 a NULL id, step name or token count; 22023 a negative count, a
+--   total below input + output, a blank step name; 22001 a step name or model over 200
+--   characters; 22003 input + output beyond the integer range.
 CREATE FUNCTION tokentrack.persist_step_usage(
     p_report_id uuid,
     p_account_id uuid,
@@ -47,6 +48,15 @@ DECLARE
     v_report_status text;
     v_answer jsonb;
 BEGIN
+    -- READ COMMITTED only (security review): after waiting for the reservation or
+    -- period lock it reads the reservation's status and the step rows that the lock holders
+    -- committed meanwhile; an older snapshot would miss them.
+    IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'tokentrack.persist_step_usage must run at READ COMMITTED, not %',
+            pg_catalog.upper(pg_catalog.current_setting('transaction_isolation'))
+            USING ERRCODE = '25000',
+            HINT = 'Begin its transaction with ISOLATION LEVEL READ COMMITTED (see docs/REVIEW.md).';
+    END IF;
     IF p_report_id IS NULL THEN
         RAISE EXCEPTION 'p_report_id must not be NULL' USING ERRCODE = '22004', COLUMN = 'p_report_id';
     END IF;
@@ -88,7 +98,8 @@ BEGIN
             p_total_tokens, v_total
             USING ERRCODE = '22023', COLUMN = 'p_total_tokens';
     ELSE
-        v_total := p_total_tokens;
+        -- Explicit cast (plpgsql_check performance warning on an implicit integer-to-bigint cast).
+        v_total := p_total_tokens::bigint;
     END IF;
     IF pg_catalog.length(p_model) > 200 THEN
         RAISE EXCEPTION 'p_model must be at most 200 characters (got %)', pg_catalog.length(p_model)

@@ -27,7 +27,8 @@ DECLARE
     v_reservation tokentrack.report_reservations%ROWTYPE;
     v_period tokentrack.usage_periods%ROWTYPE;
     v_report tokentrack.reports%ROWTYPE;
-    v_steps integer;
+    -- bigint: count(*) is bigint (plpgsql_check flagged the implicit bigint-to-integer cast).
+    v_steps bigint;
     v_tokens bigint;
     v_input bigint;
     v_output bigint;

@@ -9,16 +9,29 @@
 -- explicit transaction block (it commits). Reports the totals with a NOTICE.
 -- It runs with the caller's rights (a procedure that commits cannot be SECURITY DEFINER); the
 -- caller needs EXECUTE on expire_reservations, which tokentrack_service has.
--- Errors: 22004 a NULL batch size; 22023 a batch size below 1.
+-- search_path: a procedure that commits cannot carry SET search_path either, so it pins the
+--   path itself with SET LOCAL at the start of each of its transactions (the first and the one
+--   after every COMMIT); the caller's session keeps its own path once the CALL returns. Its
+--   variable types are pg_catalog-qualified because they are resolved when the body is
+--   compiled, before the first statement runs, under the caller's path.
+-- Errors: 22004 a NULL batch size; 22023 a batch size below 1; 25000 (from expire_reservations)
+--   when the session's default isolation is above READ COMMITTED; 2D000 when CALLed inside a
+--   transaction block.
 CREATE PROCEDURE tokentrack.sweep_expired_reservations(p_batch_size integer DEFAULT 500)
 LANGUAGE plpgsql
 AS $procedure$
 DECLARE
-    v_batch jsonb;
-    v_expired bigint := 0;
-    v_billed bigint := 0;
+    -- Security review: pg_catalog.jsonb, not jsonb: a type named jsonb in a schema that the
+    -- caller's search_path lists before pg_catalog would otherwise be used. The ::bigint
+    -- initialisers avoid an implicit integer-to-bigint cast (plpgsql_check performance warning).
+    v_batch pg_catalog.jsonb;
+    v_expired bigint := 0::bigint;
+    v_billed bigint := 0::bigint;
     v_batches integer := 0;
 BEGIN
+    -- Security review: resolve every operator and function below in pg_catalog, whatever
+    -- search_path the caller (a pg_cron job, a superuser) has; repeated after each COMMIT.
+    SET LOCAL search_path = pg_catalog, pg_temp;
     IF p_batch_size IS NULL THEN
         RAISE EXCEPTION 'p_batch_size must not be NULL' USING ERRCODE = '22004', COLUMN = 'p_batch_size';
     END IF;
@@ -29,6 +42,7 @@ BEGIN
     LOOP
         v_batch := tokentrack.expire_reservations(p_batch_size);
         COMMIT;
+        SET LOCAL search_path = pg_catalog, pg_temp;
         v_batches := v_batches + 1;
         v_expired := v_expired + (v_batch ->> 'expired')::bigint;
         v_billed := v_billed + (v_batch ->> 'billed_tokens')::bigint;

@@ -17,8 +17,11 @@
 --   that reservation and reserves nothing more.
 -- Refusals (success false, nothing written), checked in this order: account_not_found,
 --   report_account_mismatch, no_active_period, report_finalized, insufficient_tokens.
--- Errors: 22004 a NULL argument; 22023 a non-positive estimate.
--- Assumes READ COMMITTED (each statement sees what committed before it).
+-- Errors: 25000 when run under REPEATABLE READ or SERIALIZABLE (READ COMMITTED only, see
+--   docs/REVIEW.md); 22004 a NULL argument; 22023 a non-positive estimate.
+-- Assumes READ COMMITTED (each statement sees what committed before it): the reservation sum
+--   is read after the period lock is granted, so it includes every reservation committed
+--   before that.
 CREATE FUNCTION tokentrack.try_reserve_tokens(
     p_account_id uuid, p_report_id uuid, p_estimated_tokens integer
 )
@@ -34,6 +37,16 @@ DECLARE
     v_held bigint;
     v_available bigint;
 BEGIN
+    -- READ COMMITTED only (security review): it sums the account's reservations
+    -- after waiting for the period lock; under REPEATABLE READ or SERIALIZABLE its snapshot
+    -- predates the reservations that the lock holders committed meanwhile, and it would
+    -- grant more than is available (overcommit) without any error.
+    IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'tokentrack.try_reserve_tokens must run at READ COMMITTED, not %',
+            pg_catalog.upper(pg_catalog.current_setting('transaction_isolation'))
+            USING ERRCODE = '25000',
+            HINT = 'Begin its transaction with ISOLATION LEVEL READ COMMITTED (see docs/REVIEW.md).';
+    END IF;
     IF p_account_id IS NULL THEN
         RAISE EXCEPTION 'p_account_id must not be NULL' USING ERRCODE = '22004', COLUMN = 'p_account_id';
     END IF;

@@ -7,6 +7,13 @@
 -- Every table that holds account data carries account_id, so that the tables can later
 -- be distributed by account.
 
+-- Security review: pin name resolution for this version's transaction, so that types,
+-- functions and operators named below (uuid, now(), gen_random_uuid(), =, ...) resolve in
+-- pg_catalog whatever search_path the installing session has (a schema of look-alikes placed
+-- before pg_catalog cannot capture a column type, a default or a constraint). SET LOCAL lasts
+-- until the version's transaction ends (the migrator applies each version in one).
+SET LOCAL search_path = pg_catalog, pg_temp;
+
 -- Roles are cluster-wide: create them only when missing, never drop them on rollback
 -- (other databases of the cluster, or an application's login roles, may be members).
 DO $roles$
@@ -148,23 +155,30 @@ COMMENT ON FUNCTION tokentrack.current_account_id() IS
 'The account the current request acts for: the setting tokentrack.account_id (SET LOCAL it '
 'per request). Replaceable: row level security policies call this function.';
 
+-- Security review: EXECUTE is revoked from PUBLIC on every tokentrack function (a function
+-- gets EXECUTE for PUBLIC when it is created); only the roles whose policies call it keep it.
+REVOKE ALL ON FUNCTION tokentrack.current_account_id() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION tokentrack.current_account_id() TO tokentrack_service, tokentrack_reader;
 
 -- Row level security: only the functions (running as the table owner) write. Readers see
 -- their own account; the service role sees every account (it is the trusted backend).
+-- Security review: the reader policies call current_account_id() through a scalar subquery,
+-- (SELECT tokentrack.current_account_id()), which the planner runs once per statement (an
+-- InitPlan) instead of once per row: the function carries SET search_path, so it is never
+-- inlined, and a replacement such as Supabase's auth.uid() parses the JWT claims per call.
 ALTER TABLE tokentrack.accounts ENABLE ROW LEVEL SECURITY;
 ALTER TABLE tokentrack.usage_periods ENABLE ROW LEVEL SECURITY;
 ALTER TABLE tokentrack.reports ENABLE ROW LEVEL SECURITY;
 ALTER TABLE tokentrack.usage_ledger ENABLE ROW LEVEL SECURITY;
 
 CREATE POLICY accounts_reader_own ON tokentrack.accounts
-FOR SELECT TO tokentrack_reader USING (id = tokentrack.current_account_id());
+FOR SELECT TO tokentrack_reader USING (id = (SELECT tokentrack.current_account_id()));
 CREATE POLICY usage_periods_reader_own ON tokentrack.usage_periods
-FOR SELECT TO tokentrack_reader USING (account_id = tokentrack.current_account_id());
+FOR SELECT TO tokentrack_reader USING (account_id = (SELECT tokentrack.current_account_id()));
 CREATE POLICY reports_reader_own ON tokentrack.reports
-FOR SELECT TO tokentrack_reader USING (account_id = tokentrack.current_account_id());
+FOR SELECT TO tokentrack_reader USING (account_id = (SELECT tokentrack.current_account_id()));
 CREATE POLICY usage_ledger_reader_own ON tokentrack.usage_ledger
-FOR SELECT TO tokentrack_reader USING (account_id = tokentrack.current_account_id());
+FOR SELECT TO tokentrack_reader USING (account_id = (SELECT tokentrack.current_account_id()));
 
 CREATE POLICY accounts_service_read ON tokentrack.accounts
 FOR SELECT TO tokentrack_service USING (TRUE);

@@ -9,6 +9,11 @@
 -- This version changes no table of version 20251219000000: its rollback leaves
 -- usage_periods, reports, usage_ledger and increment_usage exactly as they were.
 
+-- Security review: pin name resolution for this version's transaction (see version
+-- 20251219000000): every type, default, constraint and function body below resolves in
+-- pg_catalog, whatever search_path the installing session has.
+SET LOCAL search_path = pg_catalog, pg_temp;
+
 CREATE TABLE tokentrack.report_reservations (
     id uuid NOT NULL DEFAULT gen_random_uuid() CONSTRAINT report_reservations_pkey PRIMARY KEY,
     report_id uuid NOT NULL
@@ -94,13 +99,15 @@ CREATE INDEX report_step_usage_billing_entry_idx
 ON tokentrack.report_step_usage (billing_entry_id) WHERE billing_entry_id IS NOT NULL;
 CREATE INDEX report_step_usage_account_idx ON tokentrack.report_step_usage (account_id);
 
+-- The reader policies call current_account_id() through a scalar subquery, evaluated once
+-- per statement (see version 20251219000000).
 ALTER TABLE tokentrack.report_reservations ENABLE ROW LEVEL SECURITY;
 ALTER TABLE tokentrack.report_step_usage ENABLE ROW LEVEL SECURITY;
 
 CREATE POLICY report_reservations_reader_own ON tokentrack.report_reservations
-FOR SELECT TO tokentrack_reader USING (account_id = tokentrack.current_account_id());
+FOR SELECT TO tokentrack_reader USING (account_id = (SELECT tokentrack.current_account_id()));
 CREATE POLICY report_step_usage_reader_own ON tokentrack.report_step_usage
-FOR SELECT TO tokentrack_reader USING (account_id = tokentrack.current_account_id());
+FOR SELECT TO tokentrack_reader USING (account_id = (SELECT tokentrack.current_account_id()));
 CREATE POLICY report_reservations_service_read ON tokentrack.report_reservations
 FOR SELECT TO tokentrack_service USING (TRUE);
 CREATE POLICY report_step_usage_service_read ON tokentrack.report_step_usage

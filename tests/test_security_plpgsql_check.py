@@ -1,0 +1,62 @@
+"""plpgsql_check over every PL/pgSQL routine: no errors, no warnings (all warning classes).
+
+``make lint`` runs the same check on a throwaway server (tests/plpgsql_lint.py). Here it runs
+inside the test session too, and is shown to catch an injected fault. Without the extension
+(Debian's postgresql-15-plpgsql-check) the tests skip, saying so, except under CI=true,
+where they fail: CI installs the package.
+"""
+
+from __future__ import annotations
+
+import os
+
+import asyncpg
+import pytest
+
+from plpgsql_lint import PACKAGE, check_functions, extension_available
+
+# Every PL/pgSQL routine of both versions: the API, the helpers, the trigger and the sweep.
+EXPECTED = {
+    "tokentrack.increment_usage(uuid,integer,boolean,boolean)",
+    "tokentrack.lock_active_period(uuid)",
+    "tokentrack.open_usage_period(uuid,bigint,timestamp with time zone)",
+    "tokentrack.usage_ledger_is_append_only()",
+    "tokentrack.try_reserve_tokens(uuid,uuid,integer)",
+    "tokentrack.persist_step_usage(uuid,uuid,text,integer,integer,integer,text)",
+    "tokentrack.finalize_report_usage(uuid,uuid)",
+    "tokentrack.finish_report(uuid,uuid,text,text)",
+    "tokentrack.settle_reservation(uuid,text)",
+    "tokentrack.expire_reservations(integer)",
+    "tokentrack.cleanup_expired_reservations()",
+    "tokentrack.sweep_expired_reservations(integer)",
+    "tokentrack.reconcile(uuid)",
+}
+
+
+@pytest.fixture
+async def checker(conn: asyncpg.Connection) -> asyncpg.Connection:
+    if not await extension_available(conn):
+        message = f"the plpgsql_check extension is not installed (Debian: {PACKAGE})"
+        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+            pytest.fail(f"{message}; CI must run this check (.ci/run installs it)")
+        pytest.skip(f"{message}; `make lint` skips it too, CI installs it")
+    return conn
+
+
+async def test_every_plpgsql_routine_passes_plpgsql_check(checker: asyncpg.Connection) -> None:
+    checked, findings = await check_functions(checker)
+    assert set(checked) == EXPECTED
+    assert [str(f) for f in findings] == []
+
+
+async def test_the_check_catches_a_faulty_routine(checker: asyncpg.Connection) -> None:
+    await checker.execute(
+        "CREATE FUNCTION tokentrack.faulty(p integer) RETURNS bigint LANGUAGE plpgsql"
+        " SET search_path = pg_catalog, pg_temp AS $$"
+        " DECLARE v integer; unused text;"
+        " BEGIN SELECT r.nope INTO v FROM tokentrack.reports AS r; RETURN v; END $$"
+    )
+    _, findings = await check_functions(checker)
+    faulty = [f for f in findings if f.routine.startswith("tokentrack.faulty(")]
+    assert {f.level for f in faulty} >= {"error"}, [str(f) for f in faulty]
+    assert any("nope" in f.message for f in faulty), [str(f) for f in faulty]
