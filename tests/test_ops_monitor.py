@@ -358,16 +358,6 @@ async def test_monitor_queries_use_indexes_on_large_tables(
         """
     )
     await conn.execute("RESET session_replication_role")
-    has_index = await conn.fetchval(
-        """
-        SELECT EXISTS (
-            SELECT FROM pg_index x JOIN pg_attribute a
-              ON a.attrelid = x.indrelid AND a.attnum = x.indkey[0]
-            WHERE x.indrelid = 'tokentrack.reports'::regclass AND a.attname = 'created_at')
-        """
-    )
-    if not has_index:
-        await conn.execute("CREATE INDEX reports_created_at_idx ON tokentrack.reports (created_at)")
     await conn.execute(
         "ANALYZE tokentrack.reports, tokentrack.report_reservations, tokentrack.report_step_usage"
     )

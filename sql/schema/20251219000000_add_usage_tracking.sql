@@ -83,6 +83,8 @@ COMMENT ON TABLE tokentrack.reports IS
 'Generated reports. token_usage holds totalTokens once the report is billed.';
 
 CREATE INDEX reports_account_created_idx ON tokentrack.reports (account_id, created_at);
+-- Monitoring reads the last hours' reports of every account (tokentrack monitor): by time alone.
+CREATE INDEX reports_created_at_idx ON tokentrack.reports (created_at);
 
 -- The append-only record behind reconcile(): whoever changes tokens_used or reports_count
 -- of a period writes one row here in the same transaction.
