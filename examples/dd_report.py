@@ -5,25 +5,12 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from fake_llm import FakeLLM, estimate
+from fake_llm import FakeLLM, ask, estimate
 
-from tokentrack_client import ReportTracker, TokenTracker
+from tokentrack_client import TokenTracker
 
 MODE = "dd"
 STEPS = ("AN0", "AN1.5", "AN1.7", "AN2", "AN3", "AN4", "AN5")
-
-
-async def ask(report: ReportTracker, llm: FakeLLM, step: str, prompt: str) -> str:
-    """Call the LLM for one step and record what it cost."""
-    reply = await llm.complete(step, prompt)
-    await report.step(
-        step,
-        input_tokens=reply.input_tokens,
-        output_tokens=reply.output_tokens,
-        total_tokens=reply.total_tokens,
-        model=reply.model,
-    )
-    return reply.text
 
 
 async def generate(

@@ -3,7 +3,8 @@
 Each analysis step has a profile (model, prompt and completion sizes, reasoning tokens for the
 reasoning model), and a given ``(seed, step)`` always answers the same numbers, whatever the
 order or concurrency of the calls. ``total_tokens`` is input + output, plus the hidden
-reasoning tokens that reasoning models bill on top.
+reasoning tokens that reasoning models bill on top. ``ask()`` is one step of a generator:
+call the LLM, record the step.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import random
 from dataclasses import dataclass
+
+from tokentrack_client import ReportTracker
 
 
 @dataclass(frozen=True)
@@ -91,3 +94,16 @@ class FakeLLM:
 def estimate(steps: list[str] | tuple[str, ...]) -> int:
     """The reservation for a report over ``steps``: the sum of their worst cases."""
     return sum(PROFILES[step].worst_case for step in steps)
+
+
+async def ask(report: ReportTracker, llm: FakeLLM, step: str, prompt: str) -> str:
+    """Call the LLM for one step and record what it cost."""
+    reply = await llm.complete(step, prompt)
+    await report.step(
+        step,
+        input_tokens=reply.input_tokens,
+        output_tokens=reply.output_tokens,
+        total_tokens=reply.total_tokens,
+        model=reply.model,
+    )
+    return reply.text
