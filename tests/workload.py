@@ -1,0 +1,519 @@
+"""Runs model operations against a real database, concurrently, and checks every round.
+
+``Harness`` owns a few asyncpg connections to one database (one per lane), the label-to-id
+mapping, the oracle's per-account models (tests/model.py) and the grant answers. ``round()``
+runs the lanes of one round at once (``asyncio.gather``, one connection per lane, each lane
+in order), reads the database back, asks the oracle to explain the answers and the state,
+and checks the six invariants (tests/invariants.py). ``settle()`` moves every active
+reservation into the past and runs the sweep, after which invariants 2 and 4 hold in full.
+
+``fresh_database()`` clones the tokentrack template database for one example (about 40 ms
+on the test server) and drops it afterwards. The hypothesis strategies for workloads are at
+the end of this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+import zlib
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+from hypothesis import strategies as st
+
+from invariants import check_invariants, install_grant_probe
+from model import (
+    AccountModel,
+    Call,
+    Expire,
+    Finalize,
+    Finish,
+    Increment,
+    Op,
+    OpenPeriod,
+    PeriodM,
+    Persist,
+    ReportM,
+    ReservationM,
+    Reserve,
+    StepM,
+    Sweep,
+    World,
+    check_round,
+)
+from sqlkit import call
+
+NO_PERIOD = "nop"  # an account that exists without an active period
+GHOST = "ghost"  # an account id that does not exist
+SWEEP_NOTICE = re.compile(r"(\d+) reservations expired, (\d+) tokens billed")
+
+
+DatabaseFactory = Callable[[], AbstractAsyncContextManager[str]]
+
+
+def database_factory(server: Any, template: str) -> DatabaseFactory:
+    """``async with factory() as dsn``: a fresh database cloned from ``template`` on ``server``
+    (a tests/pgserver.py ``PgServer``), dropped on exit."""
+
+    def factory() -> AbstractAsyncContextManager[str]:
+        return fresh_database(server.dsn(server.maintenance_dbname), template, server.dsn)
+
+    return factory
+
+
+@asynccontextmanager
+async def fresh_database(maintenance_dsn: str, template: str, dsn_of: Any) -> AsyncIterator[str]:
+    """A new database cloned from ``template``; dropped on exit. ``dsn_of(name) -> dsn``."""
+    name = f"tt_inv_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(maintenance_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    finally:
+        await admin.close()
+    try:
+        yield dsn_of(name)
+    finally:
+        admin = await asyncpg.connect(maintenance_dsn)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+class Names:
+    """Stable uuids for the labels of one example (accounts, reports)."""
+
+    def __init__(self) -> None:
+        self._ids: dict[str, uuid.UUID] = {}
+        self._labels: dict[uuid.UUID, str] = {}
+
+    def __getitem__(self, label: str) -> uuid.UUID:
+        if label not in self._ids:
+            value = uuid.uuid4()
+            self._ids[label] = value
+            self._labels[value] = label
+        return self._ids[label]
+
+    def label(self, value: uuid.UUID) -> str:
+        return self._labels.get(value, str(value))
+
+
+async def execute(conn: asyncpg.Connection, names: Names, op: Op) -> dict[str, Any]:
+    """Run one operation; its answer as a dict (the jsonb answer, or what a statement said)."""
+    if isinstance(op, Reserve):
+        return await call(
+            conn, "try_reserve_tokens", names[op.account], names[op.report], op.estimate
+        )
+    if isinstance(op, Persist):
+        return await call(
+            conn,
+            "persist_step_usage",
+            names[op.report],
+            names[op.account],
+            op.step,
+            op.input_tokens,
+            op.output_tokens,
+            op.total_tokens,
+            op.model,
+        )
+    if isinstance(op, Finalize):
+        return await call(conn, "finalize_report_usage", names[op.report], names[op.account])
+    if isinstance(op, Finish):
+        return await call(
+            conn,
+            "finish_report",
+            names[op.report],
+            names[op.account],
+            op.status,
+            op.error_message,
+        )
+    if isinstance(op, Increment):
+        return await call(
+            conn, "increment_usage", names[op.account], op.tokens, op.is_report, op.is_chat
+        )
+    if isinstance(op, Expire):
+        status = await conn.execute(
+            "UPDATE tokentrack.report_reservations"
+            " SET created_at = now() - interval '3 hours', expires_at = now() - interval '1 hour'"
+            " WHERE report_id = $1",
+            names[op.report],
+        )
+        return {"updated": int(status.split()[-1])}
+    if isinstance(op, Sweep):
+        if op.batch is None:
+            return await call(conn, "cleanup_expired_reservations")
+        return await call_batched_sweep(conn, op.batch)
+    if isinstance(op, OpenPeriod):
+        return await call(conn, "open_usage_period", names[op.account], op.limit, None)
+    raise TypeError(op)
+
+
+async def call_batched_sweep(conn: asyncpg.Connection, batch: int) -> dict[str, Any]:
+    """CALL tokentrack.sweep_expired_reservations(batch); its totals come as a NOTICE."""
+    notices: list[str] = []
+
+    def listener(_conn: object, message: Any) -> None:
+        notices.append(str(message.message))
+
+    conn.add_log_listener(listener)
+    try:
+        await conn.execute(f"CALL tokentrack.sweep_expired_reservations({int(batch)})")
+        for _ in range(100):  # log listeners run through call_soon
+            if notices:
+                break
+            await asyncio.sleep(0)
+    finally:
+        conn.remove_log_listener(listener)
+    for text in notices:
+        found = SWEEP_NOTICE.search(text)
+        if found:
+            return {"expired": int(found.group(1)), "billed_tokens": int(found.group(2))}
+    raise AssertionError(f"sweep_expired_reservations said no totals: {notices}")
+
+
+async def read_models(
+    conn: asyncpg.Connection, names: Names, labels: Sequence[str]
+) -> dict[str, AccountModel]:
+    """The database's state of the given accounts, in the oracle's terms."""
+    ids = [names[label] for label in labels]
+    by_id = {names[label]: label for label in labels}
+    models = {label: AccountModel(label, exists=False) for label in labels}
+    for row in await conn.fetch("SELECT id FROM tokentrack.accounts WHERE id = ANY($1)", ids):
+        models[by_id[row["id"]]].exists = True
+    for row in await conn.fetch(
+        "SELECT account_id, id::text AS id, status, tokens_limit, tokens_used, reports_count"
+        " FROM tokentrack.usage_periods WHERE account_id = ANY($1)",
+        ids,
+    ):
+        models[by_id[row["account_id"]]].periods.append(
+            PeriodM(
+                row["id"],
+                row["tokens_limit"],
+                row["tokens_used"],
+                row["reports_count"],
+                row["status"] == "active",
+            )
+        )
+    for row in await conn.fetch(
+        "SELECT r.id, r.account_id, r.status, (r.token_usage ->> 'totalTokens')::bigint AS total,"
+        " rr.id::text AS rid, rr.reserved_tokens, rr.period_id::text AS period,"
+        " rr.status AS rstatus, rr.expires_at <= now() AS expired, rr.billed_tokens"
+        " FROM tokentrack.reports AS r"
+        " LEFT JOIN tokentrack.report_reservations AS rr ON rr.report_id = r.id"
+        " WHERE r.account_id = ANY($1)",
+        ids,
+    ):
+        reservation = None
+        if row["rid"] is not None:
+            reservation = ReservationM(
+                row["rid"],
+                row["reserved_tokens"],
+                row["period"],
+                row["rstatus"],
+                row["expired"],
+                row["billed_tokens"],
+            )
+        models[by_id[row["account_id"]]].reports[names.label(row["id"])] = ReportM(
+            row["status"], reservation, {}, row["total"]
+        )
+    for row in await conn.fetch(
+        "SELECT r.account_id, s.report_id, s.step_name, s.id::text AS id, s.input_tokens,"
+        " s.output_tokens, s.total_tokens, s.late, s.billed_period_id::text AS billed"
+        " FROM tokentrack.report_step_usage AS s"
+        " JOIN tokentrack.reports AS r ON r.id = s.report_id"
+        " WHERE r.account_id = ANY($1)",
+        ids,
+    ):
+        report = models[by_id[row["account_id"]]].reports[names.label(row["report_id"])]
+        report.steps[row["step_name"]] = StepM(
+            row["id"],
+            row["input_tokens"],
+            row["output_tokens"],
+            row["total_tokens"],
+            row["late"],
+            row["billed"],
+        )
+    return models
+
+
+@dataclass
+class Workload:
+    """One example: account limits and the rounds of concurrent lanes."""
+
+    limits: list[int]
+    reports: int
+    rounds: list[list[list[Op]]]
+    final_sweep: int | None = None  # the settling sweep: None cleanup(), else CALL (batch)
+
+
+@dataclass
+class Harness:
+    conns: list[asyncpg.Connection]
+    world: World
+    names: Names
+    models: dict[str, AccountModel]
+    grants: list[dict[str, Any]] = field(default_factory=list)
+    calls: int = 0
+    history: list[str] = field(default_factory=list)
+
+    @classmethod
+    async def create(cls, dsn: str, limits: Sequence[int], reports: int, lanes: int) -> Harness:
+        conns = [await asyncpg.connect(dsn) for _ in range(max(lanes, 1))]
+        conn = conns[0]
+        await install_grant_probe(conn)
+        names = Names()
+        accounts = [f"a{i}" for i in range(len(limits))]
+        for label, limit in zip(accounts, limits, strict=True):
+            answer = await call(conn, "open_usage_period", names[label], limit, None)
+            assert answer["success"] is True, answer
+        await conn.execute("INSERT INTO tokentrack.accounts (id) VALUES ($1)", names[NO_PERIOD])
+        _ = names[GHOST]  # a stable id that never becomes an account
+        world = World(accounts=frozenset([*accounts, NO_PERIOD]), owners={})
+        models = await read_models(conn, names, [*accounts, NO_PERIOD, GHOST])
+        harness = cls(conns, world, names, models)
+        harness.add_reports(reports)
+        return harness
+
+    @property
+    def accounts(self) -> int:
+        return len(self.world.accounts) - 1
+
+    @property
+    def reports(self) -> int:
+        return len(self.world.owners)
+
+    def add_reports(self, count: int) -> list[str]:
+        """``count`` more report labels, owned round-robin by the accounts."""
+        owners = dict(self.world.owners)
+        added = []
+        for number in range(self.reports, self.reports + count):
+            owners[f"r{number}"] = f"a{number % self.accounts}"
+            added.append(f"r{number}")
+        self.world = World(self.world.accounts, owners)
+        return added
+
+    async def close(self) -> None:
+        for conn in self.conns:
+            if not conn.is_closed():
+                await conn.close()
+
+    def _allowed(self, op: Op) -> bool:
+        """A reservation for another account's report is sent only once that report exists
+        (before, it would create the report for the wrong account: a different story)."""
+        if isinstance(op, Reserve):
+            owner = self.world.owners.get(op.report)
+            if owner is not None and owner != op.account:
+                return op.report in self.models[owner].reports
+        return True
+
+    async def round(self, lanes: Sequence[Sequence[Op]], check: bool = True) -> list[str]:
+        """Run the lanes concurrently, then explain and check everything."""
+        switching: set[str] = set()
+
+        def allowed(op: Op) -> bool:
+            # At most one period switch per account per round: two switches racing a
+            # reservation or an increment of that account make lock_active_period answer
+            # no_active_period (a reported SQL bug, test_invariants_period_switch.py).
+            if isinstance(op, OpenPeriod):
+                if op.account in switching:
+                    return False
+                switching.add(op.account)
+            return self._allowed(op)
+
+        todo = [[op for op in lane if allowed(op)] for lane in lanes]
+        todo = [lane for lane in todo if lane][: len(self.conns)]
+        if not todo:
+            return []
+
+        async def run_lane(number: int, ops: list[Op], first: int) -> list[Call]:
+            done = []
+            for offset, op in enumerate(ops):
+                try:
+                    answer = await execute(self.conns[number], self.names, op)
+                    done.append(Call(op, answer, number, first + offset))
+                except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                    error = f"{type(exc).__name__} {getattr(exc, 'sqlstate', '')}: {exc}"
+                    done.append(Call(op, None, number, first + offset, error=error))
+            return done
+
+        firsts = []
+        for lane in todo:
+            firsts.append(self.calls)
+            self.calls += len(lane)
+        calls = await asyncio.gather(*(run_lane(i, lane, firsts[i]) for i, lane in enumerate(todo)))
+        db = await read_models(self.conns[0], self.names, list(self.models))
+        self.models, violations = check_round(self.world, self.models, calls, db)
+        for done in calls:
+            for c in done:
+                self.history.append(f"lane {c.lane} #{c.index}: {c.op!r} -> {c.answer or c.error}")
+                if (
+                    isinstance(c.op, Reserve)
+                    and c.answer
+                    and c.answer.get("success")
+                    and not c.answer.get("existing")
+                ):
+                    self.grants.append(c.answer)
+        if check:
+            violations += await self.invariants()
+        return violations
+
+    async def invariants(self, *, settled: bool = False, swept: bool = False) -> list[str]:
+        return await check_invariants(
+            self.conns[0], settled=settled, swept=swept, grants=self.grants
+        )
+
+    async def settle(self, batch: int | None = None) -> list[str]:
+        """Expire every active reservation, run the sweep: afterwards everything is billed."""
+        active = sorted(
+            label
+            for model in self.models.values()
+            for label, report in model.reports.items()
+            if report.reservation and report.reservation.status == "active"
+        )
+        expiries = [[Expire(label) for label in active]] if active else []
+        violations = await self.round(expiries, check=False) if active else []
+        violations += await self.round([[Sweep(batch)]], check=False)
+        violations += await self.invariants(settled=True, swept=True)
+        return violations
+
+    def story(self) -> str:
+        return "\n".join(self.history[-200:])
+
+
+async def run_workload(dsn: str, workload: Workload) -> None:
+    """One hypothesis example: every round, then the settling sweep; fails on a violation."""
+    lanes = max((len(r) for r in workload.rounds), default=1)
+    harness = await Harness.create(dsn, workload.limits, workload.reports, lanes)
+    try:
+        for number, lanes_of_round in enumerate(workload.rounds):
+            violations = await harness.round(lanes_of_round)
+            if violations:
+                raise AssertionError(_report(f"round {number}", violations, harness))
+        violations = await harness.settle(workload.final_sweep)
+        if violations:
+            raise AssertionError(_report("settle", violations, harness))
+    finally:
+        await harness.close()
+
+
+def _report(where: str, violations: list[str], harness: Harness) -> str:
+    return f"{where}: " + "\n".join(violations) + "\nhistory:\n" + harness.story()
+
+
+# --------------------------------------------------------------------------------------------
+# Hypothesis strategies
+# --------------------------------------------------------------------------------------------
+
+STEP_NAMES = ("plan", "search", "write", "AN1.5 ✓ 'x'; --")
+STATUSES = ("complete", "failed", "cancelled")
+LIMITS = (60, 100, 150, 250)
+ESTIMATES = (10, 25, 40, 60, 90)
+INCREMENTS = (0, 5, 20, 45)
+
+
+def step_numbers(report: str, step: str, variant: int) -> tuple[int, int, int | None]:
+    """The numbers of a step: variant 0 as first sent, 1 the same numbers spelled with an
+    explicit total (a retry), 2 other numbers (a conflicting retry)."""
+    h = zlib.crc32(f"{report}/{step}".encode())
+    inp, out = 2 + h % 17, (h >> 8) % 13
+    total = None if h & 1 else inp + out + (h >> 16) % 5
+    if variant == 1:
+        return inp, out, inp + out if total is None else total
+    if variant == 2:
+        return inp + 1, out, None
+    return inp, out, total
+
+
+def persist_op(report: str, account: str, step: str, variant: int) -> Persist:
+    inp, out, total = step_numbers(report, step, variant)
+    return Persist(report, account, step, inp, out, total, "model-x" if variant else None)
+
+
+@st.composite
+def operations(draw: st.DrawFn, accounts: int, reports: int, storm: bool = False) -> Op:
+    """One operation of a random mix (``storm``: mostly reservations and what frees them)."""
+    r = draw(st.integers(0, reports - 1))
+    report, owner = f"r{r}", f"a{r % accounts}"
+    other = f"a{(r + draw(st.integers(1, max(accounts - 1, 1)))) % accounts}"
+    kinds = (
+        ["reserve"] * 6 + ["finalize", "finish", "increment", "expire", "sweep", "persist"]
+        if storm
+        else ["reserve"] * 3
+        + ["persist"] * 5
+        + ["finalize", "finish"] * 2
+        + ["increment", "expire", "sweep", "open_period", "foreign", "stranger"]
+    )
+    kind = draw(st.sampled_from(kinds))
+    if kind == "reserve":
+        return Reserve(owner, report, draw(st.sampled_from(ESTIMATES)))
+    if kind == "persist":
+        step = draw(st.sampled_from(STEP_NAMES))
+        return persist_op(report, owner, step, draw(st.sampled_from((0, 0, 0, 1, 2))))
+    if kind == "finalize":
+        return Finalize(report, owner)
+    if kind == "finish":
+        status = draw(st.sampled_from(STATUSES))
+        return Finish(report, owner, status, "boom" if status == "failed" else None)
+    if kind == "increment":
+        return Increment(
+            f"a{draw(st.integers(0, accounts - 1))}",
+            draw(st.sampled_from(INCREMENTS)),
+            draw(st.booleans()),
+            draw(st.booleans()),
+        )
+    if kind == "expire":
+        return Expire(report)
+    if kind == "sweep":
+        return Sweep(draw(st.sampled_from((None, None, 1, 2))))
+    if kind == "open_period":
+        return OpenPeriod(f"a{draw(st.integers(0, accounts - 1))}", draw(st.sampled_from(LIMITS)))
+    if kind == "foreign":  # the right report, the wrong account
+        if accounts == 1:
+            return Finalize(report, owner)
+        which = draw(st.sampled_from(("reserve", "persist", "finalize", "finish")))
+        if which == "reserve":
+            return Reserve(other, report, 10)
+        if which == "persist":
+            return persist_op(report, other, "plan", 0)
+        if which == "finalize":
+            return Finalize(report, other)
+        return Finish(report, other, "cancelled")
+    # stranger: unknown accounts and reports
+    x = f"x{draw(st.integers(0, 3))}"
+    which = draw(st.sampled_from(("nop", "ghost", "unknown_report", "ghost_increment")))
+    if which == "nop":
+        return Reserve(NO_PERIOD, x, 10)
+    if which == "ghost":
+        return Reserve(GHOST, x, 10)
+    if which == "ghost_increment":
+        return Increment(draw(st.sampled_from((GHOST, NO_PERIOD))), 5)
+    return persist_op(x, owner, "plan", 0)
+
+
+def lanes_of(accounts: int, reports: int, storm: bool = False, lanes: int = 5) -> Any:
+    """One round: up to ``lanes`` lanes of 1 to 3 operations."""
+    op = operations(accounts, reports, storm)
+    return st.lists(st.lists(op, min_size=1, max_size=3), min_size=1, max_size=lanes)
+
+
+@st.composite
+def workloads(draw: st.DrawFn, storm: bool = False, max_rounds: int = 6) -> Workload:
+    accounts = 1 if storm else draw(st.integers(1, 3))
+    reports = 8 if storm else draw(st.integers(2, 6))
+    lanes = 6 if storm else 5
+    limits = [draw(st.sampled_from(LIMITS)) for _ in range(accounts)]
+    # The first round reserves every report at once (a reservation race), so that the
+    # random rounds after it mostly meet reports that exist.
+    opening: list[list[Op]] = [[] for _ in range(min(lanes, reports))]
+    for r in range(reports):
+        estimate = draw(st.sampled_from(ESTIMATES))
+        opening[r % len(opening)].append(Reserve(f"a{r % accounts}", f"r{r}", estimate))
+    rounds = draw(
+        st.lists(lanes_of(accounts, reports, storm, lanes), min_size=1, max_size=max_rounds)
+    )
+    return Workload(limits, reports, [opening, *rounds], draw(st.sampled_from((None, 1, 3))))
