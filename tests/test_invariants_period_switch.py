@@ -14,20 +14,12 @@ import asyncio
 import uuid
 from collections import Counter
 
-import pytest
-
 from invariants import check_invariants
 from sqlkit import Connect, call
 
 ROUNDS = 150
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SQL bug (reported): tokentrack.lock_active_period retries only once, so a caller "
-    "waiting through two period switches answers no_active_period although the account "
-    "has an active period",
-)
 async def test_reservations_racing_repeated_period_switches_always_find_the_period(
     connect: Connect,
 ) -> None:

@@ -313,19 +313,7 @@ class Harness:
 
     async def round(self, lanes: Sequence[Sequence[Op]], check: bool = True) -> list[str]:
         """Run the lanes concurrently, then explain and check everything."""
-        switching: set[str] = set()
-
-        def allowed(op: Op) -> bool:
-            # At most one period switch per account per round: two switches racing a
-            # reservation or an increment of that account make lock_active_period answer
-            # no_active_period (a reported SQL bug, test_invariants_period_switch.py).
-            if isinstance(op, OpenPeriod):
-                if op.account in switching:
-                    return False
-                switching.add(op.account)
-            return self._allowed(op)
-
-        todo = [[op for op in lane if allowed(op)] for lane in lanes]
+        todo = [[op for op in lane if self._allowed(op)] for lane in lanes]
         todo = [lane for lane in todo if lane][: len(self.conns)]
         if not todo:
             return []

@@ -6,9 +6,11 @@
 -- FOR UPDATE and returns it, or a row of NULLs when the account has none.
 -- Locks: the active usage_periods row of the account (FOR UPDATE), nothing else.
 -- Writes: nothing.
--- Why twice: under READ COMMITTED, a caller that waited for the lock while
--- open_usage_period closed that period sees the closed row drop out of its result; the
--- second statement takes a new snapshot and finds the period that replaced it.
+-- Why a loop: under READ COMMITTED, a caller that waited for the lock while
+-- open_usage_period closed that period sees the closed row drop out of its result; the next
+-- statement takes a new snapshot and finds the period that replaced it, which may itself be
+-- closed while the caller waits again. It therefore tries again for as long as the account
+-- has an active period that it failed to lock, and answers "none" only when it has none.
 CREATE FUNCTION tokentrack.lock_active_period(p_account_id uuid)
 RETURNS tokentrack.usage_periods
 LANGUAGE plpgsql
@@ -18,12 +20,17 @@ AS $function$
 DECLARE
     v_period tokentrack.usage_periods%ROWTYPE;
 BEGIN
-    FOR v_attempt IN 1..2 LOOP
+    LOOP
         SELECT p.* INTO v_period
         FROM tokentrack.usage_periods AS p
         WHERE p.account_id = p_account_id AND p.status = 'active'
         FOR UPDATE;
         EXIT WHEN FOUND;
+        -- Not found: either there is none, or a switch replaced the row this one waited for.
+        EXIT WHEN NOT EXISTS (
+            SELECT FROM tokentrack.usage_periods AS p
+            WHERE p.account_id = p_account_id AND p.status = 'active'
+        );
     END LOOP;
     RETURN v_period;
 END

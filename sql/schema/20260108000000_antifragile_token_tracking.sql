@@ -98,6 +98,9 @@ COMMENT ON TABLE tokentrack.report_step_usage IS
 CREATE INDEX report_step_usage_billing_entry_idx
 ON tokentrack.report_step_usage (billing_entry_id) WHERE billing_entry_id IS NOT NULL;
 CREATE INDEX report_step_usage_account_idx ON tokentrack.report_step_usage (account_id);
+-- reconcile(one account) finds the steps billed into that account's periods.
+CREATE INDEX report_step_usage_billed_period_idx
+ON tokentrack.report_step_usage (billed_period_id) WHERE billed_period_id IS NOT NULL;
 
 -- The reader policies call current_account_id() through a scalar subquery, evaluated once
 -- per statement (see version 20251219000000).
