@@ -30,6 +30,7 @@ EXPECTED = {
     "tokentrack.cleanup_expired_reservations()",
     "tokentrack.sweep_expired_reservations(integer)",
     "tokentrack.reconcile(uuid)",
+    "tokentrack.require_read_committed(text)",
 }
 
 

@@ -62,6 +62,7 @@ FUNCTIONS = (
     ("settle_reservation", "uuid, text", "jsonb"),
     ("lock_report_reservation", "uuid, uuid", "uuid"),
     ("reservation_refusal", "uuid, uuid", "jsonb"),
+    ("require_read_committed", "text", "void"),
 )
 
 # (operator, left, right): look-alikes of the operators the functions use.
@@ -121,7 +122,8 @@ def lookalikes_sql(schema: str, *, raising: bool = True) -> str:
         what = f"{schema}.{name}({args})".replace("'", "")
         return (
             f'CREATE FUNCTION {schema}."{name}"({args}) RETURNS {result} LANGUAGE plpgsql'
-            f" AS $$ BEGIN PERFORM {schema}.hijacked('{what}'); RETURN NULL; END $$"
+            f" AS $$ BEGIN PERFORM {schema}.hijacked('{what}');"
+            f" RETURN{'' if result == 'void' else ' NULL'}; END $$"
         )
 
     out += [lookalike(name, args, result) for name, args, result in FUNCTIONS]

@@ -38,14 +38,8 @@ DECLARE
     v_billed bigint := 0::bigint;
     v_steps bigint := 0::bigint;
 BEGIN
-    -- READ COMMITTED only (security review): as finalize_report_usage, it sums the
-    -- steps committed while it waited for the reservation locks.
-    IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
-        RAISE EXCEPTION 'tokentrack.expire_reservations must run at READ COMMITTED, not %',
-            pg_catalog.upper(pg_catalog.current_setting('transaction_isolation'))
-            USING ERRCODE = '25000',
-            HINT = 'Begin its transaction with ISOLATION LEVEL READ COMMITTED (see docs/REVIEW.md).';
-    END IF;
+    -- READ COMMITTED only: see require_read_committed.
+    PERFORM tokentrack.require_read_committed('expire_reservations');
     IF p_limit < 1 THEN
         RAISE EXCEPTION 'p_limit must be at least 1 (got %)', p_limit USING ERRCODE = '22023', COLUMN = 'p_limit';
     END IF;

@@ -22,16 +22,8 @@ AS $function$
 DECLARE
     v_reservation_id uuid;
 BEGIN
-    -- READ COMMITTED only (security review): after waiting for the reservation lock it
-    -- sums the steps that the lock holders (persist_step_usage) committed meanwhile; under
-    -- REPEATABLE READ or SERIALIZABLE its snapshot predates them and they would stay unbilled
-    -- behind a completed reservation, without any error.
-    IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
-        RAISE EXCEPTION 'tokentrack.finalize_report_usage must run at READ COMMITTED, not %',
-            pg_catalog.upper(pg_catalog.current_setting('transaction_isolation'))
-            USING ERRCODE = '25000',
-            HINT = 'Begin its transaction with ISOLATION LEVEL READ COMMITTED (see docs/REVIEW.md).';
-    END IF;
+    -- READ COMMITTED only: see require_read_committed.
+    PERFORM tokentrack.require_read_committed('finalize_report_usage');
     IF p_report_id IS NULL THEN
         RAISE EXCEPTION 'p_report_id must not be NULL' USING ERRCODE = '22004', COLUMN = 'p_report_id';
     END IF;

@@ -33,14 +33,8 @@ DECLARE
     v_count_now boolean := false;
     v_answer jsonb;
 BEGIN
-    -- READ COMMITTED only (security review): as finalize_report_usage, it sums the steps
-    -- committed while it waited for the reservation lock.
-    IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
-        RAISE EXCEPTION 'tokentrack.finish_report must run at READ COMMITTED, not %',
-            pg_catalog.upper(pg_catalog.current_setting('transaction_isolation'))
-            USING ERRCODE = '25000',
-            HINT = 'Begin its transaction with ISOLATION LEVEL READ COMMITTED (see docs/REVIEW.md).';
-    END IF;
+    -- READ COMMITTED only: see require_read_committed.
+    PERFORM tokentrack.require_read_committed('finish_report');
     IF p_report_id IS NULL THEN
         RAISE EXCEPTION 'p_report_id must not be NULL' USING ERRCODE = '22004', COLUMN = 'p_report_id';
     END IF;

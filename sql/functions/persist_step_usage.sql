@@ -48,15 +48,8 @@ DECLARE
     v_report_status text;
     v_answer jsonb;
 BEGIN
-    -- READ COMMITTED only (security review): after waiting for the reservation or
-    -- period lock it reads the reservation's status and the step rows that the lock holders
-    -- committed meanwhile; an older snapshot would miss them.
-    IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
-        RAISE EXCEPTION 'tokentrack.persist_step_usage must run at READ COMMITTED, not %',
-            pg_catalog.upper(pg_catalog.current_setting('transaction_isolation'))
-            USING ERRCODE = '25000',
-            HINT = 'Begin its transaction with ISOLATION LEVEL READ COMMITTED (see docs/REVIEW.md).';
-    END IF;
+    -- READ COMMITTED only: see require_read_committed.
+    PERFORM tokentrack.require_read_committed('persist_step_usage');
     IF p_report_id IS NULL THEN
         RAISE EXCEPTION 'p_report_id must not be NULL' USING ERRCODE = '22004', COLUMN = 'p_report_id';
     END IF;

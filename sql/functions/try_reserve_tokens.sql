@@ -37,16 +37,8 @@ DECLARE
     v_held bigint;
     v_available bigint;
 BEGIN
-    -- READ COMMITTED only (security review): it sums the account's reservations
-    -- after waiting for the period lock; under REPEATABLE READ or SERIALIZABLE its snapshot
-    -- predates the reservations that the lock holders committed meanwhile, and it would
-    -- grant more than is available (overcommit) without any error.
-    IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
-        RAISE EXCEPTION 'tokentrack.try_reserve_tokens must run at READ COMMITTED, not %',
-            pg_catalog.upper(pg_catalog.current_setting('transaction_isolation'))
-            USING ERRCODE = '25000',
-            HINT = 'Begin its transaction with ISOLATION LEVEL READ COMMITTED (see docs/REVIEW.md).';
-    END IF;
+    -- READ COMMITTED only: see require_read_committed.
+    PERFORM tokentrack.require_read_committed('try_reserve_tokens');
     IF p_account_id IS NULL THEN
         RAISE EXCEPTION 'p_account_id must not be NULL' USING ERRCODE = '22004', COLUMN = 'p_account_id';
     END IF;

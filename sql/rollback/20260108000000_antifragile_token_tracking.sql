@@ -17,6 +17,7 @@ DROP FUNCTION tokentrack.try_reserve_tokens(uuid, uuid, integer);
 DROP FUNCTION tokentrack.reconcile(uuid);
 DROP FUNCTION tokentrack.reservation_refusal(uuid, uuid);
 DROP FUNCTION tokentrack.lock_report_reservation(uuid, uuid);
+DROP FUNCTION tokentrack.require_read_committed(text);
 
 DROP TABLE tokentrack.report_step_usage;
 DROP TABLE tokentrack.report_reservations;
