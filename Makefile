@@ -8,11 +8,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 VENV_STAMP := $(VENV)/.installed
 STEPS ?= 1
+DURATION ?= 60
+SEED ?= 1
 PG_MAJOR := 15
 # Where the PostgreSQL server binaries live: pg_config's answer, else Debian's path.
 PG_BINDIR ?= $(or $(shell pg_config --bindir 2>/dev/null),/usr/lib/postgresql/$(PG_MAJOR)/bin)
 
-.PHONY: help venv postgres install-sql rollback-sql lint test demo clean
+.PHONY: help venv postgres pgbouncer pg-cron install-sql rollback-sql install-cron lint test stress demo bench bench-smoke clean
 
 help: ## List the targets
 	@awk -F ':.*## ' '/^[a-zA-Z_-]+:.*## / { printf "  %-14s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
@@ -31,6 +33,19 @@ postgres: ## Make sure the PostgreSQL server binaries are installed (apt-get whe
 	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql; \
 	fi
 
+pg-cron: ## Make sure Debian's pg_cron is installed (the `tokentrack cron` tests run a real pg_cron)
+	@if [ ! -f /usr/share/postgresql/$(PG_MAJOR)/extension/pg_cron.control ] \
+	    && [ ! -f "$$(pg_config --sharedir 2>/dev/null)/extension/pg_cron.control" ]; then \
+	    echo "pg_cron not found: installing postgresql-$(PG_MAJOR)-cron with apt-get"; \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql-$(PG_MAJOR)-cron; \
+	fi
+
+pgbouncer: ## Make sure Debian's pgbouncer is installed (the client's PgBouncer tests need it)
+	@if ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then \
+	    echo "pgbouncer not found: installing it with apt-get"; \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends pgbouncer; \
+	fi
+
 install-sql: venv ## Install or upgrade the tokentrack SQL: make install-sql DATABASE_URL=postgresql://...
 	@test -n "$$DATABASE_URL" || { echo "make: DATABASE_URL=postgresql://... is required" >&2; exit 2; }
 	@$(BIN)/tokentrack migrate install
@@ -39,17 +54,33 @@ rollback-sql: venv ## Roll back the newest STEPS versions (default 1): make roll
 	@test -n "$$DATABASE_URL" || { echo "make: DATABASE_URL=postgresql://... is required" >&2; exit 2; }
 	@$(BIN)/tokentrack migrate rollback --steps "$(STEPS)"
 
-lint: venv ## sqlfluff on sql/, ruff check + ruff format --check, mypy --strict
-	$(BIN)/sqlfluff lint sql/
-	$(BIN)/ruff check python tests
-	$(BIN)/ruff format --check python tests
-	$(BIN)/mypy --strict python
+install-cron: venv ## Schedule the expiry sweep every 2 hours through pg_cron: make install-cron DATABASE_URL=...
+	@test -n "$$DATABASE_URL" || { echo "make: DATABASE_URL=postgresql://... is required" >&2; exit 2; }
+	@$(BIN)/tokentrack cron install
 
-test: venv postgres ## Run the test suite against a throwaway PostgreSQL server it starts
+lint: venv ## sqlfluff on sql/, ruff check + ruff format --check, mypy --strict, plpgsql_check
+	$(BIN)/sqlfluff lint sql/
+	$(BIN)/ruff check python tests examples
+	$(BIN)/ruff format --check python tests examples
+	$(BIN)/mypy --strict python
+	MYPYPATH=examples $(BIN)/mypy --strict examples
+	@# plpgsql_check on a throwaway server; skipped (said so) without the extension, except with CI=true
+	TOKENTRACK_PG_BINDIR="$(PG_BINDIR)" $(BIN)/python tests/plpgsql_lint.py
+
+test: venv postgres pgbouncer pg-cron ## Run the test suite against a throwaway PostgreSQL server it starts
 	TOKENTRACK_PG_BINDIR="$(PG_BINDIR)" $(BIN)/pytest
 
-demo: venv ## Run the demo report generator
-	@$(BIN)/tokentrack demo
+stress: venv postgres ## Concurrent workload with faults, then every invariant: make stress DURATION=600 SEED=42 [STRESS_ARGS="--crash-every 30"]
+	TOKENTRACK_PG_BINDIR="$(PG_BINDIR)" $(BIN)/python tests/stress.py --duration "$(DURATION)" --seed "$(SEED)" $(STRESS_ARGS)
+
+demo: venv postgres ## Four report types on a throwaway PostgreSQL (or DATABASE_URL), then reconcile
+	@TOKENTRACK_PG_BINDIR="$(PG_BINDIR)" $(BIN)/tokentrack demo
+
+bench: venv postgres ## Benchmark vs pgbench simple-update on its own server (~15 min): bench/results/latest.*
+	TOKENTRACK_PG_BINDIR="$(PG_BINDIR)" $(BIN)/python bench/run.py
+
+bench-smoke: venv postgres ## The benchmark in about a minute, small sizes (not part of make test): bench/results/smoke.*
+	TOKENTRACK_PG_BINDIR="$(PG_BINDIR)" $(BIN)/python bench/run.py --smoke
 
 clean: ## Remove the venv, caches and build output
 	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -27,156 +27,60 @@ from __future__ import annotations
 
 import asyncio
 import os
-import pwd
-import shutil
-import socket
 import subprocess
-import tempfile
 import threading
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import asyncpg
 import pytest
+from hypothesis import HealthCheck, settings
 from psycopg.conninfo import conninfo_to_dict
 from pytest_postgresql import factories
 from pytest_postgresql.executors.noop import NoopExecutor
 from pytest_postgresql.janitor import AsyncDatabaseJanitor
 
+from pgserver import PgServer, find_pg_bindir, running_server
 from tokentrack_client import migrate
 
-PG_MAJOR = "15"
-SERVER_START_TIMEOUT = 60.0
+pytest_plugins = [
+    "client_fixtures",  # pool, tracker, pgbouncer, fault_proxy (client tests)
+    "ops_history",  # history_template, history_dsn (operations command tests)
+]
+
+# Hypothesis profiles, chosen with HYPOTHESIS_PROFILE (default "ci"). Every example of the
+# property tests runs real calls against the test server, so "ci" keeps the counts small
+# enough for `make test` on 2 cores; it is derandomized (the same examples on every run)
+# and prints the @reproduce_failure blob of a failure. "long" explores new random examples
+# on every run (its failures print the blob, and the seed when a failure is flaky):
+#   HYPOTHESIS_PROFILE=long .venv/bin/pytest tests/test_invariants_mixes.py
+settings.register_profile(
+    "ci",
+    max_examples=20,
+    stateful_step_count=10,
+    derandomize=True,
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "long",
+    max_examples=400,
+    stateful_step_count=40,
+    derandomize=False,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
-# --------------------------------------------------------------------------------------------
-# The server
-# --------------------------------------------------------------------------------------------
-
-
-def _major(bindir: Path) -> int:
-    name = bindir.parent.name
-    return int(name) if name.isdigit() else 0
-
-
-def find_pg_bindir() -> Path:
-    """Directory of the PostgreSQL server binaries (pg_ctl, pg_dump, psql...)."""
-    candidates: list[Path] = []
-    env = os.environ.get("TOKENTRACK_PG_BINDIR")
-    if env:
-        candidates.append(Path(env))
-    pg_config = shutil.which("pg_config")
-    if pg_config:
-        out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, check=False)
-        if out.returncode == 0 and out.stdout.strip():
-            candidates.append(Path(out.stdout.strip()))
-    candidates.append(Path(f"/usr/lib/postgresql/{PG_MAJOR}/bin"))
-    candidates += sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=_major, reverse=True)
-    on_path = shutil.which("pg_ctl")
-    if on_path:
-        candidates.append(Path(on_path).resolve().parent)
-    for candidate in candidates:
-        if (candidate / "pg_ctl").is_file():
-            return candidate
-    raise RuntimeError(
-        "PostgreSQL server binaries not found (looked for pg_ctl via TOKENTRACK_PG_BINDIR, "
-        f"pg_config --bindir, /usr/lib/postgresql/{PG_MAJOR}/bin and PATH); "
-        "run `make test`, which installs PostgreSQL"
-    )
-
-
-@dataclass
-class PgServer:
-    """Where the test server listens; duck-types what ``postgresql_noproc(depends_on=)`` reads."""
-
-    host: str
-    port: int
-    user: str
-    bindir: Path
-    password: str | None = None
-    options: str = ""
-    maintenance_dbname: str = "postgres"
-    template_dbname: str = "template0"  # what the noproc template database is created from
-
-    def dsn(self, dbname: str) -> str:
-        """asyncpg/libpq URL of ``dbname`` on this server."""
-        auth = quote(self.user, safe="")
-        if self.password:
-            auth += ":" + quote(self.password, safe="")
-        return f"postgresql://{auth}@{self.host}:{self.port}/{quote(dbname, safe='')}"
-
-    def bin(self, name: str) -> str:
-        """Path of the PostgreSQL client program ``name`` (pg_dump, psql...)."""
-        return str(self.bindir / name)
-
-    def client_env(self) -> dict[str, str]:
-        """Environment for client programs (password through PGPASSWORD, never argv)."""
-        env = dict(os.environ)
-        if self.password:
-            env["PGPASSWORD"] = self.password
-        return env
-
-
-def _scratch_root() -> str:
-    """Where the test cluster lives: ``$TOKENTRACK_TEST_TMPDIR``, else RAM, else /tmp.
-
-    Cloning the template database is about ten times faster on tmpfs (/dev/shm) than on
-    a disk, which is most of the suite's run time; /dev/shm is used when it has room.
-    """
-    chosen = os.environ.get("TOKENTRACK_TEST_TMPDIR")
-    if chosen:
-        return chosen
-    shm = Path("/dev/shm")
-    try:
-        if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free >= 2**30:
-            return str(shm)
-    except OSError:
-        pass
-    return "/tmp"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _as_postgres(argv: list[str]) -> list[str]:
-    """PostgreSQL refuses to run as root: run server programs as the postgres OS user."""
-    if os.geteuid() == 0:
-        return ["runuser", "-u", "postgres", "--", *argv]
-    return argv
-
-
-def _run(argv: list[str], what: str) -> None:
-    result = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"{what} failed ({result.returncode}): {result.stderr or result.stdout}")
-
-
-def _wait_ready(bindir: Path, host: str, port: int, user: str) -> None:
-    """Wait until pg_isready says the server accepts connections.
-
-    ``pg_ctl start -w`` has already waited for the postmaster; pg_isready is the gate that
-    says the server answers on 127.0.0.1. It has no wait mode of its own (it answers at once
-    while the server is still refusing), hence the short pause between probes.
-    """
-    deadline = time.monotonic() + SERVER_START_TIMEOUT
-    argv = [str(bindir / "pg_isready"), "-h", host, "-p", str(port), "-U", user, "-t", "5"]
-    argv += ["-d", "postgres"]
-    while True:
-        result = subprocess.run(argv, capture_output=True, text=True, check=False)
-        if result.returncode == 0:
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"PostgreSQL on {host}:{port} not ready: {result.stdout.strip()}")
-        time.sleep(0.05)
+def pytest_report_header() -> str:
+    profile = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+    return f"hypothesis profile: {profile} (HYPOTHESIS_PROFILE=ci|long)"
 
 
 @pytest.fixture(scope="session")
@@ -195,81 +99,8 @@ def pg_server() -> Iterator[PgServer]:
         )
         return
 
-    bindir = find_pg_bindir()
-    if os.geteuid() == 0:
-        try:
-            pwd.getpwnam("postgres")
-        except KeyError:
-            raise RuntimeError(
-                "running as root but there is no 'postgres' OS user to run the test server "
-                "as; install Debian's postgresql package (make test does)"
-            ) from None
-    base = Path(tempfile.mkdtemp(prefix="tokentrack-pg-", dir=_scratch_root()))
-    datadir, logfile = base / "data", base / "postgres.log"
-    port = _free_port()
-    started = False
-    try:
-        if os.geteuid() == 0:
-            shutil.chown(base, user="postgres", group="postgres")
-        _run(
-            _as_postgres(
-                [
-                    str(bindir / "initdb"),
-                    "-D",
-                    str(datadir),
-                    "--auth=trust",
-                    "--username=postgres",
-                    "--encoding=UTF8",
-                    "--locale=C",
-                    "--no-sync",
-                ]
-            ),
-            "initdb",
-        )
-        settings = {
-            "listen_addresses": "'127.0.0.1'",
-            "port": str(port),
-            "unix_socket_directories": f"'{base}'",
-            "fsync": "off",
-            "synchronous_commit": "off",
-            "full_page_writes": "off",
-            "max_connections": "200",
-            "shared_buffers": "128MB",
-            "log_min_messages": "warning",
-            "timezone": "'UTC'",
-        }
-        with (datadir / "postgresql.conf").open("a", encoding="utf-8") as conf:
-            conf.write("\n# tokentrack test server\n")
-            conf.writelines(f"{key} = {value}\n" for key, value in settings.items())
-        _run(
-            _as_postgres(
-                [
-                    str(bindir / "pg_ctl"),
-                    "-D",
-                    str(datadir),
-                    "-l",
-                    str(logfile),
-                    "-w",
-                    "-t",
-                    "60",
-                    "start",
-                ]
-            ),
-            "pg_ctl start",
-        )
-        started = True
-        _wait_ready(bindir, "127.0.0.1", port, "postgres")
-        yield PgServer(host="127.0.0.1", port=port, user="postgres", bindir=bindir)
-    finally:
-        if started:
-            subprocess.run(
-                _as_postgres(
-                    [str(bindir / "pg_ctl"), "-D", str(datadir), "-m", "fast", "-w", "stop"]
-                ),
-                capture_output=True,
-                check=False,
-            )
-        shutil.rmtree(base, ignore_errors=True)
+    with running_server() as server:
+        yield server
 
 
 # --------------------------------------------------------------------------------------------

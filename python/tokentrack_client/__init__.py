@@ -6,4 +6,71 @@ the migrator (:mod:`tokentrack_client.migrate`) and the ``tokentrack`` CLI.
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+from tokentrack_client.client import TokenTracker
+from tokentrack_client.errors import (
+    AccountNotFound,
+    ConnectionLost,
+    DatabaseError,
+    InsufficientTokens,
+    InvalidArgument,
+    NoActivePeriod,
+    NotInstalled,
+    PermissionDenied,
+    Refusal,
+    ReportAccountMismatch,
+    ReportCancelled,
+    ReportEnded,
+    ReportFinalized,
+    ReservationNotFound,
+    StepConflict,
+    TokenTrackError,
+    TransientError,
+    UnexpectedAnswer,
+)
+from tokentrack_client.results import (
+    Discrepancy,
+    PeriodOpened,
+    Reconciliation,
+    Reservation,
+    Settlement,
+    StepRecord,
+    SweepResult,
+    UsageIncrement,
+)
+from tokentrack_client.retry import DEFAULT_RETRY, NO_RETRY, RetryPolicy
+from tokentrack_client.tracking import ReportTracker
+
+__all__ = [
+    "DEFAULT_RETRY",
+    "NO_RETRY",
+    "AccountNotFound",
+    "ConnectionLost",
+    "DatabaseError",
+    "Discrepancy",
+    "InsufficientTokens",
+    "InvalidArgument",
+    "NoActivePeriod",
+    "NotInstalled",
+    "PeriodOpened",
+    "PermissionDenied",
+    "Reconciliation",
+    "Refusal",
+    "ReportAccountMismatch",
+    "ReportCancelled",
+    "ReportEnded",
+    "ReportFinalized",
+    "ReportTracker",
+    "Reservation",
+    "ReservationNotFound",
+    "RetryPolicy",
+    "Settlement",
+    "StepConflict",
+    "StepRecord",
+    "SweepResult",
+    "TokenTrackError",
+    "TokenTracker",
+    "TransientError",
+    "UnexpectedAnswer",
+    "UsageIncrement",
+    "__version__",
+]

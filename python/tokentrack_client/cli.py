@@ -7,9 +7,16 @@
     tokentrack migrate list      [--database-url URL]
     tokentrack migrate sql       [--pending --database-url URL]
     tokentrack demo
+    tokentrack audit baseline --out FILE | audit compare FILE
+    tokentrack verify [--functional] [--upto VERSION]
+    tokentrack monitor [--json | --prometheus]
+    tokentrack cleanup [--batch-size N]
+    tokentrack cron install | remove | status
 
 The database comes from ``--database-url`` or the ``DATABASE_URL`` environment variable.
 Every failure prints one line ``tokentrack: error: ...`` on stderr and exits with status 2.
+The checking commands (audit compare, verify, monitor) exit with status 1 when a check
+fails, an alert fires or a figure that must not change changed (see docs/RUNBOOK.md).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import sys
 from collections.abc import Sequence
 
 from tokentrack_client import __version__, migrate
+from tokentrack_client.ops import commands as ops_commands
 
 EXIT_OK = 0
 EXIT_ERROR = 2
@@ -106,11 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_database_url(sql)
 
-    commands.add_parser(
+    demo_parser = commands.add_parser(
         "demo",
-        help="run a small report generator against a database",
-        description="Run a small report generator against a database.",
+        help="run the four report types on a throwaway PostgreSQL (or DATABASE_URL)",
+        description=(
+            "Run the four report types on several accounts at once (one cancelled from "
+            "outside, one failed, two racing for one budget), print what was billed and "
+            "reconcile's verdict. Without a database URL it starts a throwaway PostgreSQL in "
+            "a temporary directory and removes it on exit, Ctrl-C included."
+        ),
     )
+    _add_database_url(demo_parser)
+    ops_commands.add_commands(commands)
     return parser
 
 
@@ -154,11 +169,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "migrate":
             return asyncio.run(_run_migrate(args))
+        if args.command in ops_commands.COMMANDS:
+            return ops_commands.run(args)
         if args.command == "demo":
-            print("tokentrack demo: coming with the client issue (#3)")
-            return EXIT_OK
+            from tokentrack_client import demo  # imported here: it pulls in the embedded server
+
+            try:
+                return demo.main(args.database_url or os.environ.get("DATABASE_URL"))
+            except (demo.DemoError, demo.EmbeddedPostgresError) as exc:
+                raise CliError(str(exc)) from exc
         raise CliError(f"unknown command {args.command!r}")  # pragma: no cover
-    except (migrate.MigrationError, CliError) as exc:
+    except (migrate.MigrationError, CliError, ops_commands.OpsError) as exc:
         print(f"tokentrack: error: {_one_line(str(exc))}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
