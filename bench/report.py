@@ -1,0 +1,422 @@
+"""Summaries of the benchmark's runs and the Markdown report (bench/results/*.md)."""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from typing import Any
+
+TARGET_FUNCTION = 0.8  # each function and the lifecycle (calls/s) vs simple-update
+TARGET_HOT = 0.8  # hot account vs spread accounts
+TARGET_GROWTH = 1.2  # 1 million rows vs 10 thousand
+TARGET_CLIENT = 0.6  # tokentrack_client vs the pgbench-driven lifecycle
+TARGET_SWEEP_MS = 100.0  # the longest a sweep batch may hold its locks
+
+LABELS = {
+    "simple-update": "simple-update (built-in)",
+    "reserve": "reserve + release",
+    "step": "persist step",
+    "finalize": "finalize (7 steps)",
+    "lifecycle": "lifecycle: reserve, 7 steps, finish",
+}
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+def _top_waits(waits: Counter[str], n: int = 3) -> str:
+    total = sum(waits.values())
+    if not total:
+        return ""
+    return ", ".join(f"{what} {count * 100 / total:.0f}%" for what, count in waits.most_common(n))
+
+
+def throughput_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians per workload and accounts, ratios to simple-update (calls/s) and hot/spread."""
+    su_runs = [r for r in runs if r["workload"] == "simple-update"]
+    su_tps = _median([r["tps"] for r in su_runs])
+    su_cpu = _median([r["server_cpu_ms_per_call"] for r in su_runs])
+    su_by_round = {r["round"]: r["tps"] for r in su_runs}
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((run["workload"], run["accounts"]), []).append(run)
+    rows = []
+    for (workload, accounts), group in groups.items():
+        waits: Counter[str] = Counter()
+        for run in group:
+            waits.update(run["waits"])
+        calls = _median([r["calls_per_s"] for r in group])
+        cpu = _median([r["server_cpu_ms_per_call"] for r in group])
+        # Each run against the simple-update runs that bracket it (its round's and the next).
+        per_round = [
+            r["calls_per_s"] / ((su_by_round[r["round"]] + su_by_round[r["round"] + 1]) / 2)
+            for r in group
+            if r["round"] in su_by_round and r["round"] + 1 in su_by_round
+        ]
+        statements: dict[str, list[float]] = {}
+        for run in group:
+            for s in run["statements"]:
+                statements.setdefault(s["command"], []).append(s["latency_ms"])
+        rows.append(
+            {
+                "workload": workload,
+                "accounts": accounts,
+                "runs": len(group),
+                "tps": _median([r["tps"] for r in group]),
+                "tps_min": min(r["tps"] for r in group),
+                "tps_max": max(r["tps"] for r in group),
+                "calls_per_tx": group[0]["calls_per_tx"],
+                "calls_per_s": calls,
+                "ratio_to_simple_update": (
+                    _median(per_round) if per_round else (calls / su_tps if su_tps else 0.0)
+                ),
+                "ratio_of_medians": calls / su_tps if su_tps else 0.0,
+                "ratio_per_round_min": min(per_round) if per_round else None,
+                "ratio_per_round_max": max(per_round) if per_round else None,
+                "server_cpu_ms_per_call": cpu,
+                "cpu_per_call_vs_simple_update": cpu / su_cpu if su_cpu else 0.0,
+                "server_cores": _median([r["cpu"]["server_cores"] for r in group]),
+                "driver_cores": _median([r["cpu"]["driver_cores"] for r in group]),
+                "machine_busy_cores": _median([r["cpu"]["machine_busy_cores"] for r in group]),
+                "wal_bytes_per_call": _median([r["wal_bytes_per_call"] for r in group]),
+                "wal_syncs_per_call": _median([r["wal_syncs_per_call"] for r in group]),
+                "latency_ms": _median([r["latency_ms"] for r in group]),
+                "statement_latency_ms": {k: _median(v) for k, v in statements.items()},
+                "waits": dict(waits.most_common()),
+                "top_waits": _top_waits(waits),
+            }
+        )
+    by_key = {(r["workload"], r["accounts"]): r for r in rows}
+    hot = []
+    for workload in ("reserve", "step", "finalize", "lifecycle"):
+        spread, heavy = by_key.get((workload, "spread")), by_key.get((workload, "hot"))
+        if spread and heavy and spread["calls_per_s"]:
+            hot.append(
+                {
+                    "workload": workload,
+                    "spread_calls_per_s": spread["calls_per_s"],
+                    "hot_calls_per_s": heavy["calls_per_s"],
+                    "ratio": heavy["calls_per_s"] / spread["calls_per_s"],
+                    "hot_top_waits": heavy["top_waits"],
+                }
+            )
+    return {"simple_update_tps": su_tps, "rows": rows, "hot_vs_spread": hot}
+
+
+def client_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    pgbench = [r for r in runs if r.get("driver") == "pgbench"]
+    client = [r for r in runs if r.get("driver") == "tokentrack_client"]
+    pg_calls = _median([r["calls_per_s"] for r in pgbench])
+    cl_calls = _median([r["calls_per_s"] for r in client])
+    waits: Counter[str] = Counter()
+    for run in client:
+        waits.update(run["waits"])
+    return {
+        "pgbench_calls_per_s": pg_calls,
+        "client_calls_per_s": cl_calls,
+        "ratio": cl_calls / pg_calls if pg_calls else 0.0,
+        "tasks": client[0]["tasks"] if client else 0,
+        "pgbench_driver_cores": _median([r["cpu"]["driver_cores"] for r in pgbench]),
+        "client_driver_cores": _median([r["cpu"]["driver_cores"] for r in client]),
+        "client_cpu_ms_per_call": _median([r["client_cpu_ms_per_call"] for r in client]),
+        "pgbench_cpu_ms_per_call": _median(
+            [r["cpu"]["driver_cpu_s"] * 1000 / max(r["transactions"] * 9, 1) for r in pgbench]
+        ),
+        "server_cpu_ms_per_call_client": _median([r["server_cpu_ms_per_call"] for r in client]),
+        "server_cpu_ms_per_call_pgbench": _median([r["server_cpu_ms_per_call"] for r in pgbench]),
+        "client_top_waits": _top_waits(waits),
+    }
+
+
+def growth_summary(result: dict[str, Any]) -> dict[str, Any]:
+    small, large = (str(size) for size in result["sizes"])
+    installed = result["as_installed"]
+    # Without missing indexes to try, the "indexed" columns repeat the installed figures.
+    indexed = result.get("with_proposed_indexes", installed)
+    rows = []
+    for name, at_small in installed[small]["times"].items():
+        at_large = installed[large]["times"][name]
+        idx_small = indexed[small]["times"][name]
+        idx_large = indexed[large]["times"][name]
+        rows.append(
+            {
+                "name": name,
+                "small_blocks": installed[small]["blocks"].get(name),
+                "large_blocks": installed[large]["blocks"].get(name),
+                "indexed_small_blocks": indexed[small]["blocks"].get(name),
+                "indexed_large_blocks": indexed[large]["blocks"].get(name),
+                "small_ms": at_small["median_ms"],
+                "large_ms": at_large["median_ms"],
+                "ratio": at_large["median_ms"] / at_small["median_ms"],
+                "large_scans": installed[large]["scans"].get(name, []),
+                "indexed_small_ms": idx_small["median_ms"],
+                "indexed_large_ms": idx_large["median_ms"],
+                "indexed_ratio": idx_large["median_ms"] / idx_small["median_ms"],
+                "indexed_large_scans": indexed[large]["scans"].get(name, []),
+            }
+        )
+    return {
+        "small": result["sizes"][0],
+        "large": result["sizes"][1],
+        "rows": rows,
+        "with_proposed_indexes": "with_proposed_indexes" in result,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Markdown
+# --------------------------------------------------------------------------------------------
+
+
+def _ok(passed: bool) -> str:
+    return "yes" if passed else "**no**"
+
+
+def _n(value: float, digits: int = 0) -> str:
+    return f"{value:,.{digits}f}"
+
+
+def _scans(scans: list[str]) -> str:
+    """The scans worth showing: sequential ones and those of the big tables' secondary
+    indexes (primary keys and the unique per-report lookups are the expected ones)."""
+    keep = [
+        s
+        for s in scans
+        if s.startswith("Seq Scan")
+        or not any(k in s for k in ("_pkey", "one_per_report", "one_per_step", "one_active"))
+    ]
+    return "; ".join(keep)
+
+
+def _blocks(value: float | None) -> str:
+    return "" if value is None else f"{value:,.0f}"
+
+
+def _size(n: int) -> str:
+    return f"{n // 1_000_000}M" if n >= 1_000_000 and n % 1_000_000 == 0 else f"{n // 1000}k"
+
+
+def render(results: dict[str, Any]) -> str:
+    cfg = results["config"]
+    env = results["environment"]
+    machine, pg = env["machine"], env["postgresql"]
+    out: list[str] = []
+    add = out.append
+    add(f"# tokentrack benchmark ({results['started_at']})\n")
+    add(
+        f"Machine: {machine['cpus']} x {machine['cpu_model']}, {machine['memory_gb']} GB, "
+        f"Linux {machine['kernel']}, data directory on {machine['data_directory_filesystem']}; "
+        f"load average {machine['load_average_start'][0]:.2f} at the start, "
+        f"{env.get('load_average_end', [0])[0]:.2f} at the end (a shared machine: read ratios).  "
+    )
+    add(f"Server: {pg['version'].split(' on ')[0]}; {pg['pgbench']}.  ")
+    settings = pg["settings"]
+    shown = (
+        "fsync",
+        "synchronous_commit",
+        "full_page_writes",
+        "shared_buffers",
+        "max_wal_size",
+        "wal_sync_method",
+        "shared_preload_libraries",
+        "track_wal_io_timing",
+    )
+    add(
+        "Settings: "
+        + ", ".join(f"{k} = {settings[k].split(' (')[0]}" for k in shown if k in settings)
+        + " (everything else default).  "
+    )
+    add(
+        f"pgbench: {cfg['clients']} clients, {cfg['threads']} threads, {cfg['duration']} s per run,"
+        f" {cfg['rounds']} round(s) interleaved with simple-update (medians); each tokentrack call"
+        " is its own transaction (autocommit), as the client makes them. Full run:"
+        f" {results.get('wall_seconds', 0) / 60:.1f} min.\n"
+    )
+
+    if "throughput" in results:
+        t = results["throughput"]["summary"]
+        add("## Throughput vs pgbench simple-update (same server, same run)\n")
+        add(
+            "| workload | accounts | tx/s (min-max) | calls/tx | calls/s | x simple-update "
+            "(per round) | ≥ 0.8 | server CPU ms/call (x s-u) | WAL B/call | main waits |"
+        )
+        add("|---|---|---|---|---|---|---|---|---|---|")
+        for r in t["rows"]:
+            su = r["workload"] == "simple-update"
+            per_round = (
+                f" ({r['ratio_per_round_min']:.2f}-{r['ratio_per_round_max']:.2f})"
+                if r["ratio_per_round_min"] is not None and not su
+                else ""
+            )
+            add(
+                f"| {LABELS[r['workload']]} | {r['accounts']} | {_n(r['tps'])} "
+                f"({_n(r['tps_min'])}-{_n(r['tps_max'])}) | {r['calls_per_tx']} | "
+                f"{_n(r['calls_per_s'])} | {r['ratio_to_simple_update']:.2f}{per_round} | "
+                f"{'' if su else _ok(r['ratio_to_simple_update'] >= TARGET_FUNCTION)} | "
+                f"{r['server_cpu_ms_per_call']:.2f} ({r['cpu_per_call_vs_simple_update']:.1f}x) | "
+                f"{_n(r['wal_bytes_per_call'])} | {r['top_waits']} |"
+            )
+        add("")
+        add("### Hot account vs spread accounts\n")
+        add(
+            "| workload | spread calls/s | hot calls/s | hot / spread | >= 0.8 "
+            "| hot account's waits |"
+        )
+        add("|---|---|---|---|---|---|")
+        for h in t["hot_vs_spread"]:
+            add(
+                f"| {LABELS[h['workload']]} | {_n(h['spread_calls_per_s'])} | "
+                f"{_n(h['hot_calls_per_s'])} | {h['ratio']:.2f} | {_ok(h['ratio'] >= TARGET_HOT)} "
+                f"| {h['hot_top_waits']} |"
+            )
+        add("")
+
+    if "client" in results:
+        c = results["client"]["summary"]
+        add(f"## The client: lifecycle through tokentrack_client ({c['tasks']} asyncio tasks)\n")
+        add(
+            "| driver | calls/s | ratio | ≥ 0.6 | driver CPU (cores) | driver CPU ms/call |"
+            " server CPU ms/call |"
+        )
+        add("|---|---|---|---|---|---|---|")
+        add(
+            f"| pgbench lifecycle.sql | {_n(c['pgbench_calls_per_s'])} | 1.00 | | "
+            f"{c['pgbench_driver_cores']:.2f} | {c['pgbench_cpu_ms_per_call']:.3f} | "
+            f"{c['server_cpu_ms_per_call_pgbench']:.2f} |"
+        )
+        add(
+            f"| TokenTracker.track_report | {_n(c['client_calls_per_s'])} | {c['ratio']:.2f} | "
+            f"{_ok(c['ratio'] >= TARGET_CLIENT)} | {c['client_driver_cores']:.2f} | "
+            f"{c['client_cpu_ms_per_call']:.3f} | {c['server_cpu_ms_per_call_client']:.2f} |"
+        )
+        add("")
+
+    if "growth" in results:
+        gr = results["growth"]
+        g = gr["summary"]
+        small, large = _size(g["small"]), _size(g["large"])
+        add(f"## Growth: {small} vs {large} existing reservations and steps (one client)\n")
+        add(
+            "Median time of one call (server execution and round trip, commit not included), "
+            "both databases on the same server, timed in interleaved rounds. Scans: "
+            "what the function's statements (auto_explain, nested) or the query use at "
+            f"{large} that touch a large table by more than a key. Buffers: shared blocks hit "
+            "or read per call (EXPLAIN ANALYZE BUFFERS through auto_explain, nested statements "
+            "included): the growth measure that machine load does not blur.\n"
+        )
+        indexed = g["with_proposed_indexes"]
+        head = (
+            f"| function or query | {small} ms | {large} ms | ratio | <= 1.2 | buffers "
+            f"{small} -> {large} | scans at {large} |"
+        )
+        if indexed:
+            head += f" indexed: {small} ms | {large} ms | ratio | buffers {small} -> {large} |"
+        add(head)
+        add("|---" * (11 if indexed else 7) + "|")
+        for r in g["rows"]:
+            line = (
+                f"| {r['name']} | {r['small_ms']:.3f} | {r['large_ms']:.3f} | {r['ratio']:.2f} | "
+                f"{_ok(r['ratio'] <= TARGET_GROWTH)} | "
+                f"{_blocks(r['small_blocks'])} -> {_blocks(r['large_blocks'])} | "
+                f"{_scans(r['large_scans'])} |"
+            )
+            if indexed:
+                line += (
+                    f" {r['indexed_small_ms']:.3f} | {r['indexed_large_ms']:.3f} | "
+                    f"{r['indexed_ratio']:.2f} | {_blocks(r['indexed_small_blocks'])} -> "
+                    f"{_blocks(r['indexed_large_blocks'])} |"
+                )
+            add(line)
+        add("")
+        rec = gr["reconcile_all_s"]
+        add(
+            f"`tokentrack monitor` also runs `reconcile()` of every period, an audit that reads "
+            f"everything by design: {rec[str(g['small'])]:.2f} s at {small}, "
+            f"{rec[str(g['large'])]:.1f} s at {large}.\n"
+        )
+        if gr["proposed_indexes"]:
+            add("Proposed indexes (missing from the installed schema):\n")
+            for sql in gr["proposed_indexes"].values():
+                add(f"- `{sql};`")
+            add("")
+        if gr.get("proposed_indexes_already_installed"):
+            already = ", ".join(gr["proposed_indexes_already_installed"])
+            add(f"The indexes this benchmark proposed are in the installed schema: {already}.\n")
+
+    if "sweep" in results:
+        s = results["sweep"]
+        add(f"## The sweep ({s['steps_per_reservation']} steps per expired reservation)\n")
+        add(
+            "Each batch is one transaction, timed from its SELECT to the end of its COMMIT: "
+            "the bound of how long it held its reservation, period and report locks.\n"
+        )
+        add(
+            "| how | backlog | batch | total s | rows/s | longest batch ms | median | p95 | "
+            "ms per reservation | <= 100 ms | first -> last full batches ms | batch scan |"
+        )
+        add("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        runs = [s["batched"], *s.get("smaller_batches", [])]
+        for b in runs:
+            add(
+                f"| expire_reservations per transaction | {_n(b['backlog'])} | {b['batch']} | "
+                f"{b['total_s']:.1f} | {_n(b['rows_per_s'])} | {b['longest_batch_ms']:.0f} | "
+                f"{b['median_batch_ms']:.0f} | {b['p95_batch_ms']:.0f} | "
+                f"{b['median_ms_per_reservation']:.2f} | "
+                f"{_ok(b['longest_batch_ms'] <= TARGET_SWEEP_MS)} | "
+                f"{b['first_batches_ms'][:3]} -> {b['last_full_batches_ms'][-3:]} | "
+                f"{'; '.join(b['batch_scan'])} |"
+            )
+        p = s["procedure"]
+        add(
+            f"| CALL sweep_expired_reservations | {_n(p['backlog'])} | {p['batch']} | "
+            f"{p['total_s']:.1f} | {_n(p['rows_per_s'])} | | | | | | | |"
+        )
+        add("")
+
+    if "profile" in results:
+        add("## Where the time goes (pg_stat_statements, track = all)\n")
+        for key in ("simple-update/-", "lifecycle/spread", "lifecycle/hot", "finalize/spread"):
+            if key not in results["profile"]:
+                continue
+            prof = results["profile"][key]
+            calls = max(prof["calls"], 1)
+            add(f"**{key}** ({_n(prof['calls'])} calls): statements by total execution time\n")
+            add("| top | statement | calls | mean ms | ms per call of the workload | WAL B/call |")
+            add("|---|---|---|---|---|---|")
+            for st in prof["statements"][:10]:
+                text = st["query"][:90].replace("|", "\\|")
+                add(
+                    f"| {'yes' if st['toplevel'] else ''} | `{text}` | {_n(st['calls'])} | "
+                    f"{st['mean_exec_time']:.3f} | {st['total_exec_time'] / calls:.3f} | "
+                    f"{_n(st['wal_bytes'] / max(st['calls'], 1))} |"
+                )
+            add("")
+        if "sweep" in results:
+            prof = results["sweep"].get("profile", {})
+            add(
+                f"**sweep** (expire_reservations({prof.get('batch')}) over "
+                f"{_n(prof.get('backlog', 0))} expired reservations, a run of its own): "
+                "statements by total execution time\n"
+            )
+            add("| top | statement | calls | mean ms | total ms |")
+            add("|---|---|---|---|---|")
+            for st in results["sweep"].get("profile", {}).get("pg_stat_statements", [])[:8]:
+                text = st["query"][:90].replace("|", "\\|")
+                add(
+                    f"| {'yes' if st['toplevel'] else ''} | `{text}` | {_n(st['calls'])} | "
+                    f"{st['mean_exec_time']:.3f} | {_n(st['total_exec_time'])} |"
+                )
+            add("")
+
+    checks = []
+    for key in (
+        "bench_db_reconcile_ok",
+        "growth_small_db_reconcile_ok",
+        "growth_large_db_reconcile_ok",
+    ):
+        if key in results:
+            checks.append(f"{key.split('_reconcile')[0]}: {'ok' if results[key] else 'FAILED'}")
+    if checks:
+        add("reconcile() at the end: " + ", ".join(checks) + ".\n")
+    return "\n".join(out) + "\n"
