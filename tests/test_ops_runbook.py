@@ -194,7 +194,7 @@ async def test_the_runbook_as_written(cron_server: PgServer, tmp_path: Path) -> 
     monitoring = await _run_block("monitoring", dsn, workdir, cron_server)
     assert monitoring.returncode == 0, monitoring.stdout + monitoring.stderr
     assert "monitor: no alert firing" in monitoring.stdout
-    assert '"command": "CALL tokentrack.sweep_expired_reservations(500)"' in monitoring.stdout
+    assert '"command": "CALL tokentrack.sweep_expired_reservations(50)"' in monitoring.stdout
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ from ops_history import call, tokentrack
 from pgserver import PgServer
 from tokentrack_client import migrate
 
-SWEEP = "CALL tokentrack.sweep_expired_reservations(500)"
+SWEEP = "CALL tokentrack.sweep_expired_reservations(50)"
 
 
 async def _seed_expired(dsn: str, reservations: int) -> tuple[uuid.UUID, int, int]:
@@ -161,7 +161,7 @@ async def test_cron_install_is_idempotent_and_pg_cron_runs_the_sweep(
     first = await tokentrack("cron", "install", "--database-url", app)
     assert first.code == 0, first
     assert first.out.startswith("cron: created extension pg_cron in database postgres\n")
-    assert "created: '0 */2 * * *' runs 'CALL tokentrack.sweep_expired_reservations(500)'" in (
+    assert "created: '0 */2 * * *' runs 'CALL tokentrack.sweep_expired_reservations(50)'" in (
         first.out
     )
     assert "in database tokentrack_app" in first.out

@@ -4,7 +4,7 @@
 transaction), or with ``--batch-size N`` batches of N reservations, each committed on its
 own (what ``CALL tokentrack.sweep_expired_reservations(N)`` does, with the totals returned).
 
-``cron install`` schedules ``CALL tokentrack.sweep_expired_reservations(500)`` every 2 hours
+``cron install`` schedules ``CALL tokentrack.sweep_expired_reservations(50)`` every 2 hours
 (``0 */2 * * *``) through pg_cron, under a fixed job name, idempotently: pg_cron (1.3 and
 later) upserts a named job on (job name, user), and an unchanged job is left alone. pg_cron
 lives in one database of the server (``cron.database_name``); when that is not the
@@ -29,7 +29,7 @@ from tokentrack_client.ops._common import OpsError, connected, iso, pg_error, re
 
 DEFAULT_JOB_NAME: Final = "tokentrack-expiry-sweep"
 DEFAULT_SCHEDULE: Final = "0 */2 * * *"
-DEFAULT_BATCH_SIZE: Final = 500
+DEFAULT_BATCH_SIZE: Final = 50
 SWEEP_PROCEDURE: Final = "tokentrack.sweep_expired_reservations(integer)"
 
 
