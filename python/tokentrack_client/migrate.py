@@ -350,7 +350,7 @@ def load_versions(sql_dir: Path | None = None) -> list[MigrationVersion]:
 # --------------------------------------------------------------------------------------------
 
 
-def _describe_target(dsn: str) -> str:
+def describe_target(dsn: str) -> str:
     """``user@host:port/db`` for messages; never the password."""
     try:
         parts = urlsplit(dsn)
@@ -363,7 +363,8 @@ def _describe_target(dsn: str) -> str:
     return f"{user}{host}:{port}/{db}"
 
 
-def _pg_error(exc: asyncpg.PostgresError) -> str:
+def pg_error(exc: asyncpg.PostgresError) -> str:
+    """One line: the SQLSTATE and the server's message."""
     message = " ".join(str(exc).split())
     return f"SQLSTATE {exc.sqlstate}: {message}"
 
@@ -374,7 +375,7 @@ async def _connect(dsn: str) -> asyncpg.Connection:
         raise ConnectionFailed(
             "invalid DATABASE_URL: expected a URL like postgresql://user:password@host:5432/dbname"
         )
-    target = _describe_target(dsn)
+    target = describe_target(dsn)
     try:
         return await asyncpg.connect(
             dsn,
@@ -382,7 +383,7 @@ async def _connect(dsn: str) -> asyncpg.Connection:
             server_settings={"application_name": "tokentrack migrate"},
         )
     except asyncpg.PostgresError as exc:
-        raise ConnectionFailed(f"cannot connect to {target}: {_pg_error(exc)}") from exc
+        raise ConnectionFailed(f"cannot connect to {target}: {pg_error(exc)}") from exc
     except (OSError, TimeoutError, asyncpg.InterfaceError, ValueError) as exc:
         detail = " ".join(str(exc).split()) or type(exc).__name__
         raise ConnectionFailed(f"cannot connect to {target}: {detail}") from exc
@@ -427,7 +428,7 @@ async def _bootstrap(conn: asyncpg.Connection) -> None:
         if exc.sqlstate == "42501":
             hint = "; the installing role needs CREATE on the database (see docs/INSTALL.md)"
         raise ApplyError(
-            f"cannot create tokentrack.schema_migrations: {_pg_error(exc)}{hint}"
+            f"cannot create tokentrack.schema_migrations: {pg_error(exc)}{hint}"
         ) from exc
 
 
@@ -440,7 +441,7 @@ async def _applied_rows(conn: asyncpg.Connection) -> list[AppliedRow]:
             "FROM tokentrack.schema_migrations ORDER BY version"
         )
     except asyncpg.PostgresError as exc:
-        raise ApplyError(f"cannot read tokentrack.schema_migrations: {_pg_error(exc)}") from exc
+        raise ApplyError(f"cannot read tokentrack.schema_migrations: {pg_error(exc)}") from exc
     return [
         AppliedRow(
             version=r["version"],
@@ -546,9 +547,9 @@ async def install(
         finally:
             await _release_lock(conn)
     except asyncpg.PostgresError as exc:
-        raise ApplyError(f"{_describe_target(dsn)}: {_pg_error(exc)}") from exc
+        raise ApplyError(f"{describe_target(dsn)}: {pg_error(exc)}") from exc
     except (asyncpg.InterfaceError, OSError) as exc:
-        raise ApplyError(f"lost the connection to {_describe_target(dsn)}: {exc}") from exc
+        raise ApplyError(f"lost the connection to {describe_target(dsn)}: {exc}") from exc
     finally:
         await _close(conn)
 
@@ -575,7 +576,7 @@ async def _apply_version(
             f"; already applied in this run: {', '.join(v.version for v in done)}" if done else ""
         )
         raise ApplyError(
-            f"applying version {version.label} failed in {current}: {_pg_error(exc)}; "
+            f"applying version {version.label} failed in {current}: {pg_error(exc)}; "
             f"version {version.version} was rolled back{kept}"
         ) from exc
 
@@ -628,7 +629,7 @@ async def rollback(
                     kept = f"; already rolled back: {', '.join(done)}" if done else ""
                     raise ApplyError(
                         f"rolling back version {version.label} failed in "
-                        f"{version.rollback.relpath}: {_pg_error(exc)}; "
+                        f"{version.rollback.relpath}: {pg_error(exc)}; "
                         f"version {row.version} stays applied{kept}"
                     ) from exc
                 done.append(row.version)
@@ -645,9 +646,9 @@ async def rollback(
         finally:
             await _release_lock(conn)
     except asyncpg.PostgresError as exc:
-        raise ApplyError(f"{_describe_target(dsn)}: {_pg_error(exc)}") from exc
+        raise ApplyError(f"{describe_target(dsn)}: {pg_error(exc)}") from exc
     except (asyncpg.InterfaceError, OSError) as exc:
-        raise ApplyError(f"lost the connection to {_describe_target(dsn)}: {exc}") from exc
+        raise ApplyError(f"lost the connection to {describe_target(dsn)}: {exc}") from exc
     finally:
         await _close(conn)
 

@@ -11,6 +11,8 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
+from tokentrack_client import migrate
+
 CONNECT_TIMEOUT: Final = 10.0
 
 EXIT_OK: Final = 0
@@ -22,22 +24,9 @@ class OpsError(Exception):
     """A problem that stops an operations command; its message is one line for the CLI."""
 
 
-def describe_target(dsn: str) -> str:
-    """``user@host:port/db`` for messages; never the password."""
-    try:
-        parts = urlsplit(dsn)
-        host = parts.hostname or "localhost"
-        port = parts.port or 5432
-        user = f"{parts.username}@" if parts.username else ""
-        db = parts.path.lstrip("/") or "(default database)"
-    except ValueError:
-        return "the database"
-    return f"{user}{host}:{port}/{db}"
-
-
-def pg_error(exc: asyncpg.PostgresError) -> str:
-    """One line: the SQLSTATE and the server's message."""
-    return f"SQLSTATE {exc.sqlstate}: {' '.join(str(exc).split())}"
+# One wording for connection targets and server errors across the CLI: the migrator's.
+describe_target = migrate.describe_target
+pg_error = migrate.pg_error
 
 
 @asynccontextmanager
