@@ -60,8 +60,8 @@ install-cron: venv ## Schedule the expiry sweep every 2 hours through pg_cron: m
 
 lint: venv ## sqlfluff on sql/, ruff check + ruff format --check, mypy --strict, plpgsql_check
 	$(BIN)/sqlfluff lint sql/
-	$(BIN)/ruff check python tests examples
-	$(BIN)/ruff format --check python tests examples
+	$(BIN)/ruff check python tests examples bench
+	$(BIN)/ruff format --check python tests examples bench
 	$(BIN)/mypy --strict python
 	MYPYPATH=examples $(BIN)/mypy --strict examples
 	@# plpgsql_check on a throwaway server; skipped (said so) without the extension, except with CI=true
