@@ -80,13 +80,13 @@ ConnectionLike: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
 _SQL_TRY_RESERVE: Final = (
     "SELECT tokentrack.try_reserve_tokens($1::uuid, $2::uuid, $3::integer)::text"
 )
-_SQL_PERSIST_STEP: Final = (
+_SQL_RECORD_STEP: Final = (
     "SELECT tokentrack.persist_step_usage("
     "$1::uuid, $2::uuid, $3::text, $4::integer, $5::integer, $6::integer, $7::text)::text"
 )
 _SQL_FINALIZE: Final = "SELECT tokentrack.finalize_report_usage($1::uuid, $2::uuid)::text"
 _SQL_FINISH: Final = "SELECT tokentrack.finish_report($1::uuid, $2::uuid, $3::text, $4::text)::text"
-_SQL_CLEANUP: Final = "SELECT tokentrack.cleanup_expired_reservations()::text"
+_SQL_SWEEP: Final = "SELECT tokentrack.cleanup_expired_reservations()::text"
 _SQL_RECONCILE: Final = "SELECT tokentrack.reconcile($1::uuid)::text"
 _SQL_INCREMENT: Final = (
     "SELECT tokentrack.increment_usage($1::uuid, $2::integer, $3::boolean, $4::boolean)::text"
@@ -215,7 +215,7 @@ class TokenTracker:
             check_total_tokens(total_tokens, inputs, outputs),
             check_text("model", model, required=False),
         )
-        answer = await self._call("persist_step_usage", _SQL_PERSIST_STEP, args)
+        answer = await self._call("persist_step_usage", _SQL_RECORD_STEP, args)
         return StepRecord.from_answer(answer)
 
     async def finalize(self, report_id: IdLike, account_id: IdLike) -> Settlement:
@@ -272,7 +272,7 @@ class TokenTracker:
         Safe to run concurrently with itself and with finalize. For a large backlog prefer
         ``CALL tokentrack.sweep_expired_reservations()`` (batched commits), e.g. from pg_cron.
         """
-        answer = await self._call("cleanup_expired_reservations", _SQL_CLEANUP, ())
+        answer = await self._call("cleanup_expired_reservations", _SQL_SWEEP, ())
         return SweepResult.from_answer(answer)
 
     async def reconcile(self, account_id: IdLike | None = None) -> Reconciliation:
