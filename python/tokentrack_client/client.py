@@ -206,13 +206,14 @@ class TokenTracker:
         name = check_text("step_name", step_name, required=True)
         inputs = check_count("input_tokens", input_tokens, minimum=0)
         outputs = check_count("output_tokens", output_tokens, minimum=0)
+        total = check_total_tokens(total_tokens, inputs, outputs)
         args = (
             check_id("report_id", report_id),
             check_id("account_id", account_id),
             name,
             inputs,
             outputs,
-            check_total_tokens(total_tokens, inputs, outputs),
+            total,
             check_text("model", model, required=False),
         )
         answer = await self._call("persist_step_usage", _SQL_RECORD_STEP, args)
@@ -317,10 +318,11 @@ class TokenTracker:
         is in the future). Not idempotent: each call opens a new period, so a call whose
         ``COMMIT`` was lost raises :class:`ConnectionLost` with ``outcome_unknown=True``.
         """
+        end = check_optional_datetime("period_end", period_end)
         args = (
             check_id("account_id", account_id),
             check_count("tokens_limit", tokens_limit, minimum=0, maximum=BIGINT_MAX),
-            check_optional_datetime("period_end", period_end),
+            end,
         )
         answer = await self._call("open_usage_period", _SQL_OPEN_PERIOD, args, idempotent=False)
         return PeriodOpened.from_answer(answer)
