@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -23,14 +24,19 @@ from tokentrack_client import (
     NoActivePeriod,
     NotInstalled,
     PermissionDenied,
+    Reconciliation,
     Refusal,
     ReportAccountMismatch,
     ReportFinalized,
     ReservationNotFound,
     StepConflict,
+    SweepResult,
     TokenTracker,
     TokenTrackError,
+    UnexpectedAnswer,
+    contract,
 )
+from tokentrack_client.answers import read_answer
 
 
 async def test_try_reserve_answers_a_reservation_and_a_retry_answers_the_same_one(
@@ -216,6 +222,80 @@ def test_an_unknown_refusal_code_is_a_plain_refusal() -> None:
     )
     assert type(error) is Refusal
     assert (error.code, error.message) == ("quota_frozen", "frozen by billing")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading answers: one module, shared by the client and the operations commands
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "says"),
+    [
+        (None, "expected the jsonb answer as text"),
+        (b'{"success": true}', "expected the jsonb answer as text"),
+        ("{not json", "is not JSON"),
+        ("[1, 2]", "is not a JSON object"),
+    ],
+)
+def test_read_answer_refuses_what_is_not_a_json_object(raw: object, says: str) -> None:
+    with pytest.raises(UnexpectedAnswer, match=says) as refused:
+        read_answer("reconcile", raw)
+    assert str(refused.value).startswith("reconcile: ")
+
+
+def test_read_answer_raises_the_typed_refusal_and_passes_the_rest() -> None:
+    with pytest.raises(InsufficientTokens) as refused:
+        read_answer(
+            "try_reserve_tokens",
+            '{"success": false, "error": "insufficient_tokens", "message": "no",'
+            ' "available_tokens": 3, "requested_tokens": 9}',
+        )
+    assert (refused.value.available_tokens, refused.value.requested_tokens) == (3, 9)
+    assert read_answer("reconcile", '{"ok": true, "periods_checked": 0}') == {
+        "ok": True,
+        "periods_checked": 0,
+    }
+
+
+def test_a_missing_or_mistyped_field_is_an_unexpected_answer() -> None:
+    good = {"expired": 2, "billed_tokens": 10}
+    assert SweepResult.from_answer(good) == SweepResult(expired=2, billed_tokens=10, steps=0)
+    with pytest.raises(UnexpectedAnswer, match="has no 'billed_tokens'"):
+        SweepResult.from_answer({"expired": 2})
+    with pytest.raises(UnexpectedAnswer, match="'expired' is not an integer: True"):
+        SweepResult.from_answer({**good, "expired": True})
+    with pytest.raises(UnexpectedAnswer, match="'discrepancies' is not a list"):
+        Reconciliation.from_answer({"ok": True, "periods_checked": 1, "discrepancies": {}})
+    with pytest.raises(UnexpectedAnswer, match="expected a JSON object in 'discrepancies'"):
+        Reconciliation.from_answer({"ok": False, "periods_checked": 1, "discrepancies": [7]})
+
+
+def test_the_report_ended_exceptions_live_with_the_tracker_and_are_exported() -> None:
+    assert tokentrack_client.ReportEnded is tokentrack_client.tracking.ReportEnded
+    assert tokentrack_client.ReportCancelled is tokentrack_client.tracking.ReportCancelled
+    assert issubclass(tokentrack_client.ReportCancelled, tokentrack_client.ReportEnded)
+    assert issubclass(tokentrack_client.ReportEnded, TokenTrackError)
+
+
+async def test_the_contract_statuses_are_the_ones_the_schema_allows(
+    conn: asyncpg.Connection,
+) -> None:
+    async def allowed(constraint: str) -> set[str]:
+        definition = await conn.fetchval(
+            "SELECT pg_get_constraintdef(oid) FROM pg_constraint"
+            " WHERE conname = $1 AND connamespace = 'tokentrack'::regnamespace",
+            constraint,
+        )
+        return set(re.findall(r"'([a-z_]+)'::text", definition))
+
+    assert await allowed("reports_status_valid") == set(contract.REPORT_STATUSES)
+    assert await allowed("report_reservations_status_valid") == set(contract.RESERVATION_STATUSES)
+    assert await allowed("usage_periods_status_valid") == set(contract.PERIOD_STATUSES)
+    assert set(contract.REPORT_OUTCOMES) == set(contract.REPORT_STATUSES) - {
+        "pending",
+        "processing",
+    }
 
 
 # --------------------------------------------------------------------------------------------

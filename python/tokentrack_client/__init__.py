@@ -18,8 +18,6 @@ from tokentrack_client.errors import (
     PermissionDenied,
     Refusal,
     ReportAccountMismatch,
-    ReportCancelled,
-    ReportEnded,
     ReportFinalized,
     ReservationNotFound,
     StepConflict,
@@ -38,7 +36,7 @@ from tokentrack_client.results import (
     UsageIncrement,
 )
 from tokentrack_client.retry import DEFAULT_RETRY, NO_RETRY, RetryPolicy
-from tokentrack_client.tracking import ReportTracker
+from tokentrack_client.tracking import ReportCancelled, ReportEnded, ReportTracker
 
 __all__ = [
     "DEFAULT_RETRY",

@@ -21,27 +21,24 @@ commits with it, and is never retried.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
-import uuid
 from collections.abc import Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeAlias
+from typing import Any, Final, NoReturn, TypeAlias
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from tokentrack_client.answers import read_answer
+from tokentrack_client.contract import BIGINT_MAX
 from tokentrack_client.errors import (
     ConnectionLost,
     DatabaseError,
     InvalidArgument,
     NotInstalled,
     PermissionDenied,
-    TokenTrackError,
     TransientError,
-    UnexpectedAnswer,
-    refusal_from_answer,
 )
 from tokentrack_client.results import (
     PeriodOpened,
@@ -60,9 +57,18 @@ from tokentrack_client.retry import (
     is_rolled_back,
     sqlstate_of,
 )
-
-if TYPE_CHECKING:
-    from tokentrack_client.tracking import ReportTracker
+from tokentrack_client.tracking import ReportTracker
+from tokentrack_client.validation import (
+    IdLike,
+    check_count,
+    check_error_message,
+    check_flag,
+    check_id,
+    check_optional_datetime,
+    check_outcome,
+    check_text,
+    check_total_tokens,
+)
 
 __all__ = ["ConnectionLike", "IdLike", "TokenTracker"]
 
@@ -71,24 +77,16 @@ logger = logging.getLogger("tokentrack_client")
 ConnectionLike: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
 """A single asyncpg connection (or one acquired from a pool and held by the caller)."""
 
-IdLike: TypeAlias = "uuid.UUID | str"
-"""An account or report id: a :class:`uuid.UUID` or its string form."""
-
-INT_MAX: Final = 2**31 - 1
-NAME_MAX: Final = 200
-ERROR_MESSAGE_MAX: Final = 10_000
-REPORT_OUTCOMES: Final = ("complete", "failed", "cancelled")
-
 _SQL_TRY_RESERVE: Final = (
     "SELECT tokentrack.try_reserve_tokens($1::uuid, $2::uuid, $3::integer)::text"
 )
-_SQL_PERSIST_STEP: Final = (
+_SQL_RECORD_STEP: Final = (
     "SELECT tokentrack.persist_step_usage("
     "$1::uuid, $2::uuid, $3::text, $4::integer, $5::integer, $6::integer, $7::text)::text"
 )
 _SQL_FINALIZE: Final = "SELECT tokentrack.finalize_report_usage($1::uuid, $2::uuid)::text"
 _SQL_FINISH: Final = "SELECT tokentrack.finish_report($1::uuid, $2::uuid, $3::text, $4::text)::text"
-_SQL_CLEANUP: Final = "SELECT tokentrack.cleanup_expired_reservations()::text"
+_SQL_SWEEP: Final = "SELECT tokentrack.cleanup_expired_reservations()::text"
 _SQL_RECONCILE: Final = "SELECT tokentrack.reconcile($1::uuid)::text"
 _SQL_INCREMENT: Final = (
     "SELECT tokentrack.increment_usage($1::uuid, $2::integer, $3::boolean, $4::boolean)::text"
@@ -178,9 +176,9 @@ class TokenTracker:
         :class:`ReportAccountMismatch` or :class:`ReportFinalized`; nothing is written then.
         """
         args = (
-            _id("account_id", account_id),
-            _id("report_id", report_id),
-            _count("estimated_tokens", estimated_tokens, minimum=1),
+            check_id("account_id", account_id),
+            check_id("report_id", report_id),
+            check_count("estimated_tokens", estimated_tokens, minimum=1),
         )
         answer = await self._call("try_reserve_tokens", _SQL_TRY_RESERVE, args)
         return Reservation.from_answer(answer)
@@ -205,34 +203,20 @@ class TokenTracker:
         (the generator should stop). Raises :class:`ReservationNotFound` and
         :class:`ReportAccountMismatch`.
         """
-        name = _text("step_name", step_name, required=True)
-        inputs = _count("input_tokens", input_tokens, minimum=0)
-        outputs = _count("output_tokens", output_tokens, minimum=0)
-        total: int | None = None
-        if total_tokens is not None:
-            total = _count("total_tokens", total_tokens, minimum=0)
-            if total < inputs + outputs:
-                raise InvalidArgument(
-                    "total_tokens",
-                    f"total_tokens ({total}) must not be below input_tokens + output_tokens "
-                    f"({inputs + outputs})",
-                )
-        elif inputs + outputs > INT_MAX:
-            raise InvalidArgument(
-                "total_tokens",
-                f"total_tokens (None, so input_tokens + output_tokens = {inputs + outputs}) "
-                f"exceeds {INT_MAX}",
-            )
+        name = check_text("step_name", step_name, required=True)
+        inputs = check_count("input_tokens", input_tokens, minimum=0)
+        outputs = check_count("output_tokens", output_tokens, minimum=0)
+        total = check_total_tokens(total_tokens, inputs, outputs)
         args = (
-            _id("report_id", report_id),
-            _id("account_id", account_id),
+            check_id("report_id", report_id),
+            check_id("account_id", account_id),
             name,
             inputs,
             outputs,
             total,
-            _text("model", model, required=False),
+            check_text("model", model, required=False),
         )
-        answer = await self._call("persist_step_usage", _SQL_PERSIST_STEP, args)
+        answer = await self._call("persist_step_usage", _SQL_RECORD_STEP, args)
         return StepRecord.from_answer(answer)
 
     async def finalize(self, report_id: IdLike, account_id: IdLike) -> Settlement:
@@ -243,7 +227,7 @@ class TokenTracker:
         report with :meth:`finish_report` (or :meth:`track_report`). Raises
         :class:`ReservationNotFound` and :class:`ReportAccountMismatch`.
         """
-        args = (_id("report_id", report_id), _id("account_id", account_id))
+        args = (check_id("report_id", report_id), check_id("account_id", account_id))
         answer = await self._call("finalize_report_usage", _SQL_FINALIZE, args)
         return Settlement.from_answer(answer)
 
@@ -262,12 +246,14 @@ class TokenTracker:
         is kept on the report. Raises :class:`ReservationNotFound` and
         :class:`ReportAccountMismatch`.
         """
-        if status not in REPORT_OUTCOMES:
-            raise InvalidArgument(
-                "status", f"status must be complete, failed or cancelled, not {status!r}"
-            )
-        message = _text("error_message", error_message, required=False, limit=ERROR_MESSAGE_MAX)
-        args = (_id("report_id", report_id), _id("account_id", account_id), status, message)
+        outcome = check_outcome(status)
+        message = check_error_message(error_message)
+        args = (
+            check_id("report_id", report_id),
+            check_id("account_id", account_id),
+            outcome,
+            message,
+        )
         answer = await self._call("finish_report", _SQL_FINISH, args)
         return Settlement.from_answer(answer)
 
@@ -287,13 +273,13 @@ class TokenTracker:
         Safe to run concurrently with itself and with finalize. For a large backlog prefer
         ``CALL tokentrack.sweep_expired_reservations()`` (batched commits), e.g. from pg_cron.
         """
-        answer = await self._call("cleanup_expired_reservations", _SQL_CLEANUP, ())
+        answer = await self._call("cleanup_expired_reservations", _SQL_SWEEP, ())
         return SweepResult.from_answer(answer)
 
     async def reconcile(self, account_id: IdLike | None = None) -> Reconciliation:
         """Audit every period (of one account, or all): is ``tokens_used`` explained by the
         ledger? Read-only. Raises :class:`AccountNotFound` for an unknown account."""
-        account = None if account_id is None else _id("account_id", account_id)
+        account = None if account_id is None else check_id("account_id", account_id)
         answer = await self._call("reconcile", _SQL_RECONCILE, (account,))
         return Reconciliation.from_answer(answer)
 
@@ -314,10 +300,10 @@ class TokenTracker:
         Raises :class:`AccountNotFound` and :class:`NoActivePeriod`.
         """
         args = (
-            _id("account_id", account_id),
-            _count("tokens", tokens, minimum=0),
-            _flag("is_report", is_report),
-            _flag("is_chat", is_chat),
+            check_id("account_id", account_id),
+            check_count("tokens", tokens, minimum=0),
+            check_flag("is_report", is_report),
+            check_flag("is_chat", is_chat),
         )
         answer = await self._call("increment_usage", _SQL_INCREMENT, args, idempotent=False)
         return UsageIncrement.from_answer(answer)
@@ -332,12 +318,11 @@ class TokenTracker:
         is in the future). Not idempotent: each call opens a new period, so a call whose
         ``COMMIT`` was lost raises :class:`ConnectionLost` with ``outcome_unknown=True``.
         """
-        if period_end is not None and not isinstance(period_end, datetime):
-            raise InvalidArgument("period_end", "period_end must be a datetime or None")
+        end = check_optional_datetime("period_end", period_end)
         args = (
-            _id("account_id", account_id),
-            _count("tokens_limit", tokens_limit, minimum=0, maximum=2**63 - 1),
-            period_end,
+            check_id("account_id", account_id),
+            check_count("tokens_limit", tokens_limit, minimum=0, maximum=BIGINT_MAX),
+            end,
         )
         answer = await self._call("open_usage_period", _SQL_OPEN_PERIOD, args, idempotent=False)
         return PeriodOpened.from_answer(answer)
@@ -358,8 +343,6 @@ class TokenTracker:
         cancellation of the task marks it ``cancelled`` and bills it, shielded from the
         cancellation, then lets ``CancelledError`` propagate. See :class:`ReportTracker`.
         """
-        from tokentrack_client.tracking import ReportTracker
-
         return ReportTracker(self, account_id, report_id, estimated_tokens)
 
     # ----------------------------------------------------------------------------------------
@@ -389,7 +372,7 @@ class TokenTracker:
                     await asyncio.sleep(pause)
                     continue
                 _raise_failure(function, failed, attempt)
-            return _answer(function, raw)
+            return read_answer(function, raw)
 
     def _may_retry(self, failed: _AttemptFailed, idempotent: bool) -> bool:
         """Whether the failed attempt may be repeated (see :mod:`tokentrack_client.retry`)."""
@@ -402,7 +385,7 @@ class TokenTracker:
             return idempotent or failed.phase is not Phase.COMMIT
         return is_rolled_back(error)
 
-    async def _attempt(self, sql: str, args: tuple[Any, ...]) -> str:
+    async def _attempt(self, sql: str, args: tuple[Any, ...]) -> object:
         if self._pool is None:
             assert self._connection is not None
             async with self._lock:
@@ -421,7 +404,7 @@ class TokenTracker:
 
     async def _in_transaction(
         self, connection: ConnectionLike, sql: str, args: tuple[Any, ...]
-    ) -> str:
+    ) -> object:
         if connection.is_in_transaction():
             # The caller's transaction: join it; it commits (or not) with the caller.
             try:
@@ -430,7 +413,7 @@ class TokenTracker:
                 raise _AttemptFailed(
                     exc, Phase.CALL, connection_closed=_closed(connection), joined=True
                 ) from exc
-            return _text_result(raw)
+            return raw
         phase = Phase.BEGIN
         try:
             await connection.execute(_BEGIN)
@@ -445,7 +428,7 @@ class TokenTracker:
                     exc, phase, connection_closed=_closed(connection), joined=False
                 ) from exc
             raise
-        return _text_result(raw)
+        return raw
 
 
 def _closed(connection: ConnectionLike) -> bool:
@@ -467,25 +450,6 @@ async def _rollback(connection: ConnectionLike) -> None:
         logger.debug("tokentrack: ROLLBACK failed: %s", _describe(exc))
 
 
-def _text_result(raw: object) -> str:
-    if isinstance(raw, str):
-        return raw
-    raise UnexpectedAnswer(f"expected the function's jsonb answer as text, got {raw!r}")
-
-
-def _answer(function: str, raw: str) -> Mapping[str, Any]:
-    """Parse a function's answer; raise the typed refusal for ``"success": false``."""
-    try:
-        answer = json.loads(raw)
-    except ValueError:
-        raise UnexpectedAnswer(f"{function}: the answer is not JSON: {raw[:200]!r}") from None
-    if not isinstance(answer, dict):
-        raise UnexpectedAnswer(f"{function}: the answer is not a JSON object: {raw[:200]!r}")
-    if answer.get("success") is False:
-        raise refusal_from_answer(answer)
-    return answer
-
-
 def _describe(exc: BaseException) -> str:
     state = sqlstate_of(exc)
     text = " ".join(str(exc).split()) or type(exc).__name__
@@ -499,8 +463,6 @@ def _describe(exc: BaseException) -> str:
 def _raise_failure(function: str, failed: _AttemptFailed, attempts: int) -> NoReturn:
     """Raise the client's exception for a failed call, ``from`` the driver's exception."""
     error = failed.error
-    if isinstance(error, TokenTrackError):
-        raise error
     state = sqlstate_of(error)
     detail = _describe(error)
     if state is not None and state.startswith("22"):
@@ -549,55 +511,3 @@ def _raise_failure(function: str, failed: _AttemptFailed, attempts: int) -> NoRe
             f"{function}: permission denied (grant the role tokentrack_service): {detail}", state
         ) from error
     raise DatabaseError(f"{function}: {detail}", state) from error
-
-
-# --------------------------------------------------------------------------------------------
-# Argument checks: the same rules as the SQL, so that bad input never reaches the server
-# --------------------------------------------------------------------------------------------
-
-
-def _id(name: str, value: object) -> uuid.UUID:
-    if isinstance(value, uuid.UUID):
-        return value
-    if isinstance(value, str):
-        try:
-            return uuid.UUID(value)
-        except ValueError:
-            raise InvalidArgument(name, f"{name} is not a UUID: {value[:100]!r}") from None
-    if value is None:
-        raise InvalidArgument(name, f"{name} must not be None")
-    raise InvalidArgument(name, f"{name} must be a UUID, not {type(value).__name__}")
-
-
-def _count(name: str, value: object, *, minimum: int, maximum: int = INT_MAX) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        what = "None" if value is None else type(value).__name__
-        raise InvalidArgument(name, f"{name} must be an integer, not {what}")
-    if value < minimum:
-        rule = "positive" if minimum == 1 else f"at least {minimum}"
-        raise InvalidArgument(name, f"{name} must be {rule} (got {value})")
-    if value > maximum:
-        raise InvalidArgument(name, f"{name} must be at most {maximum} (got {value})")
-    return value
-
-
-def _text(name: str, value: object, *, required: bool, limit: int = NAME_MAX) -> str | None:
-    if value is None:
-        if required:
-            raise InvalidArgument(name, f"{name} must not be None")
-        return None
-    if not isinstance(value, str):
-        raise InvalidArgument(name, f"{name} must be a string, not {type(value).__name__}")
-    if required and not value.strip(" "):  # the server's btrim() strips spaces only
-        raise InvalidArgument(name, f"{name} must not be empty")
-    if len(value) > limit:
-        raise InvalidArgument(name, f"{name} must be at most {limit} characters (got {len(value)})")
-    if "\x00" in value:
-        raise InvalidArgument(name, f"{name} must not contain NUL characters")
-    return value
-
-
-def _flag(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise InvalidArgument(name, f"{name} must be a bool, not {type(value).__name__}")
-    return value

@@ -32,7 +32,8 @@ import asyncpg
 from tokentrack_client import migrate
 from tokentrack_client.client import TokenTracker
 from tokentrack_client.embedded import EmbeddedPostgres, EmbeddedPostgresError
-from tokentrack_client.errors import InsufficientTokens, ReportCancelled, ReportFinalized
+from tokentrack_client.errors import InsufficientTokens, ReportFinalized
+from tokentrack_client.tracking import ReportCancelled
 
 __all__ = ["DemoError", "EmbeddedPostgresError", "main", "run_demo"]
 

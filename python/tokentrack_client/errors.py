@@ -13,6 +13,7 @@ Everything the client raises is a :class:`TokenTrackError`::
     │   └── ReportFinalized         report_finalized (.report_status when known)
     ├── ReportEnded                 a step of a report that was ended from outside (.status)
     │   └── ReportCancelled         ... ended as "cancelled" (the cancel button)
+    │                               (both in tokentrack_client.tracking, which raises them)
     ├── InvalidArgument             also a ValueError: a bad argument (.argument names it)
     ├── UnexpectedAnswer            the server answered something the client does not understand
     └── DatabaseError               any other driver or server error (.sqlstate)
@@ -24,16 +25,18 @@ Everything the client raises is a :class:`TokenTrackError`::
 Refusals are mapped from the answer's ``"error"`` code, never from its message text. Every
 exception that wraps a driver error is raised ``from`` it, so ``__cause__`` is the asyncpg
 exception.
+
+This module is the bottom of the package: it imports none of its other modules, so that every
+one of them can raise these. ``ReportEnded`` and ``ReportCancelled`` carry the
+:class:`~tokentrack_client.StepRecord` of the step that found the report ended, so they are
+defined above the result types, with the report tracker that raises them; all of them are
+importable from ``tokentrack_client``.
 """
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from tokentrack_client.results import StepRecord
+from typing import Any
 
 __all__ = [
     "AccountNotFound",
@@ -46,8 +49,6 @@ __all__ = [
     "PermissionDenied",
     "Refusal",
     "ReportAccountMismatch",
-    "ReportCancelled",
-    "ReportEnded",
     "ReportFinalized",
     "ReservationNotFound",
     "StepConflict",
@@ -176,30 +177,6 @@ def refusal_from_answer(answer: Mapping[str, Any]) -> Refusal:
     message = answer.get("message")
     cls = _REFUSALS.get(code, Refusal)
     return cls(code, message if isinstance(message, str) else "", answer)
-
-
-# --------------------------------------------------------------------------------------------
-# A report ended from outside
-# --------------------------------------------------------------------------------------------
-
-
-class ReportEnded(TokenTrackError):
-    """The report was given an outcome from outside while the generator was still running.
-
-    Raised by :meth:`ReportTracker.step <tokentrack_client.ReportTracker.step>` *after* the
-    step was recorded (and billed as late usage, so nothing is lost): spend no more tokens.
-    ``status`` is the outcome the report has, ``step`` the result of the step just recorded.
-    """
-
-    def __init__(self, report_id: uuid.UUID, status: str, step: StepRecord | None = None) -> None:
-        super().__init__(f"report {report_id} was ended from outside as {status}")
-        self.report_id = report_id
-        self.status = status
-        self.step = step
-
-
-class ReportCancelled(ReportEnded):
-    """The report was cancelled from outside (``cancel_report``, a cancel button)."""
 
 
 # --------------------------------------------------------------------------------------------

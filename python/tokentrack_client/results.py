@@ -1,5 +1,8 @@
 """Frozen result types of the tokentrack client, built from the functions' jsonb answers.
 
+Each ``from_answer`` takes an answer that :func:`tokentrack_client.answers.read_answer`
+decoded and reads its fields through that module's readers.
+
 Each result keeps the whole answer in ``answer`` (excluded from comparisons and ``repr``),
 so keys that a newer SQL version adds are not lost.
 """
@@ -12,7 +15,17 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from tokentrack_client.errors import UnexpectedAnswer
+from tokentrack_client.answers import (
+    get_bool,
+    get_datetime,
+    get_int,
+    get_list,
+    get_optional_int,
+    get_optional_str,
+    get_optional_uuid,
+    get_str,
+    get_uuid,
+)
 
 __all__ = [
     "Discrepancy",
@@ -52,12 +65,12 @@ class Reservation:
     def from_answer(cls, answer: Mapping[str, Any]) -> Reservation:
         """Build from a ``"success": true`` answer of ``try_reserve_tokens``."""
         return cls(
-            reservation_id=_uuid(answer, "reservation_id"),
-            reserved_tokens=_int(answer, "reserved_tokens"),
-            available_tokens=_int(answer, "available_tokens"),
-            expires_at=_datetime(answer, "expires_at"),
-            period_id=_optional_uuid(answer, "period_id"),
-            existing=_bool(answer, "existing", default=False),
+            reservation_id=get_uuid(answer, "reservation_id"),
+            reserved_tokens=get_int(answer, "reserved_tokens"),
+            available_tokens=get_int(answer, "available_tokens"),
+            expires_at=get_datetime(answer, "expires_at"),
+            period_id=get_optional_uuid(answer, "period_id"),
+            existing=get_bool(answer, "existing", default=False),
             answer=answer,
         )
 
@@ -83,11 +96,11 @@ class StepRecord:
     def from_answer(cls, answer: Mapping[str, Any]) -> StepRecord:
         """Build from a ``"success": true`` answer of ``persist_step_usage``."""
         return cls(
-            step_id=_uuid(answer, "step_id"),
-            total_tokens=_int(answer, "total_tokens"),
-            duplicate=_bool(answer, "duplicate"),
-            late=_bool(answer, "late"),
-            report_status=_optional_str(answer, "report_status"),
+            step_id=get_uuid(answer, "step_id"),
+            total_tokens=get_int(answer, "total_tokens"),
+            duplicate=get_bool(answer, "duplicate"),
+            late=get_bool(answer, "late"),
+            report_status=get_optional_str(answer, "report_status"),
             answer=answer,
         )
 
@@ -115,13 +128,13 @@ class Settlement:
     def from_answer(cls, answer: Mapping[str, Any]) -> Settlement:
         """Build from a ``"success": true`` answer of finalize or finish_report."""
         return cls(
-            billed_tokens=_int(answer, "billed_tokens"),
-            steps=_int(answer, "steps"),
-            already_finalized=_bool(answer, "already_finalized"),
-            tokens_used=_int(answer, "tokens_used"),
-            tokens_limit=_int(answer, "tokens_limit"),
-            reservation_status=_optional_str(answer, "reservation_status"),
-            report_status=_optional_str(answer, "report_status"),
+            billed_tokens=get_int(answer, "billed_tokens"),
+            steps=get_int(answer, "steps"),
+            already_finalized=get_bool(answer, "already_finalized"),
+            tokens_used=get_int(answer, "tokens_used"),
+            tokens_limit=get_int(answer, "tokens_limit"),
+            reservation_status=get_optional_str(answer, "reservation_status"),
+            report_status=get_optional_str(answer, "report_status"),
             answer=answer,
         )
 
@@ -139,9 +152,9 @@ class SweepResult:
     def from_answer(cls, answer: Mapping[str, Any]) -> SweepResult:
         """Build from the answer of ``cleanup_expired_reservations``."""
         return cls(
-            expired=_int(answer, "expired"),
-            billed_tokens=_int(answer, "billed_tokens"),
-            steps=_int(answer, "steps", default=0),
+            expired=get_int(answer, "expired"),
+            billed_tokens=get_int(answer, "billed_tokens"),
+            steps=get_int(answer, "steps", default=0),
             answer=answer,
         )
 
@@ -165,14 +178,13 @@ class Discrepancy:
     @classmethod
     def from_answer(cls, answer: Mapping[str, Any]) -> Discrepancy:
         """Build from one element of reconcile's ``discrepancies``."""
-        entry = answer.get("ledger_entry_id")
         return cls(
-            period_id=_uuid(answer, "period_id"),
-            account_id=_uuid(answer, "account_id"),
-            check=_str(answer, "check"),
-            expected=_int(answer, "expected"),
-            actual=_int(answer, "actual"),
-            ledger_entry_id=entry if isinstance(entry, int) else None,
+            period_id=get_uuid(answer, "period_id"),
+            account_id=get_uuid(answer, "account_id"),
+            check=get_str(answer, "check"),
+            expected=get_int(answer, "expected"),
+            actual=get_int(answer, "actual"),
+            ledger_entry_id=get_optional_int(answer, "ledger_entry_id"),
             answer=answer,
         )
 
@@ -189,13 +201,12 @@ class Reconciliation:
     @classmethod
     def from_answer(cls, answer: Mapping[str, Any]) -> Reconciliation:
         """Build from the answer of ``reconcile``."""
-        found = answer.get("discrepancies", [])
-        if not isinstance(found, list):
-            raise UnexpectedAnswer(f"reconcile: discrepancies is not a list: {found!r}")
         return cls(
-            ok=_bool(answer, "ok"),
-            periods_checked=_int(answer, "periods_checked"),
-            discrepancies=tuple(Discrepancy.from_answer(_mapping(item)) for item in found),
+            ok=get_bool(answer, "ok"),
+            periods_checked=get_int(answer, "periods_checked"),
+            discrepancies=tuple(
+                Discrepancy.from_answer(item) for item in get_list(answer, "discrepancies")
+            ),
             answer=answer,
         )
 
@@ -214,10 +225,10 @@ class UsageIncrement:
     def from_answer(cls, answer: Mapping[str, Any]) -> UsageIncrement:
         """Build from a ``"success": true`` answer of ``increment_usage``."""
         return cls(
-            tokens_used=_int(answer, "tokens_used"),
-            tokens_limit=_int(answer, "tokens_limit"),
-            reports_count=_int(answer, "reports_count"),
-            period_id=_optional_uuid(answer, "period_id"),
+            tokens_used=get_int(answer, "tokens_used"),
+            tokens_limit=get_int(answer, "tokens_limit"),
+            reports_count=get_int(answer, "reports_count"),
+            period_id=get_optional_uuid(answer, "period_id"),
             answer=answer,
         )
 
@@ -237,77 +248,10 @@ class PeriodOpened:
     def from_answer(cls, answer: Mapping[str, Any]) -> PeriodOpened:
         """Build from a ``"success": true`` answer of ``open_usage_period``."""
         return cls(
-            period_id=_uuid(answer, "period_id"),
-            tokens_limit=_int(answer, "tokens_limit"),
-            period_start=_datetime(answer, "period_start"),
-            period_end=_datetime(answer, "period_end"),
-            previous_period_id=_optional_uuid(answer, "previous_period_id"),
+            period_id=get_uuid(answer, "period_id"),
+            tokens_limit=get_int(answer, "tokens_limit"),
+            period_start=get_datetime(answer, "period_start"),
+            period_end=get_datetime(answer, "period_end"),
+            previous_period_id=get_optional_uuid(answer, "previous_period_id"),
             answer=answer,
         )
-
-
-# --------------------------------------------------------------------------------------------
-# Field readers: a missing or mistyped key is an UnexpectedAnswer, never a KeyError
-# --------------------------------------------------------------------------------------------
-
-_MISSING = object()
-
-
-def _get(answer: Mapping[str, Any], key: str, default: object = _MISSING) -> object:
-    if key in answer:
-        return answer[key]
-    if default is _MISSING:
-        raise UnexpectedAnswer(f"the answer has no {key!r}: {dict(answer)!r}")
-    return default
-
-
-def _int(answer: Mapping[str, Any], key: str, default: object = _MISSING) -> int:
-    value = _get(answer, key, default)
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    raise UnexpectedAnswer(f"{key!r} is not an integer: {value!r}")
-
-
-def _bool(answer: Mapping[str, Any], key: str, default: object = _MISSING) -> bool:
-    value = _get(answer, key, default)
-    if isinstance(value, bool):
-        return value
-    raise UnexpectedAnswer(f"{key!r} is not a boolean: {value!r}")
-
-
-def _str(answer: Mapping[str, Any], key: str) -> str:
-    value = _get(answer, key)
-    if isinstance(value, str):
-        return value
-    raise UnexpectedAnswer(f"{key!r} is not a string: {value!r}")
-
-
-def _optional_str(answer: Mapping[str, Any], key: str) -> str | None:
-    value = answer.get(key)
-    return value if isinstance(value, str) else None
-
-
-def _uuid(answer: Mapping[str, Any], key: str) -> uuid.UUID:
-    value = _get(answer, key)
-    try:
-        return uuid.UUID(str(value))
-    except ValueError:
-        raise UnexpectedAnswer(f"{key!r} is not a uuid: {value!r}") from None
-
-
-def _optional_uuid(answer: Mapping[str, Any], key: str) -> uuid.UUID | None:
-    return None if answer.get(key) is None else _uuid(answer, key)
-
-
-def _datetime(answer: Mapping[str, Any], key: str) -> datetime:
-    value = _get(answer, key)
-    try:
-        return datetime.fromisoformat(str(value))
-    except ValueError:
-        raise UnexpectedAnswer(f"{key!r} is not a timestamp: {value!r}") from None
-
-
-def _mapping(value: object) -> Mapping[str, Any]:
-    if isinstance(value, Mapping):
-        return value
-    raise UnexpectedAnswer(f"expected a JSON object, got {value!r}")

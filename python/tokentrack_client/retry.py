@@ -30,7 +30,15 @@ from enum import Enum
 
 import asyncpg
 
-__all__ = ["DEFAULT_RETRY", "NO_RETRY", "Phase", "RetryPolicy", "is_rolled_back", "is_transient"]
+__all__ = [
+    "DEFAULT_RETRY",
+    "NO_RETRY",
+    "Phase",
+    "RetryPolicy",
+    "is_connection_failure",
+    "is_rolled_back",
+    "sqlstate_of",
+]
 
 
 @dataclass(frozen=True)
@@ -117,8 +125,3 @@ def is_connection_failure(exc: BaseException, connection_closed: bool) -> bool:
     if state is not None:
         return state.startswith("08") or state in CONNECTION_SQLSTATES
     return isinstance(exc, OSError | ConnectionError | asyncpg.PostgresConnectionError)
-
-
-def is_transient(exc: BaseException, connection_closed: bool = False) -> bool:
-    """Whether a failure is worth retrying at all (see the module docstring)."""
-    return is_rolled_back(exc) or is_connection_failure(exc, connection_closed)

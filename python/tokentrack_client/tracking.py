@@ -27,31 +27,68 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Awaitable
 from types import TracebackType
-from typing import TYPE_CHECKING, TypeVar
+from typing import Protocol, TypeVar
 
-from tokentrack_client.errors import (
-    ReportCancelled,
-    ReportEnded,
-    ReportFinalized,
-    ReservationNotFound,
-    TokenTrackError,
-)
+from tokentrack_client.contract import ERROR_MESSAGE_MAX
+from tokentrack_client.errors import ReportFinalized, ReservationNotFound, TokenTrackError
 from tokentrack_client.results import Reservation, Settlement, StepRecord
+from tokentrack_client.validation import IdLike, check_count, check_id
 
-if TYPE_CHECKING:
-    import uuid
-
-    from tokentrack_client.client import IdLike, TokenTracker
-
-__all__ = ["ReportTracker", "run_to_completion"]
+__all__ = ["ReportCalls", "ReportCancelled", "ReportEnded", "ReportTracker", "run_to_completion"]
 
 logger = logging.getLogger("tokentrack_client")
 
 T = TypeVar("T")
 
-ERROR_MESSAGE_MAX = 10_000
+
+class ReportEnded(TokenTrackError):
+    """The report was given an outcome from outside while the generator was still running.
+
+    Raised by :meth:`ReportTracker.step` *after* the step was recorded (and billed as late
+    usage, so nothing is lost): spend no more tokens. ``status`` is the outcome the report
+    has, ``step`` the result of the step just recorded.
+    """
+
+    def __init__(self, report_id: uuid.UUID, status: str, step: StepRecord | None = None) -> None:
+        super().__init__(f"report {report_id} was ended from outside as {status}")
+        self.report_id = report_id
+        self.status = status
+        self.step = step
+
+
+class ReportCancelled(ReportEnded):
+    """The report was cancelled from outside (``cancel_report``, a cancel button)."""
+
+
+class ReportCalls(Protocol):
+    """The calls a :class:`ReportTracker` makes; :class:`~tokentrack_client.TokenTracker`
+    has them. (A protocol, so that this module needs nothing of the client's.)"""
+
+    async def try_reserve(
+        self, account_id: IdLike, report_id: IdLike, estimated_tokens: int
+    ) -> Reservation: ...
+
+    async def persist_step(
+        self,
+        report_id: IdLike,
+        account_id: IdLike,
+        step_name: str,
+        input_tokens: int,
+        output_tokens: int,
+        total_tokens: int | None = None,
+        model: str | None = None,
+    ) -> StepRecord: ...
+
+    async def finish_report(
+        self,
+        report_id: IdLike,
+        account_id: IdLike,
+        status: str,
+        error_message: str | None = None,
+    ) -> Settlement: ...
 
 
 async def _wait_shielded(task: asyncio.Future[T]) -> bool:
@@ -98,17 +135,15 @@ class ReportTracker:
 
     def __init__(
         self,
-        tracker: TokenTracker,
+        tracker: ReportCalls,
         account_id: IdLike,
         report_id: IdLike,
         estimated_tokens: int,
     ) -> None:
-        from tokentrack_client.client import _count, _id
-
         self._tracker = tracker
-        self.account_id: uuid.UUID = _id("account_id", account_id)
-        self.report_id: uuid.UUID = _id("report_id", report_id)
-        self.estimated_tokens: int = _count("estimated_tokens", estimated_tokens, minimum=1)
+        self.account_id: uuid.UUID = check_id("account_id", account_id)
+        self.report_id: uuid.UUID = check_id("report_id", report_id)
+        self.estimated_tokens: int = check_count("estimated_tokens", estimated_tokens, minimum=1)
         self.reservation: Reservation | None = None
         self.settlement: Settlement | None = None
         self.status: str | None = None

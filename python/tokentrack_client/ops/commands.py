@@ -334,11 +334,11 @@ async def _monitor(args: argparse.Namespace) -> int:
 
 
 async def _cleanup(args: argparse.Namespace) -> int:
-    totals = await sweep.cleanup(database_url(args), batch_size=args.batch_size)
+    swept = await sweep.run(database_url(args), batch_size=args.batch_size)
     if args.json:
-        _print_json(totals.__dict__)
+        _print_json(swept.as_json())
     else:
-        print(totals.render())
+        print(swept.render())
     return EXIT_OK
 
 

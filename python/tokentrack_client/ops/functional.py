@@ -27,12 +27,13 @@ from typing import Any, Final
 import asyncpg
 
 from tokentrack_client.client import TokenTracker
-from tokentrack_client.errors import InsufficientTokens, ReportCancelled, TokenTrackError
+from tokentrack_client.contract import REPORT_OUTCOMES
+from tokentrack_client.errors import InsufficientTokens, TokenTrackError
 from tokentrack_client.ops._common import connected, pg_error, render_table
 from tokentrack_client.retry import NO_RETRY
+from tokentrack_client.tracking import ReportCancelled
 
 MODES: Final = ("standard", "dd", "discovery", "hybrid")
-OUTCOMES: Final = ("complete", "cancelled", "failed")
 # The steps of each report type: (name, input tokens, output tokens).
 PIPELINES: Final[dict[str, tuple[tuple[str, int, int], ...]]] = {
     "standard": (("outline", 1_200, 300), ("write", 2_400, 1_800)),
@@ -207,7 +208,7 @@ async def _lifecycles(conn: asyncpg.Connection, account: uuid.UUID) -> list[Row]
             tracker = TokenTracker(conn, retry=NO_RETRY)
             await tracker.open_usage_period(account, SANDBOX_LIMIT)
             for mode in MODES:
-                for outcome in OUTCOMES:
+                for outcome in REPORT_OUTCOMES:
                     rows.append(await _report(conn, tracker, account, mode, outcome))
             reconciled = await tracker.reconcile(account)
             used = await conn.fetchval(

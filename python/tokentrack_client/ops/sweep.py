@@ -1,8 +1,10 @@
 """``tokentrack cleanup`` and ``tokentrack cron install|remove|status``: the expiry sweep.
 
-``cleanup`` runs the sweep once: ``tokentrack.cleanup_expired_reservations()`` (one
-transaction), or with ``--batch-size N`` batches of N reservations, each committed on its
+``cleanup`` (:func:`run`) runs the sweep once: ``tokentrack.cleanup_expired_reservations()``
+(one transaction), or with ``--batch-size N`` batches of N reservations, each committed on its
 own (what ``CALL tokentrack.sweep_expired_reservations(N)`` does, with the totals returned).
+Each answer is read as the client reads it (:func:`tokentrack_client.answers.read_answer`,
+:class:`~tokentrack_client.SweepResult`).
 
 ``cron install`` schedules ``CALL tokentrack.sweep_expired_reservations(50)`` every 2 hours
 (``0 */2 * * *``) through pg_cron, under a fixed job name, idempotently: pg_cron (1.3 and
@@ -16,7 +18,6 @@ to do, and schedules nothing.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -25,12 +26,17 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
 
+from tokentrack_client.answers import read_answer
+from tokentrack_client.errors import TokenTrackError
 from tokentrack_client.ops._common import OpsError, connected, iso, pg_error, require_installed
+from tokentrack_client.results import SweepResult
 
 DEFAULT_JOB_NAME: Final = "tokentrack-expiry-sweep"
 DEFAULT_SCHEDULE: Final = "0 */2 * * *"
 DEFAULT_BATCH_SIZE: Final = 50
 SWEEP_PROCEDURE: Final = "tokentrack.sweep_expired_reservations(integer)"
+_SWEEP_ALL: Final = "SELECT tokentrack.cleanup_expired_reservations()::text"
+_SWEEP_BATCH: Final = "SELECT tokentrack.expire_reservations($1)::text"
 
 
 class CronUnavailable(OpsError):
@@ -38,52 +44,71 @@ class CronUnavailable(OpsError):
 
 
 # --------------------------------------------------------------------------------------------
-# cleanup
+# cleanup: the sweep, once
 # --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class SweepTotals:
-    """What one cleanup run expired and billed."""
+class SweepRun:
+    """What one ``tokentrack cleanup`` run did: the sweep's :class:`SweepResult`, summed over
+    the ``batches`` transactions it took (1 without ``--batch-size``)."""
 
-    expired: int
-    billed_tokens: int
-    steps: int
+    result: SweepResult
     batches: int
+
+    def as_json(self) -> dict[str, int]:
+        """The figures of ``tokentrack cleanup --json``."""
+        return {
+            "expired": self.result.expired,
+            "billed_tokens": self.result.billed_tokens,
+            "steps": self.result.steps,
+            "batches": self.batches,
+        }
 
     def render(self) -> str:
         """One line for the terminal."""
+        swept = self.result
         return (
-            f"cleanup: expired {self.expired} reservation(s), billed {self.billed_tokens} tokens "
-            f"({self.steps} step(s)) in {self.batches} transaction(s)"
+            f"cleanup: expired {swept.expired} reservation(s), billed {swept.billed_tokens} "
+            f"tokens ({swept.steps} step(s)) in {self.batches} transaction(s)"
         )
 
 
-async def cleanup(dsn: str, *, batch_size: int | None = None) -> SweepTotals:
+async def _sweep_once(
+    conn: asyncpg.Connection, function: str, sql: str, *args: object
+) -> SweepResult:
+    """One sweep transaction's answer, read as the client reads it."""
+    try:
+        return SweepResult.from_answer(read_answer(function, await conn.fetchval(sql, *args)))
+    except TokenTrackError as exc:
+        raise OpsError(f"{function}: {exc}") from exc
+
+
+def _sum(results: list[SweepResult]) -> SweepResult:
+    return SweepResult(
+        expired=sum(r.expired for r in results),
+        billed_tokens=sum(r.billed_tokens for r in results),
+        steps=sum(r.steps for r in results),
+    )
+
+
+async def run(dsn: str, *, batch_size: int | None = None) -> SweepRun:
     """Run the expiry sweep once; with ``batch_size``, commit after every batch."""
     if batch_size is not None and batch_size < 1:
         raise OpsError(f"--batch-size must be at least 1 (got {batch_size})")
     async with connected(dsn, "tokentrack cleanup") as conn:
         await require_installed(conn, table="report_reservations")
         if batch_size is None:
-            answer = json.loads(
-                await conn.fetchval("SELECT tokentrack.cleanup_expired_reservations()")
+            return SweepRun(
+                await _sweep_once(conn, "cleanup_expired_reservations", _SWEEP_ALL), batches=1
             )
-            return SweepTotals(
-                int(answer["expired"]), int(answer["billed_tokens"]), int(answer.get("steps", 0)), 1
-            )
-        expired = billed = steps = batches = 0
+        batches: list[SweepResult] = []
         while True:
             # Each call is its own transaction (autocommit), as in sweep_expired_reservations.
-            answer = json.loads(
-                await conn.fetchval("SELECT tokentrack.expire_reservations($1)", batch_size)
-            )
-            batches += 1
-            expired += int(answer["expired"])
-            billed += int(answer["billed_tokens"])
-            steps += int(answer.get("steps", 0))
-            if int(answer["expired"]) < batch_size:
-                return SweepTotals(expired, billed, steps, batches)
+            batch = await _sweep_once(conn, "expire_reservations", _SWEEP_BATCH, batch_size)
+            batches.append(batch)
+            if batch.expired < batch_size:
+                return SweepRun(_sum(batches), batches=len(batches))
 
 
 # --------------------------------------------------------------------------------------------

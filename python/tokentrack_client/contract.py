@@ -1,0 +1,46 @@
+"""The names and limits that the SQL contract fixes, defined once for the whole package.
+
+The client's argument checks, the report tracker, the operations commands and the tests read
+them from here, so that a limit or a list of statuses cannot drift between two copies. This
+module imports nothing of the package: every other module may import it.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = [
+    "BIGINT_MAX",
+    "ERROR_MESSAGE_MAX",
+    "INT_MAX",
+    "NAME_MAX",
+    "PERIOD_STATUSES",
+    "REPORT_OUTCOMES",
+    "REPORT_STATUSES",
+    "RESERVATION_STATUSES",
+]
+
+INT_MAX: Final = 2**31 - 1
+"""The largest ``integer``: token counts, an estimate, a step's total."""
+
+BIGINT_MAX: Final = 2**63 - 1
+"""The largest ``bigint``: a period's ``tokens_limit``."""
+
+NAME_MAX: Final = 200
+"""The longest step name or model name, in characters."""
+
+ERROR_MESSAGE_MAX: Final = 10_000
+"""The longest ``error_message`` kept on a failed report, in characters."""
+
+REPORT_OUTCOMES: Final = ("complete", "failed", "cancelled")
+"""A report's outcome: what ``finish_report`` sets, once."""
+
+REPORT_STATUSES: Final = ("pending", "processing", *REPORT_OUTCOMES)
+"""Every ``tokentrack.reports.status``: before the outcome, then the outcomes."""
+
+RESERVATION_STATUSES: Final = ("active", "completed", "expired")
+"""Every ``tokentrack.report_reservations.status``: finalized reservations are ``completed``,
+swept ones ``expired``."""
+
+PERIOD_STATUSES: Final = ("active", "completed")
+"""Every ``tokentrack.usage_periods.status``."""
