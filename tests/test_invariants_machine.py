@@ -30,7 +30,7 @@ from hypothesis.stateful import (
 )
 
 from model import Finalize, Finish, Op, Reserve
-from pgserver import PgServer
+from tokentrack_client.testing import PostgresServer
 from workload import (
     ESTIMATES,
     LIMITS,
@@ -136,7 +136,7 @@ class TokenTrackMachine(RuleBasedStateMachine):
 
 
 @pytest.fixture(scope="module")
-def example_database(pg_server: PgServer, tokentrack_template: object) -> DatabaseFactory:
+def example_database(pg_server: PostgresServer, tokentrack_template: object) -> DatabaseFactory:
     return database_factory(pg_server, tokentrack_template.template_dbname)  # type: ignore[attr-defined]
 
 

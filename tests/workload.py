@@ -58,7 +58,7 @@ DatabaseFactory = Callable[[], AbstractAsyncContextManager[str]]
 
 def database_factory(server: Any, template: str) -> DatabaseFactory:
     """``async with factory() as dsn``: a fresh database cloned from ``template`` on ``server``
-    (a tests/pgserver.py ``PgServer``), dropped on exit."""
+    (a ``tokentrack_client.testing.PostgresServer``), dropped on exit."""
 
     def factory() -> AbstractAsyncContextManager[str]:
         return fresh_database(server.dsn(server.maintenance_dbname), template, server.dsn)
