@@ -185,17 +185,16 @@ def test_version_2_and_its_rollback_leave_version_1_intact(
     later: list[tuple[int, int, bool, bool]],
     rounds: list[Any],
 ) -> None:
-    admin = pg_server.dsn(pg_server.maintenance_dbname)
     accounts = [uuid.uuid4() for _ in range(5)]
 
     async def example() -> None:
-        async with fresh_database(admin, v1_template, pg_server.dsn) as base:
+        async with fresh_database(pg_server, v1_template) as base:
             await write_history(base, history, accounts)
             template = base.rsplit("/", 1)[1]
             async with (
-                fresh_database(admin, template, pg_server.dsn) as v1,
-                fresh_database(admin, template, pg_server.dsn) as upgraded,
-                fresh_database(admin, template, pg_server.dsn) as worked,
+                fresh_database(pg_server, template) as v1,
+                fresh_database(pg_server, template) as upgraded,
+                fresh_database(pg_server, template) as worked,
             ):
                 before = await state(v1)
 
