@@ -5,11 +5,12 @@
     make bench-smoke    # about a minute, smaller sizes: bench/results/smoke.{md,json}
     .venv/bin/python bench/run.py --help
 
-It starts its own PostgreSQL (tests/pgserver.py, the test suite's throwaway server, with the
-server's default settings back: fsync, synchronous_commit and full_page_writes on, plus
-pg_stat_statements preloaded) in a temporary directory on disk (--data-root, /tmp by default,
-so that commit flushes are real), listening on 127.0.0.1 and a free port, as the postgres OS
-user when run as root. The server is stopped and its files removed at the end, Ctrl-C included.
+It starts its own PostgreSQL (tokentrack_client.testing.PostgresServer, the test suite's
+throwaway server, with the server's default settings back: fsync, synchronous_commit and
+full_page_writes on, plus pg_stat_statements preloaded) in a temporary directory on disk
+(--data-root, /tmp by default, so that commit flushes are real), listening on 127.0.0.1 and
+a free port, as the postgres OS user when run as root. The server is stopped and its files
+removed at the end, Ctrl-C included.
 
 Phases (--phases picks some):
 
@@ -56,17 +57,15 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import measure
+import report
+
+from tokentrack_client import TokenTracker, migrate
+from tokentrack_client.ops.monitor import MONITOR_QUERIES
+from tokentrack_client.testing import DURABLE_SETTINGS, PostgresServer
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
-sys.path.insert(0, str(ROOT / "tests"))  # pgserver: the test suite's throwaway server
-
-import measure  # noqa: E402
-import report  # noqa: E402
-
-import pgserver  # noqa: E402
-from tokentrack_client import TokenTracker, migrate  # noqa: E402
-from tokentrack_client.ops.monitor import MONITOR_QUERIES  # noqa: E402
 
 SCRIPTS = BENCH_DIR / "scripts"
 LIMIT = 10**15  # every account's budget: never the limit of a benchmark
@@ -81,14 +80,12 @@ STEPS = (
 )
 PHASES = ("throughput", "profile", "client", "growth", "sweep")
 
-# The server: PostgreSQL's defaults (pgserver's test settings turned back), pg_stat_statements.
+# The server: PostgreSQL's defaults (the test settings turned back), pg_stat_statements.
 SERVER_SETTINGS = {
-    "fsync": "on",
-    "synchronous_commit": "on",
-    "full_page_writes": "on",
+    **DURABLE_SETTINGS,
     "max_connections": "100",
     "shared_buffers": "128MB",
-    "shared_preload_libraries": "'pg_stat_statements'",
+    "shared_preload_libraries": "pg_stat_statements",
     "track_wal_io_timing": "on",  # pg_stat_wal.wal_sync_time: how long commits wait for fsync
     "log_min_messages": "warning",
 }
@@ -202,7 +199,7 @@ def pgbench_version(pgbench: str) -> str:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, server: pgserver.PgServer) -> None:
+    def __init__(self, args: argparse.Namespace, server: PostgresServer) -> None:
         self.args = args
         self.server = server
         self.pgbench = str(Path(server.bindir) / "pgbench")
@@ -1095,11 +1092,12 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 @contextmanager
-def benchmark_server(args: argparse.Namespace) -> Iterator[pgserver.PgServer]:
-    # pgserver places the cluster under $TOKENTRACK_TEST_TMPDIR: on disk here, not in RAM.
-    os.environ["TOKENTRACK_TEST_TMPDIR"] = args.data_root
+def benchmark_server(args: argparse.Namespace) -> Iterator[PostgresServer]:
+    # On disk (--data-root), not in RAM: commit flushes are real.
     bindir = Path(args.pg_bindir) if args.pg_bindir else None
-    with pgserver.running_server(bindir, extra_settings=SERVER_SETTINGS) as server:
+    with PostgresServer(
+        settings=SERVER_SETTINGS, bindir=bindir, data_root=Path(args.data_root)
+    ) as server:
         yield server
 
 

@@ -1,7 +1,6 @@
 """Fixtures of the client tests (registered by ``pytest_plugins`` in conftest.py).
 
-``pool``            an asyncpg pool to ``db_dsn``, closed after the test.
-``tracker``         a ``TokenTracker`` over ``pool`` with a fast retry policy.
+``tracker``         a ``TokenTracker`` over ``pool`` (the plugin's) with a fast retry policy.
 ``pgbouncer``       Debian's PgBouncer (session), transaction pooling, in front of ``pg_server``.
 ``bouncer_pool``    an asyncpg pool to ``db_dsn`` through ``pgbouncer`` (statement_cache_size=0).
 ``fault_proxy``     a TCP proxy in front of ``pg_server`` that can cut a connection right after
@@ -14,7 +13,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -27,6 +25,7 @@ import asyncpg
 import pytest
 
 from tokentrack_client import RetryPolicy, TokenTracker
+from tokentrack_client.testing import PostgresServer, free_port
 
 FAST_RETRY = RetryPolicy(max_attempts=6, initial_delay=0.01, max_delay=0.2)
 """Retries fast enough for tests, with the same shape as the default policy."""
@@ -43,23 +42,6 @@ def with_port(dsn: str, host: str, port: int) -> str:
     user = parts.netloc.rpartition("@")[0]
     netloc = f"{user}@{host}:{port}" if user else f"{host}:{port}"
     return urlunsplit(parts._replace(netloc=netloc))
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@pytest.fixture
-async def pool(db_dsn: str) -> AsyncIterator[asyncpg.Pool[Any]]:
-    """An asyncpg pool to the test database (tokentrack installed)."""
-    created = await asyncpg.create_pool(db_dsn, min_size=1, max_size=8)
-    try:
-        yield created
-    finally:
-        await asyncio.wait_for(created.close(), timeout=10)
 
 
 @pytest.fixture
@@ -160,7 +142,7 @@ class PgBouncer:
 
 
 @pytest.fixture(scope="session")
-def pgbouncer(pg_server: Any) -> Iterator[PgBouncer]:
+def pgbouncer(pg_server: PostgresServer) -> Iterator[PgBouncer]:
     """PgBouncer in transaction pooling mode in front of the test server (session)."""
     binary = find_pgbouncer()
     if binary is None:
@@ -270,7 +252,7 @@ class FaultProxy:
 
 
 @pytest.fixture
-async def fault_proxy(pg_server: Any) -> AsyncIterator[FaultProxy]:
+async def fault_proxy(pg_server: PostgresServer) -> AsyncIterator[FaultProxy]:
     """A FaultProxy in front of the test server, closed after the test."""
     proxy = FaultProxy(pg_server.host, pg_server.port)
     await proxy.start()

@@ -18,10 +18,9 @@ import json
 import os
 import random
 import subprocess
-import threading
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -29,10 +28,10 @@ from typing import Any
 
 import asyncpg
 import pytest
-from pytest_postgresql.executors.noop import NoopExecutor
 
-from pgserver import PgServer, find_pg_bindir, running_server
 from tokentrack_client import cli
+from tokentrack_client.testing import PostgresServer, find_bindir, run_in_thread
+from tokentrack_client.testing.pytest_plugin import TemplateDatabase
 
 MODES = ("standard", "dd", "discovery", "hybrid")
 OUTCOMES = ("complete", "failed", "cancelled", "expired", "running")
@@ -182,56 +181,28 @@ async def build_history(
 HISTORY_TEMPLATE = "tokentrack_history_tmpl"
 
 
-def _in_thread(work: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """Run a coroutine with asyncio.run in a thread of its own (never in the test's loop)."""
-    errors: list[BaseException] = []
-
-    def worker() -> None:
-        try:
-            asyncio.run(work())
-        except BaseException as exc:  # re-raised in the calling thread
-            errors.append(exc)
-
-    thread = threading.Thread(target=worker, name="tokentrack-ops-history")
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
-
-
 @pytest.fixture(scope="session")
-def history_template(pg_server: PgServer, tokentrack_template: NoopExecutor) -> Iterator[str]:
+def history_template(
+    pg_server: PostgresServer, tokentrack_template: TemplateDatabase
+) -> Iterator[str]:
     """Session: a template database holding :func:`build_history` (built once)."""
-    built: list[History] = []
 
     async def build() -> None:
-        admin = await asyncpg.connect(pg_server.dsn(pg_server.maintenance_dbname))
+        await pg_server.drop_database(HISTORY_TEMPLATE)
+        dsn = await pg_server.create_database(
+            HISTORY_TEMPLATE, template=tokentrack_template.template_dbname
+        )
+        conn = await asyncpg.connect(dsn)
         try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{HISTORY_TEMPLATE}"')
-            await admin.execute(
-                f'CREATE DATABASE "{HISTORY_TEMPLATE}"'
-                f' TEMPLATE "{tokentrack_template.template_dbname}"'
-            )
-        finally:
-            await admin.close()
-        conn = await asyncpg.connect(pg_server.dsn(HISTORY_TEMPLATE))
-        try:
-            built.append(await build_history(conn))
+            await build_history(conn)
         finally:
             await conn.close()
 
-    async def drop() -> None:
-        admin = await asyncpg.connect(pg_server.dsn(pg_server.maintenance_dbname))
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{HISTORY_TEMPLATE}"')
-        finally:
-            await admin.close()
-
-    _in_thread(build)
+    run_in_thread(build)
     try:
         yield HISTORY_TEMPLATE
     finally:
-        _in_thread(drop)
+        run_in_thread(lambda: pg_server.drop_database(HISTORY_TEMPLATE))
 
 
 @pytest.fixture
@@ -252,10 +223,10 @@ def _pg_cron_library(bindir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cron_server() -> Iterator[PgServer]:
+def cron_server() -> Iterator[PostgresServer]:
     """A server of its own that preloads pg_cron (cron.database_name = postgres); one per
     test module, so that the modules' jobs and extension states never meet."""
-    bindir = find_pg_bindir()
+    bindir = find_bindir()
     library = _pg_cron_library(bindir)
     if not library.exists():
         message = (
@@ -266,13 +237,13 @@ def cron_server() -> Iterator[PgServer]:
             pytest.fail(message)
         pytest.skip(message)
     settings = {
-        "shared_preload_libraries": "'pg_cron'",
-        "cron.database_name": "'postgres'",
+        "shared_preload_libraries": "pg_cron",
+        "cron.database_name": "postgres",
         # Jobs run in background workers, not through a libpq connection to localhost.
         "cron.use_background_workers": "on",
         "max_worker_processes": "16",
     }
-    with running_server(bindir, extra_settings=settings) as server:
+    with PostgresServer(bindir=bindir, settings=settings) as server:
         yield server
 
 

@@ -1,11 +1,12 @@
 """plpgsql_check over every PL/pgSQL function of tokentrack: no errors and no warnings.
 
 Run by ``make lint`` as ``python tests/plpgsql_lint.py``: it starts a throwaway PostgreSQL
-server (tests/pgserver.py), installs every tokentrack version with the migrator into a
-fresh database, ``CREATE EXTENSION plpgsql_check`` and checks each PL/pgSQL function and
-procedure of the schema ``tokentrack`` with every warning class on (``all_warnings``: other,
-extra, performance, security and compatibility warnings). Trigger functions are checked
-against each table whose triggers call them. Any finding fails the run.
+server (``tokentrack_client.testing.PostgresServer``), installs every tokentrack version
+with the migrator into a fresh database, ``CREATE EXTENSION plpgsql_check`` and checks each
+PL/pgSQL function and procedure of the schema ``tokentrack`` with every warning class on
+(``all_warnings``: other, extra, performance, security and compatibility warnings). Trigger
+functions are checked against each table whose triggers call them. Any finding fails the
+run.
 
 When the extension (Debian: ``postgresql-15-plpgsql-check``) or the server binaries are
 missing it says so and exits 0, except under CI (``CI=true``), where it fails: CI installs
@@ -25,6 +26,8 @@ import sys
 from dataclasses import dataclass
 
 import asyncpg
+
+from tokentrack_client.testing import PostgresServer, PostgresServerError, find_bindir
 
 EXTENSION = "plpgsql_check"
 PACKAGE = "postgresql-15-plpgsql-check"
@@ -148,16 +151,16 @@ async def _check_dsn(dsn: str) -> int:
     return 0
 
 
-async def _install_and_check(dsn: str, database_dsn: str) -> int:
+async def _install_and_check(server: PostgresServer) -> int:
     from tokentrack_client import migrate
 
-    conn = await asyncpg.connect(dsn)
+    conn = await asyncpg.connect(server.dsn())
     try:
         if not await extension_available(conn):
             return _unavailable(f"the {EXTENSION} extension is not installed ({PACKAGE})")
-        await conn.execute("CREATE DATABASE tokentrack_lint")
     finally:
         await conn.close()
+    database_dsn = await server.create_database("tokentrack_lint")
     await migrate.install(database_dsn, echo=lambda _: None)
     return await _check_dsn(database_dsn)
 
@@ -169,16 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.dsn:
         return asyncio.run(_check_dsn(args.dsn))
 
-    from pgserver import find_pg_bindir, running_server
-
     try:
-        bindir = find_pg_bindir()
-    except RuntimeError as exc:
+        bindir = find_bindir()
+    except PostgresServerError as exc:
         return _unavailable(str(exc))
-    with running_server(bindir=bindir) as server:
-        return asyncio.run(
-            _install_and_check(server.dsn("postgres"), server.dsn("tokentrack_lint"))
-        )
+    with PostgresServer(bindir=bindir) as server:
+        return asyncio.run(_install_and_check(server))
 
 
 if __name__ == "__main__":

@@ -3,10 +3,10 @@
     python tests/stress.py --duration 60 --seed 1 [--workers 6] [--crash-every 20]
     make stress DURATION=600 SEED=42 [STRESS_ARGS="--crash-every 30"]
 
-Starts its own PostgreSQL (tests/pgserver.py, with fsync, synchronous_commit and
-full_page_writes on, so that an acknowledged commit is durable), installs tokentrack with
-the migrator and the grant probe of tests/invariants.py, then runs for ``--duration``
-seconds:
+Starts its own PostgreSQL (``tokentrack_client.testing.PostgresServer``, with fsync,
+synchronous_commit and full_page_writes on, so that an acknowledged commit is durable),
+installs tokentrack with the migrator and the grant probe of tests/invariants.py, then runs
+for ``--duration`` seconds:
 
 - workers (two connections each) that reserve reports on a few accounts with tight limits
   (refusals are frequent; a refused worker sometimes opens a new period, racing the others),
@@ -38,25 +38,20 @@ import argparse
 import asyncio
 import json
 import random
-import sys
 import time
 import traceback
 import uuid
 from collections.abc import Awaitable
 from contextlib import suppress
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from invariants import check_invariants, install_grant_probe
-from pgserver import PgServer, running_server
 from tokentrack_client import migrate
+from tokentrack_client.testing import DURABLE_SETTINGS, PostgresServer
 
-DURABLE = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on"}
 TRANSIENT_SQLSTATES = {"57P01", "57P02", "57P03", "55P03", "57014"}
 LIMIT = 3_000  # per period: a few reports fit, then reservations are refused
 ESTIMATES = (50, 100, 200, 400)
@@ -143,7 +138,7 @@ class Run:
     """Everything the tasks share: the server, the ledger of acknowledged answers, counters."""
 
     config: Config
-    server: PgServer
+    server: PostgresServer
     dsn: str
     accounts: list[uuid.UUID]
     stats: Stats = field(default_factory=Stats)
@@ -595,15 +590,9 @@ async def settle_and_verify(run: Run) -> None:
         await conn.close()
 
 
-async def run_stress(config: Config, server: PgServer) -> Summary:
+async def run_stress(config: Config, server: PostgresServer) -> Summary:
     """The whole stress run against ``server`` (killed and restarted when crash_every)."""
-    dbname = f"tt_stress_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(server.dsn(server.maintenance_dbname))
-    try:
-        await admin.execute(f'CREATE DATABASE "{dbname}"')
-    finally:
-        await admin.close()
-    dsn = server.dsn(dbname)
+    dsn = await server.create_database(f"tt_stress_{uuid.uuid4().hex[:8]}")
     await migrate.install(dsn, echo=lambda _line: None)
     rng = random.Random(config.seed)
     accounts = [new_uuid(rng) for _ in range(config.accounts)]
@@ -653,7 +642,7 @@ async def run_stress(config: Config, server: PgServer) -> Summary:
 
 
 def run_with_own_server(config: Config) -> Summary:
-    with running_server(extra_settings=DURABLE) as server:
+    with PostgresServer(settings=DURABLE_SETTINGS) as server:
         return asyncio.run(run_stress(config, server))
 
 

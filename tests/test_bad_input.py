@@ -28,8 +28,9 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from pgserver import PgServer
 from sqlkit import call, counts, new_account, reserve, step
+from tokentrack_client.testing import PostgresServer
+from tokentrack_client.testing.pytest_plugin import TemplateDatabase
 from workload import database_factory
 
 A, B, R, RB = "<account A>", "<account B>", "<report R of A>", "<report RB of B>"
@@ -347,10 +348,10 @@ async def world(conn: asyncpg.Connection) -> dict[str, str]:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def setting(
-    pg_server: PgServer, tokentrack_template: object
+    pg_server: PostgresServer, tokentrack_template: TemplateDatabase
 ) -> AsyncIterator[tuple[asyncpg.Connection, dict[str, str]]]:
     """One database for the module: every case runs in a transaction that is rolled back."""
-    factory = database_factory(pg_server, tokentrack_template.template_dbname)  # type: ignore[attr-defined]
+    factory = database_factory(pg_server, tokentrack_template.template_dbname)
     async with factory() as dsn:
         conn = await asyncpg.connect(dsn)
         try:

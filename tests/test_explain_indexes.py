@@ -21,22 +21,19 @@ reads the account's periods by index; reconcile() of everything is an audit and 
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 import pytest
-from pytest_postgresql.executors.noop import NoopExecutor
-from pytest_postgresql.janitor import AsyncDatabaseJanitor
 
-from pgserver import PgServer
 from tokentrack_client.ops.monitor import MONITOR_QUERIES
+from tokentrack_client.testing import PostgresServer, run_in_thread
+from tokentrack_client.testing.pytest_plugin import TemplateDatabase
 
 HISTORY = 30_000
 ACCOUNTS = 1_000
@@ -146,7 +143,7 @@ class Sample:
     billed_account: uuid.UUID
 
 
-async def _seed(server: PgServer, dsn: str) -> Sample:
+async def _seed(server: PostgresServer, dsn: str) -> Sample:
     conn = await asyncpg.connect(dsn)
     try:
         async with conn.transaction():
@@ -176,25 +173,6 @@ async def _seed(server: PgServer, dsn: str) -> Sample:
         await conn.close()
 
 
-def _in_thread(work: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
-    """Run a coroutine with asyncio.run in a thread of its own (never inside a test's loop)."""
-    result: list[Any] = []
-    errors: list[BaseException] = []
-
-    def worker() -> None:
-        try:
-            result.append(asyncio.run(work()))
-        except BaseException as exc:  # re-raised in the calling thread
-            errors.append(exc)
-
-    thread = threading.Thread(target=worker, name="explain-indexes-seed")
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
-    return result[0] if result else None
-
-
 @dataclass(frozen=True)
 class History:
     dsn: str
@@ -202,26 +180,19 @@ class History:
 
 
 @pytest.fixture(scope="module")
-def history(pg_server: PgServer, tokentrack_template: NoopExecutor) -> Iterator[History]:
+def history(pg_server: PostgresServer, tokentrack_template: TemplateDatabase) -> Iterator[History]:
     """A database with tokentrack and a realistic history, ANALYZEd (module-wide, read-only:
     every scenario rolls back)."""
     name = f"tt_explain_{uuid.uuid4().hex[:12]}"
-    janitor = AsyncDatabaseJanitor(
-        user=pg_server.user,
-        host=pg_server.host,
-        port=pg_server.port,
-        password=pg_server.password,
-        dbname=name,
-        template_dbname=tokentrack_template.template_dbname,
-        maintenance_dbname=pg_server.maintenance_dbname,
-    )
-    _in_thread(janitor.init)
+
+    async def create() -> History:
+        dsn = await pg_server.create_database(name, template=tokentrack_template.template_dbname)
+        return History(dsn=dsn, sample=await _seed(pg_server, dsn))
+
     try:
-        dsn = pg_server.dsn(name)
-        sample = _in_thread(lambda: _seed(pg_server, dsn))
-        yield History(dsn=dsn, sample=sample)
+        yield run_in_thread(create)
     finally:
-        _in_thread(janitor.drop)
+        run_in_thread(lambda: pg_server.drop_database(name))
 
 
 # --------------------------------------------------------------------------------------------
@@ -440,7 +411,7 @@ def test_seeded_history_is_consistent(history: History) -> None:
         finally:
             await conn.close()
 
-    counts = _in_thread(check)
+    counts = run_in_thread(check)
     assert counts["reservations"] == HISTORY + ACCOUNTS + DUE
     assert counts["steps"] == HISTORY + 3 * ACCOUNTS + DUE
     assert json.loads(counts["ok"]) is True

@@ -30,7 +30,8 @@ from hypothesis.stateful import (
 )
 
 from model import Finalize, Finish, Op, Reserve
-from pgserver import PgServer
+from tokentrack_client.testing import PostgresServer
+from tokentrack_client.testing.pytest_plugin import TemplateDatabase
 from workload import (
     ESTIMATES,
     LIMITS,
@@ -136,8 +137,10 @@ class TokenTrackMachine(RuleBasedStateMachine):
 
 
 @pytest.fixture(scope="module")
-def example_database(pg_server: PgServer, tokentrack_template: object) -> DatabaseFactory:
-    return database_factory(pg_server, tokentrack_template.template_dbname)  # type: ignore[attr-defined]
+def example_database(
+    pg_server: PostgresServer, tokentrack_template: TemplateDatabase
+) -> DatabaseFactory:
+    return database_factory(pg_server, tokentrack_template.template_dbname)
 
 
 def test_state_machine_matches_the_oracle_step_by_step(example_database: DatabaseFactory) -> None:

@@ -21,14 +21,17 @@ import asyncio
 import pytest
 from hypothesis import given
 
-from pgserver import PgServer
+from tokentrack_client.testing import PostgresServer
+from tokentrack_client.testing.pytest_plugin import TemplateDatabase
 from workload import DatabaseFactory, Workload, database_factory, run_workload, workloads
 
 
 @pytest.fixture(scope="module")
-def example_database(pg_server: PgServer, tokentrack_template: object) -> DatabaseFactory:
+def example_database(
+    pg_server: PostgresServer, tokentrack_template: TemplateDatabase
+) -> DatabaseFactory:
     """``async with example_database() as dsn``: a fresh tokentrack database per example."""
-    return database_factory(pg_server, tokentrack_template.template_dbname)  # type: ignore[attr-defined]
+    return database_factory(pg_server, tokentrack_template.template_dbname)
 
 
 def run(example_database: DatabaseFactory, workload: Workload) -> None:

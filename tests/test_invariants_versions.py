@@ -31,9 +31,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from invariants import check_invariants, v1_state
-from pgserver import PgServer
 from sqlkit import call
 from tokentrack_client import migrate
+from tokentrack_client.testing import PostgresServer
 from workload import Harness, fresh_database, lanes_of
 
 V1 = "20251219000000"
@@ -53,30 +53,22 @@ def v1_only_sql(target: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def v1_template(pg_server: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def v1_template(
+    pg_server: PostgresServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     """A database with tokentrack version 1 alone, to clone examples from."""
     name = f"tt_v1_{uuid.uuid4().hex[:12]}"
-    admin_dsn = pg_server.dsn(pg_server.maintenance_dbname)
     sql_dir = v1_only_sql(tmp_path_factory.mktemp("v1sql") / "sql")
 
     async def create() -> None:
-        admin = await asyncpg.connect(admin_dsn)
-        try:
-            await admin.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await admin.close()
-        await migrate.install(pg_server.dsn(name), sql_dir=sql_dir, **QUIET)
-
-    async def drop() -> None:
-        admin = await asyncpg.connect(admin_dsn)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+        dsn = await pg_server.create_database(name)
+        await migrate.install(dsn, sql_dir=sql_dir, **QUIET)
 
     asyncio.run(create())
-    yield name
-    asyncio.run(drop())
+    try:
+        yield name
+    finally:
+        asyncio.run(pg_server.drop_database(name))
 
 
 history_steps = st.one_of(
@@ -187,23 +179,22 @@ async def ledger_explains_usage(dsn: str) -> bool:
     rounds=st.lists(lanes_of(2, 4), min_size=1, max_size=3),
 )
 def test_version_2_and_its_rollback_leave_version_1_intact(
-    pg_server: PgServer,
+    pg_server: PostgresServer,
     v1_template: str,
     history: list[tuple[Any, ...]],
     later: list[tuple[int, int, bool, bool]],
     rounds: list[Any],
 ) -> None:
-    admin = pg_server.dsn(pg_server.maintenance_dbname)
     accounts = [uuid.uuid4() for _ in range(5)]
 
     async def example() -> None:
-        async with fresh_database(admin, v1_template, pg_server.dsn) as base:
+        async with fresh_database(pg_server, v1_template) as base:
             await write_history(base, history, accounts)
             template = base.rsplit("/", 1)[1]
             async with (
-                fresh_database(admin, template, pg_server.dsn) as v1,
-                fresh_database(admin, template, pg_server.dsn) as upgraded,
-                fresh_database(admin, template, pg_server.dsn) as worked,
+                fresh_database(pg_server, template) as v1,
+                fresh_database(pg_server, template) as upgraded,
+                fresh_database(pg_server, template) as worked,
             ):
                 before = await state(v1)
 

@@ -26,9 +26,9 @@ import asyncpg
 import pytest
 
 from ops_history import call, run_cli_sync
-from pgserver import PgServer
 from sqlkit import step
 from tokentrack_client import migrate
+from tokentrack_client.testing import PostgresServer
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNBOOK = ROOT / "docs" / "RUNBOOK.md"
@@ -59,7 +59,7 @@ def test_the_runbook_has_its_blocks_and_uses_real_commands() -> None:
 
 
 async def _run_block(
-    name: str, dsn: str, cwd: Path, server: PgServer
+    name: str, dsn: str, cwd: Path, server: PostgresServer
 ) -> subprocess.CompletedProcess[str]:
     scripts = Path(sys.executable).parent
     if not (scripts / "tokentrack").exists():
@@ -96,7 +96,7 @@ async def _v1_rows(conn: asyncpg.Connection) -> dict[str, list[str]]:
     return result
 
 
-async def test_the_runbook_as_written(cron_server: PgServer, tmp_path: Path) -> None:
+async def test_the_runbook_as_written(cron_server: PostgresServer, tmp_path: Path) -> None:
     admin = await asyncpg.connect(cron_server.dsn("postgres"))
     try:
         await admin.execute("CREATE DATABASE runbook")

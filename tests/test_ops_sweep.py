@@ -18,8 +18,8 @@ import uuid
 import asyncpg
 
 from ops_history import call, tokentrack
-from pgserver import PgServer
 from tokentrack_client import migrate
+from tokentrack_client.testing import PostgresServer
 
 SWEEP = "CALL tokentrack.sweep_expired_reservations(50)"
 
@@ -146,7 +146,7 @@ async def _cron_rows(dsn: str) -> list[asyncpg.Record]:
 
 
 async def test_cron_install_is_idempotent_and_pg_cron_runs_the_sweep(
-    cron_server: PgServer,
+    cron_server: PostgresServer,
 ) -> None:
     home = cron_server.dsn("postgres")  # cron.database_name: pg_cron lives here
     app = cron_server.dsn("tokentrack_app")  # the usual layout: tokentrack in another database
@@ -239,7 +239,9 @@ async def test_cron_install_is_idempotent_and_pg_cron_runs_the_sweep(
     assert [r["jobname"] for r in await _cron_rows(home)] == ["tokentrack-sweep-home"]
 
 
-async def test_cron_install_refuses_a_database_without_tokentrack(cron_server: PgServer) -> None:
+async def test_cron_install_refuses_a_database_without_tokentrack(
+    cron_server: PostgresServer,
+) -> None:
     result = await tokentrack("cron", "install", "--database-url", cron_server.dsn("template1"))
     assert result.code == 2
     assert result.err.startswith(

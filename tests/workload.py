@@ -47,6 +47,7 @@ from model import (
     check_round,
 )
 from sqlkit import call
+from tokentrack_client.testing import PostgresServer
 
 NO_PERIOD = "nop"  # an account that exists without an active period
 GHOST = "ghost"  # an account id that does not exist
@@ -56,33 +57,25 @@ SWEEP_NOTICE = re.compile(r"(\d+) reservations expired, (\d+) tokens billed")
 DatabaseFactory = Callable[[], AbstractAsyncContextManager[str]]
 
 
-def database_factory(server: Any, template: str) -> DatabaseFactory:
-    """``async with factory() as dsn``: a fresh database cloned from ``template`` on ``server``
-    (a tests/pgserver.py ``PgServer``), dropped on exit."""
+def database_factory(server: PostgresServer, template: str) -> DatabaseFactory:
+    """``async with factory() as dsn``: a fresh database cloned from ``template`` on
+    ``server``, dropped on exit."""
 
     def factory() -> AbstractAsyncContextManager[str]:
-        return fresh_database(server.dsn(server.maintenance_dbname), template, server.dsn)
+        return fresh_database(server, template)
 
     return factory
 
 
 @asynccontextmanager
-async def fresh_database(maintenance_dsn: str, template: str, dsn_of: Any) -> AsyncIterator[str]:
-    """A new database cloned from ``template``; dropped on exit. ``dsn_of(name) -> dsn``."""
+async def fresh_database(server: PostgresServer, template: str) -> AsyncIterator[str]:
+    """A new database cloned from ``template`` on ``server``; dropped on exit."""
     name = f"tt_inv_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(maintenance_dsn)
+    dsn = await server.create_database(name, template=template)
     try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        yield dsn
     finally:
-        await admin.close()
-    try:
-        yield dsn_of(name)
-    finally:
-        admin = await asyncpg.connect(maintenance_dsn)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+        await server.drop_database(name)
 
 
 class Names:

@@ -172,11 +172,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ops_commands.COMMANDS:
             return ops_commands.run(args)
         if args.command == "demo":
-            from tokentrack_client import demo  # imported here: it pulls in the embedded server
+            from tokentrack_client import demo  # imported here: it pulls in the throwaway server
 
             try:
                 return demo.main(args.database_url or os.environ.get("DATABASE_URL"))
-            except (demo.DemoError, demo.EmbeddedPostgresError) as exc:
+            except (demo.DemoError, demo.PostgresServerError) as exc:
                 raise CliError(str(exc)) from exc
         raise CliError(f"unknown command {args.command!r}")  # pragma: no cover
     except (migrate.MigrationError, CliError, ops_commands.OpsError) as exc:

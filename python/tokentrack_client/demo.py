@@ -1,10 +1,10 @@
 """``tokentrack demo``: the four report types on several accounts at once, end to end.
 
 Without a database URL it starts a throwaway PostgreSQL in a temporary directory
-(:mod:`tokentrack_client.embedded`), installs the tokentrack SQL with the migrator, runs the
-reports, prints what the database billed and reconcile's verdict, then stops the server and
-removes its directory, also on Ctrl-C or SIGTERM. With a URL it uses that database
-(installing the SQL when it is missing) and creates new demo accounts there.
+(:class:`tokentrack_client.testing.PostgresServer`), installs the tokentrack SQL with the
+migrator, runs the reports, prints what the database billed and reconcile's verdict, then
+stops the server and removes its directory, also on Ctrl-C or SIGTERM. With a URL it uses
+that database (installing the SQL when it is missing) and creates new demo accounts there.
 
 The scenario: eight reports on four accounts run concurrently through one pool. One is
 cancelled from outside (``cancel_report`` over a connection of its own, as a web
@@ -31,11 +31,14 @@ import asyncpg
 
 from tokentrack_client import migrate
 from tokentrack_client.client import TokenTracker
-from tokentrack_client.embedded import EmbeddedPostgres, EmbeddedPostgresError
 from tokentrack_client.errors import InsufficientTokens, ReportFinalized
+from tokentrack_client.testing import PostgresServer, PostgresServerError
 from tokentrack_client.tracking import ReportCancelled
 
-__all__ = ["DemoError", "EmbeddedPostgresError", "main", "run_demo"]
+__all__ = ["DemoError", "PostgresServerError", "main", "run_demo"]
+
+# The demo's server: the throwaway defaults, with few connections (one pool of the demo's).
+SERVER_SETTINGS: Final = {"max_connections": "50"}
 
 # Step profiles: model, (min, max) input tokens, (min, max) output tokens, max reasoning tokens.
 PROFILES: Final[dict[str, tuple[str, tuple[int, int], tuple[int, int], int]]] = {
@@ -393,7 +396,7 @@ def main(database_url: str | None, out: TextIO = sys.stdout) -> int:
         ok = asyncio.run(run_demo(database_url, out))
         return 0 if ok else 1
     with _terminate_as_interrupt():
-        server = EmbeddedPostgres()
+        server = PostgresServer(settings=SERVER_SETTINGS, prefix="tokentrack-demo-")
         print(
             f"tokentrack demo: starting a throwaway PostgreSQL ({server.bindir}/postgres)",
             file=out,
@@ -407,7 +410,7 @@ def main(database_url: str | None, out: TextIO = sys.stdout) -> int:
                 flush=True,
             )
             try:
-                ok = asyncio.run(run_demo(server.dsn, out))
+                ok = asyncio.run(run_demo(server.dsn(), out))
             finally:
                 base = server.base
                 server.stop()
