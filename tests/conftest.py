@@ -116,7 +116,7 @@ def _install_tokentrack(host: str, port: int, user: str, dbname: str, **kwargs: 
 
     def worker() -> None:
         try:
-            asyncio.run(migrate.install(server.dsn(dbname), echo=lambda _: None))
+            asyncio.run(migrate.install(server.dsn(dbname)))
         except BaseException as exc:  # re-raised in the calling thread
             errors.append(exc)
 

@@ -158,7 +158,7 @@ async def _install_and_check(dsn: str, database_dsn: str) -> int:
         await conn.execute("CREATE DATABASE tokentrack_lint")
     finally:
         await conn.close()
-    await migrate.install(database_dsn, echo=lambda _: None)
+    await migrate.install(database_dsn)
     return await _check_dsn(database_dsn)
 
 

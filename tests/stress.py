@@ -604,7 +604,7 @@ async def run_stress(config: Config, server: PgServer) -> Summary:
     finally:
         await admin.close()
     dsn = server.dsn(dbname)
-    await migrate.install(dsn, echo=lambda _line: None)
+    await migrate.install(dsn)
     rng = random.Random(config.seed)
     accounts = [new_uuid(rng) for _ in range(config.accounts)]
     conn = await asyncpg.connect(dsn)
