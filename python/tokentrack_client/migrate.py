@@ -29,7 +29,8 @@ replaced: the database holds its own history, a rollback needs no old source.
 
 The version a function row belongs to: the file's header version when the file is applied
 for the first time (so a function introduced by V1 survives the rollback of V2 even when V1
-and V2 were installed together), otherwise the newest version at the moment of the change.
+and V2 were installed together), otherwise the newest version at the moment of the change
+(the last pending one, or the newest applied one).
 
 Concurrent installers are serialised by a session-level advisory lock on the constant key
 :data:`ADVISORY_LOCK_KEY` = ``8390042714203517547`` (``int.from_bytes(b"tokentrk", "big")``).
@@ -892,7 +893,6 @@ def _plan(
     after = pending[-1].version if pending else (current[0] if current else None)
     if after is None:  # pragma: no cover - the loader refuses a directory without versions
         return InstallPlan((), (), current)
-    pending_versions = {v.version for v in pending}
     newest = _newest_rows(history)
     on_disk = {f.relpath for f in functions}
     changes: list[FunctionChange] = []
@@ -901,11 +901,10 @@ def _plan(
             continue
         last = newest.get(fn.relpath)
         if last is None:
-            # First application: the row belongs to the version that introduces the function
-            # when that version is being applied now, so that rolling back a later version
-            # of the same run keeps it; otherwise to the newest version.
-            tag = fn.version if fn.version in pending_versions or not applied else after
-            changes.append(FunctionChange(fn.relpath, "new", tag, fn.file))
+            # First application: the row belongs to the version that introduces the function,
+            # not to the last one of this run, so that rolling back version 2 of a fresh
+            # install of versions 1 and 2 keeps version 1's functions.
+            changes.append(FunctionChange(fn.relpath, "new", fn.version, fn.file))
         elif last.source is None:
             changes.append(FunctionChange(fn.relpath, "new", after, fn.file))
         elif last.sha256 != fn.file.sha256:
