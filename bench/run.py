@@ -291,7 +291,7 @@ class Bench:
 
     async def create_database(self, name: str) -> asyncpg.Connection:
         await self.control.execute(f'CREATE DATABASE "{name}"')
-        await migrate.install(self.dsn(name), echo=lambda _: None, wait_notice=lambda _: None)
+        await migrate.install(self.dsn(name))
         conn = await asyncpg.connect(self.dsn(name))
         await conn.execute((BENCH_DIR / "bench_schema.sql").read_text())
         await conn.execute("CREATE EXTENSION pg_stat_statements")

@@ -161,7 +161,7 @@ async def _install_and_check(server: PostgresServer) -> int:
     finally:
         await conn.close()
     database_dsn = await server.create_database("tokentrack_lint")
-    await migrate.install(database_dsn, echo=lambda _: None)
+    await migrate.install(database_dsn)
     return await _check_dsn(database_dsn)
 
 

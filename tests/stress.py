@@ -593,7 +593,7 @@ async def settle_and_verify(run: Run) -> None:
 async def run_stress(config: Config, server: PostgresServer) -> Summary:
     """The whole stress run against ``server`` (killed and restarted when crash_every)."""
     dsn = await server.create_database(f"tt_stress_{uuid.uuid4().hex[:8]}")
-    await migrate.install(dsn, echo=lambda _line: None)
+    await migrate.install(dsn)
     rng = random.Random(config.seed)
     accounts = [new_uuid(rng) for _ in range(config.accounts)]
     conn = await asyncpg.connect(dsn)

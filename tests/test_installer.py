@@ -28,6 +28,7 @@ V2, V2_NAME = "20260108000000", "antifragile_token_tracking"
 V1_TABLES = {"accounts", "usage_periods", "reports"}
 V1_FUNCTIONS = {"increment_usage"}
 V2_TABLES = {"report_step_usage", "report_reservations"}
+BOOKKEEPING = {"schema_migrations", "schema_functions"}
 V2_FUNCTIONS = {
     "try_reserve_tokens",
     "persist_step_usage",
@@ -134,10 +135,6 @@ async def schema_exists(dsn: str) -> bool:
         await conn.close()
 
 
-def quiet(_: str) -> None:
-    """An ``echo`` for the migrator that prints nothing."""
-
-
 def copy_sql(tmp_path: Path) -> Path:
     """A private copy of the repository's SQL directory, to edit freely."""
     target = tmp_path / "sql"
@@ -161,21 +158,32 @@ def free_port() -> int:
 
 
 def expected_files(sql_dir: Path, version: str) -> dict[str, str]:
-    """{relative path: sha256} of a version's applied files, computed from disk independently."""
-    files: dict[str, str] = {}
-    for path in sorted((sql_dir / "schema").glob(f"{version}_*.sql")):
-        files[f"schema/{path.name}"] = hashlib.sha256(path.read_bytes()).hexdigest()
-    for path in sorted((sql_dir / "functions").glob("*.sql")):
-        if f"-- version: {version}\n" in path.read_text():
-            files[f"functions/{path.name}"] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return files
+    """{relative path: sha256} of a version's schema file, computed from disk independently."""
+    return {
+        f"schema/{path.name}": hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted((sql_dir / "schema").glob(f"{version}_*.sql"))
+    }
 
 
 def expected_checksum(files: dict[str, str]) -> str:
-    """sha256 of the files in sha256sum format: the schema file first, then functions by name."""
-    order = sorted(files, key=lambda p: (not p.startswith("schema/"), p))
-    listing = "".join(f"{files[p]}  {p}\n" for p in order)
+    """sha256 of the files in sha256sum format (one line per file, in path order)."""
+    listing = "".join(f"{files[p]}  {p}\n" for p in sorted(files))
     return hashlib.sha256(listing.encode()).hexdigest()
+
+
+async def function_rows(dsn: str) -> list[dict[str, Any]]:
+    """Rows of tokentrack.schema_functions without id and applied_at, oldest first."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        if not await conn.fetchval("SELECT to_regclass('tokentrack.schema_functions') IS NOT NULL"):
+            return []
+        rows = await conn.fetch(
+            "SELECT path, sha256, source, version, signatures::text AS signatures"
+            " FROM tokentrack.schema_functions ORDER BY id"
+        )
+        return [{**dict(r), "signatures": json.loads(r["signatures"])} for r in rows]
+    finally:
+        await conn.close()
 
 
 @pytest.fixture
@@ -220,12 +228,31 @@ async def test_install_applies_both_versions_then_does_nothing(
     assert [(r["version"], r["name"]) for r in rows] == [(V1, V1_NAME), (V2, V2_NAME)]
     for row in rows:
         files = expected_files(REPO_SQL, row["version"])
-        assert len(files) >= 2  # the schema file and at least one function
+        assert len(files) == 1  # the schema file alone: function files are repeatable
         assert json.loads(row["files"]) == files
         assert row["checksum"] == expected_checksum(files)
         assert row["applied_by"] == "postgres"
+    # One history row per function file, with the version its header names, its full text
+    # and the md5 of what PostgreSQL holds for each signature it defines.
+    recorded = await function_rows(empty_db_dsn)
+    disk = sorted((REPO_SQL / "functions").glob("*.sql"))
+    assert [r["path"] for r in recorded] == [f"functions/{p.name}" for p in disk]
+    conn = await asyncpg.connect(empty_db_dsn)
+    try:
+        for row, path in zip(recorded, disk, strict=True):
+            assert row["source"] == path.read_text()
+            assert row["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+            assert f"-- version: {row['version']}\n" in row["source"]
+            assert row["signatures"], row["path"]
+            for signature, digest in row["signatures"].items():
+                assert signature.startswith(f"tokentrack.{path.stem}("), signature
+                assert digest == await conn.fetchval(
+                    "SELECT md5(pg_get_functiondef($1::regprocedure))", signature
+                )
+    finally:
+        await conn.close()
     tables, functions = await tokentrack_objects(empty_db_dsn)
-    assert V1_TABLES | V2_TABLES | {"schema_migrations"} <= tables
+    assert tables >= V1_TABLES | V2_TABLES | BOOKKEEPING
     assert functions >= V1_FUNCTIONS | V2_FUNCTIONS
 
     dump_before = schema_dump(empty_db_dsn)
@@ -235,6 +262,7 @@ async def test_install_applies_both_versions_then_does_nothing(
     assert "nothing was done" in second.stdout
     assert "applied " not in second.stdout
     assert await migration_rows(empty_db_dsn) == rows
+    assert await function_rows(empty_db_dsn) == recorded
     assert schema_dump(empty_db_dsn) == dump_before
 
 
@@ -280,33 +308,40 @@ async def test_drifted_applied_file_is_refused_and_nothing_changes(
     empty_db_dsn: str, tmp_path: Path, schema_dump: SchemaDump
 ) -> None:
     sql_dir = copy_sql(tmp_path)
-    await migrate.install(empty_db_dsn, sql_dir=sql_dir, echo=quiet)
-    await migrate.rollback(empty_db_dsn, steps=1, sql_dir=sql_dir, echo=quiet)  # V2 pending
+    await migrate.install(empty_db_dsn, sql_dir=sql_dir)
+    await migrate.rollback(empty_db_dsn, steps=1, sql_dir=sql_dir)  # V2 pending
     rows_before, dump_before = await migration_rows(empty_db_dsn), schema_dump(empty_db_dsn)
+    functions_before = await function_rows(empty_db_dsn)
 
+    # An applied schema file is drift; a function file is not (it is applied again), but
+    # nothing at all is applied while the schema file is refused.
     for edited in ("functions/increment_usage.sql", f"schema/{V1}_{V1_NAME}.sql"):
         with (sql_dir / edited).open("a") as f:
             f.write("\n-- an innocent-looking edit\n")
 
     result = await run_cli("migrate", "install", dsn=empty_db_dsn, sql_dir=sql_dir)
-    assert_one_line_error(
-        result, "functions/increment_usage.sql", f"schema/{V1}_{V1_NAME}.sql", "changed"
-    )
+    line = assert_one_line_error(result, f"schema/{V1}_{V1_NAME}.sql", "changed")
+    assert "increment_usage" not in line
     assert await migration_rows(empty_db_dsn) == rows_before
+    assert await function_rows(empty_db_dsn) == functions_before
     assert schema_dump(empty_db_dsn) == dump_before
 
     listing = await run_cli("migrate", "list", dsn=empty_db_dsn, sql_dir=sql_dir)
     assert listing.returncode == 0, listing
     v1_line = next(line for line in listing.stdout.splitlines() if line.startswith(V1))
     assert "drifted" in v1_line
-    assert "functions/increment_usage.sql" in v1_line
+    assert f"schema/{V1}_{V1_NAME}.sql" in v1_line
+    functions = dict(line.split()[:2] for line in listing.stdout.split("\n\n")[1].splitlines()[1:])
+    assert functions["functions/increment_usage.sql"] == "changed"
+    assert functions["functions/reconcile.sql"] == "new"  # V2's, rolled back
+    assert "functions/open_usage_period.sql" not in functions  # unchanged
 
 
 async def test_applied_version_missing_on_disk_is_refused(
     empty_db_dsn: str, tmp_path: Path
 ) -> None:
     sql_dir = copy_sql(tmp_path)
-    await migrate.install(empty_db_dsn, sql_dir=sql_dir, echo=quiet)
+    await migrate.install(empty_db_dsn, sql_dir=sql_dir)
     v2 = next(v for v in migrate.load_versions(sql_dir) if v.version == V2)
     for sql_file in (v2.schema, v2.rollback, *v2.functions):
         (sql_dir / sql_file.relpath).unlink()
@@ -320,7 +355,7 @@ async def test_pending_version_older_than_applied_is_refused(
     empty_db_dsn: str, tmp_path: Path
 ) -> None:
     sql_dir = copy_sql(tmp_path)
-    await migrate.install(empty_db_dsn, sql_dir=sql_dir, echo=quiet)
+    await migrate.install(empty_db_dsn, sql_dir=sql_dir)
     (sql_dir / "schema" / "20250101000000_backfill.sql").write_text(
         "CREATE TABLE tokentrack.backfill_marker (id int);\n"
     )
@@ -336,17 +371,17 @@ async def test_pending_version_older_than_applied_is_refused(
 
 async def test_new_version_on_top_is_applied_alone(empty_db_dsn: str, tmp_path: Path) -> None:
     sql_dir = copy_sql(tmp_path)
-    await migrate.install(empty_db_dsn, sql_dir=sql_dir, echo=quiet)
+    await migrate.install(empty_db_dsn, sql_dir=sql_dir)
     (sql_dir / "schema" / "20990101000000_later.sql").write_text(
         "CREATE TABLE tokentrack.later_marker (id int);\n"
     )
     (sql_dir / "rollback" / "20990101000000_later.sql").write_text(
         "DROP TABLE tokentrack.later_marker;\n"
     )
-    lines: list[str] = []
-    applied = await migrate.install(empty_db_dsn, sql_dir=sql_dir, echo=lines.append)
-    assert [v.version for v in applied] == ["20990101000000"]
-    assert lines[0].startswith("applied 20990101000000 later")
+    result = await migrate.install(empty_db_dsn, sql_dir=sql_dir)
+    assert [v.version for v in result.versions] == ["20990101000000"]
+    assert result.functions == ()  # no function file changed
+    assert result.lines()[0] == "applied 20990101000000 later"
     assert "later_marker" in (await tokentrack_objects(empty_db_dsn))[0]
 
 
@@ -469,7 +504,7 @@ async def test_cli_refuses_bad_layout_before_touching_the_database(
 
 
 async def test_rollback_removes_exactly_the_newest_version(empty_db_dsn: str) -> None:
-    await migrate.install(empty_db_dsn, echo=quiet)
+    await migrate.install(empty_db_dsn)
 
     one = await run_cli("migrate", "rollback", dsn=empty_db_dsn)
     assert one.returncode == 0, one
@@ -495,7 +530,7 @@ async def test_rollback_removes_exactly_the_newest_version(empty_db_dsn: str) ->
     assert both.stdout.index(f"rolled back {V2}") < both.stdout.index(f"rolled back {V1}")
     assert await migration_rows(empty_db_dsn) == []
     tables, functions = await tokentrack_objects(empty_db_dsn)
-    assert tables == {"schema_migrations"}
+    assert tables == BOOKKEEPING
     assert functions == set()
 
     nothing = await run_cli("migrate", "rollback", dsn=empty_db_dsn)
@@ -513,29 +548,33 @@ async def test_rollback_on_a_database_without_tokentrack_changes_nothing(
 
 
 async def test_rollback_refuses_zero_steps(empty_db_dsn: str) -> None:
-    await migrate.install(empty_db_dsn, echo=quiet)
+    await migrate.install(empty_db_dsn)
     result = await run_cli("migrate", "rollback", "--steps", "0", dsn=empty_db_dsn)
     assert_one_line_error(result, "--steps")
     assert len(await migration_rows(empty_db_dsn)) == 2
 
 
 async def test_up_down_up_gives_the_same_schema(empty_db_dsn: str, schema_dump: SchemaDump) -> None:
-    await migrate.install(empty_db_dsn, echo=quiet)
+    await migrate.install(empty_db_dsn)
     first_rows = await migration_rows(empty_db_dsn)
+    first_functions = await function_rows(empty_db_dsn)
     first = schema_dump(empty_db_dsn)
     assert "CREATE TABLE tokentrack.report_reservations" in first
 
-    await migrate.rollback(empty_db_dsn, steps=2, echo=quiet)
+    await migrate.rollback(empty_db_dsn, steps=2)
     tables, functions = await tokentrack_objects(empty_db_dsn)
-    assert (tables, functions) == ({"schema_migrations"}, set())
+    assert (tables, functions) == (BOOKKEEPING, set())
 
-    await migrate.install(empty_db_dsn, echo=quiet)
+    assert await function_rows(empty_db_dsn) == []
+
+    await migrate.install(empty_db_dsn)
     assert schema_dump(empty_db_dsn) == first
     again_rows = await migration_rows(empty_db_dsn)
     keep = ("version", "name", "checksum", "files")
     assert [{k: r[k] for k in keep} for r in again_rows] == [
         {k: r[k] for k in keep} for r in first_rows
     ]
+    assert await function_rows(empty_db_dsn) == first_functions
 
 
 # --------------------------------------------------------------------------------------------
@@ -593,7 +632,8 @@ async def test_missing_privilege_while_applying_rolls_the_version_back(
     try:
         await admin.execute(migrate.BOOTSTRAP_SQL)
         await admin.execute(f'GRANT USAGE ON SCHEMA tokentrack TO "{limited_role}"')
-        await admin.execute(f'GRANT SELECT ON tokentrack.schema_migrations TO "{limited_role}"')
+        bookkeeping = "tokentrack.schema_migrations, tokentrack.schema_functions"
+        await admin.execute(f'GRANT SELECT ON {bookkeeping} TO "{limited_role}"')
     finally:
         await admin.close()
 
@@ -601,7 +641,7 @@ async def test_missing_privilege_while_applying_rolls_the_version_back(
     assert_one_line_error(result, f"{V1}_{V1_NAME}", "SQLSTATE 42501", "rolled back")
     assert await migration_rows(empty_db_dsn) == []
     tables, functions = await tokentrack_objects(empty_db_dsn)
-    assert (tables, functions) == ({"schema_migrations"}, set())
+    assert (tables, functions) == (BOOKKEEPING, set())
 
 
 # --------------------------------------------------------------------------------------------
@@ -610,7 +650,9 @@ async def test_missing_privilege_while_applying_rolls_the_version_back(
 
 
 def _status_of(stdout: str) -> dict[str, str]:
-    return {line.split()[0]: line.split()[2] for line in stdout.splitlines()[1:]}
+    """VERSION -> STATUS from the first table of ``migrate list`` (up to the blank line)."""
+    versions = stdout.split("\n\n")[0].splitlines()[1:]
+    return {line.split()[0]: line.split()[2] for line in versions}
 
 
 async def test_list_shows_applied_and_pending(empty_db_dsn: str) -> None:
@@ -619,8 +661,8 @@ async def test_list_shows_applied_and_pending(empty_db_dsn: str) -> None:
     assert _status_of(before.stdout) == {V1: "pending", V2: "pending"}
     assert not await schema_exists(empty_db_dsn)  # list is read-only
 
-    await migrate.install(empty_db_dsn, echo=quiet)
-    await migrate.rollback(empty_db_dsn, steps=1, echo=quiet)
+    await migrate.install(empty_db_dsn)
+    await migrate.rollback(empty_db_dsn, steps=1)
     after = await run_cli("migrate", "list", dsn=empty_db_dsn)
     assert after.returncode == 0, after
     assert _status_of(after.stdout) == {V1: "applied", V2: "pending"}
@@ -647,12 +689,14 @@ async def test_sql_output_applied_with_psql_equals_the_migrator(
     _, err = await psql.communicate(printed.stdout.encode())
     assert psql.returncode == 0, err.decode()
 
-    await migrate.install(by_migrator, echo=quiet)
+    await migrate.install(by_migrator)
     assert schema_dump(by_psql) == schema_dump(by_migrator)
     keep = ("version", "name", "checksum", "files")
     rows_psql = [{k: r[k] for k in keep} for r in await migration_rows(by_psql)]
     rows_migrator = [{k: r[k] for k in keep} for r in await migration_rows(by_migrator)]
     assert rows_psql == rows_migrator
+    assert await function_rows(by_psql) == await function_rows(by_migrator)
+    assert len(await function_rows(by_psql)) == len(list((REPO_SQL / "functions").glob("*.sql")))
 
     # The migrator accepts what psql recorded: same files, same checksums.
     check = await run_cli("migrate", "install", dsn=by_psql)
@@ -676,8 +720,8 @@ async def test_sql_output_applied_with_psql_equals_the_migrator(
 async def test_sql_pending_prints_only_what_is_missing(
     empty_db_dsn: str, db_dsn: str, schema_dump: SchemaDump, pg_server: Any
 ) -> None:
-    await migrate.install(empty_db_dsn, echo=quiet)
-    await migrate.rollback(empty_db_dsn, steps=1, echo=quiet)
+    await migrate.install(empty_db_dsn)
+    await migrate.rollback(empty_db_dsn, steps=1)
 
     printed = await run_cli("migrate", "sql", "--pending", dsn=empty_db_dsn)
     assert printed.returncode == 0, printed

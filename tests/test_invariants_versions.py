@@ -37,7 +37,6 @@ from tokentrack_client.testing import PostgresServer
 from workload import Harness, fresh_database, lanes_of
 
 V1 = "20251219000000"
-QUIET: dict[str, Any] = {"echo": lambda _line: None}
 EXAMPLES = max(3, settings.default.max_examples // 4)
 
 
@@ -62,7 +61,7 @@ def v1_template(
 
     async def create() -> None:
         dsn = await pg_server.create_database(name)
-        await migrate.install(dsn, sql_dir=sql_dir, **QUIET)
+        await migrate.install(dsn, sql_dir=sql_dir)
 
     asyncio.run(create())
     try:
@@ -198,13 +197,13 @@ def test_version_2_and_its_rollback_leave_version_1_intact(
             ):
                 before = await state(v1)
 
-                await migrate.install(upgraded, **QUIET)
+                await migrate.install(upgraded)
                 assert await state(upgraded) == before
                 assert await violations(upgraded, v1_before=before) == []
-                await migrate.rollback(upgraded, steps=1, **QUIET)
+                await migrate.rollback(upgraded, steps=1)
                 assert await state(upgraded) == before
 
-                await migrate.install(worked, **QUIET)
+                await migrate.install(worked)
                 harness = await Harness.create(worked, [60, 150], 4, 5)
                 try:
                     for lanes in rounds:
@@ -215,7 +214,7 @@ def test_version_2_and_its_rollback_leave_version_1_intact(
                 finally:
                     await harness.close()
                 left = await state(worked)
-                await migrate.rollback(worked, steps=1, **QUIET)
+                await migrate.rollback(worked, steps=1)
                 assert await state(worked) == left
                 assert await ledger_explains_usage(worked)
 

@@ -104,8 +104,8 @@ async def test_the_runbook_as_written(cron_server: PostgresServer, tmp_path: Pat
         await admin.close()
     dsn = cron_server.dsn("runbook")
     # The database before the deploy: version 20251219000000 with legacy usage.
-    await migrate.install(dsn, echo=lambda _: None)
-    await migrate.rollback(dsn, steps=1, echo=lambda _: None)
+    await migrate.install(dsn)
+    await migrate.rollback(dsn, steps=1)
     conn = await asyncpg.connect(dsn)
     try:
         accounts = [uuid.uuid4() for _ in range(3)]

@@ -156,7 +156,7 @@ async def test_cron_install_is_idempotent_and_pg_cron_runs_the_sweep(
     finally:
         await admin.close()
     for dsn in (home, app):
-        await migrate.install(dsn, echo=lambda _: None)
+        await migrate.install(dsn)
 
     first = await tokentrack("cron", "install", "--database-url", app)
     assert first.code == 0, first

@@ -177,7 +177,7 @@ async def test_the_audit_queries_catch_default_privileges_and_stray_grants(
     try:
         await admin.execute(f"ALTER DEFAULT PRIVILEGES GRANT INSERT, DELETE ON TABLES TO {app}")
         await admin.execute(f"ALTER DEFAULT PRIVILEGES GRANT EXECUTE ON FUNCTIONS TO {app}")
-        await migrate.install(empty_db_dsn, echo=lambda _: None)
+        await migrate.install(empty_db_dsn)
         tables = await admin.fetch(doc_sql("audit-privileges"))
         assert {(r["relname"], r["privilege_type"]) for r in tables} >= {
             (t, p) for t in TABLES for p in ("INSERT", "DELETE")

@@ -320,7 +320,7 @@ async def test_an_install_under_a_hostile_search_path_binds_nothing_outside_pg_c
     finally:
         await admin.close()
 
-    await migrate.install(empty_db_dsn, echo=lambda _: None)
+    await migrate.install(empty_db_dsn)
 
     admin = await asyncpg.connect(empty_db_dsn, server_settings={"search_path": "pg_catalog"})
     try:

@@ -74,10 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     install = actions.add_parser(
         "install",
-        help="apply every pending version (each in one transaction)",
+        help="apply every pending version and every changed function file",
         description=(
-            "Apply every pending version in order, each in one transaction, under the "
-            f"advisory lock {migrate.ADVISORY_LOCK_KEY}. Refuses applied files edited since."
+            "Apply every pending version in order, each in one transaction, and every "
+            "function file that changed since it was recorded, under the advisory lock "
+            f"{migrate.ADVISORY_LOCK_KEY}. Refuses applied schema files edited since."
         ),
     )
     _add_database_url(install)
@@ -85,7 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     rollback = actions.add_parser(
         "rollback",
         help="undo the newest applied version(s)",
-        description="Run the rollback file of the newest applied version(s), newest first.",
+        description=(
+            "Undo the newest applied version(s), newest first: drop the functions each "
+            "introduced, run its rollback file and restore every function it changed to the "
+            "definition recorded before it."
+        ),
     )
     rollback.add_argument(
         "--steps", type=int, default=1, metavar="N", help="how many versions (default: 1)"
@@ -94,8 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     listing = actions.add_parser(
         "list",
-        help="show every version: applied, pending, drifted or missing",
-        description="Show every version with its status; changes nothing.",
+        help="show every version, and the function files that differ from the database",
+        description=(
+            "Show every version with its status (applied, pending, drifted or missing), then "
+            "every function file whose text differs from what the database recorded (changed, "
+            "new or removed); changes nothing."
+        ),
     )
     _add_database_url(listing)
 
@@ -129,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _print_status(rows: Sequence[migrate.VersionStatus]) -> None:
+def _print_status(status: migrate.Status) -> None:
+    rows = status.versions
     width = max([len(r.name) for r in rows] + [4])
     print(f"{'VERSION':<14}  {'NAME':<{width}}  {'STATUS':<8}  APPLIED AT")
     for row in rows:
@@ -138,24 +148,50 @@ def _print_status(rows: Sequence[migrate.VersionStatus]) -> None:
         if row.changed_files:
             line += f"  changed: {', '.join(row.changed_files)}"
         print(line)
+    if status.functions:
+        width = max(len(f.path) for f in status.functions)
+        print()
+        print(f"{'FUNCTION FILE':<{width}}  {'STATUS':<8}  RECORDED AT")
+        for fn in status.functions:
+            recorded = fn.applied_at.isoformat(timespec="seconds") if fn.applied_at else "-"
+            print(f"{fn.path:<{width}}  {fn.status:<8}  {recorded}")
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _print_lines(lines: Sequence[str]) -> None:
+    for line in lines:
+        print(line, flush=True)
 
 
 async def _run_migrate(args: argparse.Namespace) -> int:
     action: str = args.action
-    if action == "install":
-        await migrate.install(_database_url(args))
-    elif action == "rollback":
-        await migrate.rollback(_database_url(args), steps=args.steps)
-    elif action == "list":
-        _print_status(await migrate.status(_database_url(args)))
-    elif action == "sql":
-        if args.pending:
-            versions = await migrate.pending_versions(_database_url(args))
-        else:
-            versions = migrate.load_versions()
-        sys.stdout.write(migrate.render_sql(versions))
-    else:  # pragma: no cover - argparse rejects unknown actions
-        raise CliError(f"unknown migrate action {action!r}")
+    try:
+        if action == "install":
+            result = await migrate.install(_database_url(args), wait_notice=_stderr)
+            _print_lines(result.lines())
+        elif action == "rollback":
+            undone = await migrate.rollback(
+                _database_url(args), steps=args.steps, wait_notice=_stderr
+            )
+            _print_lines(undone.lines())
+        elif action == "list":
+            _print_status(await migrate.status(_database_url(args)))
+        elif action == "sql":
+            if args.pending:
+                plan: migrate.InstallPlan | list[migrate.MigrationVersion]
+                plan = await migrate.pending_plan(_database_url(args))
+            else:
+                plan = migrate.load_versions()
+            sys.stdout.write(migrate.render_sql(plan))
+        else:  # pragma: no cover - argparse rejects unknown actions
+            raise CliError(f"unknown migrate action {action!r}")
+    except migrate.MigrationError as exc:
+        if exc.result is not None:  # what was applied before the failure stays applied
+            _print_lines(exc.result.lines()[:-1])
+        raise
     return EXIT_OK
 
 

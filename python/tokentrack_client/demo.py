@@ -221,7 +221,7 @@ async def _generate(
 
 async def _install(dsn: str, out: TextIO) -> None:
     try:
-        await migrate.install(dsn, echo=lambda line: print(f"  {line}", file=out))
+        print(*(f"  {line}" for line in (await migrate.install(dsn)).lines()), sep="\n", file=out)
     except migrate.MigrationError as exc:
         raise DemoError(f"installing the tokentrack SQL failed: {exc}") from exc
 

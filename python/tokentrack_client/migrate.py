@@ -2,20 +2,35 @@
 
 SQL layout (see ``docs/INSTALL.md``)::
 
-    sql/schema/<VERSION>_<name>.sql     one per version, VERSION is 14 digits (a UTC timestamp)
+    sql/schema/<VERSION>_<name>.sql     one per version, VERSION is 14 digits (a UTC timestamp):
+                                        tables, roles, policies, data changes; applied once
     sql/rollback/<VERSION>_<name>.sql   exactly one per version, same file name, undoes it
-    sql/functions/<function>.sql        one function per file; a header line
-                                        ``-- version: <VERSION>`` names the version that adds it
+    sql/functions/<function>.sql        the current definition of one function (CREATE OR
+                                        REPLACE); a header line ``-- version: <VERSION>`` names
+                                        the version that introduced it
 
 The SQL directory is ``$TOKENTRACK_SQL_DIR`` when set, else the ``_sql`` directory shipped
 inside the installed wheel, else the ``sql`` directory of the source checkout.
 
-Applied versions are recorded in ``tokentrack.schema_migrations`` together with the sha256
-of every applied file, so that an applied file edited later is refused loudly. The
-version checksum is the sha256 of the version's files listed in ``sha256sum`` format
-(``"<sha256 of file>  <relative path>\\n"`` for the schema file, then the function files in
-file-name order), so ``cd sql && sha256sum schema/V_name.sql functions/a.sql ... | sha256sum``
-reproduces it.
+Versions are recorded in ``tokentrack.schema_migrations`` with the sha256 of their schema
+file, so that an applied schema file edited later is refused loudly. The version checksum is
+the sha256 of that file listed in ``sha256sum`` format (``"<sha256>  schema/V_name.sql\\n"``),
+so ``cd sql && sha256sum schema/V_name.sql | sha256sum`` reproduces it.
+
+Function files are repeatable (Flyway's repeatable migrations, sqitch's rework): whenever a
+file's sha256 differs from the one last recorded for it, the installer applies it again, in
+the transaction of the last pending version (or in one of its own when no version is
+pending), and appends a row to ``tokentrack.schema_functions``: the file's path, sha256 and
+full text, the version the row belongs to, and the signatures the file defines with an md5 of
+each ``pg_get_functiondef``. A signature the file no longer defines is dropped. Rolling back
+version V drops the functions V introduced and re-executes, byte for byte, the newest text
+recorded before V of every function that V (or a change made while V was the newest version)
+replaced: the database holds its own history, a rollback needs no old source.
+
+The version a function row belongs to: the file's header version when the file is applied
+for the first time (so a function introduced by V1 survives the rollback of V2 even when V1
+and V2 were installed together), otherwise the newest version at the moment of the change
+(the last pending one, or the newest applied one).
 
 Concurrent installers are serialised by a session-level advisory lock on the constant key
 :data:`ADVISORY_LOCK_KEY` = ``8390042714203517547`` (``int.from_bytes(b"tokentrk", "big")``).
@@ -28,8 +43,10 @@ other. A DBA can see a running install with::
 (the key's high and low 32 bits). The SQL printed by ``tokentrack migrate sql`` takes the same
 key with ``pg_advisory_xact_lock`` so it cannot interleave with the migrator either.
 
-Each version is applied in one transaction: its schema file, its function files in file-name
-order, then its ``schema_migrations`` row. A failure rolls that transaction back whole.
+Each version is applied in one transaction: its schema file then its ``schema_migrations``
+row (the last pending version also carries the changed function files). A failure rolls that
+transaction back whole. The commands return what they did (:class:`InstallResult`,
+:class:`RollbackResult`, :class:`Status`) and print nothing; the CLI prints.
 """
 
 from __future__ import annotations
@@ -39,12 +56,11 @@ import hashlib
 import json
 import os
 import re
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -52,18 +68,29 @@ import asyncpg
 __all__ = [
     "ADVISORY_LOCK_KEY",
     "BOOTSTRAP_SQL",
+    "AppliedFunction",
     "ApplyError",
     "ConnectionFailed",
     "DriftError",
+    "FunctionChange",
+    "FunctionFile",
+    "FunctionStatus",
+    "InstallPlan",
+    "InstallResult",
     "MigrationError",
     "MigrationOrderError",
     "MigrationVersion",
+    "RollbackResult",
+    "RolledBackVersion",
     "SqlFile",
     "SqlLayoutError",
+    "Status",
     "VersionStatus",
     "default_sql_dir",
     "install",
+    "load_functions",
     "load_versions",
+    "pending_plan",
     "pending_versions",
     "render_sql",
     "rollback",
@@ -88,24 +115,52 @@ CREATE TABLE IF NOT EXISTS tokentrack.schema_migrations (
 );
 COMMENT ON TABLE tokentrack.schema_migrations IS
     'Applied tokentrack schema versions, written by the tokentrack migrator in the same '
-    'transaction as the version itself. files maps each applied file (path relative to the '
-    'sql directory) to its sha256; checksum is the sha256 of those files in sha256sum format.';
+    'transaction as the version itself. files maps the version''s schema file (path relative '
+    'to the sql directory) to its sha256; checksum is the sha256 of that in sha256sum format.';
+CREATE TABLE IF NOT EXISTS tokentrack.schema_functions (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    path text NOT NULL,
+    sha256 text,
+    source text,
+    version text NOT NULL,
+    signatures jsonb NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now(),
+    applied_by text NOT NULL DEFAULT current_user
+);
+COMMENT ON TABLE tokentrack.schema_functions IS
+    'Every application of a tokentrack function file, newest last, written by the migrator in '
+    'the same transaction: source is the file''s full text (NULL: the file was removed), '
+    'version the schema version whose rollback undoes the row, signatures maps each '
+    'regprocedure the file defines to md5(pg_get_functiondef). A rollback re-executes the '
+    'newest remaining source of every function it touches.';
 """
-"""Idempotent SQL that creates the ``tokentrack`` schema and the version table."""
+"""Idempotent SQL that creates the ``tokentrack`` schema and the two bookkeeping tables."""
 
 _INSERT_VERSION_SQL: Final = (
     "INSERT INTO tokentrack.schema_migrations (version, name, checksum, files) "
     "VALUES ($1, $2, $3, $4::jsonb)"
 )
 
+_PIN_SEARCH_PATH: Final = "SET LOCAL search_path = pg_catalog, pg_temp;"
+"""Set before function files and bookkeeping, so regprocedure text is the same every time."""
+
 _VERSION_FILE_RE: Final = re.compile(r"^(?P<version>[0-9]{14})_(?P<name>[a-z][a-z0-9_]*)\.sql$")
 _FUNCTION_FILE_RE: Final = re.compile(r"^[a-z_][a-z0-9_]*\.sql$")
 _HEADER_RE: Final = re.compile(r"^--\s*version\s*:", re.IGNORECASE)
 _EXACT_HEADER_RE: Final = re.compile(r"^-- version: (?P<version>[0-9]{14})$")
+_OR_REPLACE_RE: Final = re.compile(r"^CREATE OR REPLACE (FUNCTION|PROCEDURE) ", re.MULTILINE)
 
 
 class MigrationError(Exception):
-    """Base class of every error the migrator reports; its message is one line for the CLI."""
+    """Base class of every error the migrator reports; its message is one line for the CLI.
+
+    ``result`` holds what was done before the failure (an :class:`InstallResult` or a
+    :class:`RollbackResult`), or None.
+    """
+
+    def __init__(self, message: str, *, result: InstallResult | RollbackResult | None = None):
+        super().__init__(message)
+        self.result = result
 
 
 class SqlLayoutError(MigrationError):
@@ -117,7 +172,7 @@ class ConnectionFailed(MigrationError):
 
 
 class DriftError(MigrationError):
-    """An applied file was edited after it was applied, or an applied version left the disk."""
+    """An applied schema file was edited after it was applied, or an applied version left."""
 
 
 class MigrationOrderError(MigrationError):
@@ -149,8 +204,31 @@ class SqlFile:
 
 
 @dataclass(frozen=True)
+class FunctionFile:
+    """One file of ``sql/functions/``: the file and the version its header names."""
+
+    file: SqlFile
+    version: str
+
+    @property
+    def relpath(self) -> str:
+        """``functions/<name>.sql``."""
+        return self.file.relpath
+
+    @property
+    def name(self) -> str:
+        """The function's name: the file name without ``.sql``."""
+        return Path(self.file.relpath).stem
+
+
+@dataclass(frozen=True)
 class MigrationVersion:
-    """One schema version as found on disk."""
+    """One schema version as found on disk.
+
+    ``functions`` are the function files whose header names this version (the functions it
+    introduced); they are applied whenever they change, not as part of the version, and are
+    not part of its checksum.
+    """
 
     version: str
     name: str
@@ -160,18 +238,18 @@ class MigrationVersion:
 
     @property
     def applied_files(self) -> tuple[SqlFile, ...]:
-        """The files applied for this version, in order: the schema file, then the functions."""
+        """The files that create this version's objects: the schema file, then its functions."""
         return (self.schema, *self.functions)
 
     @property
     def file_checksums(self) -> dict[str, str]:
-        """``{relative path: sha256}`` of the applied files, as stored in ``files``."""
-        return {f.relpath: f.sha256 for f in self.applied_files}
+        """``{relative path: sha256}`` of the schema file, as stored in ``files``."""
+        return {self.schema.relpath: self.schema.sha256}
 
     @property
     def checksum(self) -> str:
-        """sha256 of the applied files listed in ``sha256sum`` format, in apply order."""
-        listing = "".join(f"{f.sha256}  {f.relpath}\n" for f in self.applied_files)
+        """sha256 of the schema file listed in ``sha256sum`` format."""
+        listing = f"{self.schema.sha256}  {self.schema.relpath}\n"
         return hashlib.sha256(listing.encode("utf-8")).hexdigest()
 
     @property
@@ -191,13 +269,167 @@ class AppliedRow:
     applied_at: datetime
     applied_by: str
 
+    @property
+    def legacy_functions(self) -> dict[str, str]:
+        """Function files recorded by an older installer, which checksummed them per version."""
+        return {p: d for p, d in self.files.items() if p.startswith("functions/")}
+
+
+@dataclass(frozen=True)
+class FunctionRow:
+    """One row of ``tokentrack.schema_functions``; ``source`` None records a removed file."""
+
+    id: int
+    path: str
+    sha256: str | None
+    source: str | None
+    version: str
+    signatures: Mapping[str, str]
+    applied_at: datetime | None = None
+
+    @property
+    def defined(self) -> frozenset[str]:
+        """The signatures this row leaves in place (none for a removal)."""
+        return frozenset(self.signatures) if self.source is not None else frozenset()
+
+
+ChangeKind = Literal["new", "changed", "removed"]
+
+
+@dataclass(frozen=True)
+class FunctionChange:
+    """A function file that differs from what the database last recorded for it.
+
+    ``version`` is the version the new ``schema_functions`` row belongs to (its rollback
+    undoes the change); ``previous`` the signatures recorded before (dropped when the file
+    no longer defines them).
+    """
+
+    path: str
+    kind: ChangeKind
+    version: str
+    file: SqlFile | None = None
+    previous: frozenset[str] = frozenset()
+
+    @property
+    def name(self) -> str:
+        """The function's name: the file name without ``.sql``."""
+        return Path(self.path).stem
+
+
+@dataclass(frozen=True)
+class InstallPlan:
+    """What an install would do: the pending versions and the function files to apply."""
+
+    versions: tuple[MigrationVersion, ...]
+    functions: tuple[FunctionChange, ...]
+    current: tuple[str, str] | None = None
+    """(version, name) of the newest applied version before the install, or None."""
+
+
+@dataclass(frozen=True)
+class AppliedFunction:
+    """A function file applied (or removed) by an install, with what it defined and dropped."""
+
+    path: str
+    kind: ChangeKind
+    version: str
+    signatures: tuple[str, ...]
+    dropped: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    """What :func:`install` did. Nothing at all when ``versions``, ``functions`` and
+    ``seeded`` are empty; ``current`` is (version, name) of the newest applied version after."""
+
+    versions: tuple[MigrationVersion, ...] = ()
+    functions: tuple[AppliedFunction, ...] = ()
+    seeded: tuple[str, ...] = ()
+    """Function files of an older installer's versions first recorded in schema_functions."""
+    current: tuple[str, str] | None = None
+
+    @property
+    def changed_nothing(self) -> bool:
+        """True when the database was already up to date."""
+        return not (self.versions or self.functions or self.seeded)
+
+    def lines(self) -> tuple[str, ...]:
+        """What was done, one line each, as ``tokentrack migrate install`` prints it."""
+        out: list[str] = []
+        if self.seeded:
+            out.append(
+                f"recorded {len(self.seeded)} function file(s) applied by an older tokentrack "
+                "installer in tokentrack.schema_functions"
+            )
+        out += [f"applied {v.version} {v.name}" for v in self.versions]
+        new = [f for f in self.functions if f.kind == "new"]
+        if new:
+            out.append(f"applied {len(new)} new function file(s)")
+        for fn in self.functions:
+            if fn.kind == "changed":
+                out.append(f"applied changed function file {fn.path}")
+            elif fn.kind == "removed":
+                out.append(f"removed function file {fn.path}")
+            out += [f"dropped {sig}: no longer defined by {fn.path}" for sig in fn.dropped]
+        where = f"version {self.current[0]} ({self.current[1]})" if self.current else "no version"
+        if self.changed_nothing:
+            out.append(f"tokentrack schema is up to date at {where}; nothing was done")
+        elif self.versions:
+            out.append(f"tokentrack schema is now at {where}")
+        else:
+            out.append(f"tokentrack schema stays at {where}")
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class RolledBackVersion:
+    """One version undone by :func:`rollback`: its functions restored and dropped."""
+
+    version: str
+    name: str
+    restored: tuple[str, ...]
+    """Function files whose previous recorded text was executed again."""
+    dropped: tuple[str, ...]
+    """Signatures dropped: introduced by this version, or no longer defined after the restore."""
+
+
+@dataclass(frozen=True)
+class RollbackResult:
+    """What :func:`rollback` did, newest version first; ``current`` is what is left."""
+
+    versions: tuple[RolledBackVersion, ...] = ()
+    current: tuple[str, str] | None = None
+    seeded: tuple[str, ...] = ()
+
+    def lines(self) -> tuple[str, ...]:
+        """What was done, one line each, as ``tokentrack migrate rollback`` prints it."""
+        if not self.versions:
+            return ("nothing to roll back: no tokentrack version is applied",)
+        out: list[str] = []
+        if self.seeded:
+            out.append(
+                f"recorded {len(self.seeded)} function file(s) applied by an older tokentrack "
+                "installer in tokentrack.schema_functions"
+            )
+        for v in self.versions:
+            out.append(
+                f"rolled back {v.version} {v.name} (function files restored: "
+                f"{len(v.restored)}, routines dropped: {len(v.dropped)})"
+            )
+        if self.current:
+            out.append(f"tokentrack schema is now at version {self.current[0]} ({self.current[1]})")
+        else:
+            out.append("no tokentrack version is applied any more")
+        return tuple(out)
+
 
 @dataclass(frozen=True)
 class VersionStatus:
     """Status of one version for ``tokentrack migrate list``.
 
-    ``status`` is ``applied``, ``pending``, ``drifted`` (applied, but files changed on disk
-    since) or ``missing`` (applied, but no longer on disk).
+    ``status`` is ``applied``, ``pending``, ``drifted`` (applied, but its schema file changed
+    on disk since) or ``missing`` (applied, but no longer on disk).
     """
 
     version: str
@@ -207,15 +439,24 @@ class VersionStatus:
     changed_files: tuple[str, ...] = field(default_factory=tuple)
 
 
-Echo = Callable[[str], None]
+@dataclass(frozen=True)
+class FunctionStatus:
+    """A function file that differs from the database: ``changed``, ``new`` or ``removed``."""
+
+    path: str
+    status: ChangeKind
+    applied_at: datetime | None = None
 
 
-def _stdout(line: str) -> None:
-    print(line, flush=True)
+@dataclass(frozen=True)
+class Status:
+    """``tokentrack migrate list``: every version, and the function files that differ."""
+
+    versions: tuple[VersionStatus, ...]
+    functions: tuple[FunctionStatus, ...]
 
 
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+Notice = Callable[[str], None]
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,13 +533,7 @@ def _function_version(path: Path, text: str) -> str:
     return versions[0]
 
 
-def load_versions(sql_dir: Path | None = None) -> list[MigrationVersion]:
-    """Load and validate every version under ``sql_dir``, oldest first.
-
-    Raises :class:`SqlLayoutError`, naming the offending file, for a schema file without its
-    rollback or the reverse, a duplicate version, a bad file name, or a function file whose
-    header does not name exactly one known version.
-    """
+def _load(sql_dir: Path | None) -> tuple[list[MigrationVersion], list[FunctionFile]]:
     root = (sql_dir or default_sql_dir()).resolve()
     schema_dir, rollback_dir, functions_dir = root / "schema", root / "rollback", root / "functions"
     if not schema_dir.is_dir():
@@ -319,7 +554,7 @@ def load_versions(sql_dir: Path | None = None) -> list[MigrationVersion]:
                 f"{path}: rollback file has no schema file, expected {schema_dir / path.name}"
             )
 
-    functions: dict[str, list[SqlFile]] = {version: [] for version in schemas}
+    functions: list[FunctionFile] = []
     for path in _list_sql_files(functions_dir):
         if _FUNCTION_FILE_RE.match(path.name) is None:
             raise SqlLayoutError(
@@ -327,22 +562,39 @@ def load_versions(sql_dir: Path | None = None) -> list[MigrationVersion]:
             )
         sql_file = SqlFile.read(root, path)
         version = _function_version(path, sql_file.text)
-        if version not in functions:
+        if version not in schemas:
             raise SqlLayoutError(
                 f"{path}: header names version {version}, which has no schema file in {schema_dir}"
             )
-        functions[version].append(sql_file)
+        functions.append(FunctionFile(sql_file, version))
+    functions.sort(key=lambda f: f.relpath)
 
-    return [
+    versions = [
         MigrationVersion(
             version=version,
             name=schemas[version][0],
             schema=SqlFile.read(root, schemas[version][1]),
             rollback=SqlFile.read(root, rollbacks[version][1]),
-            functions=tuple(sorted(functions[version], key=lambda f: f.relpath)),
+            functions=tuple(f.file for f in functions if f.version == version),
         )
         for version in sorted(schemas)
     ]
+    return versions, functions
+
+
+def load_versions(sql_dir: Path | None = None) -> list[MigrationVersion]:
+    """Load and validate every version under ``sql_dir``, oldest first.
+
+    Raises :class:`SqlLayoutError`, naming the offending file, for a schema file without its
+    rollback or the reverse, a duplicate version, a bad file name, or a function file whose
+    header does not name exactly one known version.
+    """
+    return _load(sql_dir)[0]
+
+
+def load_functions(sql_dir: Path | None = None) -> list[FunctionFile]:
+    """Every function file under ``sql_dir`` by path, validated as :func:`load_versions` does."""
+    return _load(sql_dir)[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,12 +649,13 @@ async def _close(conn: asyncpg.Connection) -> None:
         conn.terminate()
 
 
-async def _acquire_lock(conn: asyncpg.Connection, wait_notice: Echo) -> None:
+async def _acquire_lock(conn: asyncpg.Connection, wait_notice: Notice | None) -> None:
     got = await conn.fetchval("SELECT pg_try_advisory_lock($1)", ADVISORY_LOCK_KEY)
     if not got:
-        wait_notice(
-            f"waiting for another tokentrack installer (advisory lock {ADVISORY_LOCK_KEY})..."
-        )
+        if wait_notice is not None:
+            wait_notice(
+                f"waiting for another tokentrack installer (advisory lock {ADVISORY_LOCK_KEY})..."
+            )
         await conn.execute("SELECT pg_advisory_lock($1)", ADVISORY_LOCK_KEY)
 
 
@@ -411,14 +664,19 @@ async def _release_lock(conn: asyncpg.Connection) -> None:
         await conn.execute("SELECT pg_advisory_unlock($1)", ADVISORY_LOCK_KEY)
 
 
-async def _table_exists(conn: asyncpg.Connection) -> bool:
-    found = await conn.fetchval("SELECT to_regclass('tokentrack.schema_migrations') IS NOT NULL")
-    return bool(found)
+async def _has_tables(conn: asyncpg.Connection) -> tuple[bool, bool]:
+    """Whether ``schema_migrations`` and ``schema_functions`` exist."""
+    row = await conn.fetchrow(
+        "SELECT to_regclass('tokentrack.schema_migrations') IS NOT NULL AS versions,"
+        " to_regclass('tokentrack.schema_functions') IS NOT NULL AS functions"
+    )
+    assert row is not None
+    return bool(row["versions"]), bool(row["functions"])
 
 
 async def _bootstrap(conn: asyncpg.Connection) -> None:
-    """Create the schema and the version table unless they exist (needs CREATE on the db)."""
-    if await _table_exists(conn):
+    """Create the schema and the bookkeeping tables unless they exist (needs CREATE on the db)."""
+    if all(await _has_tables(conn)):
         return
     try:
         async with conn.transaction():
@@ -433,7 +691,7 @@ async def _bootstrap(conn: asyncpg.Connection) -> None:
 
 
 async def _applied_rows(conn: asyncpg.Connection) -> list[AppliedRow]:
-    if not await _table_exists(conn):
+    if not (await _has_tables(conn))[0]:
         return []
     try:
         records = await conn.fetch(
@@ -455,21 +713,82 @@ async def _applied_rows(conn: asyncpg.Connection) -> list[AppliedRow]:
     ]
 
 
-def _changed_files(row: AppliedRow, on_disk: MigrationVersion) -> list[str]:
-    """Files of an applied version that differ from what was applied (edited, added, removed)."""
-    disk = on_disk.file_checksums
-    changed = [path for path, digest in disk.items() if row.files.get(path) != digest]
-    changed += [path for path in row.files if path not in disk]
-    if row.name != on_disk.name:
+async def _function_rows(conn: asyncpg.Connection) -> list[FunctionRow]:
+    """Every row of ``schema_functions``, oldest first (none when the table does not exist)."""
+    if not (await _has_tables(conn))[1]:
+        return []
+    try:
+        records = await conn.fetch(
+            "SELECT id, path, sha256, source, version, signatures::text AS signatures, applied_at "
+            "FROM tokentrack.schema_functions ORDER BY id"
+        )
+    except asyncpg.PostgresError as exc:
+        raise ApplyError(f"cannot read tokentrack.schema_functions: {pg_error(exc)}") from exc
+    return [
+        FunctionRow(
+            id=r["id"],
+            path=r["path"],
+            sha256=r["sha256"],
+            source=r["source"],
+            version=r["version"],
+            signatures=json.loads(r["signatures"]),
+            applied_at=r["applied_at"],
+        )
+        for r in records
+    ]
+
+
+def _newest_rows(history: Sequence[FunctionRow]) -> dict[str, FunctionRow]:
+    newest: dict[str, FunctionRow] = {}
+    for row in history:  # oldest first: the last one per path wins
+        newest[row.path] = row
+    return newest
+
+
+def _legacy_match(sql_file: SqlFile, recorded: str) -> bool:
+    """Whether ``sql_file`` is what an older installer recorded as ``recorded``.
+
+    Older function files said ``CREATE FUNCTION`` where they now say ``CREATE OR REPLACE
+    FUNCTION``; that is the only difference accepted, and it defines the same function.
+    """
+    if sql_file.sha256 == recorded:
+        return True
+    old_text = _OR_REPLACE_RE.sub(r"CREATE \1 ", sql_file.text)
+    return hashlib.sha256(old_text.encode("utf-8")).hexdigest() == recorded
+
+
+def _changed_files(
+    row: AppliedRow, on_disk: MigrationVersion, functions: Mapping[str, FunctionFile]
+) -> list[str]:
+    """Files of an applied version that differ from what was applied (edited or removed).
+
+    The schema file always counts; function files only in a row written by an older
+    installer, which recorded them per version (see :func:`_seed_legacy`).
+    """
+    changed = [
+        path
+        for path, digest in row.files.items()
+        if not path.startswith("functions/")
+        and (path != on_disk.schema.relpath or digest != on_disk.schema.sha256)
+    ]
+    if on_disk.schema.relpath not in row.files or row.name != on_disk.name:
         changed.append(on_disk.schema.relpath)
+    for path, digest in row.legacy_functions.items():
+        disk = functions.get(path)
+        if disk is None or not _legacy_match(disk.file, digest):
+            changed.append(path)
     return sorted(set(changed))
 
 
 def _check_applied(
-    versions: Sequence[MigrationVersion], applied: Sequence[AppliedRow], sql_dir: Path
+    versions: Sequence[MigrationVersion],
+    applied: Sequence[AppliedRow],
+    sql_dir: Path,
+    functions: Sequence[FunctionFile],
 ) -> list[MigrationVersion]:
     """Refuse drift, vanished versions and out-of-order pending ones; return the pending."""
     by_version = {v.version: v for v in versions}
+    by_path = {f.relpath: f for f in functions}
     missing = [row for row in applied if row.version not in by_version]
     if missing:
         names = ", ".join(f"{row.version}_{row.name}" for row in missing)
@@ -479,7 +798,7 @@ def _check_applied(
         )
     edited: list[str] = []
     for row in applied:
-        edited += _changed_files(row, by_version[row.version])
+        edited += _changed_files(row, by_version[row.version], by_path)
     if edited:
         raise DriftError(
             "applied file(s) changed since they were applied: "
@@ -499,6 +818,186 @@ def _check_applied(
     return pending
 
 
+_SIGNATURES_OF_NAME_SQL: Final = (
+    "SELECT coalesce(pg_catalog.jsonb_object_agg(p.oid::pg_catalog.regprocedure::text,"
+    " pg_catalog.md5(pg_catalog.pg_get_functiondef(p.oid))), '{}'::jsonb)::text"
+    " FROM pg_catalog.pg_proc AS p"
+    " WHERE p.pronamespace = 'tokentrack'::pg_catalog.regnamespace AND p.proname = $1"
+)
+
+
+async def _seed_legacy(
+    conn: asyncpg.Connection,
+    applied: Sequence[AppliedRow],
+    versions: Sequence[MigrationVersion],
+    functions: Sequence[FunctionFile],
+) -> tuple[str, ...]:
+    """Upgrade the bookkeeping of a database installed by an older installer, in place.
+
+    That installer applied each function file with the version its header names and put its
+    sha256 in the version's ``files``. Every such file (already checked to be the one applied,
+    see :func:`_legacy_match`) gets its first ``schema_functions`` row with that version, and
+    the version row keeps only its schema file. One transaction; returns the files recorded.
+    """
+    legacy = [row for row in applied if row.legacy_functions]
+    if not legacy:
+        return ()
+    by_version = {v.version: v for v in versions}
+    by_path = {f.relpath: f for f in functions}
+    seeded: list[str] = []
+    current = "tokentrack.schema_functions"
+    try:
+        async with conn.transaction():
+            await conn.execute(_PIN_SEARCH_PATH)
+            for row in legacy:
+                for path in sorted(row.legacy_functions):
+                    current = path
+                    sql_file = by_path[path].file
+                    signatures = await conn.fetchval(_SIGNATURES_OF_NAME_SQL, Path(path).stem)
+                    await conn.execute(
+                        "INSERT INTO tokentrack.schema_functions"
+                        " (path, sha256, source, version, signatures)"
+                        " VALUES ($1, $2, $3, $4, $5::jsonb)",
+                        path,
+                        sql_file.sha256,
+                        sql_file.text,
+                        row.version,
+                        signatures,
+                    )
+                    seeded.append(path)
+                version = by_version[row.version]
+                current = "tokentrack.schema_migrations"
+                await conn.execute(
+                    "UPDATE tokentrack.schema_migrations SET files = $2::jsonb, checksum = $3"
+                    " WHERE version = $1",
+                    row.version,
+                    json.dumps(version.file_checksums, sort_keys=True),
+                    version.checksum,
+                )
+    except asyncpg.PostgresError as exc:
+        raise ApplyError(
+            f"recording the function history of an older installation failed in {current}: "
+            f"{pg_error(exc)} (nothing was changed)"
+        ) from exc
+    return tuple(seeded)
+
+
+def _plan(
+    functions: Sequence[FunctionFile],
+    applied: Sequence[AppliedRow],
+    history: Sequence[FunctionRow],
+    pending: Sequence[MigrationVersion],
+) -> InstallPlan:
+    """The pending versions and every function file that differs from its newest row."""
+    current = (applied[-1].version, applied[-1].name) if applied else None
+    after = pending[-1].version if pending else (current[0] if current else None)
+    if after is None:  # pragma: no cover - the loader refuses a directory without versions
+        return InstallPlan((), (), current)
+    newest = _newest_rows(history)
+    on_disk = {f.relpath for f in functions}
+    changes: list[FunctionChange] = []
+    for fn in functions:
+        if fn.version > after:
+            continue
+        last = newest.get(fn.relpath)
+        if last is None:
+            # First application: the row belongs to the version that introduces the function,
+            # not to the last one of this run, so that rolling back version 2 of a fresh
+            # install of versions 1 and 2 keeps version 1's functions.
+            changes.append(FunctionChange(fn.relpath, "new", fn.version, fn.file))
+        elif last.source is None:
+            changes.append(FunctionChange(fn.relpath, "new", after, fn.file))
+        elif last.sha256 != fn.file.sha256:
+            changes.append(FunctionChange(fn.relpath, "changed", after, fn.file, last.defined))
+    for path, last in sorted(newest.items()):
+        if path not in on_disk and last.source is not None:
+            changes.append(FunctionChange(path, "removed", after, None, last.defined))
+    changes.sort(key=lambda c: c.path)
+    return InstallPlan(tuple(pending), tuple(changes), current)
+
+
+def _dollar_quote(text: str, base: str) -> str:
+    """``text`` as a dollar-quoted literal whose delimiter does not occur in it."""
+    tag, n = base, 0
+    while f"${tag}$" in text:
+        n += 1
+        tag = f"{base}_{n}"
+    return f"${tag}${text}${tag}$"
+
+
+def _quote_literal(value: str | None) -> str:
+    if value is None:
+        return "NULL"
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _record_sql(change: FunctionChange) -> str:
+    """SQL that finishes applying ``change`` after its file ran, in the same transaction.
+
+    It refuses a change already recorded (so the printed SQL cannot be applied twice) and a
+    file that defines no routine of its name, drops the signatures recorded before that the
+    file no longer defines (found as the routines of that name that this transaction did not
+    write: ``pg_proc.xmin``), and appends the ``schema_functions`` row.
+    """
+    path, name = _quote_literal(change.path), _quote_literal(change.name)
+    sha = _quote_literal(change.file.sha256 if change.file else None)
+    written = (
+        "p.pronamespace = 'tokentrack'::pg_catalog.regnamespace"
+        f" AND p.proname = {name}"
+        " AND p.xmin = pg_catalog.pg_current_xact_id()::xid"
+    )
+    if change.file is None:
+        written = "false"
+    check_defined = ""
+    if change.file is not None:
+        message = _quote_literal(
+            f"{change.path} defines no routine tokentrack.{change.name}: a function file must "
+            "be named after the function it defines"
+        )
+        check_defined = (
+            f"    IF NOT EXISTS (SELECT FROM pg_catalog.pg_proc AS p WHERE {written}) THEN\n"
+            "        RAISE EXCEPTION USING ERRCODE = 'invalid_function_definition',\n"
+            f"            MESSAGE = {message};\n"
+            "    END IF;\n"
+        )
+    already = _quote_literal(f"tokentrack function file {change.path} is already recorded")
+    source = "NULL" if change.file is None else _dollar_quote(change.file.text, "tokentrack_source")
+    return (
+        "DO $tokentrack_record$\n"
+        "DECLARE\n"
+        "    v_found boolean;\n"
+        "    v_sha text;\n"
+        "    v_previous jsonb;\n"
+        "    v_signature text;\n"
+        "BEGIN\n"
+        "    SELECT true, f.sha256, CASE WHEN f.source IS NULL THEN '{}'::jsonb"
+        " ELSE f.signatures END\n"
+        "    INTO v_found, v_sha, v_previous\n"
+        f"    FROM tokentrack.schema_functions AS f WHERE f.path = {path}\n"
+        "    ORDER BY f.id DESC LIMIT 1;\n"
+        f"    IF v_found AND v_sha IS NOT DISTINCT FROM {sha} THEN\n"
+        "        RAISE EXCEPTION USING ERRCODE = 'unique_violation',\n"
+        f"            MESSAGE = {already};\n"
+        "    END IF;\n"
+        f"{check_defined}"
+        "    FOR v_signature IN\n"
+        "        SELECT pg_catalog.jsonb_object_keys(coalesce(v_previous, '{}'::jsonb))\n"
+        "        EXCEPT\n"
+        "        SELECT p.oid::pg_catalog.regprocedure::text FROM pg_catalog.pg_proc AS p\n"
+        f"        WHERE {written}\n"
+        "    LOOP\n"
+        "        EXECUTE pg_catalog.format('DROP ROUTINE IF EXISTS %s', v_signature);\n"
+        "    END LOOP;\n"
+        "END\n"
+        "$tokentrack_record$;\n"
+        "INSERT INTO tokentrack.schema_functions (path, sha256, source, version, signatures)\n"
+        f"SELECT {path}, {sha}, {source}, {_quote_literal(change.version)},\n"
+        "    coalesce(pg_catalog.jsonb_object_agg(p.oid::pg_catalog.regprocedure::text,\n"
+        "        pg_catalog.md5(pg_catalog.pg_get_functiondef(p.oid))), '{}'::jsonb)\n"
+        f"FROM pg_catalog.pg_proc AS p WHERE {written};"
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Commands
 # --------------------------------------------------------------------------------------------
@@ -508,42 +1007,34 @@ async def install(
     dsn: str,
     *,
     sql_dir: Path | None = None,
-    echo: Echo = _stdout,
-    wait_notice: Echo = _stderr,
-) -> list[MigrationVersion]:
-    """Apply every pending version, each in its own transaction; return those applied.
+    wait_notice: Notice | None = None,
+) -> InstallResult:
+    """Apply every pending version and every changed function file; return what was done.
 
-    Takes the advisory lock :data:`ADVISORY_LOCK_KEY`, bootstraps ``schema_migrations``,
-    refuses drift (naming every edited file), applied versions missing on disk and pending
-    versions older than the newest applied one, then applies the pending versions in order.
-    Prints one line per applied version, or that the schema is up to date.
+    Takes the advisory lock :data:`ADVISORY_LOCK_KEY` (calling ``wait_notice`` once when
+    another installer holds it), bootstraps the bookkeeping tables, refuses drift (naming every
+    edited schema file), applied versions missing on disk and pending versions older than the
+    newest applied one, records the function history of a database installed by an older
+    installer, then applies the pending versions in order, each in its own transaction; the
+    function files whose sha256 differs from their newest ``schema_functions`` row go into
+    the transaction of the last pending version, or into one of their own.
+    Raises :class:`MigrationError`; an :class:`ApplyError` carries in ``result`` what was
+    applied before the failure.
     """
     root = (sql_dir or default_sql_dir()).resolve()
-    versions = load_versions(root)
+    versions, functions = _load(root)
     conn = await _connect(dsn)
     try:
         await _acquire_lock(conn, wait_notice)
         try:
             await _bootstrap(conn)
             applied = await _applied_rows(conn)
-            pending = _check_applied(versions, applied, root)
-            if not pending:
-                newest = applied[-1]
-                echo(
-                    f"tokentrack schema is up to date at version {newest.version} "
-                    f"({newest.name}); nothing was done"
-                )
-                return []
-            done: list[MigrationVersion] = []
-            for version in pending:
-                await _apply_version(conn, version, done)
-                done.append(version)
-                echo(
-                    f"applied {version.version} {version.name} "
-                    f"({len(version.functions)} function file(s))"
-                )
-            echo(f"tokentrack schema is now at version {done[-1].version} ({done[-1].name})")
-            return done
+            pending = _check_applied(versions, applied, root, functions)
+            seeded = await _seed_legacy(conn, applied, versions, functions)
+            if seeded:
+                applied = await _applied_rows(conn)
+            plan = _plan(functions, applied, await _function_rows(conn), pending)
+            return await _execute_plan(conn, plan, seeded)
         finally:
             await _release_lock(conn)
     except asyncpg.PostgresError as exc:
@@ -554,31 +1045,86 @@ async def install(
         await _close(conn)
 
 
-async def _apply_version(
-    conn: asyncpg.Connection, version: MigrationVersion, done: Sequence[MigrationVersion]
-) -> None:
-    current = version.schema.relpath
+async def _execute_plan(
+    conn: asyncpg.Connection, plan: InstallPlan, seeded: tuple[str, ...]
+) -> InstallResult:
+    current = plan.current
+    done: list[MigrationVersion] = []
+    functions: tuple[AppliedFunction, ...] = ()
+    for i, version in enumerate(plan.versions):
+        with_functions = plan.functions if i == len(plan.versions) - 1 else ()
+        try:
+            functions = await _apply(conn, version, with_functions)
+        except ApplyError as exc:
+            exc.result = InstallResult(tuple(done), (), seeded, current)
+            kept = (
+                f"; already applied in this run: {', '.join(v.version for v in done)}"
+                if done
+                else ""
+            )
+            exc.args = (f"{exc.args[0]}; version {version.version} was rolled back{kept}",)
+            raise
+        done.append(version)
+        current = (version.version, version.name)
+    if not plan.versions and plan.functions:
+        try:
+            functions = await _apply(conn, None, plan.functions)
+        except ApplyError as exc:
+            exc.result = InstallResult((), (), seeded, current)
+            exc.args = (f"{exc.args[0]}; nothing was changed",)
+            raise
+    return InstallResult(tuple(done), functions, seeded, current)
+
+
+async def _apply(
+    conn: asyncpg.Connection,
+    version: MigrationVersion | None,
+    changes: Sequence[FunctionChange],
+) -> tuple[AppliedFunction, ...]:
+    """One transaction: ``version``'s schema file, the function changes, the version row."""
+    what = f"applying version {version.label}" if version else "applying function files"
+    current = version.schema.relpath if version else ""
+    applied: list[AppliedFunction] = []
     try:
         async with conn.transaction():
-            for sql_file in version.applied_files:
-                current = sql_file.relpath
-                await conn.execute(sql_file.text)
-            current = "tokentrack.schema_migrations"
-            await conn.execute(
-                _INSERT_VERSION_SQL,
-                version.version,
-                version.name,
-                version.checksum,
-                json.dumps(version.file_checksums, sort_keys=True),
-            )
+            if version is not None:
+                await conn.execute(version.schema.text)
+            if changes:
+                await conn.execute(_PIN_SEARCH_PATH)
+            for change in changes:
+                current = change.path
+                if change.file is not None:
+                    await conn.execute(change.file.text)
+                current = f"tokentrack.schema_functions ({change.path})"
+                await conn.execute(_record_sql(change))
+                defined = json.loads(
+                    await conn.fetchval(
+                        "SELECT signatures::text FROM tokentrack.schema_functions"
+                        " WHERE path = $1 ORDER BY id DESC LIMIT 1",
+                        change.path,
+                    )
+                )
+                applied.append(
+                    AppliedFunction(
+                        path=change.path,
+                        kind=change.kind,
+                        version=change.version,
+                        signatures=tuple(sorted(defined)),
+                        dropped=tuple(sorted(change.previous - set(defined))),
+                    )
+                )
+            if version is not None:
+                current = "tokentrack.schema_migrations"
+                await conn.execute(
+                    _INSERT_VERSION_SQL,
+                    version.version,
+                    version.name,
+                    version.checksum,
+                    json.dumps(version.file_checksums, sort_keys=True),
+                )
     except asyncpg.PostgresError as exc:
-        kept = (
-            f"; already applied in this run: {', '.join(v.version for v in done)}" if done else ""
-        )
-        raise ApplyError(
-            f"applying version {version.label} failed in {current}: {pg_error(exc)}; "
-            f"version {version.version} was rolled back{kept}"
-        ) from exc
+        raise ApplyError(f"{what} failed in {current}: {pg_error(exc)}") from exc
+    return tuple(applied)
 
 
 async def rollback(
@@ -586,26 +1132,28 @@ async def rollback(
     *,
     steps: int = 1,
     sql_dir: Path | None = None,
-    echo: Echo = _stdout,
-    wait_notice: Echo = _stderr,
-) -> list[str]:
-    """Roll back the newest ``steps`` applied versions, newest first; return their versions.
+    wait_notice: Notice | None = None,
+) -> RollbackResult:
+    """Roll back the newest ``steps`` applied versions, newest first; return what was done.
 
-    Each version's rollback file runs in one transaction together with the deletion of its
-    ``schema_migrations`` row. With nothing applied it says so and does nothing.
+    Each version V is undone in one transaction: the functions V introduced (and signatures
+    that its changes added) are dropped, V's rollback file runs, V's ``schema_functions``
+    rows are deleted, the newest remaining recorded text of every function that had rows
+    under V is executed again (byte for byte what was applied before), and V's
+    ``schema_migrations`` row is deleted. With nothing applied it does nothing.
     """
     if steps < 1:
         raise MigrationError(f"--steps must be at least 1, got {steps}")
     root = (sql_dir or default_sql_dir()).resolve()
-    versions = {v.version: v for v in load_versions(root)}
+    loaded, functions = _load(root)
+    versions = {v.version: v for v in loaded}
     conn = await _connect(dsn)
     try:
         await _acquire_lock(conn, wait_notice)
         try:
             applied = await _applied_rows(conn)
             if not applied:
-                echo("nothing to roll back: no tokentrack version is applied")
-                return []
+                return RollbackResult()
             targets = list(reversed(applied))[:steps]
             missing = [
                 f"{row.version}_{row.name}" for row in targets if row.version not in versions
@@ -615,34 +1163,25 @@ async def rollback(
                     f"no rollback file for applied version(s) {', '.join(missing)} in "
                     f"{root / 'rollback'} (nothing was changed)"
                 )
-            done: list[str] = []
-            for row in targets:
-                version = versions[row.version]
+            seeded: tuple[str, ...] = ()
+            if any(row.legacy_functions for row in applied):
+                seeded = await _seed_older_installation(conn, applied, loaded, functions)
+            done: list[RolledBackVersion] = []
+            for n, row in enumerate(targets):
+                remaining = applied[: len(applied) - n - 1]
+                current = (remaining[-1].version, remaining[-1].name) if remaining else None
                 try:
-                    async with conn.transaction():
-                        await conn.execute(version.rollback.text)
-                        await conn.execute(
-                            "DELETE FROM tokentrack.schema_migrations WHERE version = $1",
-                            row.version,
-                        )
-                except asyncpg.PostgresError as exc:
-                    kept = f"; already rolled back: {', '.join(done)}" if done else ""
-                    raise ApplyError(
-                        f"rolling back version {version.label} failed in "
-                        f"{version.rollback.relpath}: {pg_error(exc)}; "
-                        f"version {row.version} stays applied{kept}"
-                    ) from exc
-                done.append(row.version)
-                echo(f"rolled back {row.version} {row.name}")
-            remaining = applied[: len(applied) - len(done)]
-            if remaining:
-                echo(
-                    f"tokentrack schema is now at version {remaining[-1].version} "
-                    f"({remaining[-1].name})"
-                )
-            else:
-                echo("no tokentrack version is applied any more")
-            return done
+                    done.append(await _rollback_version(conn, versions[row.version], row.version))
+                except ApplyError as exc:
+                    exc.result = RollbackResult(tuple(done), (row.version, row.name), seeded)
+                    kept = (
+                        f"; already rolled back: {', '.join(v.version for v in done)}"
+                        if done
+                        else ""
+                    )
+                    exc.args = (f"{exc.args[0]}; version {row.version} stays applied{kept}",)
+                    raise
+            return RollbackResult(tuple(done), current, seeded)
         finally:
             await _release_lock(conn)
     except asyncpg.PostgresError as exc:
@@ -653,15 +1192,92 @@ async def rollback(
         await _close(conn)
 
 
-async def status(dsn: str, *, sql_dir: Path | None = None) -> list[VersionStatus]:
-    """Status of every version on disk or in the database, oldest first (read-only)."""
+async def _seed_older_installation(
+    conn: asyncpg.Connection,
+    applied: Sequence[AppliedRow],
+    versions: Sequence[MigrationVersion],
+    functions: Sequence[FunctionFile],
+) -> tuple[str, ...]:
+    """Before a rollback: record the function history that an older installer did not keep."""
+    by_version = {v.version: v for v in versions}
+    by_path = {f.relpath: f for f in functions}
+    edited: list[str] = []
+    for row in applied:
+        if row.version in by_version:
+            edited += _changed_files(row, by_version[row.version], by_path)
+    if edited:
+        raise DriftError(
+            "cannot record the function history of this older installation: file(s) changed "
+            f"since they were applied: {', '.join(sorted(set(edited)))}; restore them "
+            "(nothing was changed)"
+        )
+    await _bootstrap(conn)
+    return await _seed_legacy(conn, applied, versions, functions)
+
+
+async def _rollback_version(
+    conn: asyncpg.Connection, version: MigrationVersion, key: str
+) -> RolledBackVersion:
+    history = await _function_rows(conn)
+    by_path: dict[str, list[FunctionRow]] = {}
+    for row in history:
+        by_path.setdefault(row.path, []).append(row)
+    drops: set[str] = set()
+    restores: list[FunctionRow] = []
+    for path in sorted(by_path):
+        rows = by_path[path]
+        if not any(r.version == key for r in rows):
+            continue
+        before = [r for r in rows if r.version != key]
+        restored = before[-1] if before else None
+        keep = restored.defined if restored is not None else frozenset()
+        drops |= rows[-1].defined - keep
+        if restored is not None and restored.source is not None:
+            restores.append(restored)
+    current = version.rollback.relpath
+    try:
+        async with conn.transaction():
+            await conn.execute(_PIN_SEARCH_PATH)
+            # Drops first: a function of this version may take or return one of its types.
+            for signature in sorted(drops):
+                current = f"DROP ROUTINE {signature}"
+                await conn.execute(f"DROP ROUTINE IF EXISTS {signature}")
+            current = version.rollback.relpath
+            await conn.execute(version.rollback.text)
+            await conn.execute("DELETE FROM tokentrack.schema_functions WHERE version = $1", key)
+            # Restores last: an earlier body may use what the rollback file put back.
+            for row in restores:
+                current = f"restoring {row.path}"
+                assert row.source is not None
+                await conn.execute(row.source)
+            current = "tokentrack.schema_migrations"
+            await conn.execute("DELETE FROM tokentrack.schema_migrations WHERE version = $1", key)
+    except asyncpg.PostgresError as exc:
+        raise ApplyError(
+            f"rolling back version {version.label} failed in {current}: {pg_error(exc)}"
+        ) from exc
+    return RolledBackVersion(
+        version=key,
+        name=version.name,
+        restored=tuple(r.path for r in restores),
+        dropped=tuple(sorted(drops)),
+    )
+
+
+async def status(dsn: str, *, sql_dir: Path | None = None) -> Status:
+    """Every version on disk or in the database, oldest first, and every function file that
+    differs from what the database recorded (read-only)."""
     root = (sql_dir or default_sql_dir()).resolve()
-    versions = {v.version: v for v in load_versions(root)}
+    loaded, functions = _load(root)
+    versions = {v.version: v for v in loaded}
+    by_path = {f.relpath: f for f in functions}
     conn = await _connect(dsn)
     try:
-        applied = {row.version: row for row in await _applied_rows(conn)}
+        applied_rows = await _applied_rows(conn)
+        history = await _function_rows(conn)
     finally:
         await _close(conn)
+    applied = {row.version: row for row in applied_rows}
     result: list[VersionStatus] = []
     for key in sorted(versions.keys() | applied.keys()):
         row, disk = applied.get(key), versions.get(key)
@@ -670,26 +1286,60 @@ async def status(dsn: str, *, sql_dir: Path | None = None) -> list[VersionStatus
         elif row is not None and disk is None:
             result.append(VersionStatus(key, row.name, "missing", row.applied_at))
         elif row is not None and disk is not None:
-            changed = tuple(_changed_files(row, disk))
+            changed = tuple(_changed_files(row, disk, by_path))
             state = "drifted" if changed else "applied"
             result.append(VersionStatus(key, disk.name, state, row.applied_at, changed))
-    return result
+    recorded: dict[str, tuple[str | None, datetime | None]] = {
+        path: (digest, row.applied_at)
+        for row in applied_rows
+        for path, digest in row.legacy_functions.items()
+    }
+    if history:
+        recorded = {
+            path: (last.sha256, last.applied_at) for path, last in _newest_rows(history).items()
+        }
+    differing: list[FunctionStatus] = []
+    for path in sorted(by_path.keys() | recorded.keys()):
+        disk_fn = by_path.get(path)
+        digest, when = recorded.get(path, (None, None))
+        if disk_fn is None:
+            if digest is not None:
+                differing.append(FunctionStatus(path, "removed", when))
+        elif digest is None:
+            differing.append(FunctionStatus(path, "new"))
+        elif not (
+            disk_fn.file.sha256 == digest or (not history and _legacy_match(disk_fn.file, digest))
+        ):
+            differing.append(FunctionStatus(path, "changed", when))
+    return Status(tuple(result), tuple(differing))
 
 
 async def pending_versions(dsn: str, *, sql_dir: Path | None = None) -> list[MigrationVersion]:
     """Versions not yet applied to the database at ``dsn`` (read-only; refuses drift)."""
+    return list((await pending_plan(dsn, sql_dir=sql_dir)).versions)
+
+
+async def pending_plan(dsn: str, *, sql_dir: Path | None = None) -> InstallPlan:
+    """What ``install`` would apply to the database at ``dsn`` (read-only; refuses drift).
+
+    A database whose function history was kept by an older installer must be installed once
+    with ``tokentrack migrate install`` first: the printed SQL does not upgrade bookkeeping.
+    """
     root = (sql_dir or default_sql_dir()).resolve()
-    versions = load_versions(root)
+    versions, functions = _load(root)
     conn = await _connect(dsn)
     try:
         applied = await _applied_rows(conn)
+        history = await _function_rows(conn)
     finally:
         await _close(conn)
-    return _check_applied(versions, applied, root)
-
-
-def _quote_literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
+    pending = _check_applied(versions, applied, root, functions)
+    if any(row.legacy_functions for row in applied):
+        raise MigrationError(
+            "this database was installed by an older tokentrack installer that did not record "
+            "function history; run `tokentrack migrate install` once to upgrade it"
+        )
+    return _plan(functions, applied, history, pending)
 
 
 def _terminated(text: str) -> str:
@@ -701,19 +1351,45 @@ def _terminated(text: str) -> str:
     return "\n".join(lines)
 
 
-def render_sql(versions: Sequence[MigrationVersion]) -> str:
-    """The SQL that applies ``versions`` with psql, for teams with their own migration tool.
+def _fresh_plan(versions: Sequence[MigrationVersion]) -> InstallPlan:
+    """The plan for a database that has none of ``versions``: every function file of them."""
+    changes = [
+        FunctionChange(f.relpath, "new", v.version, f) for v in versions for f in v.functions
+    ]
+    return InstallPlan(tuple(versions), tuple(sorted(changes, key=lambda c: c.path)))
 
-    Output: the bootstrap in its own transaction, then one ``BEGIN; ... COMMIT;`` block per
-    version holding the schema file, the function files and the ``schema_migrations`` row.
-    Each block first takes the installer's advisory lock and refuses a version that is
-    already applied. Run it with ``psql -v ON_ERROR_STOP=1 -f FILE``.
+
+def _functions_sql(changes: Sequence[FunctionChange]) -> list[str]:
+    out = ["", _PIN_SEARCH_PATH]
+    for change in changes:
+        sha = change.file.sha256 if change.file else "removed"
+        out += ["", f"-- ----- {change.path} ({change.kind}, sha256 {sha})"]
+        if change.file is not None:
+            out.append(_terminated(change.file.text))
+        out.append(_record_sql(change))
+    return out
+
+
+def render_sql(plan: InstallPlan | Sequence[MigrationVersion]) -> str:
+    """The SQL that applies ``plan`` with psql, for teams with their own migration tool.
+
+    A sequence of versions means a database that has none of them: every function file of
+    those versions is applied. Output: the bootstrap in its own transaction, then one
+    ``BEGIN; ... COMMIT;`` block per version holding its schema file and its
+    ``schema_migrations`` row; the last block also applies the function files with their
+    ``schema_functions`` rows (a block of their own when no version is pending). Each block
+    first takes the installer's advisory lock and refuses a version or function change that
+    is already recorded. Run it with ``psql -v ON_ERROR_STOP=1 -f FILE``.
     """
     from tokentrack_client import __version__
 
+    if not isinstance(plan, InstallPlan):
+        plan = _fresh_plan(plan)
+    header = ", ".join(v.label for v in plan.versions) or "(none)"
+    if plan.functions:
+        header += f"; {len(plan.functions)} function file(s)"
     out: list[str] = [
-        f"-- tokentrack {__version__}: SQL of version(s) "
-        + (", ".join(v.label for v in versions) or "(none)"),
+        f"-- tokentrack {__version__}: SQL of version(s) {header}",
         "-- Generated by `tokentrack migrate sql`. Apply with: psql -v ON_ERROR_STOP=1 -f FILE",
         "",
         "BEGIN;",
@@ -721,7 +1397,7 @@ def render_sql(versions: Sequence[MigrationVersion]) -> str:
         BOOTSTRAP_SQL.rstrip("\n"),
         "COMMIT;",
     ]
-    for version in versions:
+    for i, version in enumerate(plan.versions):
         out += [
             "",
             f"-- ===== version {version.label} =====",
@@ -736,19 +1412,27 @@ def render_sql(versions: Sequence[MigrationVersion]) -> str:
             "    END IF;",
             "END",
             "$tokentrack_guard$;",
+            "",
+            f"-- ----- {version.schema.relpath} (sha256 {version.schema.sha256})",
+            _terminated(version.schema.text),
         ]
-        for sql_file in version.applied_files:
-            out += [
-                "",
-                f"-- ----- {sql_file.relpath} (sha256 {sql_file.sha256})",
-                _terminated(sql_file.text),
-            ]
+        if i == len(plan.versions) - 1 and plan.functions:
+            out += _functions_sql(plan.functions)
         files_json = json.dumps(version.file_checksums, sort_keys=True)
         out += [
             "",
             "INSERT INTO tokentrack.schema_migrations (version, name, checksum, files)",
             f"VALUES ({_quote_literal(version.version)}, {_quote_literal(version.name)}, "
             f"{_quote_literal(version.checksum)}, {_quote_literal(files_json)}::jsonb);",
+            "COMMIT;",
+        ]
+    if not plan.versions and plan.functions:
+        out += [
+            "",
+            "-- ===== function files =====",
+            "BEGIN;",
+            f"SELECT pg_advisory_xact_lock({ADVISORY_LOCK_KEY});",
+            *_functions_sql(plan.functions),
             "COMMIT;",
         ]
     return "\n".join(out) + "\n"

@@ -12,7 +12,7 @@
 -- Safe to run concurrently with itself and with finalize: a reservation billed by one is
 --   already_finalized for the other and is not counted twice.
 -- Errors: 25000 (from expire_reservations) under REPEATABLE READ or SERIALIZABLE.
-CREATE FUNCTION tokentrack.cleanup_expired_reservations()
+CREATE OR REPLACE FUNCTION tokentrack.cleanup_expired_reservations()
 RETURNS jsonb
 LANGUAGE plpgsql
 SECURITY DEFINER

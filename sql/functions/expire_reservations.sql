@@ -23,7 +23,7 @@
 --   sweep_expired_reservations() calls it per batch and commits in between.
 -- Errors: 25000 when run under REPEATABLE READ or SERIALIZABLE (READ COMMITTED only, see
 --   docs/REVIEW.md); 22023 a p_limit below 1.
-CREATE FUNCTION tokentrack.expire_reservations(p_limit integer)
+CREATE OR REPLACE FUNCTION tokentrack.expire_reservations(p_limit integer)
 RETURNS jsonb
 LANGUAGE plpgsql
 SECURITY DEFINER

@@ -13,7 +13,7 @@
 -- Refusals: report_account_mismatch, reservation_not_found.
 -- Errors: 25000 when run under REPEATABLE READ or SERIALIZABLE (READ COMMITTED only, see
 --   docs/REVIEW.md); 22004 a NULL argument.
-CREATE FUNCTION tokentrack.finalize_report_usage(p_report_id uuid, p_account_id uuid)
+CREATE OR REPLACE FUNCTION tokentrack.finalize_report_usage(p_report_id uuid, p_account_id uuid)
 RETURNS jsonb
 LANGUAGE plpgsql
 SECURITY DEFINER

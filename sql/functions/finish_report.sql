@@ -18,7 +18,7 @@
 -- Errors: 25000 when run under REPEATABLE READ or SERIALIZABLE (READ COMMITTED only, see
 --   docs/REVIEW.md); 22004 a NULL id or status; 22023 a status other than complete, failed, cancelled;
 --   22001 an error message over 10,000 characters.
-CREATE FUNCTION tokentrack.finish_report(
+CREATE OR REPLACE FUNCTION tokentrack.finish_report(
     p_report_id uuid, p_account_id uuid, p_status text, p_error_message text DEFAULT NULL
 )
 RETURNS jsonb

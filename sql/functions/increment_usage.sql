@@ -10,7 +10,7 @@
 -- Idempotent: no. Every call adds; callers that retry must know whether the call committed.
 -- Refusals (success false): account_not_found, no_active_period.
 -- Errors: 22004 a NULL argument; 22023 p_tokens negative.
-CREATE FUNCTION tokentrack.increment_usage(
+CREATE OR REPLACE FUNCTION tokentrack.increment_usage(
     p_account_id uuid, p_tokens integer, p_is_report boolean, p_is_chat boolean
 )
 RETURNS jsonb

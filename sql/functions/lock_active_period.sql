@@ -11,7 +11,7 @@
 -- statement takes a new snapshot and finds the period that replaced it, which may itself be
 -- closed while the caller waits again. It therefore tries again for as long as the account
 -- has an active period that it failed to lock, and answers "none" only when it has none.
-CREATE FUNCTION tokentrack.lock_active_period(p_account_id uuid)
+CREATE OR REPLACE FUNCTION tokentrack.lock_active_period(p_account_id uuid)
 RETURNS tokentrack.usage_periods
 LANGUAGE plpgsql
 SECURITY DEFINER

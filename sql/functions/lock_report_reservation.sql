@@ -7,7 +7,7 @@
 -- the report has no reservation or it belongs to another account: the caller answers with
 -- reservation_refusal().
 -- Locks: the reservation row (FOR UPDATE): the first lock of finalize and finish_report.
-CREATE FUNCTION tokentrack.lock_report_reservation(p_report_id uuid, p_account_id uuid)
+CREATE OR REPLACE FUNCTION tokentrack.lock_report_reservation(p_report_id uuid, p_account_id uuid)
 RETURNS uuid
 LANGUAGE sql
 SECURITY DEFINER

@@ -12,7 +12,7 @@
 -- Idempotent: no; each call opens a new period.
 -- Errors: 22004 a NULL p_account_id or p_tokens_limit; 22023 a negative limit or a
 --   p_period_end that is not in the future.
-CREATE FUNCTION tokentrack.open_usage_period(
+CREATE OR REPLACE FUNCTION tokentrack.open_usage_period(
     p_account_id uuid, p_tokens_limit bigint, p_period_end timestamptz DEFAULT NULL
 )
 RETURNS jsonb

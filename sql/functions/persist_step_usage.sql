@@ -25,7 +25,7 @@
 --   docs/REVIEW.md); 22004 a NULL id, step name or token count; 22023 a negative count, a
 --   total below input + output, a blank step name; 22001 a step name or model over 200
 --   characters; 22003 input + output beyond the integer range.
-CREATE FUNCTION tokentrack.persist_step_usage(
+CREATE OR REPLACE FUNCTION tokentrack.persist_step_usage(
     p_report_id uuid,
     p_account_id uuid,
     p_step_name text,

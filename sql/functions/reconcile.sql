@@ -15,7 +15,7 @@
 -- Locks nothing: one statement, one snapshot, so concurrent billing never shows as a
 -- discrepancy (each billing writes its ledger row and tokens_used in one transaction).
 -- Errors: none beyond the refusal.
-CREATE FUNCTION tokentrack.reconcile(p_account_id uuid DEFAULT NULL)
+CREATE OR REPLACE FUNCTION tokentrack.reconcile(p_account_id uuid DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql
 STABLE

@@ -10,7 +10,7 @@
 -- or SERIALIZABLE its snapshot predates those commits, and it would overcommit or leave a step
 -- unbilled behind a completed reservation without any error (see docs/REVIEW.md).
 -- Locks nothing, writes nothing.
-CREATE FUNCTION tokentrack.require_read_committed(p_function text)
+CREATE OR REPLACE FUNCTION tokentrack.require_read_committed(p_function text)
 RETURNS void
 LANGUAGE plpgsql
 STABLE

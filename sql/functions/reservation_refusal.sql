@@ -6,7 +6,7 @@
 -- the caller could not find for p_account_id: report_account_mismatch when the report or its
 -- reservation belongs to another account, reservation_not_found otherwise.
 -- Locks nothing, writes nothing.
-CREATE FUNCTION tokentrack.reservation_refusal(p_report_id uuid, p_account_id uuid)
+CREATE OR REPLACE FUNCTION tokentrack.reservation_refusal(p_report_id uuid, p_account_id uuid)
 RETURNS jsonb
 LANGUAGE sql
 STABLE

@@ -17,7 +17,7 @@
 --   persist_step_usage, which runs only after this reservation left 'active'); here only
 --   steps with billed_at IS NULL are billed, under the reservation lock that every new
 --   unbilled step must share, and the reservation leaves 'active' in the same transaction.
-CREATE FUNCTION tokentrack.settle_reservation(p_reservation_id uuid, p_final_status text)
+CREATE OR REPLACE FUNCTION tokentrack.settle_reservation(p_reservation_id uuid, p_final_status text)
 RETURNS jsonb
 LANGUAGE plpgsql
 SECURITY DEFINER

@@ -19,7 +19,7 @@
 -- Errors: 22004 a NULL batch size; 22023 a batch size below 1; 25000 (from expire_reservations)
 --   when the session's default isolation is above READ COMMITTED; 2D000 when CALLed inside a
 --   transaction block.
-CREATE PROCEDURE tokentrack.sweep_expired_reservations(p_batch_size integer DEFAULT 50)
+CREATE OR REPLACE PROCEDURE tokentrack.sweep_expired_reservations(p_batch_size integer DEFAULT 50)
 LANGUAGE plpgsql
 AS $procedure$
 DECLARE

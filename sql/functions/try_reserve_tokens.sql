@@ -22,7 +22,7 @@
 -- Assumes READ COMMITTED (each statement sees what committed before it): the reservation sum
 --   is read after the period lock is granted, so it includes every reservation committed
 --   before that.
-CREATE FUNCTION tokentrack.try_reserve_tokens(
+CREATE OR REPLACE FUNCTION tokentrack.try_reserve_tokens(
     p_account_id uuid, p_report_id uuid, p_estimated_tokens integer
 )
 RETURNS jsonb

@@ -1,14 +1,13 @@
 -- Rollback of version 20251219000000: add_usage_tracking
 --
--- Removes exactly what that version added: its functions, tables, trigger function, the
--- current_account_id() hook and the schema grants. The roles tokentrack_service and
--- tokentrack_reader are cluster-wide and may be granted to login roles: they are kept.
+-- Removes exactly what that version added: its tables, trigger function, the
+-- current_account_id() hook and the schema grants. The functions of sql/functions/ that this
+-- version introduced (open_usage_period, increment_usage, lock_active_period) are dropped by
+-- the migrator before this file runs (it records their signatures in
+-- tokentrack.schema_functions). The roles tokentrack_service and tokentrack_reader are
+-- cluster-wide and may be granted to login roles: they are kept.
 -- The schema tokentrack and tokentrack.schema_migrations belong to the installer and stay.
 -- Refused (by the dependency of version 20260108000000's tables) while that version is applied.
-
-DROP FUNCTION tokentrack.open_usage_period(uuid, bigint, timestamptz);
-DROP FUNCTION tokentrack.increment_usage(uuid, integer, boolean, boolean);
-DROP FUNCTION tokentrack.lock_active_period(uuid);
 
 DROP TABLE tokentrack.usage_ledger;
 DROP TABLE tokentrack.reports;

@@ -159,7 +159,7 @@ def _structure_checks(
     present: Catalog, absent: Catalog, tables: dict[str, asyncpg.Record]
 ) -> list[Check]:
     problems: list[str] = []
-    expected_tables = present.tables | {SCHEMA_MIGRATIONS}
+    expected_tables = present.tables | {SCHEMA_MIGRATIONS, "schema_functions"}
     for t in sorted(expected_tables - tables.keys()):
         problems.append(f"table tokentrack.{t} is missing")
     for t in sorted((absent.tables - present.tables) & tables.keys()):

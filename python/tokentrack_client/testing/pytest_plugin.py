@@ -86,7 +86,7 @@ def tokentrack_template(pg_server: PostgresServer) -> Iterator[TemplateDatabase]
 
     async def build() -> str:
         dsn = await pg_server.create_database(name)
-        await migrate.install(dsn, echo=lambda _: None)
+        await migrate.install(dsn)
         return dsn
 
     try:
