@@ -341,3 +341,30 @@ async def test_verify_errors(db_dsn: str) -> None:
     assert refused.code == 2
     assert refused.err.startswith("tokentrack: error: cannot connect to nobody@127.0.0.1:1/x")
     assert refused.err.count("\n") == 1
+
+
+async def test_a_monitoring_role_granted_health_is_listed_not_failed(db_dsn: str) -> None:
+    """docs/SECURITY.md, "Monitoring role": the documented grants are not a failure."""
+    await _execute(
+        db_dsn,
+        "DROP ROLE IF EXISTS tt_verify_monitor; CREATE ROLE tt_verify_monitor NOLOGIN;"
+        " GRANT USAGE ON SCHEMA tokentrack TO tt_verify_monitor;"
+        " GRANT EXECUTE ON FUNCTION tokentrack.health(integer) TO tt_verify_monitor;"
+        " GRANT EXECUTE ON FUNCTION tokentrack.reconcile(uuid) TO tt_verify_monitor",
+    )
+    try:
+        code, checks, out = await _verify(db_dsn)
+        assert checks["monitoring grants"]["result"] == "INFO"
+        assert checks["monitoring grants"]["detail"] == (
+            "tt_verify_monitor may EXECUTE tokentrack.health(integer); "
+            "tt_verify_monitor may EXECUTE tokentrack.reconcile(uuid)"
+        )
+        assert code == 0, out  # the schema USAGE of the recipe is part of it
+        await _execute(db_dsn, "GRANT CREATE ON SCHEMA tokentrack TO tt_verify_monitor")
+        code, checks, out = await _verify(db_dsn)
+        assert code == 1, out
+        assert checks["schema"]["problems"] == [
+            "tt_verify_monitor has CREATE on schema tokentrack (not granted by the SQL)"
+        ]
+    finally:
+        await _execute(db_dsn, "DROP OWNED BY tt_verify_monitor; DROP ROLE tt_verify_monitor")

@@ -41,6 +41,10 @@ from tokentrack_client.ops.catalog import (
 
 SCHEMA_MIGRATIONS = "schema_migrations"
 
+MONITORING_FUNCTIONS = frozenset({"tokentrack.health(integer)", "tokentrack.reconcile(uuid)"})
+"""Read-only functions that docs/SECURITY.md lets you grant to a monitoring role: such a grant
+is listed (INFO), not a failure; to PUBLIC or to tokentrack_reader it is one."""
+
 
 @dataclass
 class Check:
@@ -319,11 +323,18 @@ async def _routine_checks(
     routines = _check("routines", problems, f"{len(want)} with their signatures and definitions")
 
     problems = []
+    monitoring: list[str] = []
     for sig in sorted(want.keys() & have.keys()):
         w_acl, h_acl = set(want[sig]["acl"]), set(have[sig]["acl"])
         for entry in sorted(h_acl - w_acl):
             role, _, privilege = entry.partition("=")
-            if entry == "PUBLIC=EXECUTE":
+            if (
+                sig in MONITORING_FUNCTIONS
+                and privilege == "EXECUTE"
+                and role not in ("PUBLIC", "tokentrack_reader")
+            ):
+                monitoring.append(f"{role} may EXECUTE {sig}")
+            elif entry == "PUBLIC=EXECUTE":
                 problems.append(f"PUBLIC may EXECUTE {sig}")
             elif privilege == "EXECUTE":
                 problems.append(f"{role} may EXECUTE {sig} (not granted by the SQL)")
@@ -353,7 +364,10 @@ async def _routine_checks(
     for sig in sorted(want.keys() & have.keys()):
         problems += _differences(sig, want[sig], have[sig], "config")
     search_path = _check("search_path", problems, "pinned on every SECURITY DEFINER routine")
-    return [routines, grants, search_path]
+    checks = [routines, grants, search_path]
+    if monitoring:
+        checks.append(Check("monitoring grants", None, "; ".join(monitoring)))
+    return checks
 
 
 def _policy_check(expect: _Expect, actual: Catalog) -> Check:
@@ -393,6 +407,18 @@ def _trigger_check(expect: _Expect, actual: Catalog) -> Check:
     return _check("triggers", problems, f"{len(want)} as installed")
 
 
+def _monitoring_roles(expect: _Expect, actual: Catalog) -> set[str]:
+    """Roles given EXECUTE on a monitoring function beyond a clean install's grants."""
+    roles: set[str] = set()
+    for sig in MONITORING_FUNCTIONS:
+        want = set(expect.catalog["routines"].get(sig, {}).get("acl", []))
+        for entry in set(actual["routines"].get(sig, {}).get("acl", [])) - want:
+            role, _, privilege = entry.partition("=")
+            if privilege == "EXECUTE" and role not in ("PUBLIC", "tokentrack_reader"):
+                roles.add(role)
+    return roles
+
+
 def _grant_checks(expect: _Expect, actual: Catalog) -> list[Check]:
     problems: list[str] = []
     roles: set[str] = set()
@@ -418,8 +444,11 @@ def _grant_checks(expect: _Expect, actual: Catalog) -> list[Check]:
 
     problems = []
     w_acl, h_acl = set(expect.catalog["schema"]["acl"]), set(actual["schema"]["acl"])
+    monitors = _monitoring_roles(expect, actual)
     for entry in sorted(h_acl - w_acl):
         role, _, privilege = entry.partition("=")
+        if privilege == "USAGE" and role in monitors:
+            continue  # docs/SECURITY.md, "Monitoring role"
         problems.append(f"{role} has {privilege} on schema tokentrack (not granted by the SQL)")
     for entry in sorted(w_acl - h_acl):
         role, _, privilege = entry.partition("=")
