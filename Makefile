@@ -14,7 +14,7 @@ PG_MAJOR := 15
 # Where the PostgreSQL server binaries live: pg_config's answer, else Debian's path.
 PG_BINDIR ?= $(or $(shell pg_config --bindir 2>/dev/null),/usr/lib/postgresql/$(PG_MAJOR)/bin)
 
-.PHONY: help venv postgres pgbouncer pg-cron install-sql rollback-sql install-cron lint test stress demo bench bench-smoke clean
+.PHONY: help venv postgres pgbouncer pg-cron install-sql rollback-sql install-cron catalog lint test stress demo bench bench-smoke clean
 
 help: ## List the targets
 	@awk -F ':.*## ' '/^[a-zA-Z_-]+:.*## / { printf "  %-14s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
@@ -57,6 +57,9 @@ rollback-sql: venv ## Roll back the newest STEPS versions (default 1): make roll
 install-cron: venv ## Schedule the expiry sweep every 2 hours through pg_cron: make install-cron DATABASE_URL=...
 	@test -n "$$DATABASE_URL" || { echo "make: DATABASE_URL=postgresql://... is required" >&2; exit 2; }
 	@$(BIN)/tokentrack cron install
+
+catalog: venv postgres ## Rewrite sql/catalog.json (what verify expects) from clean installs on a throwaway server
+	TOKENTRACK_PG_BINDIR="$(PG_BINDIR)" $(BIN)/python -m tokentrack_client.ops.catalog
 
 lint: venv ## sqlfluff on sql/, ruff check + ruff format --check, mypy --strict, plpgsql_check
 	$(BIN)/sqlfluff lint sql/

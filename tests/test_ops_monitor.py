@@ -1,13 +1,18 @@
-"""``tokentrack monitor``: quiet on healthy databases, alerts on each seeded bad state.
+"""``tokentrack monitor`` and ``tokentrack.health()``: quiet on healthy databases, alerts on
+each seeded bad state.
 
-Also proves that its queries stay indexed on large tables (EXPLAIN, no sequential scan of the
-big tables), which is what keeps it fast; no timing is asserted.
+health() is checked key by key against direct queries, for its argument check, its grant (a
+role without it is refused; a monitoring role granted it sees every account) and for writing
+nothing. The statements it runs stay indexed on large tables (auto_explain of its nested
+statements, no sequential scan of the big tables), which is what keeps it fast; no timing is
+asserted.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -15,7 +20,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ops_history import call, tokentrack
-from tokentrack_client.ops.monitor import MONITOR_QUERIES
 
 ALERTS = (
     "stale_reservations",
@@ -283,6 +287,236 @@ async def test_monitor_errors(empty_db_dsn: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# tokentrack.health(): the figures, the argument, the grant, read-only
+# --------------------------------------------------------------------------------------------
+
+HEALTH_KEYS = {
+    "taken_at",
+    "window_hours",
+    "active_reservations",
+    "reservations_by_status",
+    "reports_without_steps",
+    "reports_by_hour",
+    "reports_window",
+    "failure_rate",
+    "completion_rate",
+}
+STATUSES = ("pending", "processing", "complete", "failed", "cancelled")
+
+
+async def _health(conn: asyncpg.Connection, *args: Any) -> dict[str, Any]:
+    placeholders = ", ".join(f"${i}" for i in range(1, len(args) + 1))
+    answer = json.loads(await conn.fetchval(f"SELECT tokentrack.health({placeholders})", *args))
+    assert isinstance(answer, dict)
+    return answer
+
+
+def _ts(value: Any) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
+
+
+async def test_health_returns_each_figure_of_the_monitor(history_dsn: str) -> None:
+    conn = await asyncpg.connect(history_dsn)
+    try:
+        # A report of the window completed without a step, and an old active reservation.
+        account = await _account(conn)
+        stepless = await _reserve(conn, account)
+        assert (await call(conn, "finish_report", stepless, account, "complete", None))["success"]
+        stale = await _reserve(conn, account)
+        await conn.execute(
+            "UPDATE tokentrack.report_reservations SET created_at = now() - interval '150 minutes',"
+            " expires_at = now() - interval '30 minutes' WHERE report_id = $1",
+            stale,
+        )
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            health = await _health(conn, 24)
+            now = await conn.fetchval("SELECT now()")
+            active = await conn.fetchrow(
+                "SELECT count(*) AS count,"
+                " count(*) FILTER (WHERE created_at < now() - interval '2 hours') AS older_2h,"
+                " count(*) FILTER (WHERE created_at < now() - interval '3 hours') AS older_3h,"
+                " count(*) FILTER (WHERE expires_at <= now()) AS past_expiry,"
+                " min(created_at) AS oldest, max(created_at) AS newest"
+                " FROM tokentrack.report_reservations WHERE status = 'active'"
+            )
+            in_window = await conn.fetch(
+                "SELECT rr.status, count(*) AS count, min(rr.created_at) AS oldest,"
+                " max(rr.created_at) AS newest"
+                " FROM tokentrack.report_reservations rr"
+                " JOIN tokentrack.reports r ON r.id = rr.report_id"
+                " WHERE r.created_at >= now() - interval '24 hours' GROUP BY rr.status"
+            )
+            window = {
+                r["status"]: r["n"]
+                for r in await conn.fetch(
+                    "SELECT status, count(*) AS n FROM tokentrack.reports"
+                    " WHERE created_at >= now() - interval '24 hours' GROUP BY status"
+                )
+            }
+            hours = await conn.fetch(
+                "SELECT date_trunc('hour', created_at) AS hour, count(*) AS n"
+                " FROM tokentrack.reports WHERE created_at >= now() - interval '24 hours'"
+                " GROUP BY 1 ORDER BY 1"
+            )
+            without = await conn.fetch(
+                "SELECT r.id FROM tokentrack.reports r"
+                " WHERE r.created_at >= now() - interval '24 hours' AND r.status = 'complete'"
+                " AND EXISTS (SELECT FROM tokentrack.report_reservations rr"
+                "             WHERE rr.report_id = r.id)"
+                " AND NOT EXISTS (SELECT FROM tokentrack.report_step_usage s"
+                "                 WHERE s.report_id = r.id)"
+            )
+    finally:
+        await conn.close()
+
+    assert set(health) == HEALTH_KEYS
+    assert _ts(health["taken_at"]) == now
+    assert health["window_hours"] == 24
+    a = health["active_reservations"]
+    assert (a["count"], a["older_than_2h"], a["older_than_3h"], a["past_expiry"]) == (
+        active["count"],
+        active["older_2h"],
+        active["older_3h"],
+        active["past_expiry"],
+    )
+    assert (a["older_than_2h"], a["older_than_3h"]) == (1, 0)
+    assert a["past_expiry"] >= 1
+    assert (_ts(a["oldest"]), _ts(a["newest"])) == (active["oldest"], active["newest"])
+    assert a["oldest_age_seconds"] == pytest.approx((now - active["oldest"]).total_seconds())
+    by_status = health["reservations_by_status"]
+    assert set(by_status) == {"active", "completed", "expired"}
+    assert by_status["active"] == {
+        "count": active["count"],
+        "oldest": a["oldest"],
+        "newest": a["newest"],
+    }
+    for r in in_window:
+        if r["status"] != "active":
+            got = by_status[r["status"]]
+            assert (got["count"], _ts(got["oldest"]), _ts(got["newest"])) == (
+                r["count"],
+                r["oldest"],
+                r["newest"],
+            )
+    assert by_status["expired"]["count"] > 0
+    assert health["reports_without_steps"] == {
+        "count": len(without),
+        "examples": [str(stepless)],
+    }
+    assert health["reports_window"] == {s: window.get(s, 0) for s in STATUSES}
+    assert [(_ts(h["hour"]), sum(h[s] for s in STATUSES)) for h in health["reports_by_hour"]] == [
+        (r["hour"], r["n"]) for r in hours
+    ]
+    finished = sum(window.get(s, 0) for s in ("complete", "failed", "cancelled"))
+    assert health["failure_rate"] == window["failed"] / finished
+    assert health["completion_rate"] == window["complete"] / finished
+
+    # monitor --json reports the same figures.
+    code, data = await _monitor(history_dsn)
+    assert code == 1  # the stepless report
+    assert data["reports_window"] == health["reports_window"]
+    assert data["reports_without_steps"] == health["reports_without_steps"]
+    assert data["failure_rate"] == health["failure_rate"]
+    assert data["active_reservations"]["older_than_2h"] == 1
+
+
+async def test_health_of_an_empty_database_and_its_window(conn: asyncpg.Connection) -> None:
+    health = await _health(conn)
+    assert health["window_hours"] == 24  # the default
+    assert health["active_reservations"] == {
+        "count": 0,
+        "older_than_2h": 0,
+        "older_than_3h": 0,
+        "past_expiry": 0,
+        "oldest": None,
+        "newest": None,
+        "oldest_age_seconds": 0,
+    }
+    assert health["reports_by_hour"] == []
+    assert health["reports_window"] == dict.fromkeys(STATUSES, 0)
+    assert (health["failure_rate"], health["completion_rate"]) == (None, None)
+    assert health["reports_without_steps"] == {"count": 0, "examples": []}
+    account = await _account(conn)
+    report = await _reserve(conn, account)
+    await conn.execute(
+        "UPDATE tokentrack.reports SET created_at = now() - interval '5 hours' WHERE id = $1",
+        report,
+    )
+    assert sum((await _health(conn, 6))["reports_window"].values()) == 1
+    assert sum((await _health(conn, 4))["reports_window"].values()) == 0
+
+
+@pytest.mark.parametrize(
+    ("hours", "sqlstate", "message"),
+    [
+        (None, "22004", "p_hours must not be NULL"),
+        (0, "22023", "p_hours must be at least 1 (got 0)"),
+        (-5, "22023", "p_hours must be at least 1 (got -5)"),
+    ],
+)
+async def test_health_refuses_a_bad_window(
+    conn: asyncpg.Connection, hours: int | None, sqlstate: str, message: str
+) -> None:
+    with pytest.raises(asyncpg.PostgresError) as caught:
+        await conn.fetchval("SELECT tokentrack.health($1)", hours)
+    assert caught.value.sqlstate == sqlstate
+    assert caught.value.sqlstate.startswith("22")
+    assert str(caught.value) == message
+    assert caught.value.column_name == "p_hours"
+
+
+async def test_health_is_for_the_service_role_and_a_granted_monitoring_role(
+    conn: asyncpg.Connection,
+) -> None:
+    account = await _account(conn)
+    await _reserve(conn, account)
+    acl = await conn.fetch(
+        "SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END AS role"
+        " FROM pg_proc p, aclexplode(p.proacl) a"
+        " WHERE p.oid = 'tokentrack.health(integer)'::regprocedure AND a.grantee <> p.proowner"
+    )
+    assert [r["role"] for r in acl] == ["tokentrack_service"]
+    watcher = f"tt_watch_{uuid.uuid4().hex[:8]}"
+    await conn.execute(f"CREATE ROLE {watcher} NOLOGIN")
+    try:
+        await conn.execute(f"GRANT USAGE ON SCHEMA tokentrack TO {watcher}")
+        # Application roles and any other role without the grant are refused.
+        for role in ("tokentrack_reader", watcher):
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL ROLE {role}")
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await conn.fetchval("SELECT tokentrack.health()")
+        async with conn.transaction():
+            await conn.execute("SET LOCAL ROLE tokentrack_service")
+            assert (await _health(conn))["active_reservations"]["count"] == 1
+        # docs/SECURITY.md: what a monitoring role is granted.
+        await conn.execute(f"GRANT EXECUTE ON FUNCTION tokentrack.health(integer) TO {watcher}")
+        async with conn.transaction():
+            await conn.execute(f"SET LOCAL ROLE {watcher}")
+            assert (await _health(conn))["active_reservations"]["count"] == 1  # every account
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await conn.fetchval("SELECT count(*) FROM tokentrack.report_reservations")
+    finally:
+        await conn.execute(f"DROP OWNED BY {watcher}; DROP ROLE {watcher}")
+
+
+async def test_health_writes_nothing(history_dsn: str) -> None:
+    conn = await asyncpg.connect(history_dsn)
+    try:
+        volatility = await conn.fetchval(
+            "SELECT provolatile::text FROM pg_proc"
+            " WHERE oid = 'tokentrack.health(integer)'::regprocedure"
+        )
+        assert volatility == "s"  # STABLE: PostgreSQL refuses any write inside it
+        async with conn.transaction(readonly=True):  # a read-only transaction allows it
+            await _health(conn, 48)
+            # No transaction id was assigned: nothing was written, not even a lock row.
+            assert await conn.fetchval("SELECT pg_current_xact_id_if_assigned()") is None
+    finally:
+        await conn.close()
+
+
+# --------------------------------------------------------------------------------------------
 # Large tables: every monitoring query is served by indexes
 # --------------------------------------------------------------------------------------------
 
@@ -318,15 +552,13 @@ async def _unindexed_scans(conn: asyncpg.Connection, plan: dict[str, Any]) -> li
     return found
 
 
-async def test_monitor_queries_use_indexes_on_large_tables(
-    db_dsn: str, conn: asyncpg.Connection
-) -> None:
+async def test_health_reads_large_tables_by_index(db_dsn: str, conn: asyncpg.Connection) -> None:
     """30,000 reports over 30 days (reservations and steps alike), 30 active reservations.
 
-    Reports per hour and the window's reservations need an index on reports (created_at);
-    the SQL does not have one yet (see docs/RUNBOOK.md, "Monitoring"): it is created here
-    when no index of reports starts with created_at, so that this test checks the plans
-    that production gets once it exists.
+    The plans are those health() really runs (auto_explain with nested statements): reports
+    per hour and the window's reservations through reports_created_at_idx, each report's
+    reservation and steps through their unique indexes, the active ones through the partial
+    index.
     """
     # A synthetic bulk load for the planner: foreign-key triggers off while it loads.
     await conn.execute("SET session_replication_role = replica")
@@ -362,10 +594,29 @@ async def test_monitor_queries_use_indexes_on_large_tables(
         "ANALYZE tokentrack.reports, tokentrack.report_reservations, tokentrack.report_step_usage"
     )
     assert await conn.fetchval("SELECT count(*) FROM tokentrack.reports") == REPORTS
-    for name, sql in MONITOR_QUERIES.items():
-        explained = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {sql.replace('$1', '24')}")
-        plan = json.loads(explained)[0]["Plan"]
-        assert await _unindexed_scans(conn, plan) == [], (name, json.dumps(plan, indent=1))
+    plans: list[dict[str, Any]] = []
+
+    def listener(_: Any, message: Any) -> None:
+        text = str(message.message)
+        if "plan:" in text:
+            plans.append(json.loads(text.split("plan:", 1)[1]))
+
+    await conn.execute("LOAD 'auto_explain'")
+    await conn.execute(
+        "SET auto_explain.log_min_duration = 0; SET auto_explain.log_nested_statements = on;"
+        " SET auto_explain.log_format = json; SET client_min_messages = log"
+    )
+    conn.add_log_listener(listener)
+    try:
+        await conn.fetchval("SELECT tokentrack.health(24)")
+    finally:
+        conn.remove_log_listener(listener)
+        await conn.execute("RESET client_min_messages")
+    nested = [p for p in plans if "tokentrack.report" in p.get("Query Text", "")]
+    assert nested, "auto_explain sent no plan of the statements inside health()"
+    for document in nested:
+        plan = document["Plan"]
+        assert await _unindexed_scans(conn, plan) == [], json.dumps(plan, indent=1)
     code, data = await _monitor(db_dsn)
     assert code == 0
     # Reports every 86 seconds: 1,004 in the last 24 hours, every 50th failed.

@@ -1,15 +1,27 @@
-"""``tokentrack verify``: passes on what the installer created, fails on each kind of damage."""
+"""``tokentrack verify``: passes on what the installer created, fails on each kind of damage.
+
+Its expectation is sql/catalog.json, the catalog of a clean install of each version prefix;
+the first test regenerates it from scratch and fails, naming ``make catalog``, when the
+committed file is not what the SQL files give.
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import asyncpg
 import pytest
 
 from ops_history import tokentrack
+from tokentrack_client import migrate
+from tokentrack_client.ops import catalog
+from tokentrack_client.ops._common import OpsError
+from tokentrack_client.ops.verify import verify
+from tokentrack_client.testing import PostgresServer
 
-V1, V2 = "20251219000000", "20260108000000"
+V1, V2, V3 = "20251219000000", "20260108000000", "20261201000000"
 
 
 async def _verify(dsn: str, *extra: str) -> tuple[int, dict[str, dict[str, object]], str]:
@@ -24,6 +36,36 @@ async def _execute(dsn: str, sql: str) -> None:
         await conn.execute(sql)
     finally:
         await conn.close()
+
+
+async def test_the_committed_catalog_is_what_a_clean_install_gives(
+    pg_server: PostgresServer,
+) -> None:
+    generated = catalog.render(await catalog.generate(pg_server.dsn("postgres")))
+    path = catalog.catalog_path(migrate.default_sql_dir())
+    committed = path.read_text(encoding="utf-8")
+    assert json.loads(generated) == json.loads(committed), (
+        f"{path} is not what a clean install of the SQL files gives: run `make catalog` "
+        "(python -m tokentrack_client.ops.catalog) and commit the result"
+    )
+    versions = json.loads(committed)["versions"]
+    assert list(versions) == [V1, V2, V3]
+    assert "tokentrack.health(integer)" in versions[V3]["catalog"]["routines"]
+    assert "tokentrack.health(integer)" not in versions[V2]["catalog"]["routines"]
+    assert "report_reservations" not in versions[V1]["catalog"]["tables"]
+
+
+async def test_a_catalog_of_other_files_is_refused(db_dsn: str, tmp_path: Path) -> None:
+    sql_dir = tmp_path / "sql"
+    shutil.copytree(migrate.default_sql_dir(), sql_dir)
+    data = json.loads((sql_dir / "catalog.json").read_text(encoding="utf-8"))
+    data["versions"][V2]["checksum"] = "0" * 64
+    (sql_dir / "catalog.json").write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(OpsError, match=rf"version\(s\) {V2} differ\): run `make catalog`"):
+        await verify(db_dsn, sql_dir=sql_dir)
+    (sql_dir / "catalog.json").unlink()
+    with pytest.raises(OpsError, match="generate it with `make catalog`"):
+        await verify(db_dsn, sql_dir=sql_dir)
 
 
 async def test_verify_passes_on_a_fresh_install(db_dsn: str) -> None:
@@ -41,6 +83,11 @@ async def test_verify_passes_on_a_fresh_install(db_dsn: str) -> None:
         "function answers",
         "indexes",
         "search_path",
+        "columns",
+        "constraints",
+        "triggers",
+        "schema",
+        "comments",
     ):
         assert any(
             line.startswith(name) and " PASS " in line for line in result.out.splitlines()
@@ -141,6 +188,47 @@ async def test_verify_fails_when_rls_is_switched_off(history_dsn: str) -> None:
             "tokentrack.notes holds account data but has no row level security",
         ),
         (
+            "ALTER TABLE tokentrack.reports ALTER COLUMN mode SET DEFAULT 'dd'",
+            "columns",
+            "column tokentrack.reports.mode: default is 'dd'::text; a clean install gives"
+            " 'standard'::text",
+        ),
+        (
+            "ALTER TABLE tokentrack.usage_periods DROP CONSTRAINT usage_periods_used_non_negative",
+            "constraints",
+            "constraint usage_periods_used_non_negative on tokentrack.usage_periods is missing",
+        ),
+        (
+            "ALTER TABLE tokentrack.reports FORCE ROW LEVEL SECURITY",
+            "row level security",
+            "row level security is forced on tokentrack.reports, unlike a clean install",
+        ),
+        (
+            "ALTER TABLE tokentrack.usage_ledger DISABLE TRIGGER usage_ledger_no_update_delete",
+            "triggers",
+            "trigger usage_ledger_no_update_delete on tokentrack.usage_ledger: enabled is D;",
+        ),
+        (
+            "CREATE INDEX reports_mode_idx ON tokentrack.reports (mode)",
+            "indexes",
+            "index reports_mode_idx on tokentrack.reports is not created by any tokentrack version",
+        ),
+        (
+            "GRANT CREATE ON SCHEMA tokentrack TO tokentrack_reader",
+            "schema",
+            "tokentrack_reader has CREATE on schema tokentrack (not granted by the SQL)",
+        ),
+        (
+            "COMMENT ON FUNCTION tokentrack.health(integer) IS NULL",
+            "comments",
+            "function tokentrack.health(integer) has no comment",
+        ),
+        (
+            "GRANT EXECUTE ON FUNCTION tokentrack.health(integer) TO tokentrack_reader",
+            "execute grants",
+            "tokentrack_reader may EXECUTE tokentrack.health(integer) (not granted by the SQL)",
+        ),
+        (
             # A broken function: grants and signature intact, but it grants everything.
             "CREATE OR REPLACE FUNCTION tokentrack.try_reserve_tokens("
             "p_account_id uuid, p_report_id uuid, p_estimated_tokens integer) RETURNS jsonb"
@@ -168,17 +256,49 @@ async def test_verify_fails_on_damage(
     assert isinstance(problems, list)
     assert any(problem in p for p in problems), problems
     failed = {name for name, c in checks.items() if c["ok"] is False}
-    # Only the damaged aspect fails (an unknown table is also reported as such).
-    assert failed == {check} | ({"tables"} if damage.startswith("CREATE TABLE") else set())
+    # Only the damaged aspect fails (an unknown table is also reported as such, and a function
+    # changed in the database also differs from a clean install's definition).
+    also = {"tables"} if damage.startswith("CREATE TABLE") else set()
+    if damage.startswith(("ALTER FUNCTION", "CREATE OR REPLACE FUNCTION")):
+        also = {"routines"}
+    assert failed == {check} | also
 
 
-async def test_verify_after_rolling_back_version_2(db_dsn: str) -> None:
+async def test_verify_names_a_function_edited_by_hand(history_dsn: str) -> None:
+    """The same signature, grants, settings and answers; only the body differs."""
+    await _execute(
+        history_dsn,
+        "CREATE OR REPLACE FUNCTION tokentrack.current_account_id() RETURNS uuid LANGUAGE sql"
+        " STABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $function$"
+        " SELECT NULLIF(pg_catalog.current_setting('tokentrack.account_id', true), '')::uuid"
+        " -- a hotfix typed into psql\n$function$",
+    )
+    code, checks, out = await _verify(history_dsn)
+    assert code == 1, out
+    assert checks["routines"]["problems"] == [
+        "function tokentrack.current_account_id(): its definition differs from a clean"
+        " install's (edited by hand in the database?)"
+    ]
+    assert {name for name, c in checks.items() if c["ok"] is False} == {"routines"}
+    human = await tokentrack("verify", "--database-url", history_dsn)
+    assert human.code == 1
+    assert "edited by hand in the database?" in human.out
+
+
+async def test_verify_after_rolling_back_versions_3_and_2(db_dsn: str) -> None:
+    rolled = await tokentrack("migrate", "rollback", "--steps", "1", "--database-url", db_dsn)
+    assert rolled.code == 0, rolled
+    code, checks, _ = await _verify(db_dsn)
+    assert code == 1
+    assert checks["routines"]["problems"] == ["function tokentrack.health(integer) is missing"]
+    assert (await tokentrack("verify", "--upto", V2, "--database-url", db_dsn)).code == 0
     rolled = await tokentrack("migrate", "rollback", "--steps", "1", "--database-url", db_dsn)
     assert rolled.code == 0, rolled
     code, checks, _ = await _verify(db_dsn)
     assert code == 1
     assert checks["versions"]["problems"] == [
-        "version 20260108000000_antifragile_token_tracking is not applied"
+        "version 20260108000000_antifragile_token_tracking is not applied",
+        "version 20261201000000_health is not applied",
     ]
     assert checks["tables"]["problems"] == [
         "table tokentrack.report_reservations is missing",
@@ -194,8 +314,14 @@ async def test_verify_upto_fails_while_the_later_version_is_applied(db_dsn: str)
     code, checks, _ = await _verify(db_dsn, "--upto", V1)
     assert code == 1
     assert checks["versions"]["problems"] == [
-        f"version {V2}_antifragile_token_tracking is applied but --upto {V1} expects it rolled back"
+        f"version {V2}_antifragile_token_tracking is applied but --upto {V1} expects it rolled"
+        " back",
+        f"version {V3}_health is applied but --upto {V1} expects it rolled back",
     ]
+    assert (
+        "tokentrack.health(integer) exists but its version is not applied"
+        in checks["routines"]["problems"]
+    )  # type: ignore[operator]
     assert (
         "table tokentrack.report_reservations exists but its version is not applied"
         in checks["tables"]["problems"]
@@ -217,3 +343,30 @@ async def test_verify_errors(db_dsn: str) -> None:
     assert refused.code == 2
     assert refused.err.startswith("tokentrack: error: cannot connect to nobody@127.0.0.1:1/x")
     assert refused.err.count("\n") == 1
+
+
+async def test_a_monitoring_role_granted_health_is_listed_not_failed(db_dsn: str) -> None:
+    """docs/SECURITY.md, "Monitoring role": the documented grants are not a failure."""
+    await _execute(
+        db_dsn,
+        "DROP ROLE IF EXISTS tt_verify_monitor; CREATE ROLE tt_verify_monitor NOLOGIN;"
+        " GRANT USAGE ON SCHEMA tokentrack TO tt_verify_monitor;"
+        " GRANT EXECUTE ON FUNCTION tokentrack.health(integer) TO tt_verify_monitor;"
+        " GRANT EXECUTE ON FUNCTION tokentrack.reconcile(uuid) TO tt_verify_monitor",
+    )
+    try:
+        code, checks, out = await _verify(db_dsn)
+        assert checks["monitoring grants"]["result"] == "INFO"
+        assert checks["monitoring grants"]["detail"] == (
+            "tt_verify_monitor may EXECUTE tokentrack.health(integer); "
+            "tt_verify_monitor may EXECUTE tokentrack.reconcile(uuid)"
+        )
+        assert code == 0, out  # the schema USAGE of the recipe is part of it
+        await _execute(db_dsn, "GRANT CREATE ON SCHEMA tokentrack TO tt_verify_monitor")
+        code, checks, out = await _verify(db_dsn)
+        assert code == 1, out
+        assert checks["schema"]["problems"] == [
+            "tt_verify_monitor has CREATE on schema tokentrack (not granted by the SQL)"
+        ]
+    finally:
+        await _execute(db_dsn, "DROP OWNED BY tt_verify_monitor; DROP ROLE tt_verify_monitor")

@@ -15,7 +15,8 @@ import pytest
 
 from plpgsql_lint import PACKAGE, check_functions, extension_available
 
-# Every PL/pgSQL routine of both versions: the API, the helpers, the trigger and the sweep.
+# Every PL/pgSQL routine of every version: the API, the helpers, the trigger, the sweep and
+# the monitoring figures.
 EXPECTED = {
     "tokentrack.increment_usage(uuid,integer,boolean,boolean)",
     "tokentrack.lock_active_period(uuid)",
@@ -31,6 +32,7 @@ EXPECTED = {
     "tokentrack.sweep_expired_reservations(integer)",
     "tokentrack.reconcile(uuid)",
     "tokentrack.require_read_committed(text)",
+    "tokentrack.health(integer)",
 }
 
 

@@ -42,6 +42,7 @@ SERVICE_API = {
     "open_usage_period",
     "expire_reservations",
     "sweep_expired_reservations",
+    "health",
 }
 ACCOUNT_HOOK = "current_account_id"
 

@@ -21,6 +21,7 @@ PUBLIC_API = {
     "open_usage_period(uuid,bigint,timestamp with time zone)",
     "expire_reservations(integer)",
     "sweep_expired_reservations(integer)",
+    "health(integer)",
 }
 
 # Functions that run with the caller's rights: the replaceable account hook, the ledger's

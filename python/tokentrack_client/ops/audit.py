@@ -44,6 +44,12 @@ REPORT_STATUSES: Final = ("pending", "processing", "complete", "failed", "cancel
 PERIOD_FIGURES: Final = ("periods", "tokens_used", "tokens_limit", "reports_count")
 
 
+# These queries stay in Python, unlike the monitor's figures (tokentrack.health()): baseline
+# runs BEFORE a deploy, on a database where the version being deployed, and any SQL function
+# that would hold them, may not be installed yet (only version 20251219000000's tables are
+# sure to exist). compare must then measure exactly as baseline did, so both read the tables
+# with the same statements. They read only tables of version 20251219000000 and the
+# installer's schema_migrations.
 async def measure(conn: asyncpg.Connection) -> dict[str, Any]:
     """The audit figures of the database behind ``conn``, in one snapshot."""
     await require_installed(conn)

@@ -1,4 +1,9 @@
-"""``tokentrack monitor``: the post-deploy monitoring queries and their alert thresholds.
+"""``tokentrack monitor``: the post-deploy monitoring figures and their alert thresholds.
+
+The figures are SQL: ``tokentrack.health(p_hours)`` (sql/functions/health.sql) returns them
+all in one read-only call, so an exporter or a dashboard reads the same numbers; this module
+reads it together with ``tokentrack.reconcile()`` in one snapshot, compares the figures with
+the thresholds and prints them (text, ``--json``, ``--prometheus``).
 
 What it measures (``--hours`` is the window, 24 by default):
 
@@ -14,10 +19,11 @@ What it measures (``--hours`` is the window, 24 by default):
   (alert below 90%) of the window's reports that have an outcome, once at least
   ``--min-reports`` (20) have one.
 
-Every query is served by an index (the partial index of active reservations, the unique
-(report_id) and (report_id, step_name) indexes, and an index on ``reports.created_at``), so
-the cost follows the window's traffic and the number of active reservations, not the size of
-the tables. ``reconcile()`` is the one exception: it audits every period, as it must.
+health() reads every figure by index (the partial index of active reservations, the unique
+(report_id) and (report_id, step_name) indexes, and ``reports_created_at_idx``), so its cost
+follows the window's traffic and the number of active reservations, not the size of the
+tables. ``reconcile()`` is the one exception, and the reason it stays outside health(): it
+audits every period, as it must.
 """
 
 from __future__ import annotations
@@ -25,16 +31,26 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import asyncpg
 
-from tokentrack_client.ops._common import connected, fetchrow, iso, render_table, require_installed
+from tokentrack_client.ops._common import (
+    OpsError,
+    connected,
+    fetchrow,
+    iso,
+    render_table,
+    require_installed,
+)
 
 REPORT_STATUSES: Final = ("pending", "processing", "complete", "failed", "cancelled")
 RESERVATION_STATUSES: Final = ("active", "completed", "expired")
 OUTCOMES: Final = ("complete", "failed", "cancelled")
+
+HEALTH_VERSION: Final = "20261201000000"
+"""The version that adds tokentrack.health()."""
 
 FAILURE_RATE_MAX: Final = 0.05
 COMPLETION_RATE_MIN: Final = 0.90
@@ -291,119 +307,78 @@ def _number(value: float) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# The queries (each served by an index; see the module docstring)
+# The figures: tokentrack.health() and tokentrack.reconcile(), in one snapshot
 # --------------------------------------------------------------------------------------------
 
-ACTIVE_SQL: Final = """
-SELECT count(*) AS count,
-       count(*) FILTER (WHERE rr.created_at < now() - interval '2 hours') AS older_than_2h,
-       count(*) FILTER (WHERE rr.created_at < now() - interval '3 hours') AS older_than_3h,
-       count(*) FILTER (WHERE rr.expires_at <= now()) AS past_expiry,
-       min(rr.created_at) AS oldest,
-       max(rr.created_at) AS newest,
-       COALESCE(extract(epoch FROM now() - min(rr.created_at)), 0)::float8 AS oldest_age_seconds
-FROM tokentrack.report_reservations AS rr
-WHERE rr.status = 'active'
-"""
+HEALTH_SQL: Final = "SELECT tokentrack.health($1)"
+"""The monitoring figures of the last ``$1`` hours (sql/functions/health.sql)."""
 
-# The LATERAL ... LIMIT 1 (one reservation per report anyway) keeps the lookup of each
-# window report's reservation on the unique (report_id) index, whatever the table sizes.
-WINDOW_RESERVATIONS_SQL: Final = """
-SELECT rr.status, count(*) AS count, min(rr.created_at) AS oldest, max(rr.created_at) AS newest
-FROM tokentrack.reports AS r
-CROSS JOIN LATERAL (
-    SELECT x.status, x.created_at FROM tokentrack.report_reservations AS x
-    WHERE x.report_id = r.id LIMIT 1
-) AS rr
-WHERE r.created_at >= now() - make_interval(hours => $1) AND rr.status <> 'active'
-GROUP BY rr.status
-"""
+# One statement: both STABLE functions read its snapshot, so the figures agree with each other.
+MEASURE_SQL: Final = (
+    "SELECT now() AS taken_at, tokentrack.health($1)::text AS health,"
+    " tokentrack.reconcile(NULL)::text AS reconcile"
+)
 
-# Correlated one-row lookups (not EXISTS, which the planner may turn into a hash join over a
-# whole table): each completed report of the window costs two index probes.
-WITHOUT_STEPS_SQL: Final = """
-SELECT r.id
-FROM tokentrack.reports AS r
-WHERE r.created_at >= now() - make_interval(hours => $1)
-  AND r.status = 'complete'
-  AND (SELECT 1 FROM tokentrack.report_reservations AS rr WHERE rr.report_id = r.id LIMIT 1) = 1
-  AND (SELECT 1 FROM tokentrack.report_step_usage AS s WHERE s.report_id = r.id LIMIT 1) IS NULL
-ORDER BY r.created_at DESC
-"""
 
-BY_HOUR_SQL: Final = """
-SELECT date_trunc('hour', r.created_at) AS hour, r.status, count(*) AS count
-FROM tokentrack.reports AS r
-WHERE r.created_at >= now() - make_interval(hours => $1)
-GROUP BY 1, 2
-ORDER BY 1, 2
-"""
+def _when(value: Any) -> str | None:
+    """A timestamp of health()'s jsonb, in UTC to the second (as asyncpg's datetimes were)."""
+    if value is None:
+        return None
+    return iso(datetime.fromisoformat(str(value)).astimezone(UTC))
 
-RECONCILE_SQL: Final = "SELECT tokentrack.reconcile(NULL)"
 
-MONITOR_QUERIES: Final = {
-    "active reservations": ACTIVE_SQL,
-    "reservations by status": WINDOW_RESERVATIONS_SQL,
-    "completed reports without steps": WITHOUT_STEPS_SQL,
-    "reports per hour": BY_HOUR_SQL,
-}
-"""The monitor's queries by name (``$1`` is the window in hours), for EXPLAIN in the tests."""
+async def _require_health(conn: asyncpg.Connection) -> None:
+    found = await conn.fetchval("SELECT to_regprocedure('tokentrack.health(integer)') IS NOT NULL")
+    if not found:
+        raise OpsError(
+            "tokentrack.health(integer) not found in this database: install version "
+            f"{HEALTH_VERSION} (make install-sql DATABASE_URL=... or tokentrack migrate install)"
+        )
 
 
 async def measure(conn: asyncpg.Connection, thresholds: Thresholds) -> MonitorResult:
-    """Run every monitoring query (one read-only snapshot) and evaluate the alerts."""
+    """Read health() and reconcile() (one read-only snapshot) and evaluate the alerts."""
     await require_installed(conn, table="report_reservations")
-    hours = thresholds.hours
+    await _require_health(conn)
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        taken_at: datetime = await conn.fetchval("SELECT now()")
-        arow = await fetchrow(conn, ACTIVE_SQL)
-        window_rows = await conn.fetch(WINDOW_RESERVATIONS_SQL, hours)
-        without = await conn.fetch(WITHOUT_STEPS_SQL, hours)
-        by_hour_rows = await conn.fetch(BY_HOUR_SQL, hours)
-        reconcile = json.loads(await conn.fetchval(RECONCILE_SQL))
+        row = await fetchrow(conn, MEASURE_SQL, thresholds.hours)
+    taken_at: datetime = row["taken_at"]
+    health: dict[str, Any] = json.loads(row["health"])
+    reconcile: dict[str, Any] = json.loads(row["reconcile"])
 
+    a = health["active_reservations"]
     active = {
-        "count": int(arow["count"]),
-        "older_than_2h": int(arow["older_than_2h"]),
-        "older_than_3h": int(arow["older_than_3h"]),
-        "past_expiry": int(arow["past_expiry"]),
-        "oldest": iso(arow["oldest"]),
-        "newest": iso(arow["newest"]),
-        "oldest_age_seconds": round(float(arow["oldest_age_seconds"]), 3),
+        "count": int(a["count"]),
+        "older_than_2h": int(a["older_than_2h"]),
+        "older_than_3h": int(a["older_than_3h"]),
+        "past_expiry": int(a["past_expiry"]),
+        "oldest": _when(a["oldest"]),
+        "newest": _when(a["newest"]),
+        "oldest_age_seconds": round(float(a["oldest_age_seconds"]), 3),
     }
     reservations: dict[str, dict[str, Any]] = {
-        "active": {"count": active["count"], "oldest": active["oldest"], "newest": active["newest"]}
-    }
-    for status in RESERVATION_STATUSES[1:]:
-        reservations[status] = {"count": 0, "oldest": None, "newest": None}
-    for r in window_rows:
-        reservations[r["status"]] = {
+        status: {
             "count": int(r["count"]),
-            "oldest": iso(r["oldest"]),
-            "newest": iso(r["newest"]),
+            "oldest": _when(r["oldest"]),
+            "newest": _when(r["newest"]),
         }
-
-    hours_map: dict[datetime, dict[str, Any]] = {}
-    window = dict.fromkeys(REPORT_STATUSES, 0)
-    for r in by_hour_rows:
-        entry = hours_map.setdefault(
-            r["hour"], {"hour": iso(r["hour"]), **dict.fromkeys(REPORT_STATUSES, 0)}
-        )
-        entry[r["status"]] = int(r["count"])
-        window[r["status"]] += int(r["count"])
-    by_hour = [hours_map[h] for h in sorted(hours_map)]
-
-    finished = sum(window[s] for s in OUTCOMES)
-    failure_rate = window["failed"] / finished if finished else None
-    completion_rate = window["complete"] / finished if finished else None
+        for status in RESERVATION_STATUSES
+        for r in (health["reservations_by_status"][status],)
+    }
+    by_hour = [
+        {"hour": _when(h["hour"]), **{s: int(h[s]) for s in REPORT_STATUSES}}
+        for h in health["reports_by_hour"]
+    ]
+    window = {s: int(health["reports_window"][s]) for s in REPORT_STATUSES}
+    without = health["reports_without_steps"]
 
     result = MonitorResult(
         taken_at=taken_at,
         thresholds=thresholds,
         active=active,
         reservations=reservations,
-        reports_without_steps=len(without),
-        reports_without_steps_examples=[str(r["id"]) for r in without[:5]],
+        reports_without_steps=int(without["count"]),
+        reports_without_steps_examples=[str(e) for e in without["examples"]],
         reconcile={
             "ok": bool(reconcile.get("ok")),
             "periods_checked": int(reconcile.get("periods_checked", 0)),
@@ -411,15 +386,24 @@ async def measure(conn: asyncpg.Connection, thresholds: Thresholds) -> MonitorRe
         },
         reports_by_hour=by_hour,
         reports_window=window,
-        failure_rate=failure_rate,
-        completion_rate=completion_rate,
+        failure_rate=_rate(health["failure_rate"]),
+        completion_rate=_rate(health["completion_rate"]),
     )
     result.alerts = evaluate(result)
     return result
 
 
+def _rate(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
 def evaluate(result: MonitorResult) -> list[Alert]:
-    """The alert rules of the checklist, applied to one measurement."""
+    """The alert rules of the checklist, applied to one measurement.
+
+    The thresholds stay here, in Python, as comparisons of health()'s figures: health()
+    returns figures, not verdicts, so that each reader (this command, an exporter's alert
+    rules) sets its own thresholds.
+    """
     t = result.thresholds
     a = result.active
     finished = sum(result.reports_window[s] for s in OUTCOMES)
@@ -482,7 +466,7 @@ async def monitor(dsn: str, thresholds: Thresholds) -> MonitorResult:
 
 
 __all__ = [
-    "MONITOR_QUERIES",
+    "HEALTH_SQL",
     "Alert",
     "MonitorResult",
     "Thresholds",
