@@ -1,4 +1,4 @@
-"""The six invariants of CONTRACT.md, checked against a database: ``check_invariants``.
+"""The six guarantees of docs/API.md, checked against a database: ``check_invariants``.
 
 Each check is one SQL query that lists offending rows; ``check_invariants`` returns one line
 per violation (empty list: all hold). The checks recompute everything from the rows

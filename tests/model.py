@@ -2,7 +2,7 @@
 
 Plain Python, no database. ``AccountModel`` is a sequential reference implementation of the
 tokentrack contract for one account (its periods, reports, reservations and steps), written
-from CONTRACT.md and the function headers, not from the SQL bodies.
+from docs/API.md and the function headers, not from the SQL bodies.
 
 Concurrent calls are checked the way linearizability checkers (Knossos, Porcupine) do it:
 ``check_round`` is given the calls of one round, in lanes (one lane per connection, its

@@ -10,15 +10,15 @@
 --   (expires_at, id) order; a reservation that a concurrent finalize or sweep billed
 --   meanwhile drops out when its lock is granted), then per reservation, in (period_id, id)
 --   order, its period row, report row and unbilled step rows. Taking all reservation locks
---   before any period lock keeps the global order (reservation, period, report, steps), so the sweep cannot deadlock
---   with finalize, finish_report or persist_step_usage. A sweep is the only caller that holds
---   several period rows at once; it settles its batch in (period_id, id) order, so it takes
---   periods in ascending order and two sweeps whose batches do not overlap cannot deadlock on
---   periods either (DBA review: settling in id order let sweep A hold period 1 and wait for
---   period 2 while sweep B held period 2 and waited for period 1).
+--   before any period lock keeps the global order (reservation, period, report, steps), so
+--   the sweep cannot deadlock with finalize, finish_report or persist_step_usage. A sweep is
+--   the only caller that holds several period rows at once; it settles its batch in
+--   (period_id, id) order, so it takes periods in ascending order and two sweeps cannot
+--   deadlock on periods either (in reservation id order, sweep A could hold period 1 and
+--   wait for period 2 while sweep B held period 2 and waited for period 1).
 -- Batch: the longest-expired first, (expires_at, id), which report_reservations_active_by_expiry
---   serves by a range scan of the due reservations only (DBA review: ORDER BY id walked the
---   whole primary key, every reservation ever made, to find the due ones).
+--   serves by a range scan of the due reservations only (ORDER BY id would walk the whole
+--   primary key, every reservation ever made, to find the due ones).
 -- Runs with the caller's transaction: cleanup_expired_reservations() calls it once for all;
 --   sweep_expired_reservations() calls it per batch and commits in between.
 -- Errors: 25000 when run under REPEATABLE READ or SERIALIZABLE (READ COMMITTED only, see
@@ -34,7 +34,7 @@ DECLARE
     v_id uuid;
     v_result jsonb;
     v_expired integer := 0;
-    -- ::bigint initialisers: no implicit integer-to-bigint cast (plpgsql_check performance warning).
+    -- ::bigint initialisers: no implicit integer-to-bigint cast at run time.
     v_billed bigint := 0::bigint;
     v_steps bigint := 0::bigint;
 BEGIN

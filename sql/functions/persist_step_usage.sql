@@ -91,7 +91,7 @@ BEGIN
             p_total_tokens, v_total
             USING ERRCODE = '22023', COLUMN = 'p_total_tokens';
     ELSE
-        -- Explicit cast (plpgsql_check performance warning on an implicit integer-to-bigint cast).
+        -- Explicit cast: no implicit integer-to-bigint cast at run time.
         v_total := p_total_tokens::bigint;
     END IF;
     IF pg_catalog.length(p_model) > 200 THEN

@@ -27,7 +27,7 @@ DECLARE
     v_reservation tokentrack.report_reservations%ROWTYPE;
     v_period tokentrack.usage_periods%ROWTYPE;
     v_report tokentrack.reports%ROWTYPE;
-    -- bigint: count(*) is bigint (plpgsql_check flagged the implicit bigint-to-integer cast).
+    -- bigint: count(*) is bigint, so no bigint-to-integer cast is needed.
     v_steps bigint;
     v_tokens bigint;
     v_input bigint;

@@ -23,15 +23,15 @@ CREATE OR REPLACE PROCEDURE tokentrack.sweep_expired_reservations(p_batch_size i
 LANGUAGE plpgsql
 AS $procedure$
 DECLARE
-    -- Security review: pg_catalog.jsonb, not jsonb: a type named jsonb in a schema that the
+    -- pg_catalog.jsonb, not jsonb: a type named jsonb in a schema that the
     -- caller's search_path lists before pg_catalog would otherwise be used. The ::bigint
-    -- initialisers avoid an implicit integer-to-bigint cast (plpgsql_check performance warning).
+    -- initialisers avoid an implicit integer-to-bigint cast at run time.
     v_batch pg_catalog.jsonb;
     v_expired bigint := 0::bigint;
     v_billed bigint := 0::bigint;
     v_batches integer := 0;
 BEGIN
-    -- Security review: resolve every operator and function below in pg_catalog, whatever
+    -- Resolve every operator and function below in pg_catalog, whatever
     -- search_path the caller (a pg_cron job, a superuser) has; repeated after each COMMIT.
     SET LOCAL search_path = pg_catalog, pg_temp;
     IF p_batch_size IS NULL THEN
