@@ -295,7 +295,7 @@ class AccountModel:
     # -- billing ----------------------------------------------------------------------------
 
     def settle(self, report: ReportM, final_status: str) -> tuple[dict[str, Any], int, int]:
-        """settle_reservation: the answer, the tokens and the steps it billed now."""
+        """finalize_reservation: the answer, the tokens and the steps it billed now."""
         res = report.reservation
         assert res is not None
         period = self.period(res.period)

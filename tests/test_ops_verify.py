@@ -134,10 +134,10 @@ async def test_verify_fails_when_rls_is_switched_off(history_dsn: str) -> None:
             "PUBLIC may EXECUTE tokentrack.try_reserve_tokens(uuid, uuid, integer)",
         ),
         (
-            "GRANT EXECUTE ON FUNCTION tokentrack.settle_reservation(uuid, text)"
+            "GRANT EXECUTE ON FUNCTION tokentrack.finalize_reservation(uuid, text)"
             " TO tokentrack_reader",
             "execute grants",
-            "tokentrack_reader may EXECUTE tokentrack.settle_reservation(uuid, text)",
+            "tokentrack_reader may EXECUTE tokentrack.finalize_reservation(uuid, text)",
         ),
         (
             "REVOKE EXECUTE ON FUNCTION tokentrack.finalize_report_usage(uuid, uuid)"

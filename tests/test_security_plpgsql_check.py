@@ -26,7 +26,7 @@ EXPECTED = {
     "tokentrack.persist_step_usage(uuid,uuid,text,integer,integer,integer,text)",
     "tokentrack.finalize_report_usage(uuid,uuid)",
     "tokentrack.finish_report(uuid,uuid,text,text)",
-    "tokentrack.settle_reservation(uuid,text)",
+    "tokentrack.finalize_reservation(uuid,text)",
     "tokentrack.expire_reservations(integer)",
     "tokentrack.cleanup_expired_reservations()",
     "tokentrack.sweep_expired_reservations(integer)",

@@ -59,7 +59,7 @@ FUNCTIONS = (
     ("make_interval", "months integer", "interval"),
     ("current_account_id", "", "uuid"),
     ("expire_reservations", "integer", "jsonb"),
-    ("settle_reservation", "uuid, text", "jsonb"),
+    ("finalize_reservation", "uuid, text", "jsonb"),
     ("lock_report_reservation", "uuid, uuid", "uuid"),
     ("reservation_refusal", "uuid, uuid", "jsonb"),
     ("require_read_committed", "text", "void"),

@@ -4,7 +4,7 @@
 --
 -- The sweep's work, for at most p_limit reservations (NULL: all of them): finds active
 -- reservations past expires_at, bills their recorded steps exactly as finalize would
--- (settle_reservation, ledger kind report_expired) and marks them expired.
+-- (finalize_reservation, ledger kind report_expired) and marks them expired.
 -- Returns {"success", "expired", "billed_tokens", "steps"}.
 -- Locks, in order: every chosen reservation row first, in one statement (FOR UPDATE, in
 --   (expires_at, id) order; a reservation that a concurrent finalize or sweep billed
@@ -12,7 +12,7 @@
 --   order, its period row, report row and unbilled step rows. Taking all reservation locks
 --   before any period lock keeps the global order (reservation, period, report, steps), so
 --   the sweep cannot deadlock with finalize, finish_report or persist_step_usage. A sweep is
---   the only caller that holds several period rows at once; it settles its batch in
+--   the only caller that holds several period rows at once; it finalizes its batch in
 --   (period_id, id) order, so it takes periods in ascending order and two sweeps cannot
 --   deadlock on periods either (in reservation id order, sweep A could hold period 1 and
 --   wait for period 2 while sweep B held period 2 and waited for period 1).
@@ -44,7 +44,7 @@ BEGIN
         RAISE EXCEPTION 'p_limit must be at least 1 (got %)', p_limit USING ERRCODE = '22023', COLUMN = 'p_limit';
     END IF;
 
-    -- Settled in (period_id, id) order: periods are locked in ascending order (see the header).
+    -- Finalized in (period_id, id) order: periods are locked in ascending order (see the header).
     SELECT pg_catalog.array_agg(due.id ORDER BY due.period_id, due.id) INTO v_ids
     FROM (
         SELECT rr.id, rr.period_id FROM tokentrack.report_reservations AS rr
@@ -56,7 +56,7 @@ BEGIN
 
     IF v_ids IS NOT NULL THEN
         FOREACH v_id IN ARRAY v_ids LOOP
-            v_result := tokentrack.settle_reservation(v_id, 'expired');
+            v_result := tokentrack.finalize_reservation(v_id, 'expired');
             IF NOT (v_result ->> 'already_finalized')::boolean THEN
                 v_expired := v_expired + 1;
                 v_billed := v_billed + (v_result ->> 'billed_tokens')::bigint;

@@ -7,7 +7,7 @@
 -- token_usage on the report and adds 1 to reports_count when the report's status is complete.
 -- Billing is actual usage: it may take tokens_used above tokens_limit.
 -- Locks, in order: the reservation row (FOR UPDATE; waits for steps being recorded), then
---   through settle_reservation the period row, the report row and the unbilled step rows.
+--   through finalize_reservation the period row, the report row and the unbilled step rows.
 -- Idempotent: a second call changes nothing and answers "already_finalized": true with the
 --   same billed_tokens (also when the sweep billed the reservation).
 -- Refusals: report_account_mismatch, reservation_not_found.
@@ -35,7 +35,7 @@ BEGIN
     IF v_reservation_id IS NULL THEN
         RETURN tokentrack.reservation_refusal(p_report_id, p_account_id);
     END IF;
-    RETURN tokentrack.settle_reservation(v_reservation_id, 'completed');
+    RETURN tokentrack.finalize_reservation(v_reservation_id, 'completed');
 END
 $function$;
 

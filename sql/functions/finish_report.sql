@@ -11,7 +11,7 @@
 -- or the sweep) and the outcome is complete, the report is counted then (1 to reports_count,
 -- with a report_completed ledger row), so that a completed report is counted exactly once.
 -- Locks, in order: the reservation row (FOR UPDATE), the period row (FOR UPDATE), the report
---   row (FOR UPDATE), then through settle_reservation the unbilled step rows.
+--   row (FOR UPDATE), then through finalize_reservation the unbilled step rows.
 -- Idempotent: the same outcome again is a retry (nothing changes, already_finalized true);
 --   another outcome is refused with report_finalized and nothing changes.
 -- Refusals: report_account_mismatch, reservation_not_found, report_finalized.
@@ -79,7 +79,7 @@ BEGIN
         v_count_now := p_status = 'complete' AND v_reservation.status <> 'active';
     END IF;
 
-    v_answer := tokentrack.settle_reservation(v_reservation_id, 'completed');
+    v_answer := tokentrack.finalize_reservation(v_reservation_id, 'completed');
 
     IF v_count_now THEN
         INSERT INTO tokentrack.usage_ledger (account_id, period_id, kind, tokens, reports, report_id)

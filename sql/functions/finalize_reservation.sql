@@ -1,6 +1,6 @@
 -- version: 20260108000000
 --
--- tokentrack.settle_reservation(p_reservation_id uuid, p_final_status text) -> jsonb
+-- tokentrack.finalize_reservation(p_reservation_id uuid, p_final_status text) -> jsonb
 --
 -- Internal (no EXECUTE for application roles): bills a reservation. The caller must already
 -- hold the reservation row FOR UPDATE; finalize_report_usage, finish_report and the sweep do.
@@ -17,7 +17,7 @@
 --   persist_step_usage, which runs only after this reservation left 'active'); here only
 --   steps with billed_at IS NULL are billed, under the reservation lock that every new
 --   unbilled step must share, and the reservation leaves 'active' in the same transaction.
-CREATE OR REPLACE FUNCTION tokentrack.settle_reservation(p_reservation_id uuid, p_final_status text)
+CREATE OR REPLACE FUNCTION tokentrack.finalize_reservation(p_reservation_id uuid, p_final_status text)
 RETURNS jsonb
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -116,7 +116,7 @@ BEGIN
 END
 $function$;
 
-COMMENT ON FUNCTION tokentrack.settle_reservation(uuid, text) IS
+COMMENT ON FUNCTION tokentrack.finalize_reservation(uuid, text) IS
 'Internal: bills a reservation the caller has locked (FOR UPDATE) into its period, exactly once.';
 
-REVOKE ALL ON FUNCTION tokentrack.settle_reservation(uuid, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION tokentrack.finalize_reservation(uuid, text) FROM PUBLIC;
