@@ -23,8 +23,7 @@ profile     each workload once more with pg_stat_statements.track = all: the sta
 client      the lifecycle through tokentrack_client (TokenTracker.track_report) with N asyncio
             tasks on a pool of N connections, interleaved with the pgbench lifecycle.
 growth      each function and the queries of `tokentrack monitor` timed with 10 thousand and
-            with 1 million existing reservations and steps, then again with the indexes this
-            benchmark proposes (created in its own database only).
+            with 1 million existing reservations and steps.
 sweep       100 thousand expired reservations with steps, swept by expire_reservations(500) one
             transaction per batch (each batch timed, commit included: the bound of how long it
             held its locks); then CALL sweep_expired_reservations(500) on as many; then a
@@ -110,17 +109,6 @@ ORDER = [
     ("finalize", "hot"),
 ]
 
-# Indexes the benchmark proposes (tried in its own databases only, and only those missing from
-# the installed schema): the monitor's window over reports, reconcile(one account)'s steps.
-PROPOSED_INDEXES = {
-    "reports_created_at_idx": (
-        "CREATE INDEX reports_created_at_idx ON tokentrack.reports (created_at)"
-    ),
-    "report_step_usage_billed_period_idx": (
-        "CREATE INDEX report_step_usage_billed_period_idx"
-        " ON tokentrack.report_step_usage (billed_period_id) WHERE billed_period_id IS NOT NULL"
-    ),
-}
 MONITOR_HOURS = 24
 
 
@@ -835,45 +823,24 @@ class Bench:
             )
             result["rows"][str(size)] = dict(row) if row else {}
         rounds = 4
-        # Proposed indexes that the installed schema already has are left alone.
-        missing = {
-            name: sql
-            for name, sql in PROPOSED_INDEXES.items()
-            if await large.fetchval("SELECT to_regclass($1) IS NULL", f"tokentrack.{name}")
-        }
-        result["proposed_indexes"] = missing
-        result["proposed_indexes_already_installed"] = sorted(set(PROPOSED_INDEXES) - set(missing))
-        variants = ["as_installed", "with_proposed_indexes"] if missing else ["as_installed"]
-        for variant in variants:
-            if variant == "with_proposed_indexes":
-                for conn in dbs.values():
-                    for sql in missing.values():
-                        await conn.execute(sql)
-                    await conn.execute(
-                        "ANALYZE tokentrack.reports, tokentrack.report_reservations,"
-                        " tokentrack.report_step_usage"
-                    )
-            times: dict[int, dict[str, list[float]]] = {size: {} for size in sizes}
-            self.log(f"growth: timing {variant.replace('_', ' ')}, {rounds} interleaved rounds")
-            for _ in range(rounds):
-                for size, conn in dbs.items():
-                    await self.time_functions(
-                        conn, max(1, self.args.growth_iterations // rounds), times[size]
-                    )
-                    await self.time_monitoring(
-                        conn, max(1, self.args.monitoring_repeats // rounds), times[size]
-                    )
-            result[variant] = {}
-            for size in sizes:
-                plans = await self.plans(dbs[size])
-                result[variant][str(size)] = {
-                    "times": {name: summary(values) for name, values in times[size].items()},
-                    "scans": plans["scans"],
-                    "blocks": plans["blocks"],
-                }
-        for conn in dbs.values():
-            for name in missing:
-                await conn.execute(f"DROP INDEX tokentrack.{name}")
+        times: dict[int, dict[str, list[float]]] = {size: {} for size in sizes}
+        self.log(f"growth: timing as installed, {rounds} interleaved rounds")
+        for _ in range(rounds):
+            for size, conn in dbs.items():
+                await self.time_functions(
+                    conn, max(1, self.args.growth_iterations // rounds), times[size]
+                )
+                await self.time_monitoring(
+                    conn, max(1, self.args.monitoring_repeats // rounds), times[size]
+                )
+        result["as_installed"] = {}
+        for size in sizes:
+            plans = await self.plans(dbs[size])
+            result["as_installed"][str(size)] = {
+                "times": {name: summary(values) for name, values in times[size].items()},
+                "scans": plans["scans"],
+                "blocks": plans["blocks"],
+            }
         # The monitor's reconcile() audits every period: it grows with the history by design.
         result["reconcile_all_s"] = {}
         for size, conn in dbs.items():
