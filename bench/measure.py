@@ -1,21 +1,26 @@
-"""What the benchmark measures around each run: pgbench itself, CPU, WAL, wait events.
+"""What the benchmark measures around each run: pgbench itself, CPU, WAL, wait events,
+pg_stat_statements, and the scans of a plan.
 
 On a machine shared with other work, throughput alone is noisy; each run therefore also
 records the CPU that the server and the driver used (from /proc, so CPU per transaction can be
 compared even when other processes compete for the cores), the whole machine's CPU use (to
 see that competition), the WAL written and flushed (pg_stat_wal), and what the driven
-backends were doing, sampled from pg_stat_activity ten times a second.
+backends were doing, sampled from pg_stat_activity ten times a second. ``Measurement`` puts
+all of it around one run.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import resource
+import statistics
 import time
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +29,30 @@ import asyncpg
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SAMPLE_EVERY = 0.1
+
+
+# --------------------------------------------------------------------------------------------
+# Timing one call
+# --------------------------------------------------------------------------------------------
+
+
+async def timed(conn: asyncpg.Connection, sql: str, *args: Any) -> tuple[float, Any]:
+    """The time of one statement inside its own transaction (BEGIN/COMMIT not timed)."""
+    async with conn.transaction():
+        began = time.perf_counter()
+        value = await conn.fetchval(sql, *args)
+        return time.perf_counter() - began, value
+
+
+def summary(values: Sequence[float]) -> dict[str, float]:
+    """Median, 90th percentile and minimum of durations in seconds, in milliseconds."""
+    ordered = sorted(values)
+    return {
+        "median_ms": statistics.median(ordered) * 1000,
+        "p90_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.9))] * 1000,
+        "min_ms": ordered[0] * 1000,
+        "n": len(ordered),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,6 +220,110 @@ async def wal_stats(conn: asyncpg.Connection) -> dict[str, float]:
     )
     assert row is not None
     return {key: float(value) for key, value in dict(row).items()}
+
+
+# --------------------------------------------------------------------------------------------
+# pg_stat_statements and plans
+# --------------------------------------------------------------------------------------------
+
+
+async def pgss_top(conn: asyncpg.Connection, dbname: str, limit: int = 15) -> list[dict[str, Any]]:
+    """The statements of database ``dbname`` by total execution time (the bench's own
+    account-id helper calls left out)."""
+    rows = await conn.fetch(
+        "SELECT s.toplevel, s.calls, s.total_exec_time, s.mean_exec_time, s.rows,"
+        " s.shared_blks_hit, s.shared_blks_read, s.shared_blks_dirtied,"
+        " s.shared_blks_written, s.wal_records, s.wal_fpi, s.wal_bytes::float8 AS wal_bytes,"
+        " regexp_replace(s.query, '\\s+', ' ', 'g') AS query"
+        " FROM pg_stat_statements AS s JOIN pg_database AS d ON d.oid = s.dbid"
+        " WHERE d.datname = $1 AND s.query !~ '^SELECT \\(\\$\\d+ \\|\\| lpad'"
+        " ORDER BY s.total_exec_time DESC LIMIT $2",
+        dbname,
+        limit,
+    )
+    return [dict(r) for r in rows]
+
+
+def _plan_nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from _plan_nodes(child)
+
+
+def plan_scans(explain_json: Any) -> list[str]:
+    """The scans of an EXPLAIN (FORMAT JSON) plan: 'Seq Scan on reports', 'Index Scan using ...'."""
+    document = json.loads(explain_json) if isinstance(explain_json, str) else explain_json
+    scans = []
+    for node in _plan_nodes(document[0]["Plan"]):
+        kind = node["Node Type"]
+        if "Scan" not in kind or kind in ("CTE Scan", "Subquery Scan", "Function Scan"):
+            continue
+        target = node.get("Index Name") or node.get("Relation Name")
+        scans.append(f"{kind} {'using' if node.get('Index Name') else 'on'} {target}")
+    return scans
+
+
+# --------------------------------------------------------------------------------------------
+# One run, measured
+# --------------------------------------------------------------------------------------------
+
+
+class Measurement:
+    """Everything measured around one run whose backends connect to ``dbname`` as
+    ``application``: start() before it, stop_sampling() as soon as it ends, finish() once
+    its connections are closed. Then ``cpu``, ``wal``, ``waits`` and ``statements``.
+
+    ``control`` runs the checkpoint, resets and reads the statistics; ``sampler`` (a second
+    connection) samples pg_stat_activity meanwhile.
+    """
+
+    def __init__(
+        self,
+        control: asyncpg.Connection,
+        sampler: asyncpg.Connection,
+        postmaster_pid: int,
+        dbname: str,
+        application: str,
+    ) -> None:
+        self.control = control
+        self.sampler = sampler
+        self.postmaster_pid = postmaster_pid
+        self.dbname = dbname
+        self.application = application
+        self.cpu: dict[str, float] = {}
+        self.wal: dict[str, float] = {}
+        self.waits: Counter[str] = Counter()
+        self.statements: list[dict[str, Any]] = []
+        self._stop = asyncio.Event()
+        self._pids: set[int] = set()
+        self._sampling: asyncio.Task[Counter[str]] | None = None
+        self._start: CpuSnapshot | None = None
+
+    async def start(self) -> Measurement:
+        """A checkpoint, WAL and statement statistics reset, sampling started, CPU noted."""
+        await self.control.execute("CHECKPOINT")
+        await reset_wal_stats(self.control)
+        await self.control.execute("SELECT pg_stat_statements_reset()")
+        self._sampling = asyncio.create_task(
+            sample_waits(self.sampler, self.dbname, self.application, self._stop, self._pids)
+        )
+        self._start = CpuSnapshot.take(self.postmaster_pid)
+        return self
+
+    async def stop_sampling(self) -> None:
+        self._stop.set()
+        if self._sampling is not None:
+            self.waits = await self._sampling
+
+    async def finish(self, *, driver: str, statements: int) -> None:
+        """Once the run's backends are gone and reaped: CPU (``driver`` as in
+        CpuSnapshot.since), WAL, and the top ``statements`` of pg_stat_statements."""
+        assert self._start is not None, "finish() before start()"
+        await wait_for_backends_gone(self.control, self.dbname, self.application)
+        wait_reaped(self._pids)
+        self.cpu = CpuSnapshot.take(self.postmaster_pid).since(self._start, driver=driver)
+        self.wal = await wal_stats(self.control)
+        self.statements = await pgss_top(self.control, self.dbname, statements)
 
 
 # --------------------------------------------------------------------------------------------

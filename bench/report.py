@@ -132,36 +132,21 @@ def client_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def growth_summary(result: dict[str, Any]) -> dict[str, Any]:
     small, large = (str(size) for size in result["sizes"])
     installed = result["as_installed"]
-    # Without missing indexes to try, the "indexed" columns repeat the installed figures.
-    indexed = result.get("with_proposed_indexes", installed)
     rows = []
     for name, at_small in installed[small]["times"].items():
         at_large = installed[large]["times"][name]
-        idx_small = indexed[small]["times"][name]
-        idx_large = indexed[large]["times"][name]
         rows.append(
             {
                 "name": name,
                 "small_blocks": installed[small]["blocks"].get(name),
                 "large_blocks": installed[large]["blocks"].get(name),
-                "indexed_small_blocks": indexed[small]["blocks"].get(name),
-                "indexed_large_blocks": indexed[large]["blocks"].get(name),
                 "small_ms": at_small["median_ms"],
                 "large_ms": at_large["median_ms"],
                 "ratio": at_large["median_ms"] / at_small["median_ms"],
                 "large_scans": installed[large]["scans"].get(name, []),
-                "indexed_small_ms": idx_small["median_ms"],
-                "indexed_large_ms": idx_large["median_ms"],
-                "indexed_ratio": idx_large["median_ms"] / idx_small["median_ms"],
-                "indexed_large_scans": indexed[large]["scans"].get(name, []),
             }
         )
-    return {
-        "small": result["sizes"][0],
-        "large": result["sizes"][1],
-        "rows": rows,
-        "with_proposed_indexes": "with_proposed_indexes" in result,
-    }
+    return {"small": result["sizes"][0], "large": result["sizes"][1], "rows": rows}
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,29 +290,18 @@ def render(results: dict[str, Any]) -> str:
             "or read per call (EXPLAIN ANALYZE BUFFERS through auto_explain, nested statements "
             "included): the growth measure that machine load does not blur.\n"
         )
-        indexed = g["with_proposed_indexes"]
-        head = (
+        add(
             f"| function or query | {small} ms | {large} ms | ratio | <= 1.2 | buffers "
             f"{small} -> {large} | scans at {large} |"
         )
-        if indexed:
-            head += f" indexed: {small} ms | {large} ms | ratio | buffers {small} -> {large} |"
-        add(head)
-        add("|---" * (11 if indexed else 7) + "|")
+        add("|---" * 7 + "|")
         for r in g["rows"]:
-            line = (
+            add(
                 f"| {r['name']} | {r['small_ms']:.3f} | {r['large_ms']:.3f} | {r['ratio']:.2f} | "
                 f"{_ok(r['ratio'] <= TARGET_GROWTH)} | "
                 f"{_blocks(r['small_blocks'])} -> {_blocks(r['large_blocks'])} | "
                 f"{_scans(r['large_scans'])} |"
             )
-            if indexed:
-                line += (
-                    f" {r['indexed_small_ms']:.3f} | {r['indexed_large_ms']:.3f} | "
-                    f"{r['indexed_ratio']:.2f} | {_blocks(r['indexed_small_blocks'])} -> "
-                    f"{_blocks(r['indexed_large_blocks'])} |"
-                )
-            add(line)
         add("")
         rec = gr["reconcile_all_s"]
         add(
@@ -335,14 +309,6 @@ def render(results: dict[str, Any]) -> str:
             f"everything by design: {rec[str(g['small'])]:.2f} s at {small}, "
             f"{rec[str(g['large'])]:.1f} s at {large}.\n"
         )
-        if gr["proposed_indexes"]:
-            add("Proposed indexes (missing from the installed schema):\n")
-            for sql in gr["proposed_indexes"].values():
-                add(f"- `{sql};`")
-            add("")
-        if gr.get("proposed_indexes_already_installed"):
-            already = ", ".join(gr["proposed_indexes_already_installed"])
-            add(f"The indexes this benchmark proposed are in the installed schema: {already}.\n")
 
     if "sweep" in results:
         s = results["sweep"]

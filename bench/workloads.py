@@ -1,0 +1,253 @@
+"""The workloads in database bench: what one transaction of each does, how the spread and
+the hot accounts are addressed, and one pgbench run with everything measured around it
+(and checked: no refusal is counted as throughput)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import asyncpg
+import measure
+from server import BENCH_DIR, Session, log
+
+SCRIPTS = BENCH_DIR / "scripts"
+STEPS = (  # one report's steps: name, input tokens, output tokens
+    ("AN0", 1800, 420),
+    ("AN1.5", 2400, 610),
+    ("AN1.7", 2100, 380),
+    ("AN2", 3200, 900),
+    ("AN3", 2800, 750),
+    ("AN4", 1500, 500),
+    ("AN5", 900, 1200),
+)
+
+# What one transaction of each workload is: its pgbench script and how many calls it makes.
+WORKLOADS: dict[str, dict[str, Any]] = {
+    "simple-update": {"script": None, "calls": 1},
+    "reserve": {"script": "reserve.sql", "calls": 2},
+    "step": {"script": "step.sql", "calls": 1},
+    "finalize": {"script": "finalize.sql", "calls": 1},
+    "lifecycle": {"script": "lifecycle.sql", "calls": 9},
+}
+# One round: each workload on the spread accounts and on the hot one, after simple-update.
+ORDER = [
+    ("simple-update", "-"),
+    ("reserve", "spread"),
+    ("reserve", "hot"),
+    ("step", "spread"),
+    ("step", "hot"),
+    ("lifecycle", "spread"),
+    ("lifecycle", "hot"),
+    ("finalize", "spread"),
+    ("finalize", "hot"),
+]
+
+
+def account(n: int) -> uuid.UUID:
+    """bench.account(n): 0 is the hot account, 1..1000 the spread ones."""
+    return uuid.UUID(f"00000000-0000-0000-0000-{n:012d}")
+
+
+class Workloads:
+    """Database bench (pgbench's tables and tokentrack's) and the pgbench runs on it."""
+
+    def __init__(self, session: Session, bench: asyncpg.Connection) -> None:
+        self.session = session
+        self.args = session.args
+        self.bench = bench
+        self.finalize_next = 1
+        self.tps_seen: dict[tuple[str, str], float] = {}
+
+    @classmethod
+    async def setup(cls, session: Session) -> Workloads:
+        log("setup: database bench, pgbench -i (scale 1), tokentrack, 1,001 accounts")
+        bench = await session.create_database("bench")
+        init = await asyncio.create_subprocess_exec(
+            *session.pg_args(),
+            "-i",
+            "-q",
+            "-s",
+            "1",
+            "bench",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=session.pg_env(),
+        )
+        _, err = await init.communicate()
+        if init.returncode != 0:
+            raise RuntimeError(f"pgbench -i failed: {err.decode()}")
+        await bench.execute("SELECT bench.seed_long_lived(0, 0, $1)", session.args.hot_reports)
+        await bench.execute("VACUUM ANALYZE")
+        return cls(session, bench)
+
+    def defines(self, mode: str) -> dict[str, int]:
+        if mode == "hot":
+            return {"lo": 0, "hi": 0, "reports": self.args.hot_reports}
+        return {"lo": 1, "hi": self.args.accounts, "reports": 1}
+
+    async def state(self) -> dict[str, int]:
+        row = await self.bench.fetchrow(
+            "SELECT"
+            " (SELECT count(*) FROM tokentrack.report_reservations) AS reservations,"
+            " (SELECT count(*) FROM tokentrack.report_reservations WHERE status = 'active')"
+            "   AS active,"
+            " (SELECT count(*) FROM tokentrack.report_step_usage) AS steps,"
+            " (SELECT coalesce(max(id), 0) FROM tokentrack.usage_ledger) AS ledger"
+        )
+        assert row is not None
+        return dict(row)
+
+    def check(self, workload: str, n: int, before: dict[str, int], after: dict[str, int]) -> None:
+        """Every transaction did what it should: no refusal was counted as throughput.
+
+        When the time is up a client may leave its last script part-way (pgbench does not
+        count it), hence up to one more call's effect per client than transactions counted.
+        """
+        c = self.args.clients
+        expected = {  # (low, high) change of each count
+            "reserve": {
+                "reservations": (n, n + c),
+                "active": (0, c),
+                "steps": (0, 0),
+                "ledger": (n, n),
+            },
+            "step": {
+                "reservations": (0, 0),
+                "active": (0, 0),
+                "steps": (n, n + c),
+                "ledger": (0, 0),
+            },
+            "finalize": {
+                "reservations": (0, 0),
+                "active": (-n - c, -n),
+                "steps": (0, 0),
+                "ledger": (n, n + c),
+            },
+            "lifecycle": {
+                "reservations": (n, n + c),
+                "active": (0, c),
+                "steps": (7 * n, 7 * n + 7 * c),
+                "ledger": (n, n + c),
+            },
+        }[workload]
+        problems = [
+            f"{key} changed by {after[key] - before[key]} (expected {low}..{high})"
+            for key, (low, high) in expected.items()
+            if not low <= after[key] - before[key] <= high
+        ]
+        if problems:
+            raise RuntimeError(f"{workload}: {n} transactions but " + "; ".join(problems))
+
+    async def seed_finalize(self, mode: str, factor: float = 1.0) -> tuple[int, int]:
+        """Seed enough reports for a finalize run; returns their number range."""
+        guess = max(self.tps_seen.get(("finalize", mode), 0.0), self.tps_seen.get(("su", "-"), 0))
+        count = int((guess or 3000) * self.args.duration * 1.3 * factor) + 200
+        first, last = self.finalize_next, self.finalize_next + count - 1
+        d = self.defines(mode)
+        async with self.bench.transaction():
+            # Consistent by construction (unbilled rows): skip the per-row foreign key checks.
+            await self.bench.execute("SET LOCAL session_replication_role = replica")
+            await self.bench.execute(
+                "SELECT bench.seed_finalize($1, $2, $3, $4)", first, last, d["lo"], d["hi"]
+            )
+        await self.bench.execute("SELECT setval('bench.finalize_seq', $1, false)", first)
+        self.finalize_next = last + 1
+        return first, last
+
+    def measurement(self, application: str) -> measure.Measurement:
+        """A measurement of the backends of database bench named ``application``."""
+        s = self.session
+        return measure.Measurement(
+            s.control, s.control_sampler, s.postmaster_pid, "bench", application
+        )
+
+    async def run_pgbench(
+        self,
+        workload: str,
+        mode: str,
+        *,
+        duration: float,
+        track_all: bool = False,
+    ) -> dict[str, Any]:
+        spec = WORKLOADS[workload]
+        argv = [*self.session.pg_args(), "-n", "-r", "-c", str(self.args.clients)]
+        argv += ["-j", str(self.args.threads), "-T", str(int(duration))]
+        if spec["script"] is None:
+            argv += ["-b", "simple-update"]
+        else:
+            argv += ["-f", str(SCRIPTS / spec["script"])]
+            for key, value in self.defines(mode).items():
+                argv += ["-D", f"{key}={value}"]
+        argv.append("bench")
+        options = "-c pg_stat_statements.track=all" if track_all else None
+
+        for attempt in (1, 2):
+            seeded = None
+            if workload == "finalize":
+                seeded = await self.seed_finalize(mode, factor=attempt)
+            before = await self.state() if workload != "simple-update" else {}
+            measured = await self.measurement("pgbench").start()
+            try:
+                out = await measure.run_pgbench(argv, self.session.pg_env(options))
+            finally:
+                await measured.stop_sampling()
+            await measured.finish(driver="pgbench", statements=25 if track_all else 8)
+            after = await self.state() if workload != "simple-update" else {}
+            if seeded is not None:
+                row = await self.bench.fetchrow(
+                    "SELECT last_value, is_called FROM bench.finalize_seq"
+                )
+                assert row is not None
+                used_to = row["last_value"] if row["is_called"] else seeded[0] - 1
+                if used_to > seeded[1]:
+                    log(
+                        f"finalize {mode}: {used_to - seeded[1]} past the seeded reports;"
+                        " again with more"
+                    )
+                    continue
+                await self.bench.execute(
+                    "SELECT bench.drop_unused_finalize($1, $2)", used_to + 1, seeded[1]
+                )
+            if workload != "simple-update":
+                self.check(workload, out.transactions, before, after)
+            break
+        else:
+            raise RuntimeError(f"finalize {mode}: could not seed enough reports")
+
+        calls = out.transactions * spec["calls"]
+        per_call = max(calls, 1)
+        cpu, wal = measured.cpu, measured.wal
+        return {
+            "workload": workload,
+            "accounts": mode,
+            "tps": out.tps,
+            "transactions": out.transactions,
+            "calls_per_tx": spec["calls"],
+            "calls_per_s": out.tps * spec["calls"],
+            "latency_ms": out.latency_ms,
+            "failed": out.failed,
+            "statements": out.statements,
+            "cpu": cpu,
+            "server_cpu_ms_per_call": cpu["server_cpu_s"] * 1000 / per_call,
+            "wal": wal,
+            "wal_bytes_per_call": wal["wal_bytes"] / per_call,
+            "wal_syncs_per_call": wal["wal_sync"] / per_call,
+            "waits": dict(measured.waits.most_common()),
+            "pg_stat_statements": measured.statements,
+        }
+
+    async def one(self, workload: str, mode: str, round_no: int) -> dict[str, Any]:
+        """One timed run of a round (--duration), logged; its tps sizes later finalize seeds."""
+        log(f"round {round_no}: {workload} {mode} ({self.args.duration} s)")
+        run = await self.run_pgbench(workload, mode, duration=self.args.duration)
+        run["round"] = round_no
+        key = ("su", "-") if workload == "simple-update" else (workload, mode)
+        self.tps_seen[key] = max(self.tps_seen.get(key, 0.0), run["tps"])
+        log(
+            f"  {run['tps']:.0f} tps, {run['calls_per_s']:.0f} calls/s,"
+            f" server {run['cpu']['server_cores']:.2f} cores,"
+            f" machine {run['cpu']['machine_busy_cores']:.2f} cores busy"
+        )
+        return run
