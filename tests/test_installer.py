@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -38,6 +39,12 @@ V2_FUNCTIONS = {
     "reconcile",
 }
 REPO_SQL = migrate.default_sql_dir()
+# Every version of the repository, oldest first: tests meaning "every version" or "the newest"
+# use these, so that adding a version does not change what they assert. V1 and V2 above are
+# the first two versions, which tests about their tables and functions name explicitly.
+VERSIONS = migrate.load_versions(REPO_SQL)
+ALL = [v.version for v in VERSIONS]
+NEWEST, NEWEST_NAME = VERSIONS[-1].version, VERSIONS[-1].name
 CLI_TIMEOUT = 120
 
 SchemaDump = Callable[[str], str]
@@ -90,6 +97,11 @@ def assert_one_line_error(result: CliResult, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     return lines[0]
+
+
+def applied_versions(stdout: str) -> list[str]:
+    """The ``applied <VERSION> <name>`` lines of ``migrate install``, in order."""
+    return [line for line in stdout.splitlines() if re.fullmatch(r"applied \d{14} \w+", line)]
 
 
 async def migration_rows(dsn: str) -> list[dict[str, Any]]:
@@ -215,17 +227,16 @@ async def limited_role(empty_db_dsn: str, pg_server: Any) -> AsyncIterator[str]:
 # --------------------------------------------------------------------------------------------
 
 
-async def test_install_applies_both_versions_then_does_nothing(
+async def test_install_applies_every_version_then_does_nothing(
     empty_db_dsn: str, schema_dump: SchemaDump
 ) -> None:
     first = await run_cli("migrate", "install", dsn=empty_db_dsn)
     assert first.returncode == 0, first
-    assert f"applied {V1} {V1_NAME}" in first.stdout
-    assert f"applied {V2} {V2_NAME}" in first.stdout
-    assert first.stdout.index(V1) < first.stdout.index(V2)
+    # oldest first
+    assert applied_versions(first.stdout) == [f"applied {v.version} {v.name}" for v in VERSIONS]
 
     rows = await migration_rows(empty_db_dsn)
-    assert [(r["version"], r["name"]) for r in rows] == [(V1, V1_NAME), (V2, V2_NAME)]
+    assert [(r["version"], r["name"]) for r in rows] == [(v.version, v.name) for v in VERSIONS]
     for row in rows:
         files = expected_files(REPO_SQL, row["version"])
         assert len(files) == 1  # the schema file alone: function files are repeatable
@@ -258,7 +269,7 @@ async def test_install_applies_both_versions_then_does_nothing(
     dump_before = schema_dump(empty_db_dsn)
     second = await run_cli("migrate", "install", dsn=empty_db_dsn)
     assert second.returncode == 0, second
-    assert f"up to date at version {V2}" in second.stdout
+    assert f"up to date at version {NEWEST}" in second.stdout
     assert "nothing was done" in second.stdout
     assert "applied " not in second.stdout
     assert await migration_rows(empty_db_dsn) == rows
@@ -268,7 +279,7 @@ async def test_install_applies_both_versions_then_does_nothing(
 
 async def test_template_database_is_built_by_the_migrator(conn: asyncpg.Connection) -> None:
     versions = await conn.fetch("SELECT version FROM tokentrack.schema_migrations ORDER BY 1")
-    assert [r["version"] for r in versions] == [V1, V2]
+    assert [r["version"] for r in versions] == ALL
 
 
 async def test_concurrent_installers_apply_each_version_once(empty_db_dsn: str) -> None:
@@ -297,11 +308,11 @@ async def test_concurrent_installers_apply_each_version_once(empty_db_dsn: str) 
     assert all(r.returncode == 0 for r in results), results
     assert all("waiting for another tokentrack installer" in r.stderr for r in results)
     output = "".join(r.stdout for r in results)
-    assert output.count(f"applied {V1} {V1_NAME}") == 1
-    assert output.count(f"applied {V2} {V2_NAME}") == 1
+    for version in VERSIONS:
+        assert output.count(f"applied {version.version} {version.name}") == 1, version.version
     assert output.count("nothing was done") == 5
     rows = await migration_rows(empty_db_dsn)
-    assert [r["version"] for r in rows] == [V1, V2]
+    assert [r["version"] for r in rows] == ALL
 
 
 async def test_drifted_applied_file_is_refused_and_nothing_changes(
@@ -309,7 +320,8 @@ async def test_drifted_applied_file_is_refused_and_nothing_changes(
 ) -> None:
     sql_dir = copy_sql(tmp_path)
     await migrate.install(empty_db_dsn, sql_dir=sql_dir)
-    await migrate.rollback(empty_db_dsn, steps=1, sql_dir=sql_dir)  # V2 pending
+    # Down to V1: every later version pending.
+    await migrate.rollback(empty_db_dsn, steps=len(VERSIONS) - 1, sql_dir=sql_dir)
     rows_before, dump_before = await migration_rows(empty_db_dsn), schema_dump(empty_db_dsn)
     functions_before = await function_rows(empty_db_dsn)
 
@@ -332,9 +344,10 @@ async def test_drifted_applied_file_is_refused_and_nothing_changes(
     assert "drifted" in v1_line
     assert f"schema/{V1}_{V1_NAME}.sql" in v1_line
     functions = dict(line.split()[:2] for line in listing.stdout.split("\n\n")[1].splitlines()[1:])
-    assert functions["functions/increment_usage.sql"] == "changed"
-    assert functions["functions/reconcile.sql"] == "new"  # V2's, rolled back
-    assert "functions/open_usage_period.sql" not in functions  # unchanged
+    later = {f.relpath for v in VERSIONS[1:] for f in v.functions}  # rolled back with them
+    assert "functions/reconcile.sql" in later  # V2's
+    assert functions == {"functions/increment_usage.sql": "changed"} | dict.fromkeys(later, "new")
+    assert "functions/open_usage_period.sql" not in functions  # V1's, unchanged
 
 
 async def test_applied_version_missing_on_disk_is_refused(
@@ -348,7 +361,7 @@ async def test_applied_version_missing_on_disk_is_refused(
 
     result = await run_cli("migrate", "install", dsn=empty_db_dsn, sql_dir=sql_dir)
     assert_one_line_error(result, f"{V2}_{V2_NAME}", "not found")
-    assert [r["version"] for r in await migration_rows(empty_db_dsn)] == [V1, V2]
+    assert [r["version"] for r in await migration_rows(empty_db_dsn)] == ALL
 
 
 async def test_pending_version_older_than_applied_is_refused(
@@ -366,7 +379,7 @@ async def test_pending_version_older_than_applied_is_refused(
     assert_one_line_error(result, "20250101000000_backfill", "older")
     tables, _ = await tokentrack_objects(empty_db_dsn)
     assert "backfill_marker" not in tables
-    assert [r["version"] for r in await migration_rows(empty_db_dsn)] == [V1, V2]
+    assert [r["version"] for r in await migration_rows(empty_db_dsn)] == ALL
 
 
 async def test_new_version_on_top_is_applied_alone(empty_db_dsn: str, tmp_path: Path) -> None:
@@ -395,8 +408,8 @@ async def test_failing_version_is_rolled_back_whole(empty_db_dsn: str, tmp_path:
     assert_one_line_error(
         result, "20990101000000_broken", "schema/20990101000000_broken.sql", "22012"
     )
-    assert f"applied {V2} {V2_NAME}" in result.stdout  # the versions before it stay applied
-    assert [r["version"] for r in await migration_rows(empty_db_dsn)] == [V1, V2]
+    assert f"applied {NEWEST} {NEWEST_NAME}" in result.stdout  # the versions before it stay
+    assert [r["version"] for r in await migration_rows(empty_db_dsn)] == ALL
     assert "broken_marker" not in (await tokentrack_objects(empty_db_dsn))[0]
 
 
@@ -471,8 +484,11 @@ LOADER_MUTATIONS: dict[str, Callable[[Path], str]] = {
 
 def test_repository_sql_loads() -> None:
     versions = migrate.load_versions(REPO_SQL)
-    assert [(v.version, v.name) for v in versions] == [(V1, V1_NAME), (V2, V2_NAME)]
+    on_disk = sorted(p.stem.split("_", 1) for p in (REPO_SQL / "schema").glob("*.sql"))
+    assert [[v.version, v.name] for v in versions] == on_disk  # every schema file, oldest first
+    assert [(v.version, v.name) for v in versions[:2]] == [(V1, V1_NAME), (V2, V2_NAME)]
     names = {Path(f.relpath).stem for v in versions for f in v.functions}
+    assert names == {p.stem for p in (REPO_SQL / "functions").glob("*.sql")}
     assert names >= V1_FUNCTIONS | V2_FUNCTIONS
 
 
@@ -503,31 +519,61 @@ async def test_cli_refuses_bad_layout_before_touching_the_database(
 # --------------------------------------------------------------------------------------------
 
 
+def introduced_by(versions: list[migrate.MigrationVersion]) -> set[str]:
+    """Names of the functions whose files name one of ``versions`` in their header."""
+    return {Path(f.relpath).stem for v in versions for f in v.functions}
+
+
 async def test_rollback_removes_exactly_the_newest_version(empty_db_dsn: str) -> None:
     await migrate.install(empty_db_dsn)
+    rows_before = await migration_rows(empty_db_dsn)
+    recorded_before = await function_rows(empty_db_dsn)
+    tables_before, functions_before = await tokentrack_objects(empty_db_dsn)
 
     one = await run_cli("migrate", "rollback", dsn=empty_db_dsn)
     assert one.returncode == 0, one
-    assert f"rolled back {V2} {V2_NAME}" in one.stdout
-    assert V1 not in one.stdout.split("rolled back")[1].split("\n")[0]
+    rolled = [line for line in one.stdout.splitlines() if line.startswith("rolled back")]
+    assert len(rolled) == 1, one.stdout
+    assert rolled[0].startswith(f"rolled back {NEWEST} {NEWEST_NAME} "), rolled
+    # The older versions keep their rows (applied_at included) and their function history.
+    assert await migration_rows(empty_db_dsn) == rows_before[:-1]
+    assert await function_rows(empty_db_dsn) == [
+        r for r in recorded_before if r["version"] != NEWEST
+    ]
+    tables, functions = await tokentrack_objects(empty_db_dsn)
+    assert introduced_by(VERSIONS[-1:]) <= functions_before - functions
+    assert functions >= introduced_by(VERSIONS[:-1])
+    assert tables <= tables_before
+    assert tables >= V1_TABLES | V2_TABLES | BOOKKEEPING
+
+    again = await run_cli("migrate", "install", dsn=empty_db_dsn)
+    assert again.returncode == 0, again
+    assert applied_versions(again.stdout) == [f"applied {NEWEST} {NEWEST_NAME}"]
+    assert await tokentrack_objects(empty_db_dsn) == (tables_before, functions_before)
+
+    # Down to V1: exactly V1's tables and functions remain.
+    to_v1 = await run_cli("migrate", "rollback", "--steps", str(len(ALL) - 1), dsn=empty_db_dsn)
+    assert to_v1.returncode == 0, to_v1
+    assert f"rolled back {V2} {V2_NAME}" in to_v1.stdout
+    assert f"rolled back {V1}" not in to_v1.stdout
     assert [r["version"] for r in await migration_rows(empty_db_dsn)] == [V1]
     tables, functions = await tokentrack_objects(empty_db_dsn)
     assert not tables & V2_TABLES
     assert not functions & V2_FUNCTIONS
+    assert not functions & introduced_by(VERSIONS[1:])
     assert tables >= V1_TABLES
     assert functions >= V1_FUNCTIONS
+    assert functions >= introduced_by(VERSIONS[:1])
 
-    again = await run_cli("migrate", "install", dsn=empty_db_dsn)
-    assert again.returncode == 0, again
-    assert f"applied {V2} {V2_NAME}" in again.stdout
-    assert f"applied {V1}" not in again.stdout
-    tables, functions = await tokentrack_objects(empty_db_dsn)
-    assert tables >= V1_TABLES | V2_TABLES
-    assert functions >= V1_FUNCTIONS | V2_FUNCTIONS
+    up = await run_cli("migrate", "install", dsn=empty_db_dsn)
+    assert up.returncode == 0, up
+    assert applied_versions(up.stdout) == [f"applied {v.version} {v.name}" for v in VERSIONS[1:]]
+    assert await tokentrack_objects(empty_db_dsn) == (tables_before, functions_before)
 
-    both = await run_cli("migrate", "rollback", "--steps", "2", dsn=empty_db_dsn)
-    assert both.returncode == 0, both
-    assert both.stdout.index(f"rolled back {V2}") < both.stdout.index(f"rolled back {V1}")
+    every = await run_cli("migrate", "rollback", "--steps", str(len(ALL)), dsn=empty_db_dsn)
+    assert every.returncode == 0, every
+    rolled = [line.split()[2] for line in every.stdout.splitlines() if line.startswith("rolled")]
+    assert rolled == ALL[::-1]  # newest first
     assert await migration_rows(empty_db_dsn) == []
     tables, functions = await tokentrack_objects(empty_db_dsn)
     assert tables == BOOKKEEPING
@@ -551,7 +597,7 @@ async def test_rollback_refuses_zero_steps(empty_db_dsn: str) -> None:
     await migrate.install(empty_db_dsn)
     result = await run_cli("migrate", "rollback", "--steps", "0", dsn=empty_db_dsn)
     assert_one_line_error(result, "--steps")
-    assert len(await migration_rows(empty_db_dsn)) == 2
+    assert [r["version"] for r in await migration_rows(empty_db_dsn)] == ALL
 
 
 async def test_up_down_up_gives_the_same_schema(empty_db_dsn: str, schema_dump: SchemaDump) -> None:
@@ -561,7 +607,7 @@ async def test_up_down_up_gives_the_same_schema(empty_db_dsn: str, schema_dump: 
     first = schema_dump(empty_db_dsn)
     assert "CREATE TABLE tokentrack.report_reservations" in first
 
-    await migrate.rollback(empty_db_dsn, steps=2)
+    await migrate.rollback(empty_db_dsn, steps=len(VERSIONS))
     tables, functions = await tokentrack_objects(empty_db_dsn)
     assert (tables, functions) == (BOOKKEEPING, set())
 
@@ -595,7 +641,7 @@ async def test_bad_database_url() -> None:
 async def test_database_url_flag_wins_over_environment(empty_db_dsn: str) -> None:
     result = await run_cli("migrate", "install", "--database-url", empty_db_dsn, dsn="notaurl")
     assert result.returncode == 0, result
-    assert len(await migration_rows(empty_db_dsn)) == 2
+    assert [r["version"] for r in await migration_rows(empty_db_dsn)] == ALL
 
 
 async def test_unreachable_server() -> None:
@@ -658,14 +704,14 @@ def _status_of(stdout: str) -> dict[str, str]:
 async def test_list_shows_applied_and_pending(empty_db_dsn: str) -> None:
     before = await run_cli("migrate", "list", dsn=empty_db_dsn)
     assert before.returncode == 0, before
-    assert _status_of(before.stdout) == {V1: "pending", V2: "pending"}
+    assert _status_of(before.stdout) == dict.fromkeys(ALL, "pending")
     assert not await schema_exists(empty_db_dsn)  # list is read-only
 
     await migrate.install(empty_db_dsn)
     await migrate.rollback(empty_db_dsn, steps=1)
     after = await run_cli("migrate", "list", dsn=empty_db_dsn)
     assert after.returncode == 0, after
-    assert _status_of(after.stdout) == {V1: "applied", V2: "pending"}
+    assert _status_of(after.stdout) == dict.fromkeys(ALL[:-1], "applied") | {NEWEST: "pending"}
     applied_at = (await migration_rows(empty_db_dsn))[0]["applied_at"]
     assert applied_at.isoformat(timespec="seconds") in after.stdout
 
@@ -677,7 +723,8 @@ async def test_sql_output_applied_with_psql_equals_the_migrator(
     printed = await run_cli("migrate", "sql")
     assert printed.returncode == 0, printed
     lines = printed.stdout.splitlines()
-    assert lines.count("BEGIN;") == lines.count("COMMIT;") == 3  # bootstrap + two versions
+    # The bootstrap, then one transaction per version (function files ride in the last one).
+    assert lines.count("BEGIN;") == lines.count("COMMIT;") == 1 + len(VERSIONS)
 
     psql = await asyncio.create_subprocess_exec(
         pg_server.bin("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", by_psql, "-f", "-",
@@ -721,11 +768,12 @@ async def test_sql_pending_prints_only_what_is_missing(
     empty_db_dsn: str, db_dsn: str, schema_dump: SchemaDump, pg_server: Any
 ) -> None:
     await migrate.install(empty_db_dsn)
-    await migrate.rollback(empty_db_dsn, steps=1)
+    await migrate.rollback(empty_db_dsn, steps=len(VERSIONS) - 1)  # only V1 stays applied
 
     printed = await run_cli("migrate", "sql", "--pending", dsn=empty_db_dsn)
     assert printed.returncode == 0, printed
-    assert f"version {V2}_{V2_NAME}" in printed.stdout
+    for version in VERSIONS[1:]:
+        assert f"version {version.version}_{version.name}" in printed.stdout
     assert f"version {V1}_{V1_NAME}" not in printed.stdout
 
     psql = await asyncio.create_subprocess_exec(
@@ -737,7 +785,7 @@ async def test_sql_pending_prints_only_what_is_missing(
     )  # fmt: skip
     _, err = await psql.communicate(printed.stdout.encode())
     assert psql.returncode == 0, err.decode()
-    assert [r["version"] for r in await migration_rows(empty_db_dsn)] == [V1, V2]
+    assert [r["version"] for r in await migration_rows(empty_db_dsn)] == ALL
     assert schema_dump(empty_db_dsn) == schema_dump(db_dsn)
 
 

@@ -11,20 +11,22 @@ from typing import Any
 import asyncpg
 
 from test_installer import (
+    NEWEST,
+    NEWEST_NAME,
     REPO_SQL,
-    V1,
-    V2,
-    V2_FUNCTIONS,
+    VERSIONS,
     SchemaDump,
     assert_one_line_error,
     copy_sql,
     function_rows,
+    introduced_by,
     migration_rows,
     run_cli,
     tokentrack_objects,
 )
 from tokentrack_client import migrate
 
+# Two versions newer than any in the repository, added to a copy of it by the tests below.
 V3, V4 = "20990101000000", "20990201000000"
 
 
@@ -81,7 +83,7 @@ async def test_a_changed_function_is_applied_alone_and_rolled_back_byte_for_byte
     assert installed.returncode == 0, installed
     assert installed.stdout.splitlines() == [
         "applied changed function file functions/increment_usage.sql",
-        f"tokentrack schema stays at version {V2} (antifragile_token_tracking)",
+        f"tokentrack schema stays at version {NEWEST} ({NEWEST_NAME})",
     ]
     after = await definitions(empty_db_dsn)
     changed = {sig for sig in before if before[sig] != after.get(sig)}
@@ -96,27 +98,29 @@ async def test_a_changed_function_is_applied_alone_and_rolled_back_byte_for_byte
     assert len(rows) == len(rows_before) + 1
     assert rows[-1]["path"] == "functions/increment_usage.sql"
     assert rows[-1]["source"] == new_text
-    assert rows[-1]["version"] == V2  # undone by rolling back the newest version
+    assert rows[-1]["version"] == NEWEST  # undone by rolling back the newest version
     listed = await run_cli("migrate", "list", dsn=empty_db_dsn, sql_dir=sql_dir)
     assert function_table(listed.stdout) == {}
 
     again = await run_cli("migrate", "install", dsn=empty_db_dsn, sql_dir=sql_dir)
     assert "nothing was done" in again.stdout
 
-    # Rolling back V2 restores the body increment_usage had before, recorded in the database:
-    # the SQL directory given holds only the new text.
+    # Rolling back the newest version restores the body increment_usage had before, recorded
+    # in the database: the SQL directory given holds only the new text.
     result = await migrate.rollback(empty_db_dsn, sql_dir=sql_dir)
-    assert [v.version for v in result.versions] == [V2]
+    assert [v.version for v in result.versions] == [NEWEST]
     assert result.versions[0].restored == ("functions/increment_usage.sql",)
     restored = await definitions(empty_db_dsn)
     assert restored[signature] == before[signature]  # byte for byte, same OID and grants
-    assert {sig for sig in restored if sig.split("(")[0][11:] in V2_FUNCTIONS} == set()
+    newest_functions = introduced_by(VERSIONS[-1:])
+    assert {sig for sig in restored if sig.split("(")[0][11:] in newest_functions} == set()
     assert restored == {k: v for k, v in before.items() if k in restored}
-    assert await function_rows(empty_db_dsn) == [r for r in rows_before if r["version"] == V1]
+    assert await function_rows(empty_db_dsn) == [r for r in rows_before if r["version"] != NEWEST]
 
-    # Up again: V2 and the changed increment_usage come back in V2's transaction.
+    # Up again: the newest version and the changed increment_usage come back in its
+    # transaction.
     up = await migrate.install(empty_db_dsn, sql_dir=sql_dir)
-    assert [v.version for v in up.versions] == [V2]
+    assert [v.version for v in up.versions] == [NEWEST]
     assert "functions/increment_usage.sql" in {f.path for f in up.functions if f.kind == "changed"}
     assert (await definitions(empty_db_dsn))[signature][1] == after[signature][1]
 
@@ -301,7 +305,7 @@ async def test_an_older_installation_is_upgraded_in_place(
     assert upgraded.stdout.splitlines() == [
         f"recorded {count} function file(s) applied by an older tokentrack installer in "
         "tokentrack.schema_functions",
-        f"tokentrack schema stays at version {V2} (antifragile_token_tracking)",
+        f"tokentrack schema stays at version {NEWEST} ({NEWEST_NAME})",
     ]
     assert await definitions(legacy) == defs  # no function was touched
     assert schema_dump(legacy) == schema_dump(fresh)
@@ -315,7 +319,7 @@ async def test_an_older_installation_is_upgraded_in_place(
     assert "nothing was done" in again.stdout
 
     # And it rolls back like any other.
-    await migrate.rollback(legacy, steps=2)
+    await migrate.rollback(legacy, steps=len(VERSIONS))
     assert await definitions(legacy) == {}
 
 
