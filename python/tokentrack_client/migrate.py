@@ -266,7 +266,6 @@ class AppliedRow:
     checksum: str
     files: Mapping[str, str]
     applied_at: datetime
-    applied_by: str
 
     @property
     def legacy_functions(self) -> dict[str, str]:
@@ -655,7 +654,7 @@ async def _applied_rows(conn: asyncpg.Connection) -> list[AppliedRow]:
         return []
     try:
         records = await conn.fetch(
-            "SELECT version, name, checksum, files::text AS files, applied_at, applied_by "
+            "SELECT version, name, checksum, files::text AS files, applied_at "
             "FROM tokentrack.schema_migrations ORDER BY version"
         )
     except asyncpg.PostgresError as exc:
@@ -667,7 +666,6 @@ async def _applied_rows(conn: asyncpg.Connection) -> list[AppliedRow]:
             checksum=r["checksum"],
             files=json.loads(r["files"]),
             applied_at=r["applied_at"],
-            applied_by=r["applied_by"],
         )
         for r in records
     ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -52,15 +51,6 @@ async def fetchrow(conn: asyncpg.Connection, sql: str, *args: Any) -> asyncpg.Re
     if row is None:  # pragma: no cover - aggregates always return a row
         raise OpsError(f"no row from {sql!r}")
     return row
-
-
-async def jsonb(conn: asyncpg.Connection, sql: str, *args: Any) -> dict[str, Any]:
-    """Run ``sql`` (one jsonb value) and decode the answer."""
-    raw = await conn.fetchval(sql, *args)
-    answer = json.loads(raw)
-    if not isinstance(answer, dict):
-        raise OpsError(f"unexpected answer from {sql!r}: {raw!r}")
-    return answer
 
 
 def iso(value: datetime | None) -> str | None:
