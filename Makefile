@@ -61,12 +61,16 @@ install-cron: venv ## Schedule the expiry sweep every 2 hours through pg_cron: m
 catalog: venv postgres ## Rewrite sql/catalog.json (what verify expects) from clean installs on a throwaway server
 	TOKENTRACK_PG_BINDIR="$(PG_BINDIR)" $(BIN)/python -m tokentrack_client.ops.catalog
 
-lint: venv ## sqlfluff on sql/, ruff check + ruff format --check, mypy --strict, plpgsql_check
+lint: venv ## sqlfluff on sql/, ruff check + ruff format --check, mypy --strict, vulture, plpgsql_check
 	$(BIN)/sqlfluff lint sql/
 	$(BIN)/ruff check python tests examples bench
 	$(BIN)/ruff format --check python tests examples bench
 	$(BIN)/mypy --strict python
 	MYPYPATH=examples $(BIN)/mypy --strict examples
+	@# dead code: all four trees together (tests and examples use the public API); what a
+	@# framework or the users use, and vulture cannot see, is listed in vulture_whitelist.py
+	$(BIN)/vulture python tests examples bench vulture_whitelist.py --min-confidence 60 \
+	    --ignore-decorators '@rule,@initialize,@invariant'
 	@# plpgsql_check on a throwaway server; skipped (said so) without the extension, except with CI=true
 	TOKENTRACK_PG_BINDIR="$(PG_BINDIR)" $(BIN)/python tests/plpgsql_lint.py
 

@@ -31,11 +31,6 @@ FAST_RETRY = RetryPolicy(max_attempts=6, initial_delay=0.01, max_delay=0.2)
 """Retries fast enough for tests, with the same shape as the default policy."""
 
 
-def dbname_of(dsn: str) -> str:
-    """The database name of a postgresql:// URL."""
-    return urlsplit(dsn).path.lstrip("/")
-
-
 def with_port(dsn: str, host: str, port: int) -> str:
     """The same URL pointing at ``host:port`` (user and database unchanged)."""
     parts = urlsplit(dsn)

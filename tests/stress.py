@@ -123,7 +123,8 @@ class Summary:
         s = self.stats
         return (
             f"stress seed={self.seed} duration={self.duration:.0f}s reports={s.reports}"
-            f" steps={s.steps} late_steps={s.late_steps} reservations_granted={s.granted}"
+            f" steps={s.steps} late_steps={s.late_steps} duplicate_steps={s.duplicates}"
+            f" step_conflicts={s.conflicts} reservations_granted={s.granted}"
             f" reservations_refused={s.refused} periods_opened={s.periods_opened}"
             f" retries={s.retries} unknown_outcomes={s.unknown} faults_injected={s.faults}"
             f" (backends_killed={s.backends_killed} lock_timeouts={s.lock_timeouts}"

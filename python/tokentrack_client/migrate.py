@@ -51,7 +51,6 @@ transaction back whole. The commands return what they did (:class:`InstallResult
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os
@@ -61,9 +60,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Final, Literal
-from urllib.parse import urlsplit
 
 import asyncpg
+
+from tokentrack_client import connection
+from tokentrack_client.connection import CommandError, describe_target, pg_error
 
 __all__ = [
     "ADVISORY_LOCK_KEY",
@@ -100,8 +101,6 @@ __all__ = [
 ADVISORY_LOCK_KEY: Final = 8390042714203517547
 """Key of the advisory lock that serialises installers: ``int.from_bytes(b"tokentrk", "big")``."""
 
-SCHEMA: Final = "tokentrack"
-CONNECT_TIMEOUT: Final = 10.0
 
 BOOTSTRAP_SQL: Final = """\
 CREATE SCHEMA IF NOT EXISTS tokentrack;
@@ -151,7 +150,7 @@ _EXACT_HEADER_RE: Final = re.compile(r"^-- version: (?P<version>[0-9]{14})$")
 _OR_REPLACE_RE: Final = re.compile(r"^CREATE OR REPLACE (FUNCTION|PROCEDURE) ", re.MULTILINE)
 
 
-class MigrationError(Exception):
+class MigrationError(CommandError):
     """Base class of every error the migrator reports; its message is one line for the CLI.
 
     ``result`` holds what was done before the failure (an :class:`InstallResult` or a
@@ -167,7 +166,7 @@ class SqlLayoutError(MigrationError):
     """The SQL directory is not laid out as the loader requires (names, halves, headers)."""
 
 
-class ConnectionFailed(MigrationError):
+class ConnectionFailed(MigrationError, connection.ConnectionFailed):
     """The database URL is invalid, or the server cannot be reached or refuses the login."""
 
 
@@ -267,7 +266,6 @@ class AppliedRow:
     checksum: str
     files: Mapping[str, str]
     applied_at: datetime
-    applied_by: str
 
     @property
     def legacy_functions(self) -> dict[str, str]:
@@ -602,51 +600,12 @@ def load_functions(sql_dir: Path | None = None) -> list[FunctionFile]:
 # --------------------------------------------------------------------------------------------
 
 
-def describe_target(dsn: str) -> str:
-    """``user@host:port/db`` for messages; never the password."""
-    try:
-        parts = urlsplit(dsn)
-        host = parts.hostname or "localhost"
-        port = parts.port or 5432
-        user = f"{parts.username}@" if parts.username else ""
-        db = parts.path.lstrip("/") or "(default database)"
-    except ValueError:
-        return "the database"
-    return f"{user}{host}:{port}/{db}"
-
-
-def pg_error(exc: asyncpg.PostgresError) -> str:
-    """One line: the SQLSTATE and the server's message."""
-    message = " ".join(str(exc).split())
-    return f"SQLSTATE {exc.sqlstate}: {message}"
-
-
 async def _connect(dsn: str) -> asyncpg.Connection:
-    """Connect, turning every failure into :class:`ConnectionFailed` with a one-line message."""
-    if urlsplit(dsn).scheme not in ("postgresql", "postgres"):
-        raise ConnectionFailed(
-            "invalid DATABASE_URL: expected a URL like postgresql://user:password@host:5432/dbname"
-        )
-    target = describe_target(dsn)
-    try:
-        return await asyncpg.connect(
-            dsn,
-            timeout=CONNECT_TIMEOUT,
-            server_settings={"application_name": "tokentrack migrate"},
-        )
-    except asyncpg.PostgresError as exc:
-        raise ConnectionFailed(f"cannot connect to {target}: {pg_error(exc)}") from exc
-    except (OSError, TimeoutError, asyncpg.InterfaceError, ValueError) as exc:
-        detail = " ".join(str(exc).split()) or type(exc).__name__
-        raise ConnectionFailed(f"cannot connect to {target}: {detail}") from exc
+    """Connect; every failure is a :class:`ConnectionFailed` with a one-line message."""
+    return await connection.connect(dsn, "tokentrack migrate", failure=ConnectionFailed)
 
 
-async def _close(conn: asyncpg.Connection) -> None:
-    """Close politely, or drop the socket when the connection is already broken."""
-    try:
-        await asyncio.wait_for(conn.close(), timeout=5)
-    except (asyncpg.InterfaceError, asyncpg.PostgresError, OSError):
-        conn.terminate()
+_close = connection.close
 
 
 async def _acquire_lock(conn: asyncpg.Connection, wait_notice: Notice | None) -> None:
@@ -695,7 +654,7 @@ async def _applied_rows(conn: asyncpg.Connection) -> list[AppliedRow]:
         return []
     try:
         records = await conn.fetch(
-            "SELECT version, name, checksum, files::text AS files, applied_at, applied_by "
+            "SELECT version, name, checksum, files::text AS files, applied_at "
             "FROM tokentrack.schema_migrations ORDER BY version"
         )
     except asyncpg.PostgresError as exc:
@@ -707,7 +666,6 @@ async def _applied_rows(conn: asyncpg.Connection) -> list[AppliedRow]:
             checksum=r["checksum"],
             files=json.loads(r["files"]),
             applied_at=r["applied_at"],
-            applied_by=r["applied_by"],
         )
         for r in records
     ]

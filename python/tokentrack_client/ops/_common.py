@@ -1,62 +1,38 @@
-"""What every operations command shares: the connection, the errors, the table printer."""
+"""What every operations command shares: the errors, the connection, the table printer."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any, Final
-from urllib.parse import urlsplit
 
 import asyncpg
 
-from tokentrack_client import migrate
-
-CONNECT_TIMEOUT: Final = 10.0
+from tokentrack_client import connection
+from tokentrack_client.connection import CommandError, describe_target, pg_error
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
 """A check failed, an alert fired, or a figure that must not change changed."""
 
 
-class OpsError(Exception):
+class OpsError(CommandError):
     """A problem that stops an operations command; its message is one line for the CLI."""
-
-
-# One wording for connection targets and server errors across the CLI: the migrator's.
-describe_target = migrate.describe_target
-pg_error = migrate.pg_error
 
 
 @asynccontextmanager
 async def connected(dsn: str, application_name: str) -> AsyncIterator[asyncpg.Connection]:
-    """An asyncpg connection to ``dsn``; connection failures become :class:`OpsError`."""
-    if urlsplit(dsn).scheme not in ("postgresql", "postgres"):
-        raise OpsError(
-            "invalid DATABASE_URL: expected a URL like postgresql://user:password@host:5432/dbname"
-        )
-    target = describe_target(dsn)
-    try:
-        conn = await asyncpg.connect(
-            dsn,
-            timeout=CONNECT_TIMEOUT,
-            server_settings={"application_name": application_name},
-        )
-    except asyncpg.PostgresError as exc:
-        raise OpsError(f"cannot connect to {target}: {pg_error(exc)}") from exc
-    except (OSError, TimeoutError, asyncpg.InterfaceError, ValueError) as exc:
-        detail = " ".join(str(exc).split()) or type(exc).__name__
-        raise OpsError(f"cannot connect to {target}: {detail}") from exc
+    """An asyncpg connection to ``dsn`` (:func:`tokentrack_client.connection.connect`: its
+    failures raise :class:`~tokentrack_client.connection.ConnectionFailed`); a server error
+    while it is in use becomes :class:`OpsError` naming the target."""
+    conn = await connection.connect(dsn, application_name)
     try:
         yield conn
     except asyncpg.PostgresError as exc:
-        raise OpsError(f"{target}: {pg_error(exc)}") from exc
+        raise OpsError(f"{describe_target(dsn)}: {pg_error(exc)}") from exc
     finally:
-        try:
-            await conn.close(timeout=5)
-        except (asyncpg.InterfaceError, asyncpg.PostgresError, OSError, TimeoutError):
-            conn.terminate()
+        await connection.close(conn)
 
 
 async def require_installed(conn: asyncpg.Connection, *, table: str = "usage_periods") -> None:
@@ -75,15 +51,6 @@ async def fetchrow(conn: asyncpg.Connection, sql: str, *args: Any) -> asyncpg.Re
     if row is None:  # pragma: no cover - aggregates always return a row
         raise OpsError(f"no row from {sql!r}")
     return row
-
-
-async def jsonb(conn: asyncpg.Connection, sql: str, *args: Any) -> dict[str, Any]:
-    """Run ``sql`` (one jsonb value) and decode the answer."""
-    raw = await conn.fetchval(sql, *args)
-    answer = json.loads(raw)
-    if not isinstance(answer, dict):
-        raise OpsError(f"unexpected answer from {sql!r}: {raw!r}")
-    return answer
 
 
 def iso(value: datetime | None) -> str | None:

@@ -29,10 +29,10 @@ from typing import Any, Final
 import asyncpg
 
 from tokentrack_client import __version__
+from tokentrack_client.connection import describe_target
 from tokentrack_client.ops._common import (
     OpsError,
     connected,
-    describe_target,
     fetchrow,
     render_table,
     require_installed,

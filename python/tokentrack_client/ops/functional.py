@@ -27,9 +27,10 @@ from typing import Any, Final
 import asyncpg
 
 from tokentrack_client.client import TokenTracker
+from tokentrack_client.connection import pg_error
 from tokentrack_client.contract import REPORT_OUTCOMES
 from tokentrack_client.errors import InsufficientTokens, TokenTrackError
-from tokentrack_client.ops._common import connected, pg_error, render_table
+from tokentrack_client.ops._common import connected, render_table
 from tokentrack_client.retry import NO_RETRY
 from tokentrack_client.tracking import ReportCancelled
 

@@ -27,8 +27,9 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import asyncpg
 
 from tokentrack_client.answers import read_answer
+from tokentrack_client.connection import pg_error
 from tokentrack_client.errors import TokenTrackError
-from tokentrack_client.ops._common import OpsError, connected, iso, pg_error, require_installed
+from tokentrack_client.ops._common import OpsError, connected, iso, require_installed
 from tokentrack_client.results import SweepResult
 
 DEFAULT_JOB_NAME: Final = "tokentrack-expiry-sweep"

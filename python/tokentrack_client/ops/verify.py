@@ -30,7 +30,8 @@ from typing import Any
 import asyncpg
 
 from tokentrack_client import migrate
-from tokentrack_client.ops._common import OpsError, connected, fetchrow, pg_error, render_table
+from tokentrack_client.connection import pg_error
+from tokentrack_client.ops._common import OpsError, connected, fetchrow, render_table
 from tokentrack_client.ops.catalog import (
     Catalog,
     CatalogError,
