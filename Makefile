@@ -72,13 +72,13 @@ lint: venv ## sqlfluff on sql/, ruff check + ruff format --check, mypy --strict,
 	$(BIN)/vulture python tests examples bench vulture_whitelist.py --min-confidence 60 \
 	    --ignore-decorators '@rule,@initialize,@invariant'
 	@# plpgsql_check on a throwaway server; skipped (said so) without the extension, except with CI=true
-	TOKENTRACK_PG_BINDIR="$(PG_BINDIR)" $(BIN)/python tests/plpgsql_lint.py
+	TOKENTRACK_PG_BINDIR="$(PG_BINDIR)" $(BIN)/python tests/support/plpgsql_lint.py
 
 test: venv postgres pgbouncer pg-cron ## Run the test suite against a throwaway PostgreSQL server it starts
 	TOKENTRACK_PG_BINDIR="$(PG_BINDIR)" $(BIN)/pytest
 
 stress: venv postgres ## Concurrent workload with faults, then every invariant: make stress DURATION=600 SEED=42 [STRESS_ARGS="--crash-every 30"]
-	TOKENTRACK_PG_BINDIR="$(PG_BINDIR)" $(BIN)/python tests/stress.py --duration "$(DURATION)" --seed "$(SEED)" $(STRESS_ARGS)
+	TOKENTRACK_PG_BINDIR="$(PG_BINDIR)" $(BIN)/python tests/support/stress.py --duration "$(DURATION)" --seed "$(SEED)" $(STRESS_ARGS)
 
 demo: venv postgres ## Four report types on a throwaway PostgreSQL (or DATABASE_URL), then reconcile
 	@TOKENTRACK_PG_BINDIR="$(PG_BINDIR)" $(BIN)/tokentrack demo

@@ -19,7 +19,7 @@ frame
 pytest_plugins
 pytest_report_header
 
-# Hypothesis calls RuleBasedStateMachine.teardown after each run (tests/test_invariants_machine.py).
+# Hypothesis calls RuleBasedStateMachine.teardown after each run (tests/invariants/test_machine.py).
 _.teardown
 
 # Public API documented in docs/API.md, read by users, not by the package itself:

@@ -40,7 +40,7 @@ pytest_plugins = [
 # enough for `make test` on 2 cores; it is derandomized (the same examples on every run)
 # and prints the @reproduce_failure blob of a failure. "long" explores new random examples
 # on every run (its failures print the blob, and the seed when a failure is flaky):
-#   HYPOTHESIS_PROFILE=long .venv/bin/pytest tests/test_invariants_mixes.py
+#   HYPOTHESIS_PROFILE=long .venv/bin/pytest tests/invariants/test_mixes.py
 settings.register_profile(
     "ci",
     max_examples=20,

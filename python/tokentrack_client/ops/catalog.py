@@ -5,7 +5,7 @@ gives. That expectation is not parsed out of the SQL text: it is measured. ``mak
 (``python -m tokentrack_client.ops.catalog``) installs the versions into scratch databases,
 once for each version prefix (versions <= V, so that ``verify --upto V`` has its expectation),
 reads each database's catalog with :func:`read_catalog` and writes them to ``sql/catalog.json``
-(shipped in the wheel with the SQL). ``tests/test_ops_verify.py`` installs from scratch again
+(shipped in the wheel with the SQL). ``tests/ops/test_verify.py`` installs from scratch again
 and fails, naming ``make catalog``, when the committed file is not what the files give.
 
 What a catalog holds (JSON, keyed by object name, so that two catalogs compare key by key):

@@ -1,10 +1,10 @@
 """Runs model operations against a real database, concurrently, and checks every round.
 
 ``Harness`` owns a few asyncpg connections to one database (one per lane), the label-to-id
-mapping, the oracle's per-account models (tests/model.py) and the grant answers. ``round()``
+mapping, the oracle's per-account models (tests/support/model.py) and the grant answers. ``round()``
 runs the lanes of one round at once (``asyncio.gather``, one connection per lane, each lane
 in order), reads the database back, asks the oracle to explain the answers and the state,
-and checks the six invariants (tests/invariants.py). ``settle()`` moves every active
+and checks the six invariants (tests/support/invariants.py). ``settle()`` moves every active
 reservation into the past and runs the sweep, after which invariants 2 and 4 hold in full.
 
 ``fresh_database()`` clones the tokentrack template database for one example (about 40 ms

@@ -1,6 +1,6 @@
 """plpgsql_check over every PL/pgSQL function of tokentrack: no errors and no warnings.
 
-Run by ``make lint`` as ``python tests/plpgsql_lint.py``: it starts a throwaway PostgreSQL
+Run by ``make lint`` as ``python tests/support/plpgsql_lint.py``: it starts a throwaway PostgreSQL
 server (``tokentrack_client.testing.PostgresServer``), installs every tokentrack version
 with the migrator into a fresh database, ``CREATE EXTENSION plpgsql_check`` and checks each
 PL/pgSQL function and procedure of the schema ``tokentrack`` with every warning class on
@@ -13,7 +13,7 @@ missing it says so and exits 0, except under CI (``CI=true``), where it fails: C
 the package (.ci/run) and must always run the check. ``--dsn URL`` checks an existing
 database that already has tokentrack installed instead (the extension is created there).
 
-The test suite runs the same check (tests/test_security_plpgsql_check.py) through
+The test suite runs the same check (tests/security/test_plpgsql_check.py) through
 :func:`check_functions`.
 """
 

@@ -30,7 +30,7 @@ from sqlkit import step
 from tokentrack_client import migrate
 from tokentrack_client.testing import PostgresServer
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RUNBOOK = ROOT / "docs" / "RUNBOOK.md"
 V1_TABLES = ("accounts", "usage_periods", "reports", "usage_ledger")
 BLOCK = re.compile(r"<!-- runbook-test: ([a-z0-9-]+) -->\n```sh\n(.*?)```", re.DOTALL)

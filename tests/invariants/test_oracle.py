@@ -1,4 +1,4 @@
-"""The oracle itself (tests/model.py, no database): it explains legal histories and rejects
+"""The oracle itself (tests/support/model.py, no database): it explains legal histories and rejects
 the illegal ones the property tests rely on it to catch."""
 
 from __future__ import annotations

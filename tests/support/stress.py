@@ -1,11 +1,11 @@
 """Stress: the concurrent workload with faults, for as long as asked, then every invariant.
 
-    python tests/stress.py --duration 60 --seed 1 [--workers 6] [--crash-every 20]
+    python tests/support/stress.py --duration 60 --seed 1 [--workers 6] [--crash-every 20]
     make stress DURATION=600 SEED=42 [STRESS_ARGS="--crash-every 30"]
 
 Starts its own PostgreSQL (``tokentrack_client.testing.PostgresServer``, with fsync,
 synchronous_commit and full_page_writes on, so that an acknowledged commit is durable),
-installs tokentrack with the migrator and the grant probe of tests/invariants.py, then runs
+installs tokentrack with the migrator and the grant probe of tests/support/invariants.py, then runs
 for ``--duration`` seconds:
 
 - workers (two connections each) that reserve reports on a few accounts with tight limits

@@ -15,7 +15,7 @@ column unbounded (a walk of the whole index), unless the index is partial (its p
 bounds it, as for the active reservations).
 
 The monitoring figures, tokentrack.health() (what tokentrack monitor reads), are checked the
-same way (tests/test_ops_monitor.py checks their values). reconcile(one account) reads the
+same way (tests/ops/test_monitor.py checks their values). reconcile(one account) reads the
 account's periods by index; reconcile() of everything is an audit and reads all.
 """
 

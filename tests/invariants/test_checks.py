@@ -1,4 +1,4 @@
-"""The invariant checker itself (tests/invariants.py): silent on a healthy database, and
+"""The invariant checker itself (tests/support/invariants.py): silent on a healthy database, and
 each kind of damage, done behind the functions' back, is reported as the invariant it breaks.
 """
 

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-STRESS = Path(__file__).resolve().parent / "stress.py"
+STRESS = Path(__file__).resolve().parents[1] / "support" / "stress.py"
 
 
 def test_short_stress_run_reports_zero_violations() -> None:

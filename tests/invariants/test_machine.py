@@ -3,7 +3,7 @@
 Each rule is one concurrent round (several lanes at once, one asyncpg connection per lane),
 a batch of new reports reserved in a race, steps of one report racing its end, or a full
 settlement (every reservation expired,
-then one of the sweeps). After every rule the oracle (tests/model.py) must explain every
+then one of the sweeps). After every rule the oracle (tests/support/model.py) must explain every
 answer and the exact database state, and ``invariants_hold`` checks the six invariants;
 teardown settles everything and checks invariants 2 and 4 in full. Hypothesis shrinks a
 failure to the shortest sequence of rules that still breaks it.

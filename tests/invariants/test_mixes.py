@@ -5,9 +5,9 @@ Each hypothesis example gets its own database (cloned from the tokentrack templa
 reservations with tight limits (refusals are frequent), steps with retries, duplicates and
 conflicting numbers, finalize and finish_report (complete, failed, cancelled) with
 duplicates, increment_usage, expiry moved into the past, both sweeps, period switches,
-calls with the wrong account and unknown ids. After every round the oracle (tests/model.py)
+calls with the wrong account and unknown ids. After every round the oracle (tests/support/model.py)
 must find a serial order explaining every answer and the exact database state, and every
-invariant must hold (tests/invariants.py); at the end every reservation is expired and swept
+invariant must hold (tests/support/invariants.py); at the end every reservation is expired and swept
 and invariants 2 and 4 must hold in full.
 
 The examples run synchronously (``asyncio.run`` per example) with a module-scoped database

@@ -1,7 +1,7 @@
 """plpgsql_check over every PL/pgSQL routine: no errors, no warnings (all warning classes).
 
-``make lint`` runs the same check on a throwaway server (tests/plpgsql_lint.py). Here it runs
-inside the test session too, and is shown to catch an injected fault. Without the extension
+``make lint`` runs the same check on a throwaway server (tests/support/plpgsql_lint.py). Here it
+runs inside the test session too, and is shown to catch an injected fault. Without the extension
 (Debian's postgresql-15-plpgsql-check) the tests skip, saying so, except under CI=true,
 where they fail: CI installs the package.
 """

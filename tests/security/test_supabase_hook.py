@@ -27,7 +27,7 @@ from securitykit import (
 from sqlkit import TABLES
 from tokentrack_client import migrate
 
-SECURITY_DOC = Path(__file__).resolve().parents[1] / "docs" / "SECURITY.md"
+SECURITY_DOC = Path(__file__).resolve().parents[2] / "docs" / "SECURITY.md"
 
 # Supabase's own definition of auth.uid() (the JWT's sub), stubbed in a schema of the test.
 SUPABASE_UID = """

@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-
-from test_installer import (
+from test_install import (
     NEWEST,
     NEWEST_NAME,
     REPO_SQL,
@@ -24,6 +23,7 @@ from test_installer import (
     run_cli,
     tokentrack_objects,
 )
+
 from tokentrack_client import migrate
 
 # Two versions newer than any in the repository, added to a copy of it by the tests below.

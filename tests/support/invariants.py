@@ -15,7 +15,7 @@ sees the grants that raced it) and records ``tokens_used``, ``tokens_limit`` and
 account's active unexpired reservations hold, this one included. ``check_invariants`` then
 asserts ``tokens_used + held <= tokens_limit`` for every grant, and, given the grant answers,
 that no answer's ``available_tokens`` exceeds ``limit - used - held`` (the oracle of
-tests/model.py checks the exact arithmetic).
+tests/support/model.py checks the exact arithmetic).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The whole server killed with SIGKILL during a running workload, and restarted.
 
-The stress workload (tests/stress.py) runs against a server of its own with fsync,
+The stress workload (tests/support/stress.py) runs against a server of its own with fsync,
 synchronous_commit and full_page_writes on, so that a commit the client saw acknowledged is
 durable. Three times, each after 150 more acknowledged steps, every server process is killed
 with SIGKILL in the middle of the workload's calls and the server is restarted (crash

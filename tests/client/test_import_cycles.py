@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = "tokentrack_client"
-PACKAGE_DIR = Path(__file__).resolve().parent.parent / "python" / PACKAGE
+PACKAGE_DIR = Path(__file__).resolve().parents[2] / "python" / PACKAGE
 
 
 # --------------------------------------------------------------------------------------------

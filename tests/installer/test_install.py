@@ -822,7 +822,7 @@ def test_every_command_has_help(argv: list[str], capsys: pytest.CaptureFixture[s
 
 
 async def test_demo_is_a_cli_command() -> None:
-    # The demo itself runs end to end in tests/test_demo.py.
+    # The demo itself runs end to end in tests/client/test_demo.py.
     result = await run_cli("demo", "--help")
     assert result.returncode == 0
     assert "throwaway PostgreSQL" in result.stdout
@@ -830,5 +830,5 @@ async def test_demo_is_a_cli_command() -> None:
 
 def test_advisory_lock_key_is_documented() -> None:
     assert int.from_bytes(b"tokentrk", "big") == migrate.ADVISORY_LOCK_KEY
-    install_doc = Path(__file__).resolve().parents[1] / "docs" / "INSTALL.md"
+    install_doc = Path(__file__).resolve().parents[2] / "docs" / "INSTALL.md"
     assert str(migrate.ADVISORY_LOCK_KEY) in install_doc.read_text()

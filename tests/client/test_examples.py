@@ -18,7 +18,7 @@ from client_fixtures import report_state
 from sqlkit import assert_reconciled, new_account, period
 from tokentrack_client import TokenTracker
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 GENERATORS = ("standard_report", "dd_report", "discovery_report", "hybrid_report")
 ALL_STEPS = {"AN0", "AN1.5", "AN1.7", "AN2", "AN3", "AN4", "AN5"}
 
