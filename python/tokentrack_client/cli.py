@@ -217,12 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
         "verify",
         help="check what the install created; --functional also runs the staging tests",
         description=(
-            "Check the database against the applied versions' SQL: schema_migrations versions "
-            "and checksums, tables, indexes, functions with their signatures, row level "
-            "security, policies, grants (EXECUTE only to the roles the SQL grants, never PUBLIC "
-            "where it revokes), pinned search_path; ask the functions (a reservation for "
-            "unknown uuids is refused and writes nothing); count the new tables' rows. "
-            "Exits 1 when a check fails."
+            "Check the database against a clean install of the same SQL (sql/catalog.json): "
+            "schema_migrations versions and checksums, then tables, columns, constraints, "
+            "indexes, triggers, functions with their signatures and definitions (a function "
+            "edited by hand is named), row level security, policies, grants and comments; ask "
+            "the functions (a reservation for unknown uuids is refused and writes nothing); "
+            "count the new tables' rows. Exits 1 when a check fails."
         ),
     )
     ver.set_defaults(run=_verify)
