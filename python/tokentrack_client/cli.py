@@ -6,18 +6,21 @@
     tokentrack migrate rollback  [--steps N] [--database-url URL]
     tokentrack migrate list      [--database-url URL]
     tokentrack migrate sql       [--pending --database-url URL]
-    tokentrack demo
+    tokentrack demo [--database-url URL]
     tokentrack audit baseline --out FILE | audit compare FILE
     tokentrack verify [--functional] [--upto VERSION]
     tokentrack monitor [--json | --prometheus]
     tokentrack cleanup [--batch-size N]
     tokentrack cron install | remove | status
 
-The database comes from ``--database-url`` or the ``DATABASE_URL`` environment variable.
-Every failure (a :class:`~tokentrack_client.connection.CommandError`) prints one line
-``tokentrack: error: ...`` on stderr and exits with status 2. The checking commands (audit
-compare, verify, monitor) exit with status 1 when a check fails, an alert fires or a figure
-that must not change changed (see docs/RUNBOOK.md).
+The database comes from ``--database-url`` or the ``DATABASE_URL`` environment variable
+(``tokentrack demo`` ignores the variable: it takes a database only on its command line). A
+connection attempt waits at most ``--connect-timeout`` seconds (else
+``$TOKENTRACK_CONNECT_TIMEOUT``, else 10). Every failure (a
+:class:`~tokentrack_client.connection.CommandError`, or a database or socket error met on
+the way) prints one line ``tokentrack: error: ...`` on stderr and exits with status 2. The
+checking commands (audit compare, verify, monitor) exit with status 1 when a check fails, an
+alert fires or a figure that must not change changed (see docs/RUNBOOK.md).
 """
 
 from __future__ import annotations
@@ -32,8 +35,17 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from tokentrack_client import __version__, migrate
-from tokentrack_client.connection import URL_HELP, CommandError
+from tokentrack_client import __version__, connection, migrate
+from tokentrack_client.connection import (
+    CONNECT_TIMEOUT,
+    CONNECT_TIMEOUT_ENV,
+    DATABASE_ERRORS,
+    EXIT_ERROR,
+    URL_HELP,
+    CommandError,
+    describe_target,
+    failure_line,
+)
 from tokentrack_client.ops import audit, monitor, sweep, verify
 from tokentrack_client.ops._common import EXIT_FAILED, EXIT_OK
 
@@ -66,8 +78,24 @@ def _database_url(args: argparse.Namespace) -> str:
     return url
 
 
-def _add_database_url(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--database-url", metavar="URL", help=URL_HELP)
+def _seconds(text: str) -> float:
+    try:
+        return connection.parse_seconds(text, "--connect-timeout")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_database_url(parser: argparse.ArgumentParser, url_help: str = URL_HELP) -> None:
+    parser.add_argument("--database-url", metavar="URL", help=url_help)
+    parser.add_argument(
+        "--connect-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help=(
+            "give up connecting after SECONDS (default: "
+            f"${CONNECT_TIMEOUT_ENV}, else {CONNECT_TIMEOUT:g})"
+        ),
+    )
 
 
 def _positive(text: str) -> int:
@@ -576,10 +604,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run: Handler = args.run
     try:
-        return run(args)
+        with connection.connect_timeout_of(getattr(args, "connect_timeout", None)):
+            return run(args)
     except CommandError as exc:
         print(f"tokentrack: error: {exc.line}", file=sys.stderr)
         return exc.exit_code
+    except DATABASE_ERRORS as exc:  # what a command did not turn into a CommandError itself
+        url = getattr(args, "database_url", None) or os.environ.get("DATABASE_URL")
+        where = f"{describe_target(url)}: " if url else ""
+        print(f"tokentrack: error: {where}{failure_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("tokentrack: error: interrupted", file=sys.stderr)
         return 130

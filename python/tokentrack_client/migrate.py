@@ -696,6 +696,18 @@ async def _function_rows(conn: asyncpg.Connection) -> list[FunctionRow]:
     ]
 
 
+async def _read_bookkeeping(dsn: str) -> tuple[list[AppliedRow], list[FunctionRow]]:
+    """The rows of both bookkeeping tables (read-only); every failure is one
+    :class:`ApplyError` line naming the target (e.g. a role without USAGE on the schema)."""
+    conn = await _connect(dsn)
+    try:
+        return await _applied_rows(conn), await _function_rows(conn)
+    except connection.DATABASE_ERRORS as exc:
+        raise ApplyError(f"{describe_target(dsn)}: {connection.failure_line(exc)}") from exc
+    finally:
+        await _close(conn)
+
+
 def _newest_rows(history: Sequence[FunctionRow]) -> dict[str, FunctionRow]:
     newest: dict[str, FunctionRow] = {}
     for row in history:  # oldest first: the last one per path wins
@@ -1229,12 +1241,7 @@ async def status(dsn: str, *, sql_dir: Path | None = None) -> Status:
     loaded, functions = _load(root)
     versions = {v.version: v for v in loaded}
     by_path = {f.relpath: f for f in functions}
-    conn = await _connect(dsn)
-    try:
-        applied_rows = await _applied_rows(conn)
-        history = await _function_rows(conn)
-    finally:
-        await _close(conn)
+    applied_rows, history = await _read_bookkeeping(dsn)
     applied = {row.version: row for row in applied_rows}
     result: list[VersionStatus] = []
     for key in sorted(versions.keys() | applied.keys()):
@@ -1285,12 +1292,7 @@ async def pending_plan(dsn: str, *, sql_dir: Path | None = None) -> InstallPlan:
     """
     root = (sql_dir or default_sql_dir()).resolve()
     versions, functions = _load(root)
-    conn = await _connect(dsn)
-    try:
-        applied = await _applied_rows(conn)
-        history = await _function_rows(conn)
-    finally:
-        await _close(conn)
+    applied, history = await _read_bookkeeping(dsn)
     pending = _check_applied(versions, applied, root, functions)
     if any(row.legacy_functions for row in applied):
         raise MigrationError(

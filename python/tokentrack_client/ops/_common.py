@@ -10,7 +10,12 @@ from typing import Any, Final
 import asyncpg
 
 from tokentrack_client import connection
-from tokentrack_client.connection import CommandError, describe_target, pg_error
+from tokentrack_client.connection import (
+    DATABASE_ERRORS,
+    CommandError,
+    describe_target,
+    failure_line,
+)
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
@@ -24,13 +29,14 @@ class OpsError(CommandError):
 @asynccontextmanager
 async def connected(dsn: str, application_name: str) -> AsyncIterator[asyncpg.Connection]:
     """An asyncpg connection to ``dsn`` (:func:`tokentrack_client.connection.connect`: its
-    failures raise :class:`~tokentrack_client.connection.ConnectionFailed`); a server error
-    while it is in use becomes :class:`OpsError` naming the target."""
+    failures raise :class:`~tokentrack_client.connection.ConnectionFailed`); a server error,
+    a lost connection, a socket error or a timeout while it is in use becomes
+    :class:`OpsError` naming the target."""
     conn = await connection.connect(dsn, application_name)
     try:
         yield conn
-    except asyncpg.PostgresError as exc:
-        raise OpsError(f"{describe_target(dsn)}: {pg_error(exc)}") from exc
+    except DATABASE_ERRORS as exc:
+        raise OpsError(f"{describe_target(dsn)}: {failure_line(exc)}") from exc
     finally:
         await connection.close(conn)
 
