@@ -196,16 +196,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo_parser = commands.add_parser(
         "demo",
-        help="run the four report types on a throwaway PostgreSQL (or DATABASE_URL)",
+        help="run the four report types on a throwaway PostgreSQL (or --database-url)",
         description=(
             "Run the four report types on several accounts at once (one cancelled from "
             "outside, one failed, two racing for one budget), print what was billed and "
-            "reconcile's verdict. Without a database URL it starts a throwaway PostgreSQL in "
-            "a temporary directory and removes it on exit, Ctrl-C included."
+            "reconcile's verdict. It starts a throwaway PostgreSQL in a temporary directory "
+            "and removes it on exit, Ctrl-C included; DATABASE_URL is ignored. With "
+            "--database-url it uses that database, and refuses one that holds accounts other "
+            "than the demo's own."
         ),
     )
     demo_parser.set_defaults(run=_demo)
-    _add_database_url(demo_parser)
+    _add_database_url(
+        demo_parser,
+        "postgresql://user:password@host:port/dbname; a database without accounts other than "
+        "the demo's (DATABASE_URL is ignored)",
+    )
 
     # audit --------------------------------------------------------------------------------
     audit_parser = commands.add_parser(
@@ -469,7 +475,7 @@ def _demo(args: argparse.Namespace) -> int:
     from tokentrack_client import demo  # imported here: it pulls in the throwaway server
 
     try:
-        return demo.main(args.database_url or os.environ.get("DATABASE_URL"))
+        return demo.main(args.database_url)  # never $DATABASE_URL: see demo.main
     except (demo.DemoError, demo.PostgresServerError) as exc:
         raise CommandError(str(exc)) from exc
 

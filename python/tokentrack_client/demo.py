@@ -3,8 +3,12 @@
 Without a database URL it starts a throwaway PostgreSQL in a temporary directory
 (:class:`tokentrack_client.testing.PostgresServer`), installs the tokentrack SQL with the
 migrator, runs the reports, prints what the database billed and reconcile's verdict, then
-stops the server and removes its directory, also on Ctrl-C or SIGTERM. With a URL it uses
-that database (installing the SQL when it is missing) and creates new demo accounts there.
+stops the server and removes its directory, also on Ctrl-C or SIGTERM. ``DATABASE_URL`` is
+ignored (operators export it for the other commands; the demo must not write test accounts
+into that database's append-only ledger), and said so. Only a URL given on its command line
+(``--database-url``) makes it use another database: it installs the SQL when it is missing,
+and refuses (:class:`DemoError`) a database whose ``tokentrack.accounts`` holds any account
+other than the demo's own four, :data:`ACCOUNT_IDS` (fixed uuids, the same on every run).
 
 The scenario: eight reports on four accounts run concurrently through one pool. One is
 cancelled from outside (``cancel_report`` over a connection of its own, as a web
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import signal
 import sys
@@ -29,13 +34,13 @@ from typing import Any, Final, TextIO
 
 import asyncpg
 
-from tokentrack_client import migrate
+from tokentrack_client import connection, migrate
 from tokentrack_client.client import TokenTracker
 from tokentrack_client.errors import InsufficientTokens, ReportFinalized
 from tokentrack_client.testing import PostgresServer, PostgresServerError
 from tokentrack_client.tracking import ReportCancelled
 
-__all__ = ["DemoError", "PostgresServerError", "main", "run_demo"]
+__all__ = ["ACCOUNT_IDS", "DemoError", "PostgresServerError", "main", "run_demo"]
 
 # The demo's server: the throwaway defaults, with few connections (one pool of the demo's).
 SERVER_SETTINGS: Final = {"max_connections": "50"}
@@ -70,6 +75,12 @@ ACCOUNTS: Final[dict[str, int]] = {
     "globex": 400_000,
     "initech": estimate("standard") + estimate("standard") // 2,
     "umbrella": 400_000,
+}
+
+# The demo's accounts are always these uuids (uuid5 of a name under the reserved .invalid
+# domain): a database whose accounts are all among them holds only the demo's own data.
+ACCOUNT_IDS: Final[dict[str, uuid.UUID]] = {
+    name: uuid.uuid5(uuid.NAMESPACE_DNS, f"{name}.demo.tokentrack.invalid") for name in ACCOUNTS
 }
 
 
@@ -219,6 +230,31 @@ async def _generate(
     progress.report_done()
 
 
+async def _refuse_other_accounts(dsn: str) -> None:
+    """Refuse a database whose tokentrack.accounts holds an account that is not the demo's
+    (every table with account data refers to tokentrack.accounts). Connection failures are
+    :class:`~tokentrack_client.connection.ConnectionFailed`, one line each."""
+    target = connection.describe_target(dsn)
+    conn = await connection.connect(dsn, "tokentrack demo")
+    try:
+        others = 0
+        if await conn.fetchval("SELECT to_regclass('tokentrack.accounts') IS NOT NULL"):
+            others = await conn.fetchval(
+                "SELECT count(*) FROM tokentrack.accounts WHERE id <> ALL($1::uuid[])",
+                list(ACCOUNT_IDS.values()),
+            )
+    except connection.DATABASE_ERRORS as exc:
+        raise DemoError(f"{target}: {connection.failure_line(exc)}") from exc
+    finally:
+        await connection.close(conn)
+    if others:
+        raise DemoError(
+            f"refusing {target}: tokentrack.accounts holds {others} account(s) that are not "
+            "the demo's; the demo writes test accounts into the append-only ledger, so it runs "
+            "only on its own throwaway server or a database without other accounts"
+        )
+
+
 async def _install(dsn: str, out: TextIO) -> None:
     try:
         print(*(f"  {line}" for line in (await migrate.install(dsn)).lines()), sep="\n", file=out)
@@ -280,16 +316,20 @@ def _print_table(table: list[list[str]], out: TextIO, right: set[int]) -> None:
 
 async def run_demo(dsn: str, out: TextIO = sys.stdout, *, latency: float = 0.25) -> bool:
     """Run the scenario against ``dsn`` (installing the SQL when needed); print the table and
-    reconcile's verdict; return whether reconcile is ok."""
+    reconcile's verdict; return whether reconcile is ok. Refuses (:class:`DemoError`) a
+    database that holds accounts other than :data:`ACCOUNT_IDS`."""
+    await _refuse_other_accounts(dsn)
     await _install(dsn, out)
     reports = scenario()
     try:
-        pool = await asyncpg.create_pool(dsn, min_size=2, max_size=10)
-    except (OSError, asyncpg.PostgresError) as exc:
-        raise DemoError(f"cannot connect: {exc}") from exc
+        pool = await asyncpg.create_pool(
+            dsn, min_size=2, max_size=10, timeout=connection.connect_timeout()
+        )
+    except connection.DATABASE_ERRORS as exc:
+        raise DemoError(f"cannot connect: {connection.failure_line(exc)}") from exc
     try:
         tracker = TokenTracker(pool)
-        ids = {name: uuid.uuid4() for name in ACCOUNTS}
+        ids = ACCOUNT_IDS
         for name, limit in ACCOUNTS.items():
             await tracker.open_usage_period(ids[name], limit)
         await _label_reports(pool, reports, ids)
@@ -304,7 +344,7 @@ async def run_demo(dsn: str, out: TextIO = sys.stdout, *, latency: float = 0.25)
         )
 
         # The cancel button: another task, over a connection of its own.
-        button_connection = await asyncpg.connect(dsn)
+        button_connection = await asyncpg.connect(dsn, timeout=connection.connect_timeout())
         button = TokenTracker(button_connection)
         cancel_now: dict[uuid.UUID, asyncio.Event] = {
             r.report_id: asyncio.Event() for r in reports if r.cancel_after is not None
@@ -389,12 +429,23 @@ def _terminate_as_interrupt() -> Iterator[None]:
 
 
 def main(database_url: str | None, out: TextIO = sys.stdout) -> int:
-    """The ``tokentrack demo`` command: 0 when reconcile is ok, 1 when it is not."""
+    """The ``tokentrack demo`` command: 0 when reconcile is ok, 1 when it is not.
+
+    ``database_url`` is the ``--database-url`` of the command line; ``$DATABASE_URL`` is
+    never used (one line says so when it is set)."""
     started = time.monotonic()
     if database_url:
-        print("tokentrack demo: using the database of DATABASE_URL", file=out)
+        target = connection.describe_target(database_url)
+        print(f"tokentrack demo: using the database given by --database-url ({target})", file=out)
         ok = asyncio.run(run_demo(database_url, out))
         return 0 if ok else 1
+    if os.environ.get("DATABASE_URL"):
+        print(
+            "tokentrack demo: DATABASE_URL is ignored: the demo runs on a throwaway server "
+            "(pass --database-url to use a database of your own)",
+            file=out,
+            flush=True,
+        )
     with _terminate_as_interrupt():
         server = PostgresServer(settings=SERVER_SETTINGS, prefix="tokentrack-demo-")
         print(

@@ -1,5 +1,6 @@
 """``tokentrack demo`` end to end, as a subprocess: on its own throwaway server (also when
-interrupted with Ctrl-C), and on a database given by DATABASE_URL."""
+interrupted with Ctrl-C, and when DATABASE_URL is exported: it is ignored), and on a database
+given by --database-url, which it refuses when it holds accounts other than the demo's."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ import signal
 import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import asyncpg
+
+from tokentrack_client.demo import ACCOUNT_IDS
 
 REPORTS = {
     "acme-1": "standard",
@@ -84,17 +88,27 @@ def check_table(output: str) -> dict[str, list[str]]:
     return rows
 
 
-def test_the_demo_runs_on_its_own_server_and_leaves_nothing_behind() -> None:
-    result = subprocess.run(
+async def test_the_demo_runs_on_its_own_server_and_leaves_nothing_behind(
+    empty_db_dsn: str,
+) -> None:
+    # DATABASE_URL exported (as the runbook has operators do): the demo must not touch it.
+    result = await asyncio.to_thread(
+        subprocess.run,
         [sys.executable, "-m", "tokentrack_client", "demo"],
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
-        env=demo_env(),
+        env=demo_env(empty_db_dsn),
         check=False,
     )
     output = result.stdout
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "DATABASE_URL is ignored" in output
+    conn = await asyncpg.connect(empty_db_dsn)
+    try:  # not even the SQL was installed there
+        assert await conn.fetchval("SELECT to_regnamespace('tokentrack')") is None
+    finally:
+        await conn.close()
     assert "progress: 8/8 reports done" in output
     rows = check_table(output)
     for name in ("acme-1", "acme-2", "umbrella-1", "umbrella-2"):
@@ -143,19 +157,24 @@ def test_ctrl_c_cancels_the_running_reports_and_removes_the_server() -> None:
     assert_no_server_left(output)
 
 
-async def test_the_demo_uses_the_database_of_database_url(empty_db_dsn: str) -> None:
-    for run in range(2):  # the second run finds the SQL installed and adds new accounts
-        result = await asyncio.to_thread(
-            subprocess.run,
-            [sys.executable, "-m", "tokentrack_client", "demo"],
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-            env=demo_env(empty_db_dsn),
-            check=False,
-        )
+async def run_demo_on(dsn: str) -> subprocess.CompletedProcess[str]:
+    """``tokentrack demo --database-url dsn``, with another DATABASE_URL exported."""
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "tokentrack_client", "demo", "--database-url", dsn],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=demo_env("postgresql://nobody@127.0.0.1:1/not-this-one"),
+        check=False,
+    )
+
+
+async def test_the_demo_uses_the_database_given_on_its_command_line(empty_db_dsn: str) -> None:
+    for run in range(2):  # the second run finds the SQL installed and its own accounts there
+        result = await run_demo_on(empty_db_dsn)
         assert result.returncode == 0, result.stdout + result.stderr
-        assert "using the database of DATABASE_URL" in result.stdout
+        assert "using the database given by --database-url" in result.stdout
         assert "throwaway" not in result.stdout
         expected = "is now at version" if run == 0 else "is up to date"
         assert expected in result.stdout
@@ -170,8 +189,28 @@ async def test_the_demo_uses_the_database_of_database_url(empty_db_dsn: str) -> 
             "hybrid": 4,
             "discovery": 4,
         }
-        assert await conn.fetchval("SELECT count(*) FROM tokentrack.accounts") == 8
+        accounts = await conn.fetch("SELECT id FROM tokentrack.accounts")
+        assert {r["id"] for r in accounts} == set(ACCOUNT_IDS.values())  # the same four
         verdict = await conn.fetchval("SELECT tokentrack.reconcile(NULL) ->> 'ok'")
         assert verdict == "true"
+    finally:
+        await conn.close()
+
+
+async def test_the_demo_refuses_a_database_with_other_accounts(db_dsn: str) -> None:
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        customer = uuid.uuid4()
+        await conn.fetchval("SELECT tokentrack.open_usage_period($1, 1000, NULL)", customer)
+        before = await conn.fetchval("SELECT count(*) FROM tokentrack.usage_ledger")
+        result = await run_demo_on(db_dsn)
+        assert result.returncode == 2, result.stdout + result.stderr
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1, result.stderr
+        assert lines[0].startswith("tokentrack: error: refusing "), lines
+        assert "1 account(s) that are not the demo's" in lines[0]
+        accounts = await conn.fetch("SELECT id FROM tokentrack.accounts")
+        assert [r["id"] for r in accounts] == [customer]  # nothing written
+        assert await conn.fetchval("SELECT count(*) FROM tokentrack.usage_ledger") == before
     finally:
         await conn.close()
