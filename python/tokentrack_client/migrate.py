@@ -45,7 +45,9 @@ key with ``pg_advisory_xact_lock`` so it cannot interleave with the migrator eit
 
 Each version is applied in one transaction: its schema file then its ``schema_migrations``
 row (the last pending version also carries the changed function files). A failure rolls that
-transaction back whole. The commands return what they did (:class:`InstallResult`,
+transaction back whole. A first install (no ``schema_migrations`` yet) creates the schema and
+the bookkeeping tables in the transaction of its first version, so a first install that fails
+there leaves nothing behind. The commands return what they did (:class:`InstallResult`,
 :class:`RollbackResult`, :class:`Status`) and print nothing; the CLI prints.
 """
 
@@ -71,6 +73,7 @@ __all__ = [
     "BOOTSTRAP_SQL",
     "AppliedFunction",
     "ApplyError",
+    "BootstrapError",
     "ConnectionFailed",
     "DriftError",
     "FunctionChange",
@@ -633,20 +636,54 @@ async def _has_tables(conn: asyncpg.Connection) -> tuple[bool, bool]:
     return bool(row["versions"]), bool(row["functions"])
 
 
+class BootstrapError(ApplyError):
+    """The schema or the bookkeeping tables could not be created (nothing was changed)."""
+
+
+def _bootstrap_failed(exc: asyncpg.PostgresError) -> BootstrapError:
+    hint = ""
+    if exc.sqlstate == "42501":
+        hint = "; the installing role needs CREATE on the database (see docs/INSTALL.md)"
+    return BootstrapError(f"cannot create tokentrack.schema_migrations: {pg_error(exc)}{hint}")
+
+
 async def _bootstrap(conn: asyncpg.Connection) -> None:
-    """Create the schema and the bookkeeping tables unless they exist (needs CREATE on the db)."""
+    """Create the schema and the bookkeeping tables unless they exist (needs CREATE on the db).
+
+    Only for a database that has some of them (an older installer's, or one bootstrapped by
+    ``migrate sql``): a first install bootstraps inside the transaction of its first version
+    (see :func:`install`), so that a failure leaves nothing behind."""
     if all(await _has_tables(conn)):
         return
     try:
         async with conn.transaction():
             await conn.execute(BOOTSTRAP_SQL)
     except asyncpg.PostgresError as exc:
-        hint = ""
-        if exc.sqlstate == "42501":
-            hint = "; the installing role needs CREATE on the database (see docs/INSTALL.md)"
-        raise ApplyError(
-            f"cannot create tokentrack.schema_migrations: {pg_error(exc)}{hint}"
-        ) from exc
+        raise _bootstrap_failed(exc) from exc
+
+
+_CREATE_ROLE_RE: Final = re.compile(r"\bCREATE\s+ROLE\s+([a-z_][a-z0-9_]*)", re.IGNORECASE)
+
+
+def _first_install_hint(version: MigrationVersion, exc: BaseException | None) -> str:
+    """What to do when a version could not create its roles: the roles by name, and the
+    statements an administrator runs to create them beforehand (docs/INSTALL.md)."""
+    cause = exc.__cause__ if exc is not None else None
+    if not (
+        isinstance(cause, asyncpg.PostgresError)
+        and cause.sqlstate == "42501"
+        and "create role" in str(cause).lower()
+    ):
+        return ""
+    roles = list(dict.fromkeys(_CREATE_ROLE_RE.findall(version.schema.text)))
+    if not roles:
+        return "; the installing role needs CREATEROLE, or the roles created beforehand"
+    statements = " ".join(f"CREATE ROLE {role} NOLOGIN;" for role in roles)
+    return (
+        f"; version {version.version} creates the roles {' and '.join(roles)} when they are "
+        "missing, which needs CREATEROLE: have an administrator create them first "
+        f"({statements}) and install again (docs/INSTALL.md, Privileges)"
+    )
 
 
 async def _applied_rows(conn: asyncpg.Connection) -> list[AppliedRow]:
@@ -982,12 +1019,14 @@ async def install(
     """Apply every pending version and every changed function file; return what was done.
 
     Takes the advisory lock :data:`ADVISORY_LOCK_KEY` (calling ``wait_notice`` once when
-    another installer holds it), bootstraps the bookkeeping tables, refuses drift (naming every
-    edited schema file), applied versions missing on disk and pending versions older than the
-    newest applied one, records the function history of a database installed by an older
-    installer, then applies the pending versions in order, each in its own transaction; the
-    function files whose sha256 differs from their newest ``schema_functions`` row go into
-    the transaction of the last pending version, or into one of their own.
+    another installer holds it), bootstraps the bookkeeping tables (on a first install, in the
+    transaction of the first version, so that its failure leaves nothing), refuses drift
+    (naming every edited schema file), applied versions missing on disk and pending versions
+    older than the newest applied one, records the function history of a database installed
+    by an older installer, then applies the pending versions in order, each in its own
+    transaction; the function files whose sha256 differs from their newest
+    ``schema_functions`` row go into the transaction of the last pending version, or into one
+    of their own.
     Raises :class:`MigrationError`; an :class:`ApplyError` carries in ``result`` what was
     applied before the failure.
     """
@@ -997,14 +1036,19 @@ async def install(
     try:
         await _acquire_lock(conn, wait_notice)
         try:
-            await _bootstrap(conn)
+            # A first install (no schema_migrations yet) bootstraps in the transaction of its
+            # first version: when that version fails, the schema and the bookkeeping tables
+            # go with it and the database is left as it was found.
+            first = not (await _has_tables(conn))[0]
+            if not first:
+                await _bootstrap(conn)
             applied = await _applied_rows(conn)
             pending = _check_applied(versions, applied, root, functions)
             seeded = await _seed_legacy(conn, applied, versions, functions)
             if seeded:
                 applied = await _applied_rows(conn)
             plan = _plan(functions, applied, await _function_rows(conn), pending)
-            return await _execute_plan(conn, plan, seeded)
+            return await _execute_plan(conn, plan, seeded, bootstrap=first)
         finally:
             await _release_lock(conn)
     except asyncpg.PostgresError as exc:
@@ -1016,17 +1060,34 @@ async def install(
 
 
 async def _execute_plan(
-    conn: asyncpg.Connection, plan: InstallPlan, seeded: tuple[str, ...]
+    conn: asyncpg.Connection,
+    plan: InstallPlan,
+    seeded: tuple[str, ...],
+    *,
+    bootstrap: bool = False,
 ) -> InstallResult:
+    """Apply ``plan``; with ``bootstrap`` (a first install) the bootstrap goes into the
+    transaction of the first version."""
     current = plan.current
     done: list[MigrationVersion] = []
     functions: tuple[AppliedFunction, ...] = ()
     for i, version in enumerate(plan.versions):
         with_functions = plan.functions if i == len(plan.versions) - 1 else ()
         try:
-            functions = await _apply(conn, version, with_functions)
+            functions = await _apply(conn, version, with_functions, bootstrap=bootstrap and i == 0)
+        except BootstrapError as exc:
+            exc.result = InstallResult((), (), seeded, current)
+            exc.args = (f"{exc.args[0]}; nothing was changed",)
+            raise
         except ApplyError as exc:
             exc.result = InstallResult(tuple(done), (), seeded, current)
+            if bootstrap and i == 0:
+                hint = _first_install_hint(version, exc)
+                exc.args = (
+                    f"{exc.args[0]}{hint}; nothing was installed (version {version.version}, "
+                    "the tokentrack schema and its bookkeeping tables were rolled back)",
+                )
+                raise
             kept = (
                 f"; already applied in this run: {', '.join(v.version for v in done)}"
                 if done
@@ -1050,13 +1111,21 @@ async def _apply(
     conn: asyncpg.Connection,
     version: MigrationVersion | None,
     changes: Sequence[FunctionChange],
+    *,
+    bootstrap: bool = False,
 ) -> tuple[AppliedFunction, ...]:
-    """One transaction: ``version``'s schema file, the function changes, the version row."""
+    """One transaction: the bootstrap (a first install), ``version``'s schema file, the
+    function changes, the version row."""
     what = f"applying version {version.label}" if version else "applying function files"
     current = version.schema.relpath if version else ""
     applied: list[AppliedFunction] = []
     try:
         async with conn.transaction():
+            if bootstrap:
+                try:
+                    await conn.execute(BOOTSTRAP_SQL)
+                except asyncpg.PostgresError as exc:
+                    raise _bootstrap_failed(exc) from exc
             if version is not None:
                 await conn.execute(version.schema.text)
             if changes:
