@@ -7,6 +7,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 VENV_STAMP := $(VENV)/.installed
+# The operators' targets (install-sql, rollback-sql, install-cron) need only the runtime
+# package: its own stamp, which `make venv` (a superset) also satisfies.
+RUNTIME_STAMP := $(VENV)/.runtime-installed
 STEPS ?= 1
 DURATION ?= 60
 SEED ?= 1
@@ -14,7 +17,7 @@ PG_MAJOR := 15
 # Where the PostgreSQL server binaries live: pg_config's answer, else Debian's path.
 PG_BINDIR ?= $(or $(shell pg_config --bindir 2>/dev/null),/usr/lib/postgresql/$(PG_MAJOR)/bin)
 
-.PHONY: help venv postgres pgbouncer pg-cron install-sql rollback-sql install-cron catalog lint test stress demo bench bench-smoke clean
+.PHONY: help venv runtime postgres pgbouncer pg-cron install-sql rollback-sql install-cron catalog lint test stress demo bench bench-smoke clean
 
 help: ## List the targets
 	@awk -F ':.*## ' '/^[a-zA-Z_-]+:.*## / { printf "  %-14s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
@@ -24,6 +27,13 @@ venv: $(VENV_STAMP) ## Create .venv and install tokentrack with its dev tools (e
 $(VENV_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@ $(RUNTIME_STAMP)
+
+runtime: $(RUNTIME_STAMP) ## Create .venv with tokentrack and its runtime dependency only (asyncpg), no dev tools
+
+$(RUNTIME_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e .
 	touch $@
 
 postgres: ## Make sure the PostgreSQL server binaries are installed (apt-get when missing)
@@ -46,15 +56,15 @@ pgbouncer: ## Make sure Debian's pgbouncer is installed (the client's PgBouncer 
 	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends pgbouncer; \
 	fi
 
-install-sql: venv ## Install or upgrade the tokentrack SQL: make install-sql DATABASE_URL=postgresql://...
+install-sql: $(RUNTIME_STAMP) ## Install or upgrade the tokentrack SQL: make install-sql DATABASE_URL=postgresql://...
 	@test -n "$$DATABASE_URL" || { echo "make: DATABASE_URL=postgresql://... is required" >&2; exit 2; }
 	@$(BIN)/tokentrack migrate install
 
-rollback-sql: venv ## Roll back the newest STEPS versions (default 1): make rollback-sql DATABASE_URL=... STEPS=1
+rollback-sql: $(RUNTIME_STAMP) ## Roll back the newest STEPS versions (default 1): make rollback-sql DATABASE_URL=... STEPS=1
 	@test -n "$$DATABASE_URL" || { echo "make: DATABASE_URL=postgresql://... is required" >&2; exit 2; }
 	@$(BIN)/tokentrack migrate rollback --steps "$(STEPS)"
 
-install-cron: venv ## Schedule the expiry sweep every 2 hours through pg_cron: make install-cron DATABASE_URL=...
+install-cron: $(RUNTIME_STAMP) ## Schedule the expiry sweep every 2 hours through pg_cron: make install-cron DATABASE_URL=...
 	@test -n "$$DATABASE_URL" || { echo "make: DATABASE_URL=postgresql://... is required" >&2; exit 2; }
 	@$(BIN)/tokentrack cron install
 
@@ -80,7 +90,7 @@ test: venv postgres pgbouncer pg-cron ## Run the test suite against a throwaway 
 stress: venv postgres ## Concurrent workload with faults, then every invariant: make stress DURATION=600 SEED=42 [STRESS_ARGS="--crash-every 30"]
 	TOKENTRACK_PG_BINDIR="$(PG_BINDIR)" $(BIN)/python tests/support/stress.py --duration "$(DURATION)" --seed "$(SEED)" $(STRESS_ARGS)
 
-demo: venv postgres ## Four report types on a throwaway PostgreSQL (or DATABASE_URL), then reconcile
+demo: venv postgres ## Four report types on a throwaway PostgreSQL (DATABASE_URL is ignored), then reconcile
 	@TOKENTRACK_PG_BINDIR="$(PG_BINDIR)" $(BIN)/tokentrack demo
 
 bench: venv postgres ## Benchmark vs pgbench simple-update on its own server (~15 min): bench/results/latest.*

@@ -8,6 +8,9 @@ reports is a ``CommandError``, which the CLI prints as one line with exit status
 from __future__ import annotations
 
 import socket
+import subprocess
+import tomllib
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -98,3 +101,39 @@ def test_monitor_help_prints_percent_signs_once() -> None:
     text = " ".join(result.out.split())
     assert "a failure rate above 5% or a completion rate below 90%" in text
     assert "%%" not in result.out
+
+
+# --------------------------------------------------------------------------------------------
+# Packaging: what the operators' make targets install, and the wheel's metadata
+# --------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("target", ["install-sql", "rollback-sql", "install-cron"])
+def test_the_operators_make_targets_install_only_the_runtime_package(
+    target: str, tmp_path: Path
+) -> None:
+    venv = tmp_path / "venv"  # a fresh one: make must say how it would create it
+    dry = subprocess.run(
+        ["make", "-n", "-C", str(REPO), target, "DATABASE_URL=postgresql://x/db", f"VENV={venv}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    installs = [line for line in dry.stdout.splitlines() if "pip install" in line]
+    assert installs, dry.stdout
+    for line in installs:
+        assert line.rstrip().endswith(" -e ."), line  # the package, not '.[dev]'
+    assert "[dev]" not in dry.stdout
+    assert f"{venv}/bin/tokentrack" in dry.stdout
+
+
+def test_the_wheel_metadata_invents_no_license_or_url() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert project["keywords"]
+    assert "Programming Language :: Python :: 3 :: Only" in project["classifiers"]
+    # No LICENSE file and no public address: neither is claimed until the owner decides.
+    assert not (REPO / "LICENSE").exists()
+    assert "license" not in project
+    assert "urls" not in project
