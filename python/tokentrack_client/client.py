@@ -125,7 +125,7 @@ def _begin_statement(timeout: float | None) -> str:
     (in milliseconds, rounded up: 0 would mean no timeout)."""
     if timeout is None:
         return _BEGIN
-    ms = max(1, math.ceil(timeout * 1000))
+    ms = max(1, math.ceil(round(timeout * 1000, 3)))  # 0.57 s is 570 ms, not 571
     return f"{_BEGIN}; SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}"
 
 
