@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 from tokentrack_client.client import TokenTracker
 from tokentrack_client.errors import (
     AccountNotFound,
+    CallTimeout,
     ConnectionLost,
     DatabaseError,
     InsufficientTokens,
@@ -42,6 +43,7 @@ __all__ = [
     "DEFAULT_RETRY",
     "NO_RETRY",
     "AccountNotFound",
+    "CallTimeout",
     "ConnectionLost",
     "DatabaseError",
     "Discrepancy",

@@ -13,6 +13,10 @@ the client cannot switch off for the caller). The explicit transaction also keep
 unnamed Parse and Bind on the same server connection behind PgBouncer, and tells the client
 whether a failed call may have committed (see :mod:`tokentrack_client.retry`).
 
+With a ``timeout``, the transaction starts with ``SET LOCAL statement_timeout`` and ``SET LOCAL
+lock_timeout`` in the same round trip as ``BEGIN`` (one simple query): the settings end with
+the transaction, so nothing is left on the connection (PgBouncer included).
+
 A connection that is already inside a transaction when a method is called (the caller's own
 ``async with conn.transaction()``) is used as it is: the call joins the caller's transaction,
 commits with it, and is never retried.
@@ -21,8 +25,11 @@ commits with it, and is never retried.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
+import math
 import random
+import time
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Final, NoReturn, TypeAlias
@@ -33,6 +40,7 @@ from asyncpg.pool import PoolConnectionProxy
 from tokentrack_client.answers import read_answer
 from tokentrack_client.contract import BIGINT_MAX
 from tokentrack_client.errors import (
+    CallTimeout,
     ConnectionLost,
     DatabaseError,
     InvalidArgument,
@@ -55,6 +63,7 @@ from tokentrack_client.retry import (
     RetryPolicy,
     is_connection_failure,
     is_rolled_back,
+    is_timeout,
     sqlstate_of,
 )
 from tokentrack_client.tracking import ReportTracker
@@ -96,6 +105,29 @@ _SQL_OPEN_PERIOD: Final = (
 )
 _BEGIN: Final = "BEGIN ISOLATION LEVEL READ COMMITTED"
 
+TIMEOUT_MAX: Final = 2_147_483.647
+"""The largest ``timeout`` in seconds (statement_timeout is an int4 of milliseconds)."""
+
+
+def _check_timeout(timeout: object) -> float | None:
+    """``timeout`` as seconds (``None``: no timeout); a bad one raises TypeError/ValueError."""
+    if timeout is None:
+        return None
+    if not isinstance(timeout, int | float) or isinstance(timeout, bool):
+        raise TypeError(f"timeout must be a number of seconds or None, not {timeout!r}")
+    if not (math.isfinite(timeout) and 0 < timeout <= TIMEOUT_MAX):
+        raise ValueError(f"timeout must be > 0 and at most {TIMEOUT_MAX} seconds: {timeout!r}")
+    return float(timeout)
+
+
+def _begin_statement(timeout: float | None) -> str:
+    """``BEGIN``, and with a timeout the two ``SET LOCAL`` that bound the call's statements
+    (in milliseconds, rounded up: 0 would mean no timeout)."""
+    if timeout is None:
+        return _BEGIN
+    ms = max(1, math.ceil(round(timeout * 1000, 3)))  # 0.57 s is 570 ms, not 571
+    return f"{_BEGIN}; SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}"
+
 
 class _AttemptFailed(Exception):
     """One attempt failed: the driver error, how far the attempt got, and the connection's
@@ -123,8 +155,14 @@ class TokenTracker:
     Behind PgBouncer in transaction pooling mode, create the pool (or connection) with
     ``statement_cache_size=0``.
 
-    ``retry`` is the :class:`RetryPolicy` of transient failures (default: 5 attempts,
-    jittered backoff from 50 ms to 2 s); ``NO_RETRY`` switches retries off.
+    ``retry`` is the :class:`RetryPolicy` of transient failures (default: retries for up to
+    60 s, jittered backoff from 50 ms to 2 s); ``NO_RETRY`` switches retries off.
+
+    ``timeout`` (seconds, default ``None``: none) bounds each attempt on the server: its
+    transaction runs with ``SET LOCAL statement_timeout`` and ``SET LOCAL lock_timeout``, and
+    a call that takes longer raises :class:`~tokentrack_client.CallTimeout` (rolled back by
+    the server: nothing was written). :meth:`with_timeout` gives a tracker with another one.
+    A call that joins the caller's own transaction sets no timeout (it would outlive the call).
 
     Refusals raise the typed :class:`~tokentrack_client.Refusal` subclasses, bad arguments
     :class:`~tokentrack_client.InvalidArgument` (a ``ValueError``), everything else a
@@ -136,6 +174,7 @@ class TokenTracker:
         pool_or_connection: asyncpg.Pool[Any] | ConnectionLike,
         *,
         retry: RetryPolicy = DEFAULT_RETRY,
+        timeout: float | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self._pool: asyncpg.Pool[Any] | None = None
@@ -152,6 +191,8 @@ class TokenTracker:
         if not isinstance(retry, RetryPolicy):
             raise TypeError(f"retry must be a RetryPolicy, not {type(retry).__name__}")
         self._retry = retry
+        self._timeout = _check_timeout(timeout)
+        self._begin = _begin_statement(self._timeout)
         self._rng = rng or random.Random()
         self._lock = asyncio.Lock()
 
@@ -159,6 +200,22 @@ class TokenTracker:
     def retry_policy(self) -> RetryPolicy:
         """The retry policy of transient failures."""
         return self._retry
+
+    @property
+    def timeout(self) -> float | None:
+        """The server-side timeout of each call in seconds (``None``: none)."""
+        return self._timeout
+
+    def with_timeout(self, timeout: float | None) -> TokenTracker:
+        """The same tracker (same pool or connection, retry policy and lock) with another
+        ``timeout``, for one call or a few::
+
+            await tracker.with_timeout(0.5).try_reserve(account_id, report_id, 4_000)
+        """
+        other = copy.copy(self)
+        other._timeout = _check_timeout(timeout)
+        other._begin = _begin_statement(other._timeout)
+        return other
 
     # ----------------------------------------------------------------------------------------
     # The RPCs
@@ -352,15 +409,20 @@ class TokenTracker:
     async def _call(
         self, function: str, sql: str, args: tuple[Any, ...], *, idempotent: bool = True
     ) -> Mapping[str, Any]:
+        started = time.monotonic()
         attempt = 0
         while True:
             attempt += 1
             try:
                 raw = await self._attempt(sql, args)
             except _AttemptFailed as failed:
-                retry = self._may_retry(failed, idempotent)
-                if retry and attempt < self._retry.max_attempts:
-                    pause = self._retry.delay(attempt, self._rng)
+                elapsed = time.monotonic() - started
+                pause = (
+                    self._retry.pause_after(attempt, elapsed, self._rng)
+                    if self._may_retry(failed, idempotent)
+                    else None
+                )
+                if pause is not None:
                     logger.warning(
                         "tokentrack %s: attempt %d failed (%s during %s), retrying in %.3f s",
                         function,
@@ -371,7 +433,7 @@ class TokenTracker:
                     )
                     await asyncio.sleep(pause)
                     continue
-                _raise_failure(function, failed, attempt)
+                _raise_failure(function, failed, attempt, elapsed)
             return read_answer(function, raw)
 
     def _may_retry(self, failed: _AttemptFailed, idempotent: bool) -> bool:
@@ -379,6 +441,12 @@ class TokenTracker:
         if failed.joined:
             return False  # the caller's transaction is aborted: only the caller can retry
         error = failed.error
+        if is_timeout(error, failed.phase, failed.connection_closed):
+            if not self._retry.retry_timeouts:
+                return False
+            if sqlstate_of(error) is not None:
+                return True  # the server ended the statement: the transaction rolled back
+            return idempotent or failed.phase is not Phase.COMMIT  # the driver's timeout
         if is_connection_failure(error, failed.connection_closed):
             if self._pool is None and failed.connection_closed:
                 return False  # a single connection that broke cannot be replaced
@@ -416,7 +484,7 @@ class TokenTracker:
             return raw
         phase = Phase.BEGIN
         try:
-            await connection.execute(_BEGIN)
+            await connection.execute(self._begin)
             phase = Phase.CALL
             raw = await connection.fetchval(sql, *args)
             phase = Phase.COMMIT
@@ -460,16 +528,34 @@ def _describe(exc: BaseException) -> str:
     )
 
 
-def _raise_failure(function: str, failed: _AttemptFailed, attempts: int) -> NoReturn:
+def _raise_failure(
+    function: str, failed: _AttemptFailed, attempts: int, elapsed: float
+) -> NoReturn:
     """Raise the client's exception for a failed call, ``from`` the driver's exception."""
     error = failed.error
     state = sqlstate_of(error)
     detail = _describe(error)
+    tries = f"after {attempts} attempt(s) in {elapsed:.1f} s"
     if state is not None and state.startswith("22"):
         column = getattr(error, "column_name", None)
         argument = column.removeprefix("p_") if isinstance(column, str) and column else None
         message = getattr(error, "message", None) or str(error)
         raise InvalidArgument(argument, f"{function}: {message}", state) from error
+    if is_timeout(error, failed.phase, failed.connection_closed):
+        # Checked before the connection failures: asyncpg's TimeoutError is an OSError.
+        unknown = state is None and failed.phase is Phase.COMMIT
+        if state is not None:
+            how = "timed out on the server, which rolled it back: the call did not take effect"
+        elif unknown:
+            how = (
+                "the driver's timeout expired while COMMIT was in flight: "
+                "it may or may not have taken effect"
+            )
+        else:
+            how = "the driver's timeout expired before COMMIT: the call did not take effect"
+        raise CallTimeout(
+            f"{function}: {how} ({tries}): {detail}", state, attempts, outcome_unknown=unknown
+        ) from error
     if is_connection_failure(error, failed.connection_closed):
         unknown = failed.phase is Phase.COMMIT
         if failed.phase is Phase.ACQUIRE:
@@ -482,14 +568,14 @@ def _raise_failure(function: str, failed: _AttemptFailed, attempts: int) -> NoRe
         else:
             how = "the connection broke before COMMIT: the call did not take effect"
         raise ConnectionLost(
-            f"{function}: {how} (after {attempts} attempt(s)): {detail}",
+            f"{function}: {how} ({tries}): {detail}",
             state,
             attempts,
             outcome_unknown=unknown,
         ) from error
     if is_rolled_back(error):
         raise TransientError(
-            f"{function}: rolled back by the server (after {attempts} attempt(s)): {detail}",
+            f"{function}: rolled back by the server ({tries}): {detail}",
             state,
             attempts,
         ) from error

@@ -19,6 +19,7 @@ Everything the client raises is a :class:`TokenTrackError`::
     └── DatabaseError               any other driver or server error (.sqlstate)
         ├── NotInstalled            the tokentrack schema or a function is missing
         ├── PermissionDenied        the role may not call the function (42501)
+        ├── CallTimeout             the call timed out (.outcome_unknown, .attempts)
         └── TransientError          a transient failure that outlived the retries
             └── ConnectionLost      the connection broke (.outcome_unknown)
 
@@ -40,6 +41,7 @@ from typing import Any
 
 __all__ = [
     "AccountNotFound",
+    "CallTimeout",
     "ConnectionLost",
     "DatabaseError",
     "InsufficientTokens",
@@ -224,6 +226,43 @@ class PermissionDenied(DatabaseError):
     """The database role may not call the function: grant it ``tokentrack_service``."""
 
 
+class CallTimeout(DatabaseError):
+    """The call took longer than allowed and was ended.
+
+    Two timeouts end a call, and they differ in what is known afterwards:
+
+    * **the server's** (``sqlstate`` is ``57014`` or ``55P03``): the tracker's ``timeout``,
+      applied to the call's own transaction as ``SET LOCAL statement_timeout`` and ``SET
+      LOCAL lock_timeout``, or one set on the role or database, or a ``pg_cancel_backend``.
+      The server ended the statement with an error, so it rolled the whole transaction back:
+      **the call did not take effect**, whichever call it was (each is one statement, and no
+      tokentrack function catches these errors). ``outcome_unknown`` is ``False``.
+    * **the driver's** (``sqlstate`` is ``None``, the cause a ``TimeoutError``): asyncpg's
+      ``command_timeout`` or ``timeout`` expired before the server answered. Before
+      ``COMMIT`` was sent the call did not take effect (``outcome_unknown`` is ``False``);
+      while ``COMMIT`` was in flight the server may have committed it (``outcome_unknown`` is
+      ``True``): as for :class:`ConnectionLost`, the idempotent calls can simply be repeated,
+      an ``increment_usage`` or ``open_usage_period`` must be checked first.
+
+    Not retried unless the tracker's :class:`~tokentrack_client.RetryPolicy` says
+    ``retry_timeouts=True``: a timeout is the caller's limit on how long a call may take, and
+    what blocked it (a lock held by a long transaction, an overloaded server) is usually
+    still there. ``attempts`` says how many attempts were made.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        sqlstate: str | None = None,
+        attempts: int = 1,
+        *,
+        outcome_unknown: bool = False,
+    ) -> None:
+        super().__init__(message, sqlstate)
+        self.attempts = attempts
+        self.outcome_unknown = outcome_unknown
+
+
 class TransientError(DatabaseError):
     """A transient failure (serialization failure, deadlock, server shutting down, connection
     lost) that was not retried, or that outlived the retries. ``attempts`` says how many
@@ -241,7 +280,8 @@ class ConnectionLost(TransientError):
     flight, so that the call may or may not have taken effect. For every call but
     ``increment_usage`` that does not matter (they are idempotent: call again); an
     ``increment_usage`` with an unknown outcome must be checked (``reconcile``, the ledger)
-    before it is repeated. With a single connection (no pool) a lost connection is never
+    before it is repeated. With a pool it is raised once the retry policy's deadline (60 s by
+    default) has passed; with a single connection (no pool) a lost connection is never
     retried: the client cannot open a new one.
     """
 

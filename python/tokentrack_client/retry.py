@@ -19,6 +19,12 @@ the server shutting down or restarting (57P01 admin_shutdown, which is also what
 connections (53300), serialization failures (40001) and deadlocks (40P01). Retrying over a
 broken connection needs a new connection, so it happens only when the client was given a
 pool; with a single connection a broken connection is raised at once.
+
+A timeout is not transient: the server cancelling the statement (57014 statement_timeout or a
+cancel request, 55P03 lock_timeout) or the driver's own timeout (asyncpg's ``command_timeout``,
+a ``TimeoutError`` once the connection was had) ends the call with
+:class:`~tokentrack_client.CallTimeout`. It is retried only when the policy says
+``retry_timeouts=True``, by the same rules as a broken connection.
 """
 
 from __future__ import annotations
@@ -37,37 +43,62 @@ __all__ = [
     "RetryPolicy",
     "is_connection_failure",
     "is_rolled_back",
+    "is_timeout",
     "sqlstate_of",
 ]
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Bounded exponential backoff with full jitter.
+    """Jittered exponential backoff, bounded by a deadline and optionally by a count.
 
     Attempt ``n`` (counting from 1) that failed transiently is followed by a pause drawn
-    uniformly from ``[0, min(max_delay, initial_delay * multiplier ** (n - 1))]`` seconds,
-    at most ``max_attempts`` attempts in all. The defaults (5 attempts, 50 ms doubling to at
-    most 2 s) ride out a backend being terminated, a failover of a few hundred milliseconds
-    or a deadlock, and give up within about 4 seconds.
+    uniformly from ``[0, min(max_delay, initial_delay * multiplier ** (n - 1))]`` seconds
+    ("full jitter"). Another attempt is made only while both bounds allow it:
+
+    * ``deadline`` (seconds, default 60): no attempt starts later than ``deadline`` seconds
+      after the first one started; a pause that would end past it is shortened to end at it.
+      ``None``: no time bound. An attempt already running is not interrupted (bound it with
+      the tracker's ``timeout``).
+    * ``max_attempts`` (default ``None``: as many as the deadline allows): at most this many
+      attempts in all.
+
+    The defaults (50 ms doubling to at most 2 s between attempts, for 60 s) ride out a backend
+    being terminated, a deadlock, and a server restart or managed failover of up to about a
+    minute; a server that is back is noticed within 2 s. ``retry_timeouts`` (default
+    ``False``) also retries a :class:`~tokentrack_client.CallTimeout`.
     """
 
-    max_attempts: int = 5
+    max_attempts: int | None = None
     initial_delay: float = 0.05
     max_delay: float = 2.0
     multiplier: float = 2.0
+    deadline: float | None = 60.0
+    retry_timeouts: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+        if self.max_attempts is not None and (
+            not isinstance(self.max_attempts, int)
+            or isinstance(self.max_attempts, bool)
+            or self.max_attempts < 1
+        ):
             raise ValueError(
-                f"max_attempts must be an integer of at least 1: {self.max_attempts!r}"
+                f"max_attempts must be None or an integer of at least 1: {self.max_attempts!r}"
             )
         for name in ("initial_delay", "max_delay"):
             value = getattr(self, name)
-            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+            if not _seconds(value):
                 raise ValueError(f"{name} must be a finite number of seconds >= 0: {value!r}")
-        if not (math.isfinite(self.multiplier) and self.multiplier >= 1):
+        if not (_seconds(self.multiplier) and self.multiplier >= 1):
             raise ValueError(f"multiplier must be at least 1: {self.multiplier!r}")
+        if self.deadline is not None and not _seconds(self.deadline):
+            raise ValueError(
+                f"deadline must be None or a finite number of seconds >= 0: {self.deadline!r}"
+            )
+        if self.max_attempts is None and self.deadline is None:
+            raise ValueError("deadline and max_attempts cannot both be None (retries forever)")
+        if not isinstance(self.retry_timeouts, bool):
+            raise ValueError(f"retry_timeouts must be a bool: {self.retry_timeouts!r}")
 
     def backoff_ceiling(self, attempt: int) -> float:
         """The largest pause after failed attempt ``attempt`` (1-based)."""
@@ -75,13 +106,40 @@ class RetryPolicy:
         return float(min(self.max_delay, self.initial_delay * self.multiplier**exponent))
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
-        """The jittered pause after failed attempt ``attempt`` (1-based)."""
+        """The jittered pause after failed attempt ``attempt`` (1-based), before the bounds."""
         draw = (rng or random).uniform(0.0, 1.0)
         return draw * self.backoff_ceiling(attempt)
 
+    def pause_after(
+        self, attempt: int, elapsed: float, rng: random.Random | None = None
+    ) -> float | None:
+        """The pause before the next attempt, after failed attempt ``attempt`` (1-based)
+        ``elapsed`` seconds after the first attempt started; ``None`` when no further
+        attempt may be made (``max_attempts`` reached, or the deadline passed)."""
+        if self.max_attempts is not None and attempt >= self.max_attempts:
+            return None
+        pause = self.delay(attempt, rng)
+        if self.deadline is not None:
+            left = self.deadline - elapsed
+            if left <= 0:
+                return None
+            pause = min(pause, left)
+        return pause
+
+
+def _seconds(value: object) -> bool:
+    """A finite, non-negative number (not a bool)."""
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    )
+
 
 DEFAULT_RETRY = RetryPolicy()
-"""The policy a :class:`~tokentrack_client.TokenTracker` uses unless given another."""
+"""The policy a :class:`~tokentrack_client.TokenTracker` uses unless given another: retries
+for up to 60 seconds, pauses of at most 2 seconds."""
 
 NO_RETRY = RetryPolicy(max_attempts=1)
 """No retries: every transient failure is raised at once."""
@@ -93,7 +151,8 @@ class Phase(Enum):
     ACQUIRE = "acquire"  # getting a connection from the pool: nothing was sent
     BEGIN = "begin"  # BEGIN: nothing was done
     CALL = "call"  # the function call: COMMIT was not sent, so nothing committed
-    COMMIT = "commit"  # COMMIT was sent: a broken connection leaves the outcome unknown
+    COMMIT = "commit"  # COMMIT was sent: a broken connection or the driver's timeout leaves
+    # the outcome unknown (an error the server answered to COMMIT means it rolled back)
 
 
 ROLLED_BACK_SQLSTATES = frozenset({"40001", "40P01"})
@@ -115,6 +174,23 @@ def sqlstate_of(exc: BaseException) -> str | None:
 def is_rolled_back(exc: BaseException) -> bool:
     """Serialization failure or deadlock: the server rolled back; any call may be retried."""
     return sqlstate_of(exc) in ROLLED_BACK_SQLSTATES
+
+
+TIMEOUT_SQLSTATES = frozenset({"57014", "55P03"})
+"""query_canceled (statement_timeout, or a cancel request such as pg_cancel_backend),
+lock_not_available (lock_timeout): the server ended the statement with an error, so its
+transaction rolled back (none of the tokentrack functions catches either)."""
+
+
+def is_timeout(exc: BaseException, phase: Phase, connection_closed: bool) -> bool:
+    """The server cancelled the statement, or the driver's timeout expired on a connection
+    that is still open (a ``TimeoutError`` while getting a connection is a connection
+    failure: the server could not be reached in time)."""
+    if connection_closed:
+        return False
+    if sqlstate_of(exc) in TIMEOUT_SQLSTATES:
+        return True
+    return isinstance(exc, TimeoutError) and phase is not Phase.ACQUIRE
 
 
 def is_connection_failure(exc: BaseException, connection_closed: bool) -> bool:

@@ -26,6 +26,7 @@ from client_fixtures import (
 )
 from sqlkit import assert_reconciled, new_account, period
 from tokentrack_client import (
+    CallTimeout,
     DatabaseError,
     InsufficientTokens,
     ReportCancelled,
@@ -174,3 +175,59 @@ async def test_the_statement_cache_is_the_trap_and_the_error_says_so(
     assert errors, "named prepared statements unexpectedly survived transaction pooling"
     assert all("statement_cache_size=0" in str(e) for e in errors)
     assert {e.sqlstate for e in errors} <= {"26000", "42P05"}
+
+
+async def keep_session(connection: asyncpg.Connection) -> None:
+    """A pool reset that resets nothing (asyncpg's default runs RESET ALL, which would hide a
+    setting that a call left behind)."""
+
+
+async def test_a_timeout_through_pgbouncer_stays_inside_its_transaction(
+    pgbouncer: PgBouncer, db_dsn: str, conn: asyncpg.Connection, connect: Any
+) -> None:
+    """The tracker's timeout is SET LOCAL in the call's transaction: it ends the blocked call
+    and leaves nothing on the server connection that PgBouncer hands to the next client."""
+    account = await new_account(conn, 10_000)
+    pool = await asyncpg.create_pool(
+        pgbouncer.dsn(db_dsn), min_size=1, max_size=6, statement_cache_size=0, reset=keep_session
+    )
+    try:
+        tracker = TokenTracker(pool, retry=FAST_RETRY, timeout=0.3)
+        blocker = await connect()
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute(
+            "SELECT 1 FROM tokentrack.usage_periods WHERE account_id = $1 FOR UPDATE", account
+        )
+        try:
+            with pytest.raises(CallTimeout) as raised:
+                await tracker.increment_usage(account, 10)
+        finally:
+            await tx.rollback()
+        assert raised.value.sqlstate in ("57014", "55P03")
+        for _ in range(pgbouncer.pool_size):  # committed calls, on any server connection
+            await tracker.increment_usage(account, 10)
+
+        # Every server connection of PgBouncer at once (one open transaction each): none of
+        # them kept the calls' settings.
+        held = [await pool.acquire() for _ in range(pgbouncer.pool_size)]
+        seen, pids = set(), set()
+        try:
+            for client in held:
+                await client.execute("BEGIN")
+                pids.add(await client.fetchval("SELECT pg_backend_pid()"))
+            for client in held:
+                timeouts = (
+                    await client.fetchval("SHOW statement_timeout"),
+                    await client.fetchval("SHOW lock_timeout"),
+                )
+                seen.add(timeouts)
+        finally:
+            for client in held:
+                await client.execute("ROLLBACK")
+                await pool.release(client)
+    finally:
+        await pool.close()
+    assert len(pids) == pgbouncer.pool_size
+    assert seen == {("0", "0")}
+    assert (await period(conn, account))["tokens_used"] == 10 * pgbouncer.pool_size

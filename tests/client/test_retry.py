@@ -15,6 +15,7 @@ import pytest
 from client_fixtures import FAST_RETRY, FaultProxy, report_state, wait_for_backend
 from sqlkit import Connect, assert_reconciled, new_account, period
 from tokentrack_client import (
+    DEFAULT_RETRY,
     NO_RETRY,
     ConnectionLost,
     DatabaseError,
@@ -300,6 +301,43 @@ def test_backoff_is_bounded_exponential_and_jittered() -> None:
     assert policy.backoff_ceiling(10_000) == 1.0
 
 
+def test_the_default_policy_keeps_retrying_until_its_60_second_deadline() -> None:
+    """The issue: the defaults allowed at most 0.75 s of pauses (5 attempts) while the docs
+    said about 4 s; a 22 s outage ended the report's step in ConnectionLost."""
+    assert (DEFAULT_RETRY.deadline, DEFAULT_RETRY.max_attempts) == (60.0, None)
+    assert DEFAULT_RETRY.retry_timeouts is False
+    rng = random.Random(11)
+    elapsed, attempt, pauses = 0.0, 0, []
+    while (pause := DEFAULT_RETRY.pause_after(attempt + 1, elapsed, rng)) is not None:
+        attempt += 1
+        pauses.append(pause)
+        elapsed += pause  # attempts that fail at once (connection refused)
+    assert elapsed == pytest.approx(60.0)  # the last pause ends exactly at the deadline
+    assert max(pauses) <= DEFAULT_RETRY.max_delay
+    assert attempt > 30  # a server that is back is tried again within 2 s
+    assert sum(pauses[:-1]) < 60.0
+
+
+class TopDraw(random.Random):
+    """Draws the largest pause every time."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+def test_the_deadline_and_max_attempts_both_bound_the_retries() -> None:
+    policy = RetryPolicy(initial_delay=10.0, max_delay=10.0, deadline=1.0)
+    always_top = TopDraw()
+    assert policy.pause_after(1, 0.25, always_top) == pytest.approx(0.75)  # shortened
+    assert policy.pause_after(5, 1.0, always_top) is None  # the deadline has passed
+    counted = RetryPolicy(max_attempts=3, deadline=None)
+    assert counted.pause_after(2, 1e9) is not None
+    assert counted.pause_after(3, 0.0) is None
+    assert NO_RETRY.max_attempts == 1
+    assert NO_RETRY.pause_after(1, 0.0) is None
+    assert RetryPolicy(max_attempts=3).pause_after(3, 0.0) is None  # the count, within 60 s
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -307,6 +345,10 @@ def test_backoff_is_bounded_exponential_and_jittered() -> None:
         {"initial_delay": -1.0},
         {"max_delay": float("inf")},
         {"multiplier": 0.5},
+        {"deadline": -1.0},
+        {"deadline": float("nan")},
+        {"deadline": None},  # with max_attempts None: it would retry forever
+        {"retry_timeouts": 1},
     ],
 )
 def test_retry_policy_refuses_nonsense(kwargs: dict[str, Any]) -> None:

@@ -5,6 +5,9 @@
 ``bouncer_pool``    an asyncpg pool to ``db_dsn`` through ``pgbouncer`` (statement_cache_size=0).
 ``fault_proxy``     a TCP proxy in front of ``pg_server`` that can cut a connection right after
                     the server answered a COMMIT (the call committed; the client never hears).
+``own_server``      a PostgreSQL server of its own (session) with tokentrack installed, for
+                    tests that shut it down or change its settings; running at each test's
+                    start.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -24,8 +28,14 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from tokentrack_client import RetryPolicy, TokenTracker
-from tokentrack_client.testing import PostgresServer, free_port
+from tokentrack_client import RetryPolicy, TokenTracker, migrate
+from tokentrack_client.testing import (
+    PostgresServer,
+    PostgresServerError,
+    find_bindir,
+    free_port,
+    run_in_thread,
+)
 
 FAST_RETRY = RetryPolicy(max_attempts=6, initial_delay=0.01, max_delay=0.2)
 """Retries fast enough for tests, with the same shape as the default policy."""
@@ -43,6 +53,44 @@ def with_port(dsn: str, host: str, port: int) -> str:
 def tracker(pool: asyncpg.Pool[Any]) -> TokenTracker:
     """A TokenTracker over ``pool``."""
     return TokenTracker(pool, retry=FAST_RETRY)
+
+
+# --------------------------------------------------------------------------------------------
+# A server of the tests' own, to shut down
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OwnServer:
+    """A server started for these tests, and the URL of its database with tokentrack."""
+
+    server: PostgresServer
+    dsn: str
+
+
+@pytest.fixture(scope="session")
+def _own_server() -> Iterator[OwnServer]:
+    try:
+        find_bindir()
+    except PostgresServerError as exc:
+        pytest.skip(f"these tests start a server of their own: {exc}")
+    with PostgresServer(prefix="tokentrack-pg-own-") as server:
+
+        async def build() -> str:
+            dsn = await server.create_database("tokentrack_own")
+            await migrate.install(dsn)
+            return dsn
+
+        yield OwnServer(server, run_in_thread(build))
+
+
+@pytest.fixture
+def own_server(_own_server: OwnServer) -> OwnServer:
+    """A server of its own (never the session's shared one, whose other tests would fail
+    while it is down), started again if a previous test left it down."""
+    if not _own_server.server.running():
+        _own_server.server.restart()
+    return _own_server
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,8 +5,9 @@ a free 127.0.0.1 port (its unix socket inside that directory, trust authenticati
 on :meth:`~PostgresServer.stop` shuts it down and removes the directory. PostgreSQL refuses
 to run as root, so when run as root the server programs run as the ``postgres`` OS user
 (``runuser``) on a directory handed to that user. It can also be crashed
-(:meth:`~PostgresServer.kill`, SIGKILL to every server process) and started again
-(:meth:`~PostgresServer.restart`, crash recovery)::
+(:meth:`~PostgresServer.kill`, SIGKILL to every server process), shut down cleanly
+(:meth:`~PostgresServer.shutdown`, its directory kept) and started again
+(:meth:`~PostgresServer.restart`, after a kill with crash recovery)::
 
     from tokentrack_client.testing import PostgresServer
 
@@ -503,6 +504,14 @@ class PostgresServer:
                 raise PostgresServerError(f"postmaster {first[0]} of {self.datadir} still runs")
             lock.unlink()
         self._start()
+
+    def shutdown(self) -> None:
+        """Stop the server (fast shutdown: its sessions are ended) and keep its directory and
+        port, so that :meth:`restart` starts it again with its data: a server that is down for
+        as long as the caller waits in between (a restart, a failover)."""
+        self._own("shut down")
+        if self.running():
+            self._pg_ctl_stop()
 
     def _pg_ctl_stop(self) -> None:
         for mode in ("fast", "immediate"):
