@@ -330,14 +330,19 @@ def build_parser() -> argparse.ArgumentParser:
         "cleanup",
         help="run the expiry sweep once and print what it expired and billed",
         description=(
-            "Bill and expire every active reservation past its expiry: "
-            "tokentrack.cleanup_expired_reservations() in one transaction, or with "
-            "--batch-size N in batches of N, each committed on its own."
+            "Bill and expire every active reservation past its expiry, in batches of N "
+            "reservations, each committed on its own (tokentrack.expire_reservations(N), as "
+            "CALL tokentrack.sweep_expired_reservations(N) does), until a batch finds nothing "
+            "due; no period stays locked for longer than one batch."
         ),
     )
     clean.set_defaults(run=_cleanup)
     clean.add_argument(
-        "--batch-size", type=_positive, metavar="N", help="commit every N reservations"
+        "--batch-size",
+        type=_positive,
+        default=sweep.DEFAULT_BATCH_SIZE,
+        metavar="N",
+        help=f"reservations per committed batch (default {sweep.DEFAULT_BATCH_SIZE})",
     )
     _json(clean, "the totals")
     _add_database_url(clean)
@@ -349,7 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Schedule CALL tokentrack.sweep_expired_reservations(N) through pg_cron under a "
             "fixed job name. pg_cron must be installed and in shared_preload_libraries; its "
-            "database is cron.database_name (the job runs in the tokentrack database)."
+            "database is cron.database_name (the job runs in the tokentrack database). Works "
+            "for a role that is not a superuser (the database owner) with USAGE on schema cron "
+            "(and EXECUTE on cron.schedule_in_database when pg_cron lives in another "
+            "database); where pg_cron is not installed, loaded, created or usable by the role, "
+            "says which on one line and exits 2."
         ),
     )
     cron.set_defaults(run=_cron)
@@ -360,8 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             f"Create or update the pg_cron job (default '{sweep.DEFAULT_SCHEDULE}', every 2 "
             "hours); an identical job is left unchanged. Creates the pg_cron extension in "
-            "cron.database_name when it is loaded but not created. Exits 2 when pg_cron is "
-            "not installed or not loaded, unless --if-available."
+            "cron.database_name when it is loaded but not created (which needs a superuser). "
+            "Exits 2 when pg_cron is not installed, loaded, created or usable by the role, "
+            "unless --if-available."
         ),
     )
     cron_install.add_argument(
@@ -397,12 +407,19 @@ def build_parser() -> argparse.ArgumentParser:
         action.add_argument(
             "--cron-database-url",
             metavar="URL",
-            help="the database where pg_cron lives (default: the same URL with cron.database_name)",
+            help=(
+                "the database where pg_cron lives (default: the same URL with "
+                "cron.database_name; postgres when the role may not read that setting and "
+                "pg_cron is not in this database)"
+            ),
         )
         action.add_argument(
             "--if-available",
             action="store_true",
-            help="exit 0 with a notice when pg_cron is not installed or not loaded",
+            help=(
+                "exit 0 with a notice when pg_cron is not installed, loaded, created or usable "
+                "by this role"
+            ),
         )
         _add_database_url(action)
     return parser

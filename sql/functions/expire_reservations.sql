@@ -20,7 +20,10 @@
 --   serves by a range scan of the due reservations only (ORDER BY id would walk the whole
 --   primary key, every reservation ever made, to find the due ones).
 -- Runs with the caller's transaction: cleanup_expired_reservations() calls it once for all;
---   sweep_expired_reservations() calls it per batch and commits in between.
+--   sweep_expired_reservations() and `tokentrack cleanup` call it per batch, committing in
+--   between, until a batch expires nothing ('expired' 0: nothing was due at its now()). A
+--   short batch does not mean nothing is left: rows billed by a concurrent finalize drop out,
+--   and reservations that came due after the batch's now() are not in it.
 -- Errors: 25000 when run under REPEATABLE READ or SERIALIZABLE (READ COMMITTED only, see
 --   docs/REVIEW.md); 22023 a p_limit below 1.
 CREATE OR REPLACE FUNCTION tokentrack.expire_reservations(p_limit integer)

@@ -17,6 +17,9 @@
 --   that reservation and reserves nothing more.
 -- Refusals (success false, nothing written), checked in this order: account_not_found,
 --   report_account_mismatch, no_active_period, report_finalized, insufficient_tokens.
+--   report_finalized's message says which case it is: the report has an outcome; its
+--   reservation is completed (billed by finalize); expired (billed by the sweep); or active but
+--   past expires_at (holds nothing, not billed yet: the sweep will bill it).
 -- Errors: 25000 when run under REPEATABLE READ or SERIALIZABLE (READ COMMITTED only, see
 --   docs/REVIEW.md); 22004 a NULL argument; 22023 a non-positive estimate.
 -- Assumes READ COMMITTED (each statement sees what committed before it): the reservation sum
@@ -103,12 +106,24 @@ BEGIN
                 'existing', true
             );
         END IF;
+        -- report_finalized in each case (the report's one reservation is used up: an expired
+        -- one holds nothing, whether or not the sweep has run), with a message that says which.
         RETURN pg_catalog.jsonb_build_object(
             'success', false, 'error', 'report_finalized',
-            'message', pg_catalog.format(
-                'report %s was already billed (its reservation is %s)', p_report_id,
-                CASE WHEN v_reservation.status = 'active' THEN 'expired' ELSE v_reservation.status END
-            )
+            'message', CASE v_reservation.status
+                WHEN 'completed' THEN pg_catalog.format(
+                    'report %s was already billed (its reservation is completed)', p_report_id
+                )
+                WHEN 'expired' THEN pg_catalog.format(
+                    'report %s was already billed by the expiry sweep (its reservation expired at %s)',
+                    p_report_id, v_reservation.expires_at
+                )
+                ELSE pg_catalog.format(
+                    'report %s cannot be reserved again: its reservation expired at %s and holds '
+                    'nothing; the expiry sweep has not billed it yet and will bill its recorded steps',
+                    p_report_id, v_reservation.expires_at
+                )
+            END
         );
     END IF;
     IF v_report.status IN ('complete', 'failed', 'cancelled') THEN

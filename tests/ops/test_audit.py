@@ -25,7 +25,12 @@ async def test_baseline_of_a_fresh_database_has_zero_figures(db_dsn: str, tmp_pa
         "tokens_limit": 0,
         "reports_count": 0,
     }
-    assert figures["versions"] == ["20251219000000", "20260108000000", "20261201000000"]
+    assert figures["versions"] == [
+        "20251219000000",
+        "20260108000000",
+        "20261201000000",
+        "20261202000000",
+    ]
     assert "password" not in json.dumps(figures)
 
     same = await tokentrack("audit", "compare", str(out), "--database-url", db_dsn)
@@ -70,15 +75,15 @@ async def test_baseline_of_a_history_measures_what_was_built(
 async def test_compare_passes_across_rollback_and_reinstall_of_version_2(
     history_dsn: str, tmp_path: Path
 ) -> None:
-    """The deploy story: applying or rolling back versions 2 and 3 (health()) leaves the usage
-    periods alone; baseline and compare work without health() (it is not installed before the
-    deploy)."""
+    """The deploy story: applying or rolling back versions 2, 3 (health()) and 4 (the guard on
+    billed steps) leaves the usage periods alone; baseline and compare work without health()
+    (it is not installed before the deploy)."""
     out = tmp_path / "baseline.json"
     assert (
         await tokentrack("audit", "baseline", "--out", str(out), "--database-url", history_dsn)
     ).code == 0
     rolled_back = await tokentrack(
-        "migrate", "rollback", "--steps", "2", "--database-url", history_dsn
+        "migrate", "rollback", "--steps", "3", "--database-url", history_dsn
     )
     assert rolled_back.code == 0, rolled_back
     after_rollback = await tokentrack("audit", "compare", str(out), "--database-url", history_dsn)

@@ -14,10 +14,12 @@ import asyncio
 import json
 import time
 import uuid
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from ops_history import call, tokentrack
+from ops_history import CliResult, call, tokentrack
+from sqlkit import race_a_short_batch
 from tokentrack_client import migrate
 from tokentrack_client.testing import PostgresServer
 
@@ -77,9 +79,10 @@ async def test_cleanup_expires_and_bills_what_was_left(history_dsn: str) -> None
     account, tokens, steps = await _seed_expired(history_dsn, 4)
     result = await tokentrack("cleanup", "--database-url", history_dsn)
     assert result.code == 0, result
+    # One batch of (at most) 50, then one that finds nothing due.
     assert result.out == (
         f"cleanup: expired 4 reservation(s), billed {tokens} tokens ({steps} step(s))"
-        " in 1 transaction(s)\n"
+        " in 2 transaction(s)\n"
     )
     assert await _state(history_dsn, account) == (0, tokens, True)
     again = await tokentrack("cleanup", "--json", "--database-url", history_dsn)
@@ -94,9 +97,38 @@ async def test_cleanup_in_batches_commits_each(db_dsn: str) -> None:
         "expired": 5,
         "billed_tokens": tokens,
         "steps": steps,
-        "batches": 3,
+        "batches": 4,
     }
     assert await _state(db_dsn, account) == (0, tokens, True)
+
+
+async def test_cleanup_commits_in_batches_of_50_by_default(db_dsn: str) -> None:
+    """Point 9 of issue #11: without --batch-size, cleanup swept everything in one
+    transaction (cleanup_expired_reservations), locking every affected period until the end."""
+    account, tokens, steps = await _seed_expired(db_dsn, 120)
+    result = await tokentrack("cleanup", "--json", "--database-url", db_dsn)
+    assert result.code == 0, result
+    assert json.loads(result.out) == {
+        "expired": 120,
+        "billed_tokens": tokens,
+        "steps": steps,
+        "batches": 4,  # 50, 50, 20, and one that found nothing due
+    }
+    assert await _state(db_dsn, account) == (0, tokens, True)
+
+
+async def test_cleanup_goes_on_after_a_batch_shortened_by_a_concurrent_finalize(
+    db_dsn: str,
+) -> None:
+    """Point 9 of issue #11: cleanup stopped after a batch that expired fewer than its size,
+    leaving a due reservation active (race_a_short_batch asserts none is left)."""
+    result = await race_a_short_batch(
+        db_dsn,
+        lambda: tokentrack("cleanup", "--batch-size", "2", "--json", "--database-url", db_dsn),
+    )
+    assert isinstance(result, CliResult)
+    assert result.code == 0, result
+    assert json.loads(result.out) == {"expired": 2, "billed_tokens": 6, "steps": 2, "batches": 3}
 
 
 async def test_cleanup_errors(empty_db_dsn: str) -> None:
@@ -247,3 +279,151 @@ async def test_cron_install_refuses_a_database_without_tokentrack(
     assert result.err.startswith(
         "tokentrack: error: tokentrack.sweep_expired_reservations(integer) not found"
     )
+
+
+# --------------------------------------------------------------------------------------------
+# cron as a role that is not a superuser
+# --------------------------------------------------------------------------------------------
+
+SCHEDULE_IN_DATABASE = "cron.schedule_in_database(text,text,text,text,text,boolean)"
+
+
+def _as(dsn: str, role: str) -> str:
+    """``dsn`` logging in as ``role`` (trust authentication on the test servers)."""
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port}"))
+
+
+async def _admin(dsn: str, *statements: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+def _one_line(result: CliResult, prefix: str) -> None:
+    assert result.err.startswith(prefix), result
+    assert result.err.count("\n") == 1, result
+    assert "pg_read_all_settings" not in result.err, result
+
+
+async def test_cron_as_a_non_superuser_where_pg_cron_is_not_loaded(db_dsn: str) -> None:
+    """Point 3 of issue #11: a role that may not read shared_preload_libraries got that
+    error from every cron command (exit 2), `cron remove --if-available` (the first line of
+    the rollback blocks) included. The session server does not preload pg_cron."""
+    role = f"tt_cron_{uuid.uuid4().hex[:10]}"
+    await _admin(db_dsn, f"CREATE ROLE {role} LOGIN", f"GRANT tokentrack_service TO {role}")
+    try:
+        dsn = _as(db_dsn, role)
+        for action in ("install", "status", "remove"):
+            refused = await tokentrack("cron", action, "--database-url", dsn)
+            assert refused.code == 2, refused
+            _one_line(refused, "tokentrack: error: pg_cron is installed but not loaded")
+            tolerant = await tokentrack("cron", action, "--if-available", "--database-url", dsn)
+            assert (tolerant.code, tolerant.out) == (0, ""), tolerant
+            _one_line(tolerant, "tokentrack: notice: pg_cron is installed but not loaded")
+    finally:
+        await _admin(db_dsn, f"DROP OWNED BY {role}", f"DROP ROLE {role}")
+
+
+async def test_cron_works_for_a_non_superuser_database_owner(
+    cron_server: PostgresServer,
+) -> None:
+    """Point 3 of issue #11. The owner of the tokentrack database, no superuser, with pg_cron
+    in database postgres (cron.database_name): each missing grant is named on one line (exit
+    2, or exit 0 with --if-available), then with USAGE on schema cron and EXECUTE on
+    cron.schedule_in_database (pg_cron revokes it from PUBLIC) it installs the job, pg_cron
+    runs the sweep as that owner, and it removes the job. A non-superuser in pg_cron's own
+    database needs only USAGE (cron.schedule)."""
+    home = cron_server.dsn("postgres")
+    owner = f"tt_cron_owner_{uuid.uuid4().hex[:8]}"
+    member = f"tt_cron_member_{uuid.uuid4().hex[:8]}"
+    database = f"tt_owned_{uuid.uuid4().hex[:8]}"
+    await _admin(
+        home,
+        "CREATE EXTENSION IF NOT EXISTS pg_cron",
+        f"CREATE ROLE {owner} LOGIN CREATEROLE NOSUPERUSER",
+        f"CREATE DATABASE {database} OWNER {owner}",
+    )
+    app = _as(cron_server.dsn(database), owner)
+    try:
+        await migrate.install(app)
+
+        status = await tokentrack("cron", "status", "--database-url", app)
+        assert status.code == 2, status
+        _one_line(status, "tokentrack: error: pg_cron 1.")
+        assert f"GRANT USAGE ON SCHEMA cron TO {owner} in database postgres" in status.err
+        rollback_first_line = await tokentrack(
+            "cron", "remove", "--if-available", "--database-url", app
+        )
+        assert rollback_first_line.code == 0, rollback_first_line
+        _one_line(rollback_first_line, "tokentrack: notice: pg_cron 1.")
+
+        await _admin(home, f"GRANT USAGE ON SCHEMA cron TO {owner}")
+        refused = await tokentrack("cron", "install", "--database-url", app)
+        assert refused.code == 2, refused
+        _one_line(refused, f"tokentrack: error: role {owner} may not EXECUTE")
+        assert f"GRANT EXECUTE ON FUNCTION {SCHEDULE_IN_DATABASE} TO {owner}" in refused.err
+        status = await tokentrack("cron", "status", "--database-url", app)
+        assert status.code == 0, status
+        assert json.loads(status.out)["job"] is None
+
+        await _admin(home, f"GRANT EXECUTE ON FUNCTION {SCHEDULE_IN_DATABASE} TO {owner}")
+        created = await tokentrack(
+            "cron", "install", "--schedule", "* * * * *", "--database-url", app
+        )
+        assert created.code == 0, created
+        assert f"in database {database} as {owner} (pg_cron " in created.out
+        again = await tokentrack(
+            "cron", "install", "--schedule", "* * * * *", "--database-url", app
+        )
+        assert " unchanged: " in again.out, again
+        [job] = [r for r in await _cron_rows(home) if r["database"] == database]
+        assert (job["jobname"], job["command"]) == ("tokentrack-expiry-sweep", SWEEP)
+
+        # pg_cron runs it as the owner (its smallest schedule in 1.4 is a minute).
+        account, tokens, _ = await _seed_expired(app, 2)
+        deadline = time.monotonic() + 150
+        while (state := await _state(app, account))[0] != 0:
+            assert time.monotonic() < deadline, f"pg_cron did not sweep in time: {state}"
+            await asyncio.sleep(0.5)
+        assert state == (0, tokens, True)
+        deadline = time.monotonic() + 30
+        while True:
+            data = json.loads((await tokentrack("cron", "status", "--database-url", app)).out)
+            if any(r["status"] == "succeeded" for r in data["runs"]):
+                break
+            assert time.monotonic() < deadline, data
+            await asyncio.sleep(0.2)
+        assert data["job"]["username"] == owner
+
+        removed = await tokentrack("cron", "remove", "--database-url", app)
+        assert removed.out == f"cron: removed job {job['jobid']} (tokentrack-expiry-sweep)\n"
+        assert [r for r in await _cron_rows(home) if r["database"] == database] == []
+
+        # In pg_cron's own database, USAGE on schema cron is all a non-superuser needs.
+        await migrate.install(home)
+        await _admin(
+            home,
+            f"CREATE ROLE {member} LOGIN NOSUPERUSER",
+            f"GRANT tokentrack_service TO {member}",
+            f"GRANT USAGE ON SCHEMA cron TO {member}",
+        )
+        local = _as(home, member)
+        here = await tokentrack("cron", "install", "--job-name", member, "--database-url", local)
+        assert here.code == 0, here
+        assert f"in database postgres as {member} (pg_cron " in here.out
+        gone = await tokentrack("cron", "remove", "--job-name", member, "--database-url", local)
+        assert gone.out.startswith("cron: removed job "), gone
+    finally:
+        await _admin(
+            home,
+            f"DELETE FROM cron.job WHERE username IN ('{owner}', '{member}')",
+            f"DROP DATABASE IF EXISTS {database} WITH (FORCE)",
+            f"DROP OWNED BY {owner}",
+            f"DROP ROLE {owner}",
+            f"DO $$ BEGIN IF EXISTS (SELECT FROM pg_roles WHERE rolname = '{member}') THEN"
+            f" DROP OWNED BY {member}; DROP ROLE {member}; END IF; END $$",
+        )

@@ -21,7 +21,7 @@ from tokentrack_client.ops._common import OpsError
 from tokentrack_client.ops.verify import verify
 from tokentrack_client.testing import PostgresServer
 
-V1, V2, V3 = "20251219000000", "20260108000000", "20261201000000"
+V1, V2, V3, V4 = "20251219000000", "20260108000000", "20261201000000", "20261202000000"
 
 
 async def _verify(dsn: str, *extra: str) -> tuple[int, dict[str, dict[str, object]], str]:
@@ -49,7 +49,7 @@ async def test_the_committed_catalog_is_what_a_clean_install_gives(
         "(python -m tokentrack_client.ops.catalog) and commit the result"
     )
     versions = json.loads(committed)["versions"]
-    assert list(versions) == [V1, V2, V3]
+    assert list(versions) == [V1, V2, V3, V4]
     assert "tokentrack.health(integer)" in versions[V3]["catalog"]["routines"]
     assert "tokentrack.health(integer)" not in versions[V2]["catalog"]["routines"]
     assert "report_reservations" not in versions[V1]["catalog"]["tables"]
@@ -285,12 +285,20 @@ async def test_verify_names_a_function_edited_by_hand(history_dsn: str) -> None:
     assert "edited by hand in the database?" in human.out
 
 
-async def test_verify_after_rolling_back_versions_3_and_2(db_dsn: str) -> None:
+async def test_verify_after_rolling_back_versions_4_3_and_2(db_dsn: str) -> None:
     rolled = await tokentrack("migrate", "rollback", "--steps", "1", "--database-url", db_dsn)
     assert rolled.code == 0, rolled
     code, checks, _ = await _verify(db_dsn)
     assert code == 1
-    assert checks["routines"]["problems"] == ["function tokentrack.health(integer) is missing"]
+    assert checks["routines"]["problems"] == [
+        "function tokentrack.report_step_usage_billed_is_immutable() is missing"
+    ]
+    assert (await tokentrack("verify", "--upto", V3, "--database-url", db_dsn)).code == 0
+    rolled = await tokentrack("migrate", "rollback", "--steps", "1", "--database-url", db_dsn)
+    assert rolled.code == 0, rolled
+    code, checks, _ = await _verify(db_dsn)
+    assert code == 1
+    assert "function tokentrack.health(integer) is missing" in checks["routines"]["problems"]  # type: ignore[operator]
     assert (await tokentrack("verify", "--upto", V2, "--database-url", db_dsn)).code == 0
     rolled = await tokentrack("migrate", "rollback", "--steps", "1", "--database-url", db_dsn)
     assert rolled.code == 0, rolled
@@ -299,6 +307,7 @@ async def test_verify_after_rolling_back_versions_3_and_2(db_dsn: str) -> None:
     assert checks["versions"]["problems"] == [
         "version 20260108000000_antifragile_token_tracking is not applied",
         "version 20261201000000_health is not applied",
+        "version 20261202000000_immutable_billed_steps is not applied",
     ]
     assert checks["tables"]["problems"] == [
         "table tokentrack.report_reservations is missing",
@@ -317,6 +326,7 @@ async def test_verify_upto_fails_while_the_later_version_is_applied(db_dsn: str)
         f"version {V2}_antifragile_token_tracking is applied but --upto {V1} expects it rolled"
         " back",
         f"version {V3}_health is applied but --upto {V1} expects it rolled back",
+        f"version {V4}_immutable_billed_steps is applied but --upto {V1} expects it rolled back",
     ]
     assert (
         "tokentrack.health(integer) exists but its version is not applied"

@@ -15,7 +15,7 @@ import pytest
 
 from plpgsql_lint import PACKAGE, check_functions, extension_available
 
-# Every PL/pgSQL routine of every version: the API, the helpers, the trigger, the sweep and
+# Every PL/pgSQL routine of every version: the API, the helpers, the triggers, the sweep and
 # the monitoring figures.
 EXPECTED = {
     "tokentrack.increment_usage(uuid,integer,boolean,boolean)",
@@ -33,6 +33,7 @@ EXPECTED = {
     "tokentrack.reconcile(uuid)",
     "tokentrack.require_read_committed(text)",
     "tokentrack.health(integer)",
+    "tokentrack.report_step_usage_billed_is_immutable()",
 }
 
 

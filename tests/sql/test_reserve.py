@@ -151,6 +151,36 @@ async def test_refused_report_finalized_when_its_reservation_expired(
     assert (answer["success"], answer["error"]) == (False, "report_finalized")
 
 
+async def test_report_finalized_says_whether_the_sweep_billed_the_reservation(
+    conn: asyncpg.Connection,
+) -> None:
+    """Point 10 of issue #11: a reservation past expiry that the sweep has not billed yet was
+    called "already billed". Same code in every case; the message says which case it is."""
+    account = await new_account(conn)
+    report, _ = await reserve(conn, account, 10)
+    await step(conn, report, account, "AN0", 2, 2)
+    await expire(conn, report)
+    before = await counts(conn)
+    pending = await call(conn, "try_reserve_tokens", account, report, 10)
+    assert (pending["success"], pending["error"]) == (False, "report_finalized")
+    assert "already billed" not in pending["message"]
+    assert "the expiry sweep has not billed it yet" in pending["message"]
+    assert "holds nothing" in pending["message"]
+    assert await counts(conn) == before
+
+    assert (await call(conn, "cleanup_expired_reservations"))["expired"] == 1
+    swept = await call(conn, "try_reserve_tokens", account, report, 10)
+    assert (swept["success"], swept["error"]) == (False, "report_finalized")
+    assert swept["message"].startswith(f"report {report} was already billed by the expiry sweep")
+
+    done, _ = await reserve(conn, account, 10)
+    await call(conn, "finalize_report_usage", done, account)
+    finalized = await call(conn, "try_reserve_tokens", account, done, 10)
+    assert finalized["message"] == (
+        f"report {done} was already billed (its reservation is completed)"
+    )
+
+
 async def test_expired_reservations_hold_nothing_before_the_sweep(
     conn: asyncpg.Connection,
 ) -> None:

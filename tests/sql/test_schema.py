@@ -24,9 +24,16 @@ PUBLIC_API = {
     "health(integer)",
 }
 
-# Functions that run with the caller's rights: the replaceable account hook, the ledger's
-# trigger function, and the batched sweep (a procedure that commits cannot be SECURITY DEFINER).
-INVOKER_RIGHTS = ("current_account_id", "usage_ledger_is_append_only", "sweep_expired_reservations")
+# Functions that run with the caller's rights: the replaceable account hook, the trigger
+# functions of the ledger and of the billed steps (they only refuse, as the role that
+# changes the table), and the batched sweep (a procedure that commits cannot be SECURITY
+# DEFINER).
+INVOKER_RIGHTS = (
+    "current_account_id",
+    "usage_ledger_is_append_only",
+    "report_step_usage_billed_is_immutable",
+    "sweep_expired_reservations",
+)
 
 
 async def test_dba_post_deploy_checks_pass_verbatim(conn: asyncpg.Connection) -> None:

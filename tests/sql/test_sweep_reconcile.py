@@ -16,6 +16,7 @@ from sqlkit import (
     expire,
     new_account,
     period,
+    race_a_short_batch,
     reserve,
     step,
 )
@@ -121,7 +122,8 @@ async def test_batched_sweep_commits_per_batch_and_expires_everything(
         await sweeper.execute("CALL tokentrack.sweep_expired_reservations(2)")
     finally:
         await sweeper.close()
-    assert notices == ["tokentrack sweep: 5 reservations expired, 20 tokens billed, 3 batches"]
+    # 2, 2, 1, then a batch that finds nothing due ends it.
+    assert notices == ["tokentrack sweep: 5 reservations expired, 20 tokens billed, 4 batches"]
     assert (
         await conn.fetchval(
             "SELECT count(*) FROM tokentrack.report_reservations WHERE status = 'expired'"
@@ -129,6 +131,23 @@ async def test_batched_sweep_commits_per_batch_and_expires_everything(
         == 5
     )
     await assert_reconciled(conn)
+
+
+async def test_batched_sweep_goes_on_after_a_batch_shortened_by_a_concurrent_finalize(
+    db_dsn: str,
+) -> None:
+    """Point 9 of issue #11: the procedure stopped after a batch that expired fewer than its
+    size, leaving a due reservation active."""
+    notices: list[str] = []
+    sweeper = await asyncpg.connect(db_dsn)
+    try:
+        sweeper.add_log_listener(lambda _c, msg: notices.append(msg.message))
+        await race_a_short_batch(
+            db_dsn, lambda: sweeper.execute("CALL tokentrack.sweep_expired_reservations(2)")
+        )
+    finally:
+        await sweeper.close()
+    assert notices == ["tokentrack sweep: 2 reservations expired, 6 tokens billed, 3 batches"]
 
 
 async def test_batched_sweep_refuses_to_run_inside_a_transaction(conn: asyncpg.Connection) -> None:
@@ -191,9 +210,13 @@ async def test_reconcile_finds_a_billed_step_changed_behind_its_ledger_row(
     report, _ = await reserve(conn, account)
     await step(conn, report, account, "AN0", 10, 10)
     await call(conn, "finalize_report_usage", report, account)
+    # Behind the guard on billed steps (version 20261202000000), as only the owner can.
+    guard = "TRIGGER report_step_usage_billed_immutable"
+    await conn.execute(f"ALTER TABLE tokentrack.report_step_usage DISABLE {guard}")
     await conn.execute(
         "UPDATE tokentrack.report_step_usage SET total_tokens = 99 WHERE report_id = $1", report
     )
+    await conn.execute(f"ALTER TABLE tokentrack.report_step_usage ENABLE {guard}")
     [found] = (await call(conn, "reconcile", account))["discrepancies"]
     assert (found["check"], found["expected"], found["actual"]) == ("ledger_entry", 20, 99)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -117,3 +119,79 @@ async def assert_reconciled(conn: asyncpg.Connection) -> None:
     """reconcile() over all accounts must be ok."""
     answer = await call(conn, "reconcile", None)
     assert answer["ok"] is True, answer["discrepancies"]
+
+
+async def race_a_short_batch(dsn: str, sweep: Callable[[], Awaitable[object]]) -> object:
+    """Run ``sweep`` (a sweep in batches of 2) so that its first batch comes out short while a
+    due reservation remains; return what ``sweep`` returned, after asserting that it left no
+    reservation active past its expiry.
+
+    Three reservations of one account, each with a step: R0 and R1 due, R2 due 1.5 s later.
+    A concurrent finalize of R1 holds R1's row lock; the sweep's first batch (R0, R1) waits
+    for it; once R2 has come due the finalize commits, so R1 drops out of the batch and the
+    batch expires 1 of 2. R2 was not due at that batch's now(): only a sweep that goes on
+    after a short batch bills it.
+    """
+    setup = await asyncpg.connect(dsn)
+    finalizer = await asyncpg.connect(dsn)
+    try:
+        account = await new_account(setup)
+        reports = []
+        for n in range(3):
+            report, answer = await reserve(setup, account, 10)
+            assert answer["success"] is True
+            assert (await step(setup, report, account, "AN0", n + 1, 1))["success"]
+            reports.append(report)
+        r0, r1, r2 = reports
+        for report, ago in ((r0, "2 hours"), (r1, "1 hour")):
+            await setup.execute(
+                "UPDATE tokentrack.report_reservations SET created_at = now() - interval"
+                " '3 hours', expires_at = now() - $2::text::interval WHERE report_id = $1",
+                report,
+                ago,
+            )
+        due_at = await setup.fetchval(
+            "UPDATE tokentrack.report_reservations SET created_at = now() - interval '3 hours',"
+            " expires_at = clock_timestamp() + interval '1.5 seconds' WHERE report_id = $1"
+            " RETURNING extract(epoch FROM expires_at)::float8",
+            r2,
+        )
+        holding = finalizer.transaction()
+        await holding.start()
+        finalized = await call(finalizer, "finalize_report_usage", r1, account)
+        assert finalized["success"] is True
+        running = asyncio.ensure_future(sweep())
+        deadline = time.monotonic() + 10
+        # The sweep's first batch waits for R1's row lock.
+        while not await setup.fetchval(
+            "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock' AND pid <> $1)",
+            finalizer.get_server_pid(),
+        ):
+            assert not running.done(), running.result()
+            assert time.monotonic() < deadline, "the sweep never waited for the finalize"
+            await asyncio.sleep(0.02)
+        # Commit once R2 has come due (by the server's clock), after the batch's now().
+        server_now = await setup.fetchval("SELECT extract(epoch FROM clock_timestamp())::float8")
+        await asyncio.sleep(max(0.0, due_at + 0.2 - server_now))
+        await holding.commit()
+        result = await asyncio.wait_for(running, 30)
+        left = await setup.fetch(
+            "SELECT report_id FROM tokentrack.report_reservations"
+            " WHERE status = 'active' AND expires_at <= now()"
+        )
+        assert left == [], f"the sweep left due reservations active: {left}"
+        statuses = await setup.fetch(
+            "SELECT report_id, status FROM tokentrack.report_reservations WHERE account_id = $1",
+            account,
+        )
+        assert {r["report_id"]: r["status"] for r in statuses} == {
+            r0: "expired",
+            r1: "completed",
+            r2: "expired",
+        }
+        await assert_reconciled(setup)
+        return result
+    finally:
+        await finalizer.close()
+        await setup.close()

@@ -1,9 +1,14 @@
 """``tokentrack cleanup`` and ``tokentrack cron install|remove|status``: the expiry sweep.
 
-``cleanup`` (:func:`run`) runs the sweep once: ``tokentrack.cleanup_expired_reservations()``
-(one transaction), or with ``--batch-size N`` batches of N reservations, each committed on its
-own (what ``CALL tokentrack.sweep_expired_reservations(N)`` does, with the totals returned).
-Each answer is read as the client reads it (:func:`tokentrack_client.answers.read_answer`,
+``cleanup`` (:func:`run`) runs the sweep once, in batches of ``--batch-size`` reservations
+(default 50, as the procedure), each committed on its own: ``tokentrack.expire_reservations(N)``
+per transaction, what ``CALL tokentrack.sweep_expired_reservations(N)`` does, with the totals
+returned. It goes on until a batch expires nothing; a short batch does not stop it (rows that
+a concurrent finalize billed drop out of a batch, and reservations come due while it runs).
+So no period stays locked for longer than one batch. It never calls
+``tokentrack.cleanup_expired_reservations()``, which sweeps everything in one transaction
+(its SQL contract stays, for callers that want exactly that). Each answer is read as the
+client reads it (:func:`tokentrack_client.answers.read_answer`,
 :class:`~tokentrack_client.SweepResult`).
 
 ``cron install`` schedules ``CALL tokentrack.sweep_expired_reservations(50)`` every 2 hours
@@ -12,15 +17,27 @@ later) upserts a named job on (job name, user), and an unchanged job is left alo
 lives in one database of the server (``cron.database_name``); when that is not the
 tokentrack database, the job is created there with ``cron.schedule_in_database`` (pg_cron
 1.4 and later), connecting with the same URL and that database name (or
-``--cron-database-url``). When pg_cron is not installed or not loaded, it says so and what
-to do, and schedules nothing.
+``--cron-database-url``).
+
+Everything works for a role that is not a superuser (the database owner), as pg_cron allows:
+a role with USAGE on schema ``cron`` schedules, sees and removes its own jobs (a job in
+another database also needs EXECUTE on ``cron.schedule_in_database``, which pg_cron revokes
+from PUBLIC). Such a role may not read ``shared_preload_libraries`` or pg_cron's settings
+(they need ``pg_read_all_settings``), so pg_cron is found without them
+(:func:`_locate`): ``pg_available_extensions`` (installed on the server), whether pg_cron's
+own superuser-only setting ``cron.database_name`` is defined (loaded), ``pg_extension`` and
+the privileges on schema ``cron`` (created and usable); pg_cron's database is
+``cron.database_name`` when readable, else this database when the extension is here, else
+``postgres`` (pg_cron's default), said so in every message. Where pg_cron is not installed,
+loaded, created or usable by the role, :class:`CronUnavailable` says which and what to do,
+on one line, and nothing is scheduled.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -36,12 +53,15 @@ DEFAULT_JOB_NAME: Final = "tokentrack-expiry-sweep"
 DEFAULT_SCHEDULE: Final = "0 */2 * * *"
 DEFAULT_BATCH_SIZE: Final = 50
 SWEEP_PROCEDURE: Final = "tokentrack.sweep_expired_reservations(integer)"
-_SWEEP_ALL: Final = "SELECT tokentrack.cleanup_expired_reservations()::text"
 _SWEEP_BATCH: Final = "SELECT tokentrack.expire_reservations($1)::text"
+_SCHEDULE_IN_DATABASE: Final = "cron.schedule_in_database(text,text,text,text,text,boolean)"
+_ALTER_JOB: Final = "cron.alter_job(bigint,text,text,text,text,boolean)"
+PG_CRON_DEFAULT_DATABASE: Final = "postgres"
 
 
 class CronUnavailable(OpsError):
-    """pg_cron is not installed or not loaded on the server: nothing was scheduled."""
+    """pg_cron is not installed, not loaded, not created, or not usable by this role on the
+    server: nothing was scheduled (``--if-available`` turns it into a notice)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -52,7 +72,7 @@ class CronUnavailable(OpsError):
 @dataclass(frozen=True)
 class SweepRun:
     """What one ``tokentrack cleanup`` run did: the sweep's :class:`SweepResult`, summed over
-    the ``batches`` transactions it took (1 without ``--batch-size``)."""
+    the ``batches`` transactions it took (the last one found nothing due)."""
 
     result: SweepResult
     batches: int
@@ -93,22 +113,22 @@ def _sum(results: list[SweepResult]) -> SweepResult:
     )
 
 
-async def run(dsn: str, *, batch_size: int | None = None) -> SweepRun:
-    """Run the expiry sweep once; with ``batch_size``, commit after every batch."""
-    if batch_size is not None and batch_size < 1:
+async def run(dsn: str, *, batch_size: int = DEFAULT_BATCH_SIZE) -> SweepRun:
+    """Run the expiry sweep once, committing after every batch of ``batch_size``, until a
+    batch expires nothing."""
+    if batch_size < 1:
         raise OpsError(f"--batch-size must be at least 1 (got {batch_size})")
     async with connected(dsn, "tokentrack cleanup") as conn:
         await require_installed(conn, table="report_reservations")
-        if batch_size is None:
-            return SweepRun(
-                await _sweep_once(conn, "cleanup_expired_reservations", _SWEEP_ALL), batches=1
-            )
         batches: list[SweepResult] = []
         while True:
             # Each call is its own transaction (autocommit), as in sweep_expired_reservations.
             batch = await _sweep_once(conn, "expire_reservations", _SWEEP_BATCH, batch_size)
             batches.append(batch)
-            if batch.expired < batch_size:
+            # Not `expired < batch_size`: a short batch can leave due reservations behind (a
+            # concurrent finalize took rows out of it while more came due). Bounded: every
+            # further batch expires at least one reservation.
+            if batch.expired == 0:
                 return SweepRun(_sum(batches), batches=len(batches))
 
 
@@ -166,10 +186,33 @@ class CronResult:
 
 @dataclass(frozen=True)
 class _CronSite:
+    """Where the job goes: the tokentrack database, pg_cron's database, pg_cron's version."""
+
     target_db: str
     cron_db: str
+    role: str
     version: str
     created_extension: bool
+
+
+@dataclass(frozen=True)
+class _Located:
+    """What :func:`_locate` found. ``known``: ``cron_db`` is pg_cron's database for sure
+    (cron.database_name, or the extension is there), not the assumed default."""
+
+    target_db: str
+    cron_db: str
+    role: str
+    known: bool
+
+    def assumed(self) -> str:
+        """The note for a message when ``cron_db`` is only pg_cron's default."""
+        if self.known:
+            return ""
+        return (
+            f" (role {self.role} may not read cron.database_name, so pg_cron's default database "
+            f"{self.cron_db} was assumed; pass --cron-database-url if pg_cron lives elsewhere)"
+        )
 
 
 def _with_database(dsn: str, dbname: str) -> str:
@@ -177,16 +220,43 @@ def _with_database(dsn: str, dbname: str) -> str:
     return urlunsplit(parts._replace(path="/" + quote(dbname, safe="")))
 
 
-async def _preloaded(conn: asyncpg.Connection) -> bool:
-    libraries = await conn.fetchval("SELECT current_setting('shared_preload_libraries')")
-    names = [name.strip().strip('"') for name in str(libraries).split(",")]
-    return "pg_cron" in names
+async def _setting(conn: asyncpg.Connection, name: str) -> tuple[str | None, bool]:
+    """(value, readable): the value is None for a setting that is not defined; readable is
+    False when this role may not read it (a superuser-only setting without
+    pg_read_all_settings)."""
+    try:
+        value = await conn.fetchval("SELECT pg_catalog.current_setting($1, true)", name)
+    except asyncpg.InsufficientPrivilegeError:
+        return None, False
+    return (None if value is None else str(value)), True
 
 
-async def _locate(conn: asyncpg.Connection) -> tuple[str, str]:
-    """(this database, pg_cron's database), or CronUnavailable with what to do."""
+async def _loaded(conn: asyncpg.Connection) -> tuple[bool | None, str | None]:
+    """(whether pg_cron is loaded, cron.database_name when this role may read it).
+
+    ``shared_preload_libraries`` answers when readable (superuser, pg_read_all_settings).
+    Otherwise pg_cron's own setting does: pg_cron defines ``cron.database_name`` as a
+    superuser-only setting when it is loaded, so being refused it means loaded and an
+    undefined one means not loaded. A value this role can read is a placeholder from
+    postgresql.conf or a pg_cron that lets everyone read it: not known (None), and the calls
+    that follow say what is wrong.
+    """
+    libraries, readable = await _setting(conn, "shared_preload_libraries")
+    database, database_readable = await _setting(conn, "cron.database_name")
+    if readable:
+        names = [name.strip().strip('"') for name in str(libraries or "").split(",")]
+        return "pg_cron" in names, database or PG_CRON_DEFAULT_DATABASE
+    if not database_readable:
+        return True, None
+    if database is None:
+        return False, None
+    return None, database
+
+
+async def _locate(conn: asyncpg.Connection) -> _Located:
+    """This database and pg_cron's, or CronUnavailable with what to do."""
     available = await conn.fetchrow(
-        "SELECT default_version FROM pg_available_extensions WHERE name = 'pg_cron'"
+        "SELECT default_version FROM pg_catalog.pg_available_extensions WHERE name = 'pg_cron'"
     )
     if available is None:
         raise CronUnavailable(
@@ -195,15 +265,25 @@ async def _locate(conn: asyncpg.Connection) -> tuple[str, str]:
             "shared_preload_libraries, restart, and run this again; or run `tokentrack cleanup` "
             "every 2 hours from another scheduler"
         )
-    if not await _preloaded(conn):
+    loaded, cron_db = await _loaded(conn)
+    if loaded is False:
         raise CronUnavailable(
             "pg_cron is installed but not loaded, so nothing was scheduled: add pg_cron to "
             "shared_preload_libraries (and set cron.database_name), restart the server, and run "
             "this again"
         )
-    target_db = str(await conn.fetchval("SELECT current_database()"))
-    cron_db = await conn.fetchval("SELECT current_setting('cron.database_name', true)")
-    return target_db, str(cron_db or "postgres")
+    row = await conn.fetchrow(
+        "SELECT pg_catalog.current_database()::text AS db, current_user::text AS role,"
+        " EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'pg_cron') AS here"
+    )
+    assert row is not None
+    target_db, role = str(row["db"]), str(row["role"])
+    if cron_db is not None:
+        return _Located(target_db, cron_db, role, known=True)
+    if row["here"]:
+        # pg_cron's extension script creates it only in cron.database_name.
+        return _Located(target_db, target_db, role, known=True)
+    return _Located(target_db, PG_CRON_DEFAULT_DATABASE, role, known=False)
 
 
 @asynccontextmanager
@@ -211,45 +291,73 @@ async def _cron_connection(
     dsn: str, cron_dsn: str | None, *, create_extension: bool
 ) -> AsyncIterator[tuple[asyncpg.Connection, _CronSite]]:
     async with connected(dsn, "tokentrack cron") as conn:
-        target_db, cron_db = await _locate(conn)
-        if cron_db == target_db and cron_dsn is None:
-            site = await _ensure_extension(conn, target_db, cron_db, create_extension)
+        where = await _locate(conn)
+        if where.cron_db == where.target_db and cron_dsn is None:
+            site = await _ensure_extension(conn, where, create_extension)
             yield conn, site
             return
-        async with connected(cron_dsn or _with_database(dsn, cron_db), "tokentrack cron") as cconn:
-            actual = str(await cconn.fetchval("SELECT current_database()"))
-            if actual != cron_db:
+        async with connected(
+            cron_dsn or _with_database(dsn, where.cron_db), "tokentrack cron"
+        ) as cconn:
+            actual = str(await cconn.fetchval("SELECT pg_catalog.current_database()::text"))
+            if where.known and actual != where.cron_db:
                 raise OpsError(
                     f"--cron-database-url points at database {actual}, but pg_cron runs in "
-                    f"{cron_db} (cron.database_name)"
+                    f"{where.cron_db} (cron.database_name)"
                 )
-            site = await _ensure_extension(cconn, target_db, cron_db, create_extension)
+            # An operator's --cron-database-url names pg_cron's database: no longer assumed.
+            where = replace(where, cron_db=actual, known=where.known or cron_dsn is not None)
+            site = await _ensure_extension(cconn, where, create_extension)
             yield cconn, site
 
 
-async def _ensure_extension(
-    conn: asyncpg.Connection, target_db: str, cron_db: str, create: bool
-) -> _CronSite:
-    version = await conn.fetchval("SELECT extversion FROM pg_extension WHERE extname = 'pg_cron'")
+async def _ensure_extension(conn: asyncpg.Connection, where: _Located, create: bool) -> _CronSite:
+    """pg_cron's version in ``where.cron_db`` (created first when ``create``), once this role
+    may use it; CronUnavailable otherwise."""
+    version = await conn.fetchval(
+        "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_cron'"
+    )
     created = False
     if version is None:
         if not create:
             raise CronUnavailable(
-                f"pg_cron is loaded but the extension is not created in database {cron_db}: "
-                "nothing is scheduled"
+                f"the pg_cron extension is not created in database {where.cron_db}"
+                f"{where.assumed()}, so no tokentrack job is scheduled there"
             )
         try:
             await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_cron")
         except asyncpg.PostgresError as exc:
-            raise OpsError(
-                f"cannot create extension pg_cron in database {cron_db}: {pg_error(exc)}; a "
-                "superuser must run CREATE EXTENSION pg_cron there"
+            raise CronUnavailable(
+                f"cannot create extension pg_cron in database {where.cron_db} as role "
+                f"{where.role}{where.assumed()}: {pg_error(exc)}; so nothing was scheduled: a "
+                f"superuser must run CREATE EXTENSION pg_cron there (and GRANT USAGE ON SCHEMA "
+                f"cron TO {where.role})"
             ) from exc
         version = await conn.fetchval(
-            "SELECT extversion FROM pg_extension WHERE extname = 'pg_cron'"
+            "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_cron'"
         )
         created = True
-    return _CronSite(target_db, cron_db, str(version), created)
+    usable = await conn.fetchval(
+        "SELECT pg_catalog.has_schema_privilege('cron', 'USAGE')"
+        " AND pg_catalog.has_table_privilege('cron.job', 'SELECT')"
+    )
+    if not usable:
+        raise CronUnavailable(
+            f"pg_cron {version} is in database {where.cron_db}, but role {where.role} may not "
+            "use it (no USAGE on schema cron), so it can neither see nor schedule jobs: an "
+            f"administrator must run GRANT USAGE ON SCHEMA cron TO {where.role} in database "
+            f"{where.cron_db}"
+        )
+    return _CronSite(where.target_db, where.cron_db, where.role, str(version), created)
+
+
+async def _may_execute(conn: asyncpg.Connection, signature: str) -> bool | None:
+    """Whether this role may EXECUTE ``signature``; None when pg_cron has no such function."""
+    allowed = await conn.fetchval(
+        "SELECT pg_catalog.has_function_privilege(pg_catalog.to_regprocedure($1), 'EXECUTE')",
+        signature,
+    )
+    return None if allowed is None else bool(allowed)
 
 
 async def _find_job(conn: asyncpg.Connection, job_name: str) -> CronJob | None:
@@ -309,6 +417,22 @@ async def install_cron(
             return CronResult(
                 "unchanged", before, site.cron_db, site.version, site.created_extension
             )
+        if site.target_db != site.cron_db:
+            allowed = await _may_execute(cconn, _SCHEDULE_IN_DATABASE)
+            if not allowed:
+                reason = (
+                    f"pg_cron {site.version} has no cron.schedule_in_database (pg_cron 1.4 and "
+                    "later have it)"
+                    if allowed is None
+                    else f"role {site.role} may not EXECUTE cron.schedule_in_database in "
+                    f"database {site.cron_db} (pg_cron revokes it from PUBLIC)"
+                )
+                raise CronUnavailable(
+                    f"{reason}, which a job in database {site.target_db} needs, so nothing was "
+                    f"scheduled: an administrator must run GRANT EXECUTE ON FUNCTION "
+                    f"{_SCHEDULE_IN_DATABASE} TO {site.role} there, or install tokentrack in "
+                    f"database {site.cron_db}"
+                )
         try:
             if site.target_db == site.cron_db:
                 await cconn.fetchval(
@@ -328,15 +452,37 @@ async def install_cron(
         if after is None:  # pragma: no cover - cron.schedule just wrote it
             raise OpsError("pg_cron did not record the job")
         if not after.active or after.database != site.target_db:
-            await cconn.execute(
-                "SELECT cron.alter_job($1, database => $2, active => true)",
-                after.jobid,
-                site.target_db,
-            )
-            after = await _find_job(cconn, job_name)
-            assert after is not None
+            after = await _repair(cconn, after, site, schedule, command)
         action = "created" if before is None else "updated"
         return CronResult(action, after, site.cron_db, site.version, site.created_extension)
+
+
+async def _repair(
+    conn: asyncpg.Connection, job: CronJob, site: _CronSite, schedule: str, command: str
+) -> CronJob:
+    """An upserted job left inactive or in another database (pg_cron's upsert keeps those):
+    cron.alter_job where this role may call it (pg_cron revokes it from PUBLIC), else the job
+    is unscheduled and scheduled again (a new jobid)."""
+    if await _may_execute(conn, _ALTER_JOB):
+        await conn.execute(
+            "SELECT cron.alter_job($1, database => $2, active => true)", job.jobid, site.target_db
+        )
+    else:
+        await conn.fetchval("SELECT cron.unschedule($1::bigint)", job.jobid)
+        if site.target_db == site.cron_db:
+            await conn.fetchval("SELECT cron.schedule($1, $2, $3)", job.jobname, schedule, command)
+        else:
+            await conn.fetchval(
+                "SELECT cron.schedule_in_database($1, $2, $3, $4)",
+                job.jobname,
+                schedule,
+                command,
+                site.target_db,
+            )
+    repaired = await _find_job(conn, job.jobname)
+    if repaired is None:  # pragma: no cover - just scheduled
+        raise OpsError("pg_cron did not record the job")
+    return repaired
 
 
 async def remove_cron(
