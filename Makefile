@@ -8,6 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 VENV_STAMP := $(VENV)/.installed
 STEPS ?= 1
+ARCHIVE ?=
 DURATION ?= 60
 SEED ?= 1
 PG_MAJOR := 15
@@ -50,9 +51,11 @@ install-sql: venv ## Install or upgrade the tokentrack SQL: make install-sql DAT
 	@test -n "$$DATABASE_URL" || { echo "make: DATABASE_URL=postgresql://... is required" >&2; exit 2; }
 	@$(BIN)/tokentrack migrate install
 
-rollback-sql: venv ## Roll back the newest STEPS versions (default 1): make rollback-sql DATABASE_URL=... STEPS=1
+rollback-sql: venv ## Roll back the newest STEPS versions (default 1); ARCHIVE=1 bills and archives their billing data: make rollback-sql DATABASE_URL=... STEPS=1 [ARCHIVE=1]
 	@test -n "$$DATABASE_URL" || { echo "make: DATABASE_URL=postgresql://... is required" >&2; exit 2; }
-	@$(BIN)/tokentrack migrate rollback --steps "$(STEPS)"
+	@case "$(ARCHIVE)" in 1) archive=--archive ;; ""|0) archive= ;; \
+	    *) echo "make: ARCHIVE must be 1 (bill and archive billing data) or 0, got '$(ARCHIVE)'" >&2; exit 2 ;; esac; \
+	    $(BIN)/tokentrack migrate rollback --steps "$(STEPS)" $$archive
 
 install-cron: venv ## Schedule the expiry sweep every 2 hours through pg_cron: make install-cron DATABASE_URL=...
 	@test -n "$$DATABASE_URL" || { echo "make: DATABASE_URL=postgresql://... is required" >&2; exit 2; }
