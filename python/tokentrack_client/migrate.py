@@ -4,7 +4,9 @@ SQL layout (see ``docs/INSTALL.md``)::
 
     sql/schema/<VERSION>_<name>.sql     one per version, VERSION is 14 digits (a UTC timestamp):
                                         tables, roles, policies, data changes; applied once
-    sql/rollback/<VERSION>_<name>.sql   exactly one per version, same file name, undoes it
+    sql/rollback/<VERSION>_<name>.sql   exactly one per version, same file name, undoes it;
+                                        a header line ``-- billing-tables: <tables> | none``
+                                        names the version's tables that hold billing data
     sql/functions/<function>.sql        the current definition of one function (CREATE OR
                                         REPLACE); a header line ``-- version: <VERSION>`` names
                                         the version that introduced it
@@ -45,8 +47,15 @@ key with ``pg_advisory_xact_lock`` so it cannot interleave with the migrator eit
 
 Each version is applied in one transaction: its schema file then its ``schema_migrations``
 row (the last pending version also carries the changed function files). A failure rolls that
-transaction back whole. The commands return what they did (:class:`InstallResult`,
-:class:`RollbackResult`, :class:`Status`) and print nothing; the CLI prints.
+transaction back whole.
+
+Billing data is never dropped silently: a rollback refuses to drop a declared billing table
+that holds rows, unless ``archive``, which bills the active reservations as the sweep does and
+keeps the rows in the schema :data:`ARCHIVE_SCHEMA`; the next install of the version moves
+them back in its transaction (see :func:`rollback` and :func:`_restore_sql`).
+
+The commands return what they did (:class:`InstallResult`, :class:`RollbackResult`,
+:class:`Status`) and print nothing; the CLI prints.
 """
 
 from __future__ import annotations
@@ -68,8 +77,8 @@ from tokentrack_client.connection import CommandError, describe_target, pg_error
 
 __all__ = [
     "ADVISORY_LOCK_KEY",
-    "BOOTSTRAP_SQL",
     "ARCHIVE_SCHEMA",
+    "BOOTSTRAP_SQL",
     "AppliedFunction",
     "ApplyError",
     "ConnectionFailed",
@@ -1438,7 +1447,9 @@ async def _rows(
     conn: asyncpg.Connection, version: MigrationVersion, tables: Sequence[str]
 ) -> list[TableRows]:
     return [
-        TableRows(version.version, t, int(await conn.fetchval(f"SELECT count(*) FROM tokentrack.{t}")))
+        TableRows(
+            version.version, t, int(await conn.fetchval(f"SELECT count(*) FROM tokentrack.{t}"))
+        )
         for t in tables
     ]
 
@@ -1747,8 +1758,9 @@ def render_sql(plan: InstallPlan | Sequence[MigrationVersion]) -> str:
 
     A sequence of versions means a database that has none of them: every function file of
     those versions is applied. Output: the bootstrap in its own transaction, then one
-    ``BEGIN; ... COMMIT;`` block per version holding its schema file and its
-    ``schema_migrations`` row; the last block also applies the function files with their
+    ``BEGIN; ... COMMIT;`` block per version holding its schema file (followed by the restore
+    of its archived billing rows, :func:`_restore_sql`, for a version with billing tables) and
+    its ``schema_migrations`` row; the last block also applies the function files with their
     ``schema_functions`` rows (a block of their own when no version is pending). Each block
     first takes the installer's advisory lock and refuses a version or function change that
     is already recorded. Run it with ``psql -v ON_ERROR_STOP=1 -f FILE``.

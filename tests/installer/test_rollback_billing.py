@@ -19,8 +19,6 @@ from typing import Any
 
 import asyncpg
 import pytest
-
-from sqlkit import call, step
 from test_functions import psql
 from test_install import (
     BOOKKEEPING,
@@ -33,12 +31,15 @@ from test_install import (
     run_cli,
     tokentrack_objects,
 )
+
+from sqlkit import call, step
 from tokentrack_client import migrate
 from tokentrack_client.ops import verify
 
 ARCHIVE = migrate.ARCHIVE_SCHEMA
 V2_TABLES = ("report_reservations", "report_step_usage")
 V1_TABLES = ("accounts", "usage_periods", "reports", "usage_ledger")
+ROOT = Path(__file__).resolve().parents[2]
 UNBILLED = 2234  # the issue's figure: (1000 + 200) + (800 + 234)
 
 
@@ -62,9 +63,7 @@ async def tell_the_story(dsn: str) -> Story:
         assert (await call(conn, "try_reserve_tokens", account, completed, 20_000))["success"]
         for name, tokens in (("outline", 4_000), ("draft", 7_000)):
             await step(conn, completed, account, name, tokens, 375)
-        assert (await call(conn, "finish_report", completed, account, "complete", None))[
-            "success"
-        ]
+        assert (await call(conn, "finish_report", completed, account, "complete", None))["success"]
         assert (await call(conn, "try_reserve_tokens", account, running, 20_000))["success"]
         await step(conn, running, account, "outline", 1_000, 200)
         await step(conn, running, account, "draft", 800, 234)
@@ -176,7 +175,7 @@ async def test_make_rollback_sql_refuses_and_archive_1_archives(
 ) -> None:
     """The Makefile target: refused by default (exit 2), ARCHIVE=1 passes --archive."""
     await tell_the_story(db_dsn)
-    root = Path(__file__).resolve().parents[2]
+    root = ROOT
 
     async def make(*args: str) -> tuple[int, str, str]:
         env = {k: v for k, v in os.environ.items() if k != "TOKENTRACK_SQL_DIR"}
@@ -194,7 +193,8 @@ async def test_make_rollback_sql_refuses_and_archive_1_archives(
     assert code == 2, out + err
     assert "refusing to roll back" in err
     code, out, err = await make("STEPS=2", "ARCHIVE=yes")
-    assert code == 2 and "ARCHIVE must be 1" in err
+    assert code == 2
+    assert "ARCHIVE must be 1" in err
     code, out, err = await make("STEPS=2", "ARCHIVE=1")
     assert code == 0, out + err
     assert f"billed 1 active reservation(s) of version {V2} as the sweep does" in out
@@ -265,7 +265,7 @@ async def test_archive_bills_once_and_reinstall_passes_reconcile_and_verify(db_d
     conn = await asyncpg.connect(db_dsn)
     try:
         late = await step(conn, story.running, story.account, "appendix", 10, 5)
-        assert late["success"] is True and late["late"] is True, late
+        assert (late["success"], late["late"]) == (True, True), late
         again = await call(conn, "finalize_report_usage", story.completed, story.account)
         assert again["already_finalized"] is True, again
         assert (await call(conn, "reconcile", None))["ok"] is True
@@ -330,9 +330,7 @@ async def test_rolling_back_everything_with_archive_keeps_version_1_data(db_dsn:
         ("usage_ledger", 3),  # the legacy increment, the completed report, the sweep's billing
     ]
     assert (await tokentrack_objects(db_dsn))[0] == BOOKKEEPING
-    assert f"archived 3 row(s) of tokentrack.usage_ledger in {ARCHIVE}" in "\n".join(
-        result.lines()
-    )
+    assert f"archived 3 row(s) of tokentrack.usage_ledger in {ARCHIVE}" in "\n".join(result.lines())
     v1_archive = await rows_of(db_dsn, ARCHIVE, V1_TABLES)
     assert set(v1_archive) == set(V1_TABLES)
 
@@ -386,7 +384,9 @@ async def test_archive_never_overwrites_another_archive_or_writes_into_a_foreign
         )
         stale = await run_cli("migrate", "rollback", "--steps", "2", "--archive", dsn=db_dsn)
         assert_one_line_error(
-            stale, f"{ARCHIVE}.report_step_usage already exists and holds 1 row(s)", "(nothing was changed)"
+            stale,
+            f"{ARCHIVE}.report_step_usage already exists and holds 1 row(s)",
+            "(nothing was changed)",
         )
         await conn.execute(
             f"DROP SCHEMA {ARCHIVE} CASCADE; CREATE ROLE tt_squatter;"
@@ -464,9 +464,7 @@ BILLING_MUTATIONS: dict[str, tuple[str, str, str]] = {
 
 
 @pytest.mark.parametrize("mutation", list(BILLING_MUTATIONS), ids=list(BILLING_MUTATIONS))
-def test_the_loader_validates_the_billing_tables_declaration(
-    mutation: str, tmp_path: Path
-) -> None:
+def test_the_loader_validates_the_billing_tables_declaration(mutation: str, tmp_path: Path) -> None:
     sql_dir = copy_sql(tmp_path)
     old, new, message = BILLING_MUTATIONS[mutation]
     _edit_v2_rollback(sql_dir, old, new)
@@ -497,4 +495,3 @@ async def test_install_refuses_a_declared_billing_table_it_did_not_create(
     assert [r["version"] for r in await migration_rows(empty_db_dsn)] == [
         v.version for v in VERSIONS
     ]
-
