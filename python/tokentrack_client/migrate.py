@@ -93,8 +93,8 @@ __all__ = [
     "MigrationVersion",
     "RollbackRefused",
     "RollbackResult",
+    "RollbackSweep",
     "RolledBackVersion",
-    "Settlement",
     "SqlFile",
     "SqlLayoutError",
     "Status",
@@ -380,13 +380,13 @@ class TableRows:
 
 
 @dataclass(frozen=True)
-class Settlement:
-    """What ``rollback --archive`` billed before archiving: the active reservations it
-    finalized as ``expired`` (as the sweep does), their recorded steps and tokens."""
+class RollbackSweep:
+    """What ``rollback --archive`` swept before archiving: every active reservation (due or
+    not) finalized as ``expired`` exactly as the sweep does; the fields of ``SweepResult``."""
 
-    reservations: int
+    expired: int
+    billed_tokens: int
     steps: int
-    tokens: int
 
 
 @dataclass(frozen=True)
@@ -450,7 +450,7 @@ class RolledBackVersion:
     """Function files whose previous recorded text was executed again."""
     dropped: tuple[str, ...]
     """Signatures dropped: introduced by this version, or no longer defined after the restore."""
-    billed: Settlement | None = None
+    billed: RollbackSweep | None = None
     """With ``archive``: what was billed before the rows were archived (None: nothing to bill)."""
     archived: tuple[TableRows, ...] = ()
     """With ``archive``: the rows copied into :data:`ARCHIVE_SCHEMA` before the tables went."""
@@ -477,9 +477,9 @@ class RollbackResult:
         for v in self.versions:
             if v.billed is not None:
                 out.append(
-                    f"billed {v.billed.reservations} active reservation(s) of version "
+                    f"billed {v.billed.expired} active reservation(s) of version "
                     f"{v.version} as the sweep does: {v.billed.steps} recorded step(s), "
-                    f"{v.billed.tokens} tokens"
+                    f"{v.billed.billed_tokens} tokens"
                 )
             out += [
                 f"archived {t.rows} row(s) of tokentrack.{t.table} in {ARCHIVE_SCHEMA}.{t.table}"
@@ -1518,7 +1518,7 @@ async def _check_billing_data(
         )
 
 
-async def _settle(conn: asyncpg.Connection) -> Settlement:
+async def _sweep_active(conn: asyncpg.Connection) -> RollbackSweep:
     """Bill every active reservation as the sweep bills an expired one (in the caller's
     transaction): every reservation row locked first, in the sweep's (expires_at, id) order,
     then finalized in (period_id, id) order so that periods are locked in ascending order."""
@@ -1527,7 +1527,7 @@ async def _settle(conn: asyncpg.Connection) -> Settlement:
         " WHERE rr.status = 'active' ORDER BY rr.expires_at, rr.id FOR UPDATE) AS due"
         " ORDER BY due.period_id, due.id"
     )
-    reservations = steps = tokens = 0
+    expired = steps = tokens = 0
     for record in ids:
         answer = json.loads(
             await conn.fetchval(
@@ -1535,10 +1535,10 @@ async def _settle(conn: asyncpg.Connection) -> Settlement:
             )
         )
         if not answer["already_finalized"]:
-            reservations += 1
+            expired += 1
             steps += int(answer["steps"])
             tokens += int(answer["billed_tokens"])
-    return Settlement(reservations, steps, tokens)
+    return RollbackSweep(expired=expired, billed_tokens=tokens, steps=steps)
 
 
 async def _archive(
@@ -1593,7 +1593,7 @@ async def _rollback_version(
         if restored is not None and restored.source is not None:
             restores.append(restored)
     current = version.rollback.relpath
-    billed: Settlement | None = None
+    billed: RollbackSweep | None = None
     archived: tuple[TableRows, ...] = ()
     try:
         async with conn.transaction():
@@ -1614,7 +1614,7 @@ async def _rollback_version(
                     await _check_archive_free(conn, version, tables)
                     if _RESERVATIONS in tables:
                         current = f"billing the active reservations of version {version.version}"
-                        billed = await _settle(conn)
+                        billed = await _sweep_active(conn)
                     current = f"archiving version {version.version}'s billing tables"
                     counted = [r for r in await _rows(conn, version, tables) if r.rows]
                     if counted:

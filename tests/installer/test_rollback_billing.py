@@ -275,7 +275,7 @@ async def test_archive_bills_once_and_reinstall_passes_reconcile_and_verify(db_d
     # A second round trip works the same way (the archive starts empty again).
     second = await migrate.rollback(db_dsn, steps=2, archive=True)
     assert [t.rows for t in second.versions[1].archived] == [2, 5]
-    assert second.versions[1].billed == migrate.Settlement(0, 0, 0)
+    assert second.versions[1].billed == migrate.RollbackSweep(0, 0, 0)
     await migrate.install(db_dsn)
     assert (await reconcile(db_dsn))["ok"] is True
 

@@ -236,7 +236,7 @@ def test_version_2_and_its_rollback_leave_version_1_intact(
                         await migrate.rollback(worked, steps=LATER)
                 rolled = await migrate.rollback(worked, steps=LATER, archive=True)
                 # The workload was settled: the archive has nothing left to bill.
-                assert rolled.versions[-1].billed in (None, migrate.Settlement(0, 0, 0))
+                assert rolled.versions[-1].billed in (None, migrate.RollbackSweep(0, 0, 0))
                 assert await state(worked) == left
                 assert await ledger_explains_usage(worked)
 
