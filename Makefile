@@ -11,6 +11,8 @@ VENV_STAMP := $(VENV)/.installed
 # package: its own stamp, which `make venv` (a superset) also satisfies.
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 STEPS ?= 1
+TO ?=
+ARCHIVE ?=
 DURATION ?= 60
 SEED ?= 1
 PG_MAJOR := 15
@@ -60,9 +62,12 @@ install-sql: $(RUNTIME_STAMP) ## Install or upgrade the tokentrack SQL: make ins
 	@test -n "$$DATABASE_URL" || { echo "make: DATABASE_URL=postgresql://... is required" >&2; exit 2; }
 	@$(BIN)/tokentrack migrate install
 
-rollback-sql: $(RUNTIME_STAMP) ## Roll back the newest STEPS versions (default 1): make rollback-sql DATABASE_URL=... STEPS=1
+rollback-sql: $(RUNTIME_STAMP) ## Roll back the newest STEPS versions (default 1), or those newer than TO=VERSION; ARCHIVE=1 bills and archives their billing data: make rollback-sql DATABASE_URL=... [STEPS=1 | TO=VERSION] [ARCHIVE=1]
 	@test -n "$$DATABASE_URL" || { echo "make: DATABASE_URL=postgresql://... is required" >&2; exit 2; }
-	@$(BIN)/tokentrack migrate rollback --steps "$(STEPS)"
+	@case "$(ARCHIVE)" in 1) archive=--archive ;; ""|0) archive= ;; \
+	    *) echo "make: ARCHIVE must be 1 (bill and archive billing data) or 0, got '$(ARCHIVE)'" >&2; exit 2 ;; esac; \
+	    if [ -n "$(TO)" ]; then how_far="--to $(TO)"; else how_far="--steps $(STEPS)"; fi; \
+	    $(BIN)/tokentrack migrate rollback $$how_far $$archive
 
 install-cron: $(RUNTIME_STAMP) ## Schedule the expiry sweep every 2 hours through pg_cron: make install-cron DATABASE_URL=...
 	@test -n "$$DATABASE_URL" || { echo "make: DATABASE_URL=postgresql://... is required" >&2; exit 2; }

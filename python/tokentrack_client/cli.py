@@ -3,7 +3,7 @@
 ::
 
     tokentrack migrate install   [--database-url URL]
-    tokentrack migrate rollback  [--steps N] [--database-url URL]
+    tokentrack migrate rollback  [--steps N | --to VERSION] [--archive] [--database-url URL]
     tokentrack migrate list      [--database-url URL]
     tokentrack migrate sql       [--pending --database-url URL]
     tokentrack demo [--database-url URL]
@@ -160,11 +160,27 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Undo the newest applied version(s), newest first: drop the functions each "
             "introduced, run its rollback file and restore every function it changed to the "
-            "definition recorded before it."
+            "definition recorded before it. Refused (exit 2, nothing changed) while a "
+            "version's billing tables hold rows, unless --archive."
         ),
     )
-    rollback.add_argument(
+    how_far = rollback.add_mutually_exclusive_group()
+    how_far.add_argument(
         "--steps", type=int, default=1, metavar="N", help="how many versions (default: 1)"
+    )
+    how_far.add_argument(
+        "--to",
+        metavar="VERSION",
+        help="roll back every version newer than VERSION (an applied version, which stays)",
+    )
+    rollback.add_argument(
+        "--archive",
+        action="store_true",
+        help=(
+            f"first bill every active reservation as the sweep does, then keep the rows of "
+            f"the dropped billing tables in schema {migrate.ARCHIVE_SCHEMA} (the next install "
+            "of the version restores them)"
+        ),
     )
     _add_database_url(rollback)
 
@@ -467,7 +483,11 @@ async def _migrate(args: argparse.Namespace) -> int:
             _print_lines(result.lines())
         elif action == "rollback":
             undone = await migrate.rollback(
-                _database_url(args), steps=args.steps, wait_notice=_stderr
+                _database_url(args),
+                steps=args.steps,
+                to=args.to,
+                wait_notice=_stderr,
+                archive=args.archive,
             )
             _print_lines(undone.lines())
         elif action == "list":

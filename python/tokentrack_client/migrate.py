@@ -4,7 +4,9 @@ SQL layout (see ``docs/INSTALL.md``)::
 
     sql/schema/<VERSION>_<name>.sql     one per version, VERSION is 14 digits (a UTC timestamp):
                                         tables, roles, policies, data changes; applied once
-    sql/rollback/<VERSION>_<name>.sql   exactly one per version, same file name, undoes it
+    sql/rollback/<VERSION>_<name>.sql   exactly one per version, same file name, undoes it;
+                                        a header line ``-- billing-tables: <tables> | none``
+                                        names the version's tables that hold billing data
     sql/functions/<function>.sql        the current definition of one function (CREATE OR
                                         REPLACE); a header line ``-- version: <VERSION>`` names
                                         the version that introduced it
@@ -47,8 +49,15 @@ Each version is applied in one transaction: its schema file then its ``schema_mi
 row (the last pending version also carries the changed function files). A failure rolls that
 transaction back whole. A first install (no ``schema_migrations`` yet) creates the schema and
 the bookkeeping tables in the transaction of its first version, so a first install that fails
-there leaves nothing behind. The commands return what they did (:class:`InstallResult`,
-:class:`RollbackResult`, :class:`Status`) and print nothing; the CLI prints.
+there leaves nothing behind.
+
+Billing data is never dropped silently: a rollback refuses to drop a declared billing table
+that holds rows, unless ``archive``, which bills the active reservations as the sweep does and
+keeps the rows in the schema :data:`ARCHIVE_SCHEMA`; the next install of the version moves
+them back in its transaction (see :func:`rollback` and :func:`_restore_sql`).
+
+The commands return what they did (:class:`InstallResult`, :class:`RollbackResult`,
+:class:`Status`) and print nothing; the CLI prints.
 """
 
 from __future__ import annotations
@@ -70,6 +79,7 @@ from tokentrack_client.connection import CommandError, describe_target, pg_error
 
 __all__ = [
     "ADVISORY_LOCK_KEY",
+    "ARCHIVE_SCHEMA",
     "BOOTSTRAP_SQL",
     "AppliedFunction",
     "ApplyError",
@@ -84,11 +94,14 @@ __all__ = [
     "MigrationError",
     "MigrationOrderError",
     "MigrationVersion",
+    "RollbackRefused",
     "RollbackResult",
+    "RollbackSweep",
     "RolledBackVersion",
     "SqlFile",
     "SqlLayoutError",
     "Status",
+    "TableRows",
     "VersionStatus",
     "default_sql_dir",
     "install",
@@ -151,6 +164,15 @@ _FUNCTION_FILE_RE: Final = re.compile(r"^[a-z_][a-z0-9_]*\.sql$")
 _HEADER_RE: Final = re.compile(r"^--\s*version\s*:", re.IGNORECASE)
 _EXACT_HEADER_RE: Final = re.compile(r"^-- version: (?P<version>[0-9]{14})$")
 _OR_REPLACE_RE: Final = re.compile(r"^CREATE OR REPLACE (FUNCTION|PROCEDURE) ", re.MULTILINE)
+_BILLING_HEADER_RE: Final = re.compile(r"^--\s*billing[-_ ]tables\s*:", re.IGNORECASE)
+_EXACT_BILLING_RE: Final = re.compile(
+    r"^-- billing-tables: (?P<tables>none|[a-z_][a-z0-9_]*(?:, [a-z_][a-z0-9_]*)*)$"
+)
+
+ARCHIVE_SCHEMA: Final = "tokentrack_archive"
+"""Where ``rollback --archive`` keeps the rows of the billing tables it drops (see
+:func:`rollback`): one table per source table, same name, with ``archived_at`` and
+``archived_version`` first; restored by the next install of that version."""
 
 
 class MigrationError(CommandError):
@@ -183,6 +205,14 @@ class MigrationOrderError(MigrationError):
 
 class ApplyError(MigrationError):
     """A statement failed while bootstrapping, applying or rolling back (e.g. SQLSTATE 42501)."""
+
+
+class RollbackRefused(MigrationError):
+    """A rollback without ``archive`` would drop rows of a version's billing tables.
+
+    The message says what would be dropped, counted per table, how many recorded steps are
+    not billed yet, and the way out (``make rollback-sql ARCHIVE=1``).
+    """
 
 
 @dataclass(frozen=True)
@@ -229,7 +259,9 @@ class MigrationVersion:
 
     ``functions`` are the function files whose header names this version (the functions it
     introduced); they are applied whenever they change, not as part of the version, and are
-    not part of its checksum.
+    not part of its checksum. ``billing_tables`` are the tables of this version that hold
+    billing data, as its rollback file's ``-- billing-tables:`` header line names them, in
+    the order a restore fills them (the tables each one references first).
     """
 
     version: str
@@ -237,6 +269,7 @@ class MigrationVersion:
     schema: SqlFile
     rollback: SqlFile
     functions: tuple[SqlFile, ...] = ()
+    billing_tables: tuple[str, ...] = ()
 
     @property
     def applied_files(self) -> tuple[SqlFile, ...]:
@@ -340,6 +373,26 @@ class AppliedFunction:
 
 
 @dataclass(frozen=True)
+class TableRows:
+    """How many rows of the billing table ``tokentrack.<table>`` of ``version`` were (or
+    would be) dropped, archived or restored."""
+
+    version: str
+    table: str
+    rows: int
+
+
+@dataclass(frozen=True)
+class RollbackSweep:
+    """What ``rollback --archive`` swept before archiving: every active reservation (due or
+    not) finalized as ``expired`` exactly as the sweep does; the fields of ``SweepResult``."""
+
+    expired: int
+    billed_tokens: int
+    steps: int
+
+
+@dataclass(frozen=True)
 class InstallResult:
     """What :func:`install` did. Nothing at all when ``versions``, ``functions`` and
     ``seeded`` are empty; ``current`` is (version, name) of the newest applied version after."""
@@ -349,6 +402,8 @@ class InstallResult:
     seeded: tuple[str, ...] = ()
     """Function files of an older installer's versions first recorded in schema_functions."""
     current: tuple[str, str] | None = None
+    restored: tuple[TableRows, ...] = ()
+    """Archived rows moved back into their tables (see :func:`rollback`, ``archive``)."""
 
     @property
     def changed_nothing(self) -> bool:
@@ -364,6 +419,11 @@ class InstallResult:
                 "installer in tokentrack.schema_functions"
             )
         out += [f"applied {v.version} {v.name}" for v in self.versions]
+        out += [
+            f"restored {t.rows} row(s) of tokentrack.{t.table} from {ARCHIVE_SCHEMA}.{t.table}"
+            f" (version {t.version})"
+            for t in self.restored
+        ]
         new = [f for f in self.functions if f.kind == "new"]
         if new:
             out.append(f"applied {len(new)} new function file(s)")
@@ -393,6 +453,10 @@ class RolledBackVersion:
     """Function files whose previous recorded text was executed again."""
     dropped: tuple[str, ...]
     """Signatures dropped: introduced by this version, or no longer defined after the restore."""
+    billed: RollbackSweep | None = None
+    """With ``archive``: what was billed before the rows were archived (None: nothing to bill)."""
+    archived: tuple[TableRows, ...] = ()
+    """With ``archive``: the rows copied into :data:`ARCHIVE_SCHEMA` before the tables went."""
 
 
 @dataclass(frozen=True)
@@ -405,6 +469,11 @@ class RollbackResult:
 
     def lines(self) -> tuple[str, ...]:
         """What was done, one line each, as ``tokentrack migrate rollback`` prints it."""
+        if not self.versions and self.current:
+            return (
+                f"nothing to roll back: tokentrack schema is at version {self.current[0]} "
+                f"({self.current[1]})",
+            )
         if not self.versions:
             return ("nothing to roll back: no tokentrack version is applied",)
         out: list[str] = []
@@ -414,9 +483,25 @@ class RollbackResult:
                 "installer in tokentrack.schema_functions"
             )
         for v in self.versions:
+            if v.billed is not None:
+                out.append(
+                    f"billed {v.billed.expired} active reservation(s) of version "
+                    f"{v.version} as the sweep does: {v.billed.steps} recorded step(s), "
+                    f"{v.billed.billed_tokens} tokens"
+                )
+            out += [
+                f"archived {t.rows} row(s) of tokentrack.{t.table} in {ARCHIVE_SCHEMA}.{t.table}"
+                for t in v.archived
+            ]
             out.append(
                 f"rolled back {v.version} {v.name} (function files restored: "
                 f"{len(v.restored)}, routines dropped: {len(v.dropped)})"
+            )
+        archived = [v.version for v in self.versions if v.archived]
+        if archived:
+            out.append(
+                f"the archived rows stay in schema {ARCHIVE_SCHEMA} until version(s) "
+                f"{', '.join(reversed(archived))} are installed again, which restores them"
             )
         if self.current:
             out.append(f"tokentrack schema is now at version {self.current[0]} ({self.current[1]})")
@@ -534,6 +619,60 @@ def _function_version(path: Path, text: str) -> str:
     return versions[0]
 
 
+def _header(text: str) -> list[str]:
+    """The lines of the header comment: the comment and blank lines at the top, stripped."""
+    lines: list[str] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line and not line.startswith("--"):
+            break
+        lines.append(line)
+    return lines
+
+
+def _billing_tables(rollback: SqlFile, schema: SqlFile, path: Path) -> tuple[str, ...]:
+    """The tables named by the ``-- billing-tables:`` line of a rollback file's header.
+
+    Exactly one such line: ``-- billing-tables: none`` or ``-- billing-tables: a, b`` (table
+    names of schema tokentrack, each created by the version's own schema file, no repeats).
+    Required, so that a new table holding usage cannot be dropped silently because nobody
+    said it holds usage: the rollback refuses to drop declared tables that hold rows.
+    """
+    found: list[str] = []
+    for line in _header(rollback.text):
+        if not _BILLING_HEADER_RE.match(line):
+            continue
+        exact = _EXACT_BILLING_RE.match(line)
+        if exact is None:
+            raise SqlLayoutError(
+                f"{path}: malformed header line {line!r}, expected '-- billing-tables: none' "
+                "or '-- billing-tables: table_a, table_b' (tables of schema tokentrack)"
+            )
+        found.append(exact["tables"])
+    if not found:
+        raise SqlLayoutError(
+            f"{path}: no '-- billing-tables: ...' line in the header comment at the top of the "
+            "file; every rollback file must name the tables of its version that hold billing "
+            "data, or say '-- billing-tables: none'"
+        )
+    if len(found) > 1:
+        raise SqlLayoutError(f"{path}: more than one '-- billing-tables:' header line")
+    tables = () if found[0] == "none" else tuple(found[0].split(", "))
+    for table in tables:
+        if tables.count(table) > 1:
+            raise SqlLayoutError(f"{path}: billing table {table} is named twice")
+        created = re.compile(
+            rf"^\s*CREATE\s+TABLE\s+(IF\s+NOT\s+EXISTS\s+)?tokentrack\.{table}\b",
+            re.IGNORECASE | re.MULTILINE,
+        )
+        if created.search(schema.text) is None:
+            raise SqlLayoutError(
+                f"{path}: billing table {table} is not created by {schema.relpath} "
+                f"(no CREATE TABLE tokentrack.{table}); a version names its own tables"
+            )
+    return tables
+
+
 def _load(sql_dir: Path | None) -> tuple[list[MigrationVersion], list[FunctionFile]]:
     root = (sql_dir or default_sql_dir()).resolve()
     schema_dir, rollback_dir, functions_dir = root / "schema", root / "rollback", root / "functions"
@@ -570,16 +709,20 @@ def _load(sql_dir: Path | None) -> tuple[list[MigrationVersion], list[FunctionFi
         functions.append(FunctionFile(sql_file, version))
     functions.sort(key=lambda f: f.relpath)
 
-    versions = [
-        MigrationVersion(
-            version=version,
-            name=schemas[version][0],
-            schema=SqlFile.read(root, schemas[version][1]),
-            rollback=SqlFile.read(root, rollbacks[version][1]),
-            functions=tuple(f.file for f in functions if f.version == version),
+    versions: list[MigrationVersion] = []
+    for version in sorted(schemas):
+        schema = SqlFile.read(root, schemas[version][1])
+        rollback = SqlFile.read(root, rollbacks[version][1])
+        versions.append(
+            MigrationVersion(
+                version=version,
+                name=schemas[version][0],
+                schema=schema,
+                rollback=rollback,
+                functions=tuple(f.file for f in functions if f.version == version),
+                billing_tables=_billing_tables(rollback, schema, rollbacks[version][1]),
+            )
         )
-        for version in sorted(schemas)
-    ]
     return versions, functions
 
 
@@ -587,8 +730,10 @@ def load_versions(sql_dir: Path | None = None) -> list[MigrationVersion]:
     """Load and validate every version under ``sql_dir``, oldest first.
 
     Raises :class:`SqlLayoutError`, naming the offending file, for a schema file without its
-    rollback or the reverse, a duplicate version, a bad file name, or a function file whose
-    header does not name exactly one known version.
+    rollback or the reverse, a duplicate version, a bad file name, a function file whose
+    header does not name exactly one known version, or a rollback file whose header does not
+    declare its version's billing tables (``-- billing-tables: ...``, see
+    :func:`_billing_tables`).
     """
     return _load(sql_dir)[0]
 
@@ -1005,6 +1150,88 @@ def _record_sql(change: FunctionChange) -> str:
     )
 
 
+def _restore_sql(version: MigrationVersion) -> str:
+    """SQL that runs right after ``version``'s schema file, in its transaction.
+
+    It checks that every billing table the rollback file declares exists, then moves back
+    the rows a ``rollback --archive`` of this version kept in :data:`ARCHIVE_SCHEMA`: table by
+    table in declaration order (the tables each one references first), every column by name,
+    identity values included (``OVERRIDING SYSTEM VALUE``, then the identity sequence is set
+    past them), and drops the archive table; the archive schema goes when it is empty. The
+    rows are never in both places: the restore and the version commit together or not at
+    all, so a restore cannot be applied twice. Empty string for a version without billing
+    tables.
+    """
+    if not version.billing_tables:
+        return ""
+    tables = ", ".join(_quote_literal(t) for t in version.billing_tables)
+    missing = _quote_literal(
+        f"version {version.label} declares the billing table tokentrack.%s in its rollback "
+        "file, but its schema file did not create it"
+    )
+    return (
+        "DO $tokentrack_restore$\n"
+        "DECLARE\n"
+        "    v_table text;\n"
+        "    v_live pg_catalog.regclass;\n"
+        "    v_columns text;\n"
+        "    v_identity text;\n"
+        "BEGIN\n"
+        f"    FOREACH v_table IN ARRAY ARRAY[{tables}]::text[] LOOP\n"
+        "        v_live := pg_catalog.to_regclass(pg_catalog.format('tokentrack.%I', v_table));\n"
+        "        IF v_live IS NULL THEN\n"
+        "            RAISE EXCEPTION USING ERRCODE = 'undefined_table',\n"
+        f"                MESSAGE = pg_catalog.format({missing}, v_table);\n"
+        "        END IF;\n"
+        "        CONTINUE WHEN pg_catalog.to_regclass(\n"
+        f"            pg_catalog.format('{ARCHIVE_SCHEMA}.%I', v_table)) IS NULL;\n"
+        "        SELECT pg_catalog.string_agg(pg_catalog.quote_ident(a.attname), ', '"
+        " ORDER BY a.attnum)\n"
+        "        INTO v_columns FROM pg_catalog.pg_attribute AS a\n"
+        "        WHERE a.attrelid = v_live AND a.attnum > 0 AND NOT a.attisdropped"
+        " AND a.attgenerated = '';\n"
+        "        EXECUTE pg_catalog.format(\n"
+        "            'INSERT INTO tokentrack.%I (%s) OVERRIDING SYSTEM VALUE"
+        f" SELECT %s FROM {ARCHIVE_SCHEMA}.%I',\n"
+        "            v_table, v_columns, v_columns, v_table);\n"
+        "        FOR v_identity IN\n"
+        "            SELECT a.attname FROM pg_catalog.pg_attribute AS a\n"
+        "            WHERE a.attrelid = v_live AND a.attidentity <> '' AND NOT a.attisdropped\n"
+        "        LOOP\n"
+        "            EXECUTE pg_catalog.format(\n"
+        "                'SELECT pg_catalog.setval(pg_catalog.pg_get_serial_sequence(%L, %L),"
+        " m.v) FROM (SELECT pg_catalog.max(%I) AS v FROM tokentrack.%I) AS m"
+        " WHERE m.v IS NOT NULL',\n"
+        "                v_live::text, v_identity, v_identity, v_table);\n"
+        "        END LOOP;\n"
+        f"        EXECUTE pg_catalog.format('DROP TABLE {ARCHIVE_SCHEMA}.%I', v_table);\n"
+        "    END LOOP;\n"
+        f"    IF pg_catalog.to_regnamespace('{ARCHIVE_SCHEMA}') IS NOT NULL AND NOT EXISTS (\n"
+        "        SELECT FROM pg_catalog.pg_class AS c\n"
+        f"        WHERE c.relnamespace = pg_catalog.to_regnamespace('{ARCHIVE_SCHEMA}')\n"
+        "    ) THEN\n"
+        "        BEGIN\n"
+        f"            DROP SCHEMA {ARCHIVE_SCHEMA};\n"
+        "        EXCEPTION WHEN dependent_objects_still_exist THEN\n"
+        "            NULL;  -- something else of the operator's lives there: keep the schema\n"
+        "        END;\n"
+        "    END IF;\n"
+        "END\n"
+        "$tokentrack_restore$;"
+    )
+
+
+async def _archived(conn: asyncpg.Connection, version: MigrationVersion) -> list[TableRows]:
+    """The rows :data:`ARCHIVE_SCHEMA` holds for ``version``'s billing tables (read-only)."""
+    found: list[TableRows] = []
+    for table in version.billing_tables:
+        name = f"{ARCHIVE_SCHEMA}.{table}"
+        if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", name):
+            rows = await conn.fetchval(f"SELECT count(*) FROM {name}")
+            found.append(TableRows(version.version, table, int(rows)))
+    return found
+
+
 # --------------------------------------------------------------------------------------------
 # Commands
 # --------------------------------------------------------------------------------------------
@@ -1071,8 +1298,12 @@ async def _execute_plan(
     current = plan.current
     done: list[MigrationVersion] = []
     functions: tuple[AppliedFunction, ...] = ()
+    restored: list[TableRows] = []
     for i, version in enumerate(plan.versions):
         with_functions = plan.functions if i == len(plan.versions) - 1 else ()
+        # Counted before the version's transaction: only a migrator holding the advisory
+        # lock, as this one does, writes or empties the archive.
+        archived = await _archived(conn, version)
         try:
             functions = await _apply(conn, version, with_functions, bootstrap=bootstrap and i == 0)
         except BootstrapError as exc:
@@ -1096,6 +1327,7 @@ async def _execute_plan(
             exc.args = (f"{exc.args[0]}; version {version.version} was rolled back{kept}",)
             raise
         done.append(version)
+        restored += archived
         current = (version.version, version.name)
     if not plan.versions and plan.functions:
         try:
@@ -1104,7 +1336,7 @@ async def _execute_plan(
             exc.result = InstallResult((), (), seeded, current)
             exc.args = (f"{exc.args[0]}; nothing was changed",)
             raise
-    return InstallResult(tuple(done), functions, seeded, current)
+    return InstallResult(tuple(done), functions, seeded, current, tuple(restored))
 
 
 async def _apply(
@@ -1128,6 +1360,9 @@ async def _apply(
                     raise _bootstrap_failed(exc) from exc
             if version is not None:
                 await conn.execute(version.schema.text)
+                if version.billing_tables:
+                    current = f"{version.schema.relpath} (restoring {ARCHIVE_SCHEMA})"
+                    await conn.execute(_restore_sql(version))
             if changes:
                 await conn.execute(_PIN_SEARCH_PATH)
             for change in changes:
@@ -1170,16 +1405,38 @@ async def rollback(
     dsn: str,
     *,
     steps: int = 1,
+    to: str | None = None,
     sql_dir: Path | None = None,
     wait_notice: Notice | None = None,
+    archive: bool = False,
 ) -> RollbackResult:
     """Roll back the newest ``steps`` applied versions, newest first; return what was done.
+
+    ``to`` (instead of ``steps``) rolls back every applied version newer than the applied
+    version ``to``, which stays: ``to=V1`` goes back to version 1 however many versions came
+    after it (what a runbook wants to say). ``to`` must be an applied version.
 
     Each version V is undone in one transaction: the functions V introduced (and signatures
     that its changes added) are dropped, V's rollback file runs, V's ``schema_functions``
     rows are deleted, the newest remaining recorded text of every function that had rows
     under V is executed again (byte for byte what was applied before), and V's
     ``schema_migrations`` row is deleted. With nothing applied it does nothing.
+
+    Billing data is never dropped silently (the contract's "Rollback safety"). The tables a
+    version's rollback file declares (``-- billing-tables:``) are locked first (ACCESS
+    EXCLUSIVE, in declaration order); when any of them holds a row:
+
+    * without ``archive``: :class:`RollbackRefused`, naming the rows per table and the
+      recorded steps not billed yet. The check runs for every target version before
+      anything is changed, and again under the lock in each version's transaction;
+    * with ``archive``: in V's transaction, before anything is dropped, every active
+      reservation is billed exactly as the sweep bills it (``finalize_reservation(id,
+      'expired')`` under its row lock, reservations locked first, finalized in (period_id,
+      id) order: the global lock order reservation, period, report, steps), then every
+      declared table's rows are copied into ``tokentrack_archive.<table>`` (with
+      ``archived_at`` and ``archived_version``), then the rollback runs as above. The next
+      install of V moves the rows back (see :func:`_restore_sql`). An archive table that
+      already exists (an earlier archive not restored) is refused, never appended to.
     """
     if steps < 1:
         raise MigrationError(f"--steps must be at least 1, got {steps}")
@@ -1193,7 +1450,17 @@ async def rollback(
             applied = await _applied_rows(conn)
             if not applied:
                 return RollbackResult()
-            targets = list(reversed(applied))[:steps]
+            if to is not None:
+                if to not in {row.version for row in applied}:
+                    known = ", ".join(row.version for row in applied)
+                    raise MigrationError(
+                        f"--to {to}: not an applied version (applied: {known}); nothing was changed"
+                    )
+                targets = [row for row in reversed(applied) if row.version > to]
+                if not targets:
+                    return RollbackResult((), (applied[-1].version, applied[-1].name))
+            else:
+                targets = list(reversed(applied))[:steps]
             missing = [
                 f"{row.version}_{row.name}" for row in targets if row.version not in versions
             ]
@@ -1202,6 +1469,7 @@ async def rollback(
                     f"no rollback file for applied version(s) {', '.join(missing)} in "
                     f"{root / 'rollback'} (nothing was changed)"
                 )
+            await _check_billing_data([versions[row.version] for row in targets], conn, archive)
             seeded: tuple[str, ...] = ()
             if any(row.legacy_functions for row in applied):
                 seeded = await _seed_older_installation(conn, applied, loaded, functions)
@@ -1210,8 +1478,10 @@ async def rollback(
                 remaining = applied[: len(applied) - n - 1]
                 current = (remaining[-1].version, remaining[-1].name) if remaining else None
                 try:
-                    done.append(await _rollback_version(conn, versions[row.version], row.version))
-                except ApplyError as exc:
+                    done.append(
+                        await _rollback_version(conn, versions[row.version], row.version, archive)
+                    )
+                except (ApplyError, RollbackRefused) as exc:
                     exc.result = RollbackResult(tuple(done), (row.version, row.name), seeded)
                     kept = (
                         f"; already rolled back: {', '.join(v.version for v in done)}"
@@ -1254,8 +1524,158 @@ async def _seed_older_installation(
     return await _seed_legacy(conn, applied, versions, functions)
 
 
+_ARCHIVE_HINT: Final = (
+    f"run `make rollback-sql ARCHIVE=1` (tokentrack migrate rollback --archive) to bill them "
+    f"and keep the dropped rows in schema {ARCHIVE_SCHEMA}, restored by the next install"
+)
+
+# The contract's own tables, whose meaning the archive needs: the reservations a rollback
+# bills before archiving, and the step rows whose billed_at says whether they are billed.
+_RESERVATIONS: Final = "report_reservations"
+_STEPS: Final = "report_step_usage"
+
+
+async def _present(conn: asyncpg.Connection, version: MigrationVersion) -> list[str]:
+    """The billing tables of ``version`` that exist in the database, in declaration order."""
+    return [
+        t
+        for t in version.billing_tables
+        if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", f"tokentrack.{t}")
+    ]
+
+
+async def _rows(
+    conn: asyncpg.Connection, version: MigrationVersion, tables: Sequence[str]
+) -> list[TableRows]:
+    return [
+        TableRows(
+            version.version, t, int(await conn.fetchval(f"SELECT count(*) FROM tokentrack.{t}"))
+        )
+        for t in tables
+    ]
+
+
+async def _would_drop(
+    conn: asyncpg.Connection, version: MigrationVersion, tables: Sequence[str]
+) -> str | None:
+    """What rolling back ``version`` would drop, as a phrase, or None when its tables are empty."""
+    counted = [r for r in await _rows(conn, version, tables) if r.rows]
+    if not counted:
+        return None
+    what = ", ".join(f"{r.rows} row(s) of tokentrack.{r.table}" for r in counted)
+    if _STEPS in tables:
+        row = await conn.fetchrow(
+            f"SELECT count(*) AS steps, COALESCE(sum(total_tokens), 0) AS tokens"
+            f" FROM tokentrack.{_STEPS} WHERE billed_at IS NULL"
+        )
+        assert row is not None
+        what += f" ({row['steps']} recorded step(s), {row['tokens']} tokens, not billed yet)"
+    return f"version {version.version} ({version.name}) would drop {what}"
+
+
+async def _check_archive_free(
+    conn: asyncpg.Connection, version: MigrationVersion, tables: Sequence[str]
+) -> None:
+    """Refuse to archive into a schema someone else owns, or over an earlier archive."""
+    owner = await conn.fetchrow(
+        "SELECT a.nspowner::regrole::text AS archive, t.nspowner::regrole::text AS tokentrack"
+        " FROM pg_namespace AS a, pg_namespace AS t"
+        " WHERE a.nspname = $1 AND t.nspname = 'tokentrack'",
+        ARCHIVE_SCHEMA,
+    )
+    if owner is not None and owner["archive"] != owner["tokentrack"]:
+        raise RollbackRefused(
+            f"schema {ARCHIVE_SCHEMA} belongs to role {owner['archive']}, not to "
+            f"{owner['tokentrack']}, the owner of schema tokentrack: refusing to copy billing "
+            "data into it"
+        )
+    for found in await _archived(conn, version):
+        if found.table in tables:
+            raise RollbackRefused(
+                f"{ARCHIVE_SCHEMA}.{found.table} already exists and holds {found.rows} row(s) "
+                f"(an earlier archive of version {version.version}, not restored); install that "
+                "version to restore them, or export and drop that table, before archiving again"
+            )
+
+
+async def _check_billing_data(
+    targets: Sequence[MigrationVersion], conn: asyncpg.Connection, archive: bool
+) -> None:
+    """Before anything changes: refuse what the rollback of ``targets`` would refuse later."""
+    drops: list[str] = []
+    for version in targets:
+        tables = await _present(conn, version)
+        if archive:
+            try:
+                await _check_archive_free(conn, version, tables)
+            except RollbackRefused as exc:
+                exc.args = (f"{exc.args[0]} (nothing was changed)",)
+                raise
+        elif (phrase := await _would_drop(conn, version, tables)) is not None:
+            drops.append(phrase)
+    if drops:
+        raise RollbackRefused(
+            f"refusing to roll back: {'; '.join(drops)}; {_ARCHIVE_HINT} (nothing was changed)"
+        )
+
+
+async def _sweep_active(conn: asyncpg.Connection) -> RollbackSweep:
+    """Bill every active reservation as the sweep bills an expired one (in the caller's
+    transaction): every reservation row locked first, in the sweep's (expires_at, id) order,
+    then finalized in (period_id, id) order so that periods are locked in ascending order."""
+    ids = await conn.fetch(
+        f"SELECT due.id FROM (SELECT rr.id, rr.period_id FROM tokentrack.{_RESERVATIONS} AS rr"
+        " WHERE rr.status = 'active' ORDER BY rr.expires_at, rr.id FOR UPDATE) AS due"
+        " ORDER BY due.period_id, due.id"
+    )
+    expired = steps = tokens = 0
+    for record in ids:
+        answer = json.loads(
+            await conn.fetchval(
+                "SELECT tokentrack.finalize_reservation($1, 'expired')::text", record["id"]
+            )
+        )
+        if not answer["already_finalized"]:
+            expired += 1
+            steps += int(answer["steps"])
+            tokens += int(answer["billed_tokens"])
+    return RollbackSweep(expired=expired, billed_tokens=tokens, steps=steps)
+
+
+async def _archive(
+    conn: asyncpg.Connection, version: MigrationVersion, counted: Sequence[TableRows]
+) -> tuple[TableRows, ...]:
+    """Copy the rows of ``counted``'s tables into :data:`ARCHIVE_SCHEMA` (caller's transaction)."""
+    await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {ARCHIVE_SCHEMA}")
+    await conn.execute(
+        f"COMMENT ON SCHEMA {ARCHIVE_SCHEMA} IS 'Rows of tokentrack billing tables that "
+        "`tokentrack migrate rollback --archive` dropped, one table per source table; the "
+        "next install of their version moves them back and drops the table. Owner only.'"
+    )
+    archived: list[TableRows] = []
+    for counts in counted:
+        table, target = counts.table, f"{ARCHIVE_SCHEMA}.{counts.table}"
+        await conn.execute(
+            f"CREATE TABLE {target} (archived_at timestamptz NOT NULL,"
+            f" archived_version text NOT NULL, LIKE tokentrack.{table})"
+        )
+        status = await conn.execute(
+            f"INSERT INTO {target} SELECT now(), $1, t.* FROM tokentrack.{table} AS t",
+            version.version,
+        )
+        await conn.execute(
+            f"COMMENT ON TABLE {target} IS "
+            + _quote_literal(
+                f"Rows of tokentrack.{table} dropped by the rollback of version "
+                f"{version.label} (archived_at); moved back by the next install of that version."
+            )
+        )
+        archived.append(TableRows(version.version, table, int(status.split()[-1])))
+    return tuple(archived)
+
+
 async def _rollback_version(
-    conn: asyncpg.Connection, version: MigrationVersion, key: str
+    conn: asyncpg.Connection, version: MigrationVersion, key: str, archive: bool = False
 ) -> RolledBackVersion:
     history = await _function_rows(conn)
     by_path: dict[str, list[FunctionRow]] = {}
@@ -1274,9 +1694,32 @@ async def _rollback_version(
         if restored is not None and restored.source is not None:
             restores.append(restored)
     current = version.rollback.relpath
+    billed: RollbackSweep | None = None
+    archived: tuple[TableRows, ...] = ()
     try:
         async with conn.transaction():
             await conn.execute(_PIN_SEARCH_PATH)
+            tables = await _present(conn, version)
+            if tables:
+                # Nobody writes (or reads) a billing table between the count and the drop.
+                current = f"LOCK TABLE of version {version.version}'s billing tables"
+                await conn.execute(
+                    f"LOCK TABLE {', '.join(f'tokentrack.{t}' for t in tables)}"
+                    " IN ACCESS EXCLUSIVE MODE"
+                )
+                if not archive:
+                    phrase = await _would_drop(conn, version, tables)
+                    if phrase is not None:
+                        raise RollbackRefused(f"refusing to roll back: {phrase}; {_ARCHIVE_HINT}")
+                else:
+                    await _check_archive_free(conn, version, tables)
+                    if _RESERVATIONS in tables:
+                        current = f"billing the active reservations of version {version.version}"
+                        billed = await _sweep_active(conn)
+                    current = f"archiving version {version.version}'s billing tables"
+                    counted = [r for r in await _rows(conn, version, tables) if r.rows]
+                    if counted:
+                        archived = await _archive(conn, version, counted)
             # Drops first: a function of this version may take or return one of its types.
             for signature in sorted(drops):
                 current = f"DROP ROUTINE {signature}"
@@ -1300,6 +1743,8 @@ async def _rollback_version(
         name=version.name,
         restored=tuple(r.path for r in restores),
         dropped=tuple(sorted(drops)),
+        billed=billed,
+        archived=archived,
     )
 
 
@@ -1404,8 +1849,9 @@ def render_sql(plan: InstallPlan | Sequence[MigrationVersion]) -> str:
 
     A sequence of versions means a database that has none of them: every function file of
     those versions is applied. Output: the bootstrap in its own transaction, then one
-    ``BEGIN; ... COMMIT;`` block per version holding its schema file and its
-    ``schema_migrations`` row; the last block also applies the function files with their
+    ``BEGIN; ... COMMIT;`` block per version holding its schema file (followed by the restore
+    of its archived billing rows, :func:`_restore_sql`, for a version with billing tables) and
+    its ``schema_migrations`` row; the last block also applies the function files with their
     ``schema_functions`` rows (a block of their own when no version is pending). Each block
     first takes the installer's advisory lock and refuses a version or function change that
     is already recorded. Run it with ``psql -v ON_ERROR_STOP=1 -f FILE``.
@@ -1445,6 +1891,13 @@ def render_sql(plan: InstallPlan | Sequence[MigrationVersion]) -> str:
             f"-- ----- {version.schema.relpath} (sha256 {version.schema.sha256})",
             _terminated(version.schema.text),
         ]
+        if version.billing_tables:
+            out += [
+                "",
+                f"-- ----- billing tables: {', '.join(version.billing_tables)} (restored from "
+                f"{ARCHIVE_SCHEMA} when a `rollback --archive` kept their rows)",
+                _restore_sql(version),
+            ]
         if i == len(plan.versions) - 1 and plan.functions:
             out += _functions_sql(plan.functions)
         files_json = json.dumps(version.file_checksums, sort_keys=True)

@@ -1,5 +1,12 @@
 -- Rollback of version 20251219000000: add_usage_tracking
 --
+-- billing-tables: accounts, usage_periods, reports, usage_ledger
+--
+-- Every table of this version holds billing data (listed parents first, the order a restore
+-- fills them): while any holds a row, `tokentrack migrate rollback` refuses to run this file,
+-- and `--archive` copies their rows into tokentrack_archive first (docs/INSTALL.md,
+-- "Rollback and billing data").
+--
 -- Removes exactly what that version added: its tables, trigger function, the
 -- current_account_id() hook and the schema grants. The functions of sql/functions/ that this
 -- version introduced (open_usage_period, increment_usage, lock_active_period) are dropped by

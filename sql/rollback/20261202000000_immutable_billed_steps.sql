@@ -1,5 +1,7 @@
 -- Rollback of version 20261202000000: immutable_billed_steps
 --
+-- billing-tables: none
+--
 -- Removes exactly what that version added: the two triggers on tokentrack.report_step_usage
 -- and their function. No row is touched: the steps, billed or not, stay as they are.
 

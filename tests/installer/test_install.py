@@ -373,7 +373,7 @@ async def test_pending_version_older_than_applied_is_refused(
         "CREATE TABLE tokentrack.backfill_marker (id int);\n"
     )
     (sql_dir / "rollback" / "20250101000000_backfill.sql").write_text(
-        "DROP TABLE tokentrack.backfill_marker;\n"
+        "-- billing-tables: none\nDROP TABLE tokentrack.backfill_marker;\n"
     )
     result = await run_cli("migrate", "install", dsn=empty_db_dsn, sql_dir=sql_dir)
     assert_one_line_error(result, "20250101000000_backfill", "older")
@@ -389,7 +389,7 @@ async def test_new_version_on_top_is_applied_alone(empty_db_dsn: str, tmp_path: 
         "CREATE TABLE tokentrack.later_marker (id int);\n"
     )
     (sql_dir / "rollback" / "20990101000000_later.sql").write_text(
-        "DROP TABLE tokentrack.later_marker;\n"
+        "-- billing-tables: none\nDROP TABLE tokentrack.later_marker;\n"
     )
     result = await migrate.install(empty_db_dsn, sql_dir=sql_dir)
     assert [v.version for v in result.versions] == ["20990101000000"]
@@ -403,7 +403,9 @@ async def test_failing_version_is_rolled_back_whole(empty_db_dsn: str, tmp_path:
     (sql_dir / "schema" / "20990101000000_broken.sql").write_text(
         "CREATE TABLE tokentrack.broken_marker (id int);\nSELECT 1/0;\n"
     )
-    (sql_dir / "rollback" / "20990101000000_broken.sql").write_text("SELECT 1;\n")
+    (sql_dir / "rollback" / "20990101000000_broken.sql").write_text(
+        "-- billing-tables: none\nSELECT 1;\n"
+    )
     result = await run_cli("migrate", "install", dsn=empty_db_dsn, sql_dir=sql_dir)
     assert_one_line_error(
         result, "20990101000000_broken", "schema/20990101000000_broken.sql", "22012"
@@ -597,6 +599,34 @@ async def test_rollback_refuses_zero_steps(empty_db_dsn: str) -> None:
     await migrate.install(empty_db_dsn)
     result = await run_cli("migrate", "rollback", "--steps", "0", dsn=empty_db_dsn)
     assert_one_line_error(result, "--steps")
+    assert [r["version"] for r in await migration_rows(empty_db_dsn)] == ALL
+
+
+async def test_rollback_to_a_version_keeps_it_and_undoes_every_later_one(
+    empty_db_dsn: str,
+) -> None:
+    await migrate.install(empty_db_dsn)
+    result = await run_cli("migrate", "rollback", "--to", V1, dsn=empty_db_dsn)
+    assert result.returncode == 0, result.stderr
+    undone = [line.split()[2] for line in result.stdout.splitlines() if line.startswith("rolled")]
+    assert undone == list(reversed(ALL[1:]))  # newest first, down to V1, which stays
+    assert f"tokentrack schema is now at version {V1} ({V1_NAME})" in result.stdout
+    assert [r["version"] for r in await migration_rows(empty_db_dsn)] == [V1]
+    again = await run_cli("migrate", "rollback", "--to", V1, dsn=empty_db_dsn)
+    assert again.returncode == 0, again.stderr
+    assert (
+        again.stdout.strip()
+        == f"nothing to roll back: tokentrack schema is at version {V1} ({V1_NAME})"
+    )
+
+
+async def test_rollback_to_a_version_that_is_not_applied_is_refused(empty_db_dsn: str) -> None:
+    await migrate.install(empty_db_dsn)
+    result = await run_cli("migrate", "rollback", "--to", "20990101000000", dsn=empty_db_dsn)
+    assert_one_line_error(result, "--to 20990101000000: not an applied version")
+    assert [r["version"] for r in await migration_rows(empty_db_dsn)] == ALL
+    both = await run_cli("migrate", "rollback", "--to", V1, "--steps", "2", dsn=empty_db_dsn)
+    assert both.returncode == 2  # argparse: --to and --steps exclude each other
     assert [r["version"] for r in await migration_rows(empty_db_dsn)] == ALL
 
 

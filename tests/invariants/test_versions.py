@@ -6,10 +6,12 @@ From it, three clones:
 
 - ``v1``: stays at version 1;
 - ``upgraded``: version 2 applied (version 1's rows and increment_usage unchanged, every
-  invariant holds), rolled back at once (unchanged again);
+  invariant holds), rolled back at once, down to version 1 (unchanged again);
 - ``worked``: version 2 applied, a random concurrent version-2 workload run and settled
-  (checked by the oracle), then rolled back: version 1's rows are exactly what the workload
-  left, and every period is still explained by the ledger.
+  (checked by the oracle), then rolled back down to version 1 with ``archive`` (its tables
+  hold the workload's rows, so a plain rollback is refused): version 1's rows are exactly
+  what the workload left, and every period is still explained by the ledger. Installed
+  again at the end, the archived rows come back and every invariant holds.
 
 The same random increment_usage calls then answer identically (the raw jsonb) on ``v1`` and
 ``upgraded`` and leave identical rows; on ``worked`` they add exactly what they say.
@@ -37,6 +39,7 @@ from tokentrack_client.testing import PostgresServer
 from workload import Harness, fresh_database, lanes_of
 
 V1 = "20251219000000"
+LATER = len(migrate.load_versions()) - 1  # rolling back this many versions leaves version 1
 EXAMPLES = max(3, settings.default.max_examples // 4)
 
 
@@ -156,6 +159,20 @@ async def violations(dsn: str, **kwargs: Any) -> list[str]:
         await conn.close()
 
 
+async def v2_rows(dsn: str) -> int:
+    """Rows of version 2's tables (its billing tables)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(
+            await conn.fetchval(
+                "SELECT (SELECT count(*) FROM tokentrack.report_reservations)"
+                " + (SELECT count(*) FROM tokentrack.report_step_usage)"
+            )
+        )
+    finally:
+        await conn.close()
+
+
 async def ledger_explains_usage(dsn: str) -> bool:
     """Without version 2 (no reconcile()), every period's counters equal its ledger rows."""
     conn = await asyncpg.connect(dsn)
@@ -200,7 +217,7 @@ def test_version_2_and_its_rollback_leave_version_1_intact(
                 await migrate.install(upgraded)
                 assert await state(upgraded) == before
                 assert await violations(upgraded, v1_before=before) == []
-                await migrate.rollback(upgraded, steps=1)
+                await migrate.rollback(upgraded, steps=LATER)
                 assert await state(upgraded) == before
 
                 await migrate.install(worked)
@@ -214,7 +231,12 @@ def test_version_2_and_its_rollback_leave_version_1_intact(
                 finally:
                     await harness.close()
                 left = await state(worked)
-                await migrate.rollback(worked, steps=1)
+                if await v2_rows(worked):
+                    with pytest.raises(migrate.RollbackRefused):
+                        await migrate.rollback(worked, steps=LATER)
+                rolled = await migrate.rollback(worked, steps=LATER, archive=True)
+                # The workload was settled: the archive has nothing left to bill.
+                assert rolled.versions[-1].billed in (None, migrate.RollbackSweep(0, 0, 0))
                 assert await state(worked) == left
                 assert await ledger_explains_usage(worked)
 
@@ -223,5 +245,7 @@ def test_version_2_and_its_rollback_leave_version_1_intact(
                 assert await state(upgraded) == await state(v1)
                 await run_increments(worked, later, accounts)
                 assert await ledger_explains_usage(worked)
+                await migrate.install(worked)  # restores the archived reservations and steps
+                assert await violations(worked, settled=True, swept=True) == []
 
     asyncio.run(example())

@@ -78,12 +78,22 @@ async def test_compare_passes_across_rollback_and_reinstall_of_version_2(
     """The deploy story: applying or rolling back versions 2, 3 (health()) and 4 (the guard on
     billed steps) leaves the usage periods alone; baseline and compare work without health()
     (it is not installed before the deploy)."""
+    # As the runbook's level-1 rollback does: the reports still running are billed (expired
+    # and swept) before the baseline, so that the rollback has nothing left to bill.
+    conn = await asyncpg.connect(history_dsn)
+    try:
+        await conn.execute(
+            "UPDATE tokentrack.report_reservations SET expires_at = now() WHERE status = 'active'"
+        )
+    finally:
+        await conn.close()
+    assert (await tokentrack("cleanup", "--database-url", history_dsn)).code == 0
     out = tmp_path / "baseline.json"
     assert (
         await tokentrack("audit", "baseline", "--out", str(out), "--database-url", history_dsn)
     ).code == 0
-    rolled_back = await tokentrack(
-        "migrate", "rollback", "--steps", "3", "--database-url", history_dsn
+    rolled_back = await tokentrack(  # --archive: version 2's tables hold the history's rows
+        "migrate", "rollback", "--steps", "3", "--archive", "--database-url", history_dsn
     )
     assert rolled_back.code == 0, rolled_back
     after_rollback = await tokentrack("audit", "compare", str(out), "--database-url", history_dsn)

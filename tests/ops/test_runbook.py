@@ -8,8 +8,11 @@ lives on a server with pg_cron, so ``make install-cron`` really schedules the sw
 
 The story: a database on version 20251219000000 with legacy usage; staging-day deploy;
 reports through the new path (some still running); rollback level 1 (in-flight steps are
-billed before the tables go); rollback level 2 (the pre-deploy backup comes back, exactly);
-deploy again; the monitoring commands.
+billed before the tables go, which are archived); deploy again after level 1, in a new
+directory (the archived rows come back: verify and reconcile pass, every token billed once);
+more reports; rollback level 1 and level 2 as staging rehearses them (the pre-deploy backup
+of the redeploy comes back, exactly, with the first archive); deploy again; the monitoring
+commands.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from tokentrack_client.testing import PostgresServer
 ROOT = Path(__file__).resolve().parents[2]
 RUNBOOK = ROOT / "docs" / "RUNBOOK.md"
 V1_TABLES = ("accounts", "usage_periods", "reports", "usage_ledger")
+V2_TABLES = ("report_reservations", "report_step_usage")
 BLOCK = re.compile(r"<!-- runbook-test: ([a-z0-9-]+) -->\n```sh\n(.*?)```", re.DOTALL)
 
 
@@ -45,7 +49,7 @@ def test_the_runbook_has_its_blocks_and_uses_real_commands() -> None:
     blocks = runbook_blocks()
     assert list(blocks) == ["deploy", "monitoring", "rollback-level-1", "rollback-level-2"]
     text = RUNBOOK.read_text(encoding="utf-8")
-    assert "make rollback-sql STEPS=2" in blocks["rollback-level-1"]
+    assert "make rollback-sql STEPS=2 ARCHIVE=1" in blocks["rollback-level-1"]
     makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
     for target in re.findall(r"^make ([a-z-]+)", "\n".join(blocks.values()), re.MULTILINE):
         assert re.search(rf"^{target}:", makefile, re.MULTILINE), target
@@ -96,6 +100,44 @@ async def _v1_rows(conn: asyncpg.Connection) -> dict[str, list[str]]:
     return result
 
 
+async def _archive_rows(conn: asyncpg.Connection) -> dict[str, list[str]]:
+    """The rows of tokentrack_archive (empty when there is none), without archived_at."""
+    result = {}
+    for table in V2_TABLES:
+        if await conn.fetchval("SELECT to_regclass($1)", f"tokentrack_archive.{table}"):
+            rows = await conn.fetch(
+                f"SELECT (t.archived_version, t.id)::text FROM tokentrack_archive.{table} t"
+                " ORDER BY 1"
+            )
+            result[table] = [r[0] for r in rows]
+    return result
+
+
+async def _run_reports(
+    conn: asyncpg.Connection, account: uuid.UUID, done: int, running: int
+) -> int:
+    """``done`` completed reports and ``running`` still running; the running ones' tokens."""
+    in_flight = 0
+    for index in range(done + running):
+        report = uuid.uuid4()
+        assert (await call(conn, "try_reserve_tokens", account, report, 5_000))["success"]
+        for name in ("outline", "draft"):
+            answer = await step(conn, report, account, name, 300 + index, 120)
+            if index >= done:
+                in_flight += answer["total_tokens"]
+        if index < done:
+            await call(conn, "finish_report", report, account, "complete", None)
+    return in_flight
+
+
+async def _billed_once(conn: asyncpg.Connection) -> None:
+    """reconcile() ok, and every step billed by exactly the ledger row it points at."""
+    assert (await call(conn, "reconcile", None))["ok"] is True
+    assert not await conn.fetchval(
+        "SELECT count(*) FROM tokentrack.report_step_usage WHERE billing_entry_id IS NULL"
+    )
+
+
 async def test_the_runbook_as_written(cron_server: PostgresServer, tmp_path: Path) -> None:
     admin = await asyncpg.connect(cron_server.dsn("postgres"))
     try:
@@ -136,19 +178,11 @@ async def test_the_runbook_as_written(cron_server: PostgresServer, tmp_path: Pat
     conn = await asyncpg.connect(dsn)
     try:
         account = accounts[0]
-        in_flight = 0
-        for index in range(5):
-            report = uuid.uuid4()
-            assert (await call(conn, "try_reserve_tokens", account, report, 5_000))["success"]
-            for name in ("outline", "draft"):
-                answer = await step(conn, report, account, name, 300 + index, 120)
-                if index >= 3:
-                    in_flight += answer["total_tokens"]
-            if index < 3:
-                await call(conn, "finish_report", report, account, "complete", None)
+        in_flight = await _run_reports(conn, account, done=3, running=2)
         used_before = await conn.fetchval(
             "SELECT tokens_used FROM tokentrack.usage_periods WHERE account_id = $1", account
         )
+        steps_before = await conn.fetchval("SELECT count(*) FROM tokentrack.report_step_usage")
     finally:
         await conn.close()
 
@@ -159,6 +193,9 @@ async def test_the_runbook_as_written(cron_server: PostgresServer, tmp_path: Pat
     assert (
         f"cleanup: expired 2 reservation(s), billed {in_flight} tokens (4 step(s))" in level1.stdout
     )
+    assert "billed 0 active reservation(s) of version 20260108000000" in level1.stdout
+    assert "archived 5 row(s) of tokentrack.report_reservations" in level1.stdout
+    assert f"archived {steps_before} row(s) of tokentrack.report_step_usage" in level1.stdout
     assert "applied with matching checksums: 20251219000000\n" in level1.stdout
     assert level1.stdout.count("audit: usage periods unchanged") == 1
     conn = await asyncpg.connect(dsn)
@@ -171,27 +208,77 @@ async def test_the_runbook_as_written(cron_server: PostgresServer, tmp_path: Pat
             "SELECT sum(tokens) FROM tokentrack.usage_ledger WHERE account_id = $1", account
         )
         assert used == ledger == used_before + in_flight  # nothing in flight was lost
+        first_archive = await _archive_rows(conn)
+        assert [len(first_archive[t]) for t in V2_TABLES] == [5, steps_before]
+        backed_up = await _v1_rows(conn)  # what the redeploy's pg_dump will hold
+        # Level 1 keeps every account and ledger row from before the deploy: it only adds.
+        for table in ("accounts", "usage_ledger"):
+            assert set(predeploy[table]) <= set(backed_up[table]), table
     finally:
         await conn.close()
 
-    # Rollback level 2: the pre-deploy backup comes back exactly.
-    level2 = await _run_block("rollback-level-2", dsn, workdir, cron_server)
-    assert level2.returncode == 0, level2.stdout + level2.stderr
-    assert "drop cascades to table tokentrack.usage_periods" in level2.stderr
-    assert "audit: usage periods unchanged (counts and sums)" in level2.stdout
-    assert "tokentrack-before-restore.dump" in os.listdir(workdir)
+    # Deploy again after level 1, in a new directory: the archive comes back, verify (with
+    # its reconcile()) passes; issue #11 found "reconcile() is not ok" here.
+    redeploy_dir = tmp_path / "redeploy"
+    redeploy_dir.mkdir()
+    redeploy = await _run_block("deploy", dsn, redeploy_dir, cron_server)
+    assert redeploy.returncode == 0, redeploy.stdout + redeploy.stderr
+    for expected in (
+        "restored 5 row(s) of tokentrack.report_reservations from tokentrack_archive",
+        f"restored {steps_before} row(s) of tokentrack.report_step_usage from",
+        "verify: all checks passed",
+        "audit: usage periods unchanged (counts and sums)",
+        "monitor: no alert firing",
+    ):
+        assert expected in redeploy.stdout, expected
     conn = await asyncpg.connect(dsn)
     try:
-        assert await _v1_rows(conn) == predeploy
+        await _billed_once(conn)
+        assert await _archive_rows(conn) == {}
+        assert (
+            await conn.fetchval(
+                "SELECT tokens_used FROM tokentrack.usage_periods WHERE account_id = $1", account
+            )
+            == used_before + in_flight
+        )
+        # More reports, one still running, then level 1 and level 2 as staging rehearses them.
+        more = await _run_reports(conn, account, done=1, running=1)
+        assert more > 0
+        after_redeploy = await _v1_rows(conn)
+    finally:
+        await conn.close()
+    level1 = await _run_block("rollback-level-1", dsn, redeploy_dir, cron_server)
+    assert level1.returncode == 0, level1.stdout + level1.stderr
+    assert "archived 7 row(s) of tokentrack.report_reservations" in level1.stdout
+
+    # Rollback level 2: the redeploy's pre-deploy backup comes back exactly, and with it the
+    # archive of the first level-1 rollback (the second one's is in the before-restore dump).
+    level2 = await _run_block("rollback-level-2", dsn, redeploy_dir, cron_server)
+    assert level2.returncode == 0, level2.stdout + level2.stderr
+    assert "drop cascades to table tokentrack.usage_periods" in level2.stderr
+    assert "drop cascades to table tokentrack_archive.report_step_usage" in level2.stderr
+    assert "audit: usage periods unchanged (counts and sums)" in level2.stdout
+    assert "tokentrack-before-restore.dump" in os.listdir(redeploy_dir)
+    conn = await asyncpg.connect(dsn)
+    try:
+        restored = await _v1_rows(conn)
+        assert restored == backed_up != after_redeploy  # usage since that backup is gone
+        assert await _archive_rows(conn) == first_archive
         versions = await conn.fetch("SELECT version FROM tokentrack.schema_migrations")
         assert [v["version"] for v in versions] == ["20251219000000"]
     finally:
         await conn.close()
 
     # Deploy again, then the monitoring commands.
-    again = await _run_block("deploy", dsn, workdir, cron_server)
+    again = await _run_block("deploy", dsn, redeploy_dir, cron_server)
     assert again.returncode == 0, again.stdout + again.stderr
-    monitoring = await _run_block("monitoring", dsn, workdir, cron_server)
+    assert "verify: all checks passed" in again.stdout
+    conn = await asyncpg.connect(dsn)
+    try:
+        await _billed_once(conn)
+    finally:
+        await conn.close()
+    monitoring = await _run_block("monitoring", dsn, redeploy_dir, cron_server)
     assert monitoring.returncode == 0, monitoring.stdout + monitoring.stderr
     assert "monitor: no alert firing" in monitoring.stdout
     assert '"command": "CALL tokentrack.sweep_expired_reservations(50)"' in monitoring.stdout
