@@ -134,7 +134,7 @@ async def test_rollback_refuses_to_drop_unbilled_usage_with_exit_2_and_counts(
     before = await rows_of(db_dsn, "tokentrack", everything)
     versions_before = await migration_rows(db_dsn)
 
-    result = await run_cli("migrate", "rollback", "--steps", "2", dsn=db_dsn)
+    result = await run_cli("migrate", "rollback", "--to", V1, dsn=db_dsn)
     line = assert_one_line_error(
         result,
         f"version {V2} (antifragile_token_tracking) would drop",
@@ -189,13 +189,13 @@ async def test_make_rollback_sql_refuses_and_archive_1_archives(
         assert proc.returncode is not None
         return proc.returncode, out.decode(), err.decode()
 
-    code, out, err = await make("STEPS=2")
+    code, out, err = await make(f"TO={V1}")
     assert code == 2, out + err
     assert "refusing to roll back" in err
-    code, out, err = await make("STEPS=2", "ARCHIVE=yes")
+    code, out, err = await make(f"TO={V1}", "ARCHIVE=yes")
     assert code == 2
     assert "ARCHIVE must be 1" in err
-    code, out, err = await make("STEPS=2", "ARCHIVE=1")
+    code, out, err = await make(f"TO={V1}", "ARCHIVE=1")
     assert code == 0, out + err
     assert f"billed 1 active reservation(s) of version {V2} as the sweep does" in out
     assert f"archived 4 row(s) of tokentrack.report_step_usage in {ARCHIVE}" in out
@@ -214,16 +214,18 @@ async def test_archive_bills_once_and_reinstall_passes_reconcile_and_verify(db_d
     used_before = await tokens_used(db_dsn, story.account)
     steps_before = await rows_of(db_dsn, "tokentrack", ("report_step_usage",))
 
-    rolled = await run_cli("migrate", "rollback", "--steps", "2", "--archive", dsn=db_dsn)
+    rolled = await run_cli("migrate", "rollback", "--to", V1, "--archive", dsn=db_dsn)
     assert rolled.returncode == 0, rolled
     lines = rolled.stdout.splitlines()
     assert (
         f"billed 1 active reservation(s) of version {V2} as the sweep does:"
         f" 2 recorded step(s), {UNBILLED} tokens"
     ) in lines
-    assert f"archived 2 row(s) of tokentrack.report_reservations in {ARCHIVE}." in lines[2]
-    assert f"archived 4 row(s) of tokentrack.report_step_usage in {ARCHIVE}." in lines[3]
-    assert lines[4].startswith(f"rolled back {V2} antifragile_token_tracking")
+    # Version 2's lines, in order (the later versions, which hold no billing data, come first).
+    at = next(i for i, line in enumerate(lines) if line.startswith("billed 1 active"))
+    assert f"archived 2 row(s) of tokentrack.report_reservations in {ARCHIVE}." in lines[at + 1]
+    assert f"archived 4 row(s) of tokentrack.report_step_usage in {ARCHIVE}." in lines[at + 2]
+    assert lines[at + 3].startswith(f"rolled back {V2} antifragile_token_tracking")
     assert f"until version(s) {V2} are installed again" in rolled.stdout
     # Billed before the tables went: into the period and the ledger, exactly once.
     assert await tokens_used(db_dsn, story.account) == used_before + UNBILLED
@@ -273,9 +275,10 @@ async def test_archive_bills_once_and_reinstall_passes_reconcile_and_verify(db_d
         await conn.close()
 
     # A second round trip works the same way (the archive starts empty again).
-    second = await migrate.rollback(db_dsn, steps=2, archive=True)
-    assert [t.rows for t in second.versions[1].archived] == [2, 5]
-    assert second.versions[1].billed == migrate.RollbackSweep(0, 0, 0)
+    second = await migrate.rollback(db_dsn, to=V1, archive=True)
+    (undone_v2,) = [v for v in second.versions if v.version == V2]
+    assert [t.rows for t in undone_v2.archived] == [2, 5]
+    assert undone_v2.billed == migrate.RollbackSweep(0, 0, 0)
     await migrate.install(db_dsn)
     assert (await reconcile(db_dsn))["ok"] is True
 
@@ -283,7 +286,7 @@ async def test_archive_bills_once_and_reinstall_passes_reconcile_and_verify(db_d
 async def test_the_archive_is_readable_by_the_operator_and_nobody_else(db_dsn: str) -> None:
     story = await tell_the_story(db_dsn)
     steps = await rows_of(db_dsn, "tokentrack", ("report_step_usage",))
-    await migrate.rollback(db_dsn, steps=2, archive=True)
+    await migrate.rollback(db_dsn, to=V1, archive=True)
     # The owner (the operator's role) reads the rows as they were, with when and by what.
     rows = await fetch(
         db_dsn,
@@ -360,7 +363,7 @@ async def test_the_printed_sql_restores_the_archive_too(
 ) -> None:
     """Teams applying `tokentrack migrate sql --pending` with psql get the same restore."""
     story = await tell_the_story(db_dsn)
-    await migrate.rollback(db_dsn, steps=2, archive=True)
+    await migrate.rollback(db_dsn, to=V1, archive=True)
     printed = await run_cli("migrate", "sql", "--pending", dsn=db_dsn)
     assert printed.returncode == 0, printed
     assert "$tokentrack_restore$" in printed.stdout
@@ -382,7 +385,7 @@ async def test_archive_never_overwrites_another_archive_or_writes_into_a_foreign
             f"CREATE SCHEMA {ARCHIVE}; CREATE TABLE {ARCHIVE}.report_step_usage (x int);"
             f" INSERT INTO {ARCHIVE}.report_step_usage VALUES (1)"
         )
-        stale = await run_cli("migrate", "rollback", "--steps", "2", "--archive", dsn=db_dsn)
+        stale = await run_cli("migrate", "rollback", "--to", V1, "--archive", dsn=db_dsn)
         assert_one_line_error(
             stale,
             f"{ARCHIVE}.report_step_usage already exists and holds 1 row(s)",
@@ -393,7 +396,7 @@ async def test_archive_never_overwrites_another_archive_or_writes_into_a_foreign
             f" CREATE SCHEMA {ARCHIVE} AUTHORIZATION tt_squatter"
         )
         try:
-            foreign = await run_cli("migrate", "rollback", "--steps", "2", "--archive", dsn=db_dsn)
+            foreign = await run_cli("migrate", "rollback", "--to", V1, "--archive", dsn=db_dsn)
             assert_one_line_error(foreign, f"schema {ARCHIVE} belongs to role tt_squatter")
         finally:
             await conn.execute(f"DROP SCHEMA {ARCHIVE}; DROP ROLE tt_squatter")

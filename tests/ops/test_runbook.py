@@ -49,7 +49,7 @@ def test_the_runbook_has_its_blocks_and_uses_real_commands() -> None:
     blocks = runbook_blocks()
     assert list(blocks) == ["deploy", "monitoring", "rollback-level-1", "rollback-level-2"]
     text = RUNBOOK.read_text(encoding="utf-8")
-    assert "make rollback-sql STEPS=2 ARCHIVE=1" in blocks["rollback-level-1"]
+    assert "make rollback-sql TO=20251219000000 ARCHIVE=1" in blocks["rollback-level-1"]
     makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
     for target in re.findall(r"^make ([a-z-]+)", "\n".join(blocks.values()), re.MULTILINE):
         assert re.search(rf"^{target}:", makefile, re.MULTILINE), target
@@ -147,7 +147,7 @@ async def test_the_runbook_as_written(cron_server: PostgresServer, tmp_path: Pat
     dsn = cron_server.dsn("runbook")
     # The database before the deploy: version 20251219000000 with legacy usage.
     await migrate.install(dsn)
-    await migrate.rollback(dsn, steps=2)
+    await migrate.rollback(dsn, to="20251219000000")
     conn = await asyncpg.connect(dsn)
     try:
         accounts = [uuid.uuid4() for _ in range(3)]
