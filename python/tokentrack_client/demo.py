@@ -36,7 +36,7 @@ import asyncpg
 
 from tokentrack_client import connection, migrate
 from tokentrack_client.client import TokenTracker
-from tokentrack_client.errors import InsufficientTokens, ReportFinalized
+from tokentrack_client.errors import InsufficientTokens, ReportFinalized, TokenTrackError
 from tokentrack_client.testing import PostgresServer, PostgresServerError
 from tokentrack_client.tracking import ReportCancelled
 
@@ -410,6 +410,11 @@ async def run_demo(dsn: str, out: TextIO = sys.stdout, *, latency: float = 0.25)
         if interrupted:
             raise asyncio.CancelledError
         return ok
+    except TokenTrackError as exc:  # e.g. a role that may not call the functions, an outage
+        raise DemoError(f"{type(exc).__name__}: {exc}") from exc
+    except ExceptionGroup as group:  # a report's task failed with something it did not expect
+        first = group.exceptions[0]
+        raise DemoError(f"a report failed: {type(first).__name__}: {first}") from group
     finally:
         await asyncio.wait_for(pool.close(), timeout=10)
 

@@ -281,8 +281,9 @@ class ConnectionLost(TransientError):
     ``increment_usage`` that does not matter (they are idempotent: call again); an
     ``increment_usage`` with an unknown outcome must be checked (``reconcile``, the ledger)
     before it is repeated. With a pool it is raised once the retry policy's deadline (60 s by
-    default) has passed; with a single connection (no pool) a lost connection is never
-    retried: the client cannot open a new one.
+    default) or ``max_attempts`` ends the retries, or at once when the call may not be repeated
+    (``increment_usage`` or ``open_usage_period`` whose ``COMMIT`` was in flight); with a single
+    connection (no pool) a lost connection is never retried: the client cannot open a new one.
     """
 
     def __init__(

@@ -214,3 +214,22 @@ async def test_the_demo_refuses_a_database_with_other_accounts(db_dsn: str) -> N
         assert await conn.fetchval("SELECT count(*) FROM tokentrack.usage_ledger") == before
     finally:
         await conn.close()
+
+
+async def test_a_database_failure_mid_demo_is_one_line_and_exit_2(db_dsn: str) -> None:
+    """The installed SQL is up to date and the database holds no account, but nothing can be
+    written (read-only sessions): the first call fails inside the client, which the demo must
+    report as one line and exit 2 like every other command, not as a traceback and exit 1."""
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        dbname = await conn.fetchval("SELECT current_database()")
+        await conn.execute(f'ALTER DATABASE "{dbname}" SET default_transaction_read_only = on')
+    finally:
+        await conn.close()
+    result = await run_demo_on(db_dsn)
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("tokentrack: error: "), lines
+    assert "read-only transaction" in lines[0], lines
+    assert "Traceback" not in result.stdout + result.stderr

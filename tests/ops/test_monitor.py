@@ -623,3 +623,21 @@ async def test_health_reads_large_tables_by_index(db_dsn: str, conn: asyncpg.Con
     assert data["reports_window"]["complete"] + data["reports_window"]["failed"] == 1004
     assert data["reports_window"]["failed"] == 20
     assert data["active_reservations"]["count"] == 30
+
+
+async def test_a_health_answer_it_cannot_read_is_one_line_and_exit_2(db_dsn: str) -> None:
+    """A health() of another tokentrack version (here: one that answers an empty object) must
+    not look like a fired alert (exit 1) nor print a traceback: one line, exit 2."""
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        await conn.execute(
+            "CREATE OR REPLACE FUNCTION tokentrack.health(p_hours integer DEFAULT 24)"
+            " RETURNS jsonb LANGUAGE sql AS $$ SELECT '{}'::jsonb $$"
+        )
+    finally:
+        await conn.close()
+    result = await tokentrack("monitor", "--database-url", db_dsn)
+    assert result.code == 2, result.out + result.err
+    assert result.err.startswith("tokentrack: error: cannot read tokentrack.health()"), result.err
+    assert len(result.err.splitlines()) == 1, result.err
+    assert "Traceback" not in result.out + result.err

@@ -343,9 +343,19 @@ async def measure(conn: asyncpg.Connection, thresholds: Thresholds) -> MonitorRe
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         row = await fetchrow(conn, MEASURE_SQL, thresholds.hours)
     taken_at: datetime = row["taken_at"]
-    health: dict[str, Any] = json.loads(row["health"])
-    reconcile: dict[str, Any] = json.loads(row["reconcile"])
+    try:
+        return _read(taken_at, json.loads(row["health"]), json.loads(row["reconcile"]), thresholds)
+    except (KeyError, TypeError, ValueError) as exc:  # a health() of another tokentrack version
+        raise OpsError(
+            f"cannot read tokentrack.health(): unexpected answer ({type(exc).__name__}: {exc}); "
+            "is the installed SQL from the same tokentrack version as this command?"
+        ) from exc
 
+
+def _read(
+    taken_at: datetime, health: dict[str, Any], reconcile: dict[str, Any], thresholds: Thresholds
+) -> MonitorResult:
+    """The monitor's figures from the answers of health() and reconcile()."""
     a = health["active_reservations"]
     active = {
         "count": int(a["count"]),
