@@ -914,8 +914,8 @@ def _changed_files(
 ) -> list[str]:
     """Files of an applied version that differ from what was applied (edited or removed).
 
-    The schema file always counts; function files only in a row written by an older
-    installer, which recorded them per version (see :func:`_seed_legacy`).
+    Only the schema file counts. Function files are repeatable: those an older installer
+    recorded in the version's row are upgraded by :func:`_seed_legacy`, never refused.
     """
     changed = [
         path
@@ -925,10 +925,6 @@ def _changed_files(
     ]
     if on_disk.schema.relpath not in row.files or row.name != on_disk.name:
         changed.append(on_disk.schema.relpath)
-    for path, digest in row.legacy_functions.items():
-        disk = functions.get(path)
-        if disk is None or not _legacy_match(disk.file, digest):
-            changed.append(path)
     return sorted(set(changed))
 
 
@@ -970,6 +966,31 @@ def _check_applied(
     return pending
 
 
+# What the database holds for the routines of one name, as a file would say it: each
+# definition (pg_get_functiondef), its EXECUTE grants and its comment, so that executing it
+# again (a rollback's restore) brings back exactly that routine, also after a drop.
+_DEFINITION_OF_NAME_SQL: Final = """
+SELECT pg_catalog.string_agg(
+    pg_catalog.pg_get_functiondef(p.oid) || E';\n'
+    || CASE WHEN p.proacl IS NULL THEN '' ELSE pg_catalog.format(
+        E'REVOKE ALL ON %s %s FROM PUBLIC;\n', k.kind, p.oid::pg_catalog.regprocedure) END
+    || coalesce((
+        SELECT pg_catalog.string_agg(pg_catalog.format(
+            E'GRANT EXECUTE ON %s %s TO %s;\n', k.kind, p.oid::pg_catalog.regprocedure,
+            CASE WHEN a.grantee = 0 THEN 'PUBLIC'
+                 ELSE pg_catalog.quote_ident(a.grantee::pg_catalog.regrole::text) END),
+            '' ORDER BY a.grantee)
+        FROM pg_catalog.aclexplode(p.proacl) AS a
+        WHERE a.grantee <> p.proowner AND a.privilege_type = 'EXECUTE'), '')
+    || coalesce(pg_catalog.format(E'COMMENT ON %s %s IS %L;\n', k.kind,
+        p.oid::pg_catalog.regprocedure, pg_catalog.obj_description(p.oid, 'pg_proc')), ''),
+    E'\n' ORDER BY p.oid::pg_catalog.regprocedure::text)
+FROM pg_catalog.pg_proc AS p
+CROSS JOIN LATERAL (
+    SELECT CASE p.prokind WHEN 'p' THEN 'PROCEDURE' ELSE 'FUNCTION' END AS kind) AS k
+WHERE p.pronamespace = 'tokentrack'::pg_catalog.regnamespace AND p.proname = $1
+"""
+
 _SIGNATURES_OF_NAME_SQL: Final = (
     "SELECT coalesce(pg_catalog.jsonb_object_agg(p.oid::pg_catalog.regprocedure::text,"
     " pg_catalog.md5(pg_catalog.pg_get_functiondef(p.oid))), '{}'::jsonb)::text"
@@ -987,9 +1008,13 @@ async def _seed_legacy(
     """Upgrade the bookkeeping of a database installed by an older installer, in place.
 
     That installer applied each function file with the version its header names and put its
-    sha256 in the version's ``files``. Every such file (already checked to be the one applied,
-    see :func:`_legacy_match`) gets its first ``schema_functions`` row with that version, and
-    the version row keeps only its schema file. One transaction; returns the files recorded.
+    sha256 in the version's ``files``. Every such file gets its first ``schema_functions`` row
+    with that version and the recorded sha256, and the version row keeps only its schema file.
+    The row's text is the file on disk when it is the one that was applied (see
+    :func:`_legacy_match`); otherwise (the file changed since, or is gone: a newer release)
+    it is what the database holds for that routine (definition, grants, comment), so that the
+    plan then applies the file as changed or drops it as removed, and a rollback restores the
+    routine exactly as it was. One transaction; returns the files recorded.
     """
     legacy = [row for row in applied if row.legacy_functions]
     if not legacy:
@@ -1002,17 +1027,24 @@ async def _seed_legacy(
         async with conn.transaction():
             await conn.execute(_PIN_SEARCH_PATH)
             for row in legacy:
-                for path in sorted(row.legacy_functions):
+                for path, digest in sorted(row.legacy_functions.items()):
                     current = path
-                    sql_file = by_path[path].file
+                    disk = by_path.get(path)
                     signatures = await conn.fetchval(_SIGNATURES_OF_NAME_SQL, Path(path).stem)
+                    if disk is not None and _legacy_match(disk.file, digest):
+                        sha, source = disk.file.sha256, disk.file.text
+                    else:
+                        source = await conn.fetchval(_DEFINITION_OF_NAME_SQL, Path(path).stem)
+                        if source is None:  # nothing of that name left to restore
+                            continue
+                        sha = digest
                     await conn.execute(
                         "INSERT INTO tokentrack.schema_functions"
                         " (path, sha256, source, version, signatures)"
                         " VALUES ($1, $2, $3, $4, $5::jsonb)",
                         path,
-                        sql_file.sha256,
-                        sql_file.text,
+                        sha,
+                        source,
                         row.version,
                         signatures,
                     )
@@ -1508,18 +1540,6 @@ async def _seed_older_installation(
     functions: Sequence[FunctionFile],
 ) -> tuple[str, ...]:
     """Before a rollback: record the function history that an older installer did not keep."""
-    by_version = {v.version: v for v in versions}
-    by_path = {f.relpath: f for f in functions}
-    edited: list[str] = []
-    for row in applied:
-        if row.version in by_version:
-            edited += _changed_files(row, by_version[row.version], by_path)
-    if edited:
-        raise DriftError(
-            "cannot record the function history of this older installation: file(s) changed "
-            f"since they were applied: {', '.join(sorted(set(edited)))}; restore them "
-            "(nothing was changed)"
-        )
     await _bootstrap(conn)
     return await _seed_legacy(conn, applied, versions, functions)
 

@@ -15,7 +15,6 @@ from test_install import (
     REPO_SQL,
     VERSIONS,
     SchemaDump,
-    assert_one_line_error,
     copy_sql,
     function_rows,
     introduced_by,
@@ -326,20 +325,68 @@ async def test_an_older_installation_is_upgraded_in_place(
     assert await definitions(legacy) == {}
 
 
-async def test_an_older_installation_with_an_edited_function_file_is_refused(
-    empty_db_dsn: str, tmp_path: Path
+OLD_HELPER = """\
+-- version: 20260108000000
+CREATE FUNCTION tokentrack.old_helper(p_n integer)
+RETURNS integer
+LANGUAGE sql
+AS $function$ SELECT p_n + 1 $function$;
+COMMENT ON FUNCTION tokentrack.old_helper(integer) IS 'a helper the next release removed';
+REVOKE ALL ON FUNCTION tokentrack.old_helper(integer) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION tokentrack.old_helper(integer) TO tokentrack_service;
+"""
+
+
+async def comments(dsn: str) -> dict[str, str | None]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT p.oid::regprocedure::text AS sig, obj_description(p.oid, 'pg_proc') AS c"
+            " FROM pg_proc p WHERE p.pronamespace = 'tokentrack'::regnamespace"
+        )
+        return {r["sig"]: r["c"] for r in rows}
+    finally:
+        await conn.close()
+
+
+async def test_an_older_release_is_upgraded_and_its_rollback_restores_that_release(
+    make_database: Any, tmp_path: Path
 ) -> None:
-    sql_dir = copy_sql(tmp_path)
-    await install_the_old_way(empty_db_dsn, sql_dir)
-    rows = await migration_rows(empty_db_dsn)
-    (sql_dir / "functions" / "reconcile.sql").write_text(
-        (sql_dir / "functions" / "reconcile.sql").read_text() + "\n-- edited since\n"
-    )
-    result = await run_cli("migrate", "install", dsn=empty_db_dsn, sql_dir=sql_dir)
-    line = assert_one_line_error(result, "functions/reconcile.sql", "changed")
-    assert "increment_usage" not in line
-    assert await migration_rows(empty_db_dsn) == rows
-    assert await function_rows(empty_db_dsn) == []
+    """A database installed by the older installer from an older release, whose function
+    files differ from this release's (one edited, one removed since), as every real upgrade
+    does: the install applies the edited file and drops the removed routine, and rolling back
+    brings back the older release's routines exactly (definition, grants, comment), from what
+    the database held, since no file of that release is on disk."""
+    old_release = copy_sql(tmp_path)
+    reconcile = old_release / "functions" / "reconcile.sql"
+    marker = "AS $function$\n"
+    assert marker in reconcile.read_text()
+    reconcile.write_text(reconcile.read_text().replace(marker, marker + "-- older release\n", 1))
+    (old_release / "functions" / "old_helper.sql").write_text(OLD_HELPER)
+    legacy, fresh = await make_database(), await make_database()
+    await install_the_old_way(legacy, old_release)
+    await migrate.install(fresh)
+    old_defs, old_comments = await definitions(legacy), await comments(legacy)
+    assert "tokentrack.old_helper(integer)" in old_defs
+
+    upgraded = await run_cli("migrate", "install", dsn=legacy)
+    assert upgraded.returncode == 0, upgraded
+    assert "applied changed function file functions/reconcile.sql" in upgraded.stdout
+    assert "removed function file functions/old_helper.sql" in upgraded.stdout
+    now = await definitions(legacy)
+    assert {sig: (d, acl) for sig, (_, d, acl) in now.items()} == {
+        sig: (d, acl) for sig, (_, d, acl) in (await definitions(fresh)).items()
+    }
+    assert (await run_cli("migrate", "list", dsn=legacy)).stdout.count("\n\n") == 0
+
+    # The changes belong to the newest version: rolling it back restores the older release.
+    await migrate.rollback(legacy, steps=1)
+    restored = await definitions(legacy)
+    for sig in ("tokentrack.reconcile(uuid)", "tokentrack.old_helper(integer)"):
+        assert restored[sig][1:] == old_defs[sig][1:], sig  # definition and grants
+    assert (await comments(legacy))["tokentrack.old_helper(integer)"] == old_comments[
+        "tokentrack.old_helper(integer)"
+    ]
 
 
 # --------------------------------------------------------------------------------------------
