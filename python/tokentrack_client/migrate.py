@@ -801,7 +801,7 @@ async def _bootstrap(conn: asyncpg.Connection) -> None:
     if all(await _has_tables(conn)):
         return
     try:
-        async with conn.transaction():
+        async with conn.transaction(isolation="read_committed"):
             await conn.execute(BOOTSTRAP_SQL)
     except asyncpg.PostgresError as exc:
         raise _bootstrap_failed(exc) from exc
@@ -1024,7 +1024,7 @@ async def _seed_legacy(
     seeded: list[str] = []
     current = "tokentrack.schema_functions"
     try:
-        async with conn.transaction():
+        async with conn.transaction(isolation="read_committed"):
             await conn.execute(_PIN_SEARCH_PATH)
             for row in legacy:
                 for path, digest in sorted(row.legacy_functions.items()):
@@ -1384,7 +1384,7 @@ async def _apply(
     current = version.schema.relpath if version else ""
     applied: list[AppliedFunction] = []
     try:
-        async with conn.transaction():
+        async with conn.transaction(isolation="read_committed"):
             if bootstrap:
                 try:
                     await conn.execute(BOOTSTRAP_SQL)
@@ -1717,7 +1717,7 @@ async def _rollback_version(
     billed: RollbackSweep | None = None
     archived: tuple[TableRows, ...] = ()
     try:
-        async with conn.transaction():
+        async with conn.transaction(isolation="read_committed"):
             await conn.execute(_PIN_SEARCH_PATH)
             tables = await _present(conn, version)
             if tables:

@@ -498,3 +498,49 @@ async def test_install_refuses_a_declared_billing_table_it_did_not_create(
     assert [r["version"] for r in await migration_rows(empty_db_dsn)] == [
         v.version for v in VERSIONS
     ]
+
+
+async def test_a_reservation_committed_while_the_rollback_waits_for_its_lock_is_counted(
+    db_dsn: str,
+) -> None:
+    """Sessions of this database default to REPEATABLE READ. A reservation is being taken
+    (uncommitted) when the rollback of version 20260108000000 starts; the rollback waits for
+    its table lock, the reservation commits. The rollback must count it, under the lock, and
+    refuse: with a snapshot taken before the lock it counted 0 rows and dropped the table."""
+    admin = await asyncpg.connect(db_dsn)
+    try:
+        dbname = await admin.fetchval("SELECT current_database()")
+        await admin.execute(
+            f"ALTER DATABASE \"{dbname}\" SET default_transaction_isolation = 'repeatable read'"
+        )
+    finally:
+        await admin.close()
+    writer = await asyncpg.connect(db_dsn)
+    watcher = await asyncpg.connect(db_dsn)
+    try:
+        account = uuid.uuid4()
+        reserve = writer.transaction(isolation="read_committed")
+        await reserve.start()
+        await writer.fetchval("SELECT tokentrack.open_usage_period($1, 1000, NULL)", account)
+        await writer.fetchval(
+            "SELECT tokentrack.try_reserve_tokens($1, $2, 10)", account, uuid.uuid4()
+        )
+        rollback = asyncio.create_task(migrate.rollback(db_dsn, to=V1))
+        waiting = 0
+        for _ in range(400):  # until the rollback waits for the reservation's table
+            waiting = await watcher.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted"
+                " AND relation = to_regclass('tokentrack.report_reservations')"
+            )
+            if waiting or rollback.done():
+                break
+            await asyncio.sleep(0.025)
+        assert waiting, "the rollback never waited for the table lock"
+        await reserve.commit()
+        with pytest.raises(migrate.RollbackRefused, match=r"1 row\(s\) of tokentrack\.report_"):
+            await rollback
+        count = await watcher.fetchval("SELECT count(*) FROM tokentrack.report_reservations")
+        assert count == 1
+    finally:
+        await writer.close()
+        await watcher.close()
