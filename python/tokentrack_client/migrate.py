@@ -40,7 +40,7 @@ Advisory locks are per database, so installs into different databases never wait
 other. A DBA can see a running install with::
 
     SELECT pid FROM pg_locks
-    WHERE locktype = 'advisory' AND classid = 1953459045 AND objid = 1701147243;
+    WHERE locktype = 'advisory' AND classid = 1953459045 AND objid = 1853125227;
 
 (the key's high and low 32 bits). The SQL printed by ``tokentrack migrate sql`` takes the same
 key with ``pg_advisory_xact_lock`` so it cannot interleave with the migrator either.

@@ -20,9 +20,10 @@
 -- row either way).
 --
 -- The trigger function lives here, not in sql/functions/: the installer applies function files
--- after the schema file of their version, and a rollback drops a version's functions before
--- its rollback file runs, while a trigger needs its function first and keeps it from being
--- dropped (as the ledger's trigger function stays in version 20251219000000).
+-- after the schema files (in the transaction of the last pending version), and a rollback
+-- drops a version's functions before its rollback file runs, while a trigger needs its
+-- function first and keeps it from being dropped (as the ledger's trigger function stays in
+-- version 20251219000000).
 
 -- Pin name resolution for this version's transaction (see version 20251219000000).
 SET LOCAL search_path = pg_catalog, pg_temp;
