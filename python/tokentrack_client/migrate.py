@@ -670,7 +670,20 @@ def _billing_tables(rollback: SqlFile, schema: SqlFile, path: Path) -> tuple[str
                 f"{path}: billing table {table} is not created by {schema.relpath} "
                 f"(no CREATE TABLE tokentrack.{table}); a version names its own tables"
             )
+    undeclared = sorted(set(_CREATED_TABLE_RE.findall(schema.text)) - set(tables))
+    if undeclared:
+        raise SqlLayoutError(
+            f"{path}: {schema.relpath} creates {', '.join(f'tokentrack.{t}' for t in undeclared)}"
+            ", which its '-- billing-tables:' line does not name; every table of a version holds "
+            "what its rollback must not drop silently, so name each one"
+        )
     return tables
+
+
+_CREATED_TABLE_RE: Final = re.compile(
+    r"^\s*CREATE\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?tokentrack\.([a-z_][a-z0-9_]*)\b",
+    re.IGNORECASE | re.MULTILINE,
+)
 
 
 def _load(sql_dir: Path | None) -> tuple[list[MigrationVersion], list[FunctionFile]]:

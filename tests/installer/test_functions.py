@@ -125,10 +125,11 @@ async def test_a_changed_function_is_applied_alone_and_rolled_back_byte_for_byte
 
 
 def add_version(sql_dir: Path, version: str, name: str, schema: str, rollback: str) -> None:
-    """A version of its own; its rollback file declares no billing tables (it has none)."""
+    """A version of its own; its rollback file declares the tables its schema file creates."""
     (sql_dir / "schema" / f"{version}_{name}.sql").write_text(schema)
+    tables = ", ".join(migrate._CREATED_TABLE_RE.findall(schema)) or "none"
     (sql_dir / "rollback" / f"{version}_{name}.sql").write_text(
-        f"-- billing-tables: none\n{rollback}"
+        f"-- billing-tables: {tables}\n{rollback}"
     )
 
 

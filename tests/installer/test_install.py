@@ -373,7 +373,7 @@ async def test_pending_version_older_than_applied_is_refused(
         "CREATE TABLE tokentrack.backfill_marker (id int);\n"
     )
     (sql_dir / "rollback" / "20250101000000_backfill.sql").write_text(
-        "-- billing-tables: none\nDROP TABLE tokentrack.backfill_marker;\n"
+        "-- billing-tables: backfill_marker\nDROP TABLE tokentrack.backfill_marker;\n"
     )
     result = await run_cli("migrate", "install", dsn=empty_db_dsn, sql_dir=sql_dir)
     assert_one_line_error(result, "20250101000000_backfill", "older")
@@ -389,7 +389,7 @@ async def test_new_version_on_top_is_applied_alone(empty_db_dsn: str, tmp_path: 
         "CREATE TABLE tokentrack.later_marker (id int);\n"
     )
     (sql_dir / "rollback" / "20990101000000_later.sql").write_text(
-        "-- billing-tables: none\nDROP TABLE tokentrack.later_marker;\n"
+        "-- billing-tables: later_marker\nDROP TABLE tokentrack.later_marker;\n"
     )
     result = await migrate.install(empty_db_dsn, sql_dir=sql_dir)
     assert [v.version for v in result.versions] == ["20990101000000"]
@@ -404,7 +404,7 @@ async def test_failing_version_is_rolled_back_whole(empty_db_dsn: str, tmp_path:
         "CREATE TABLE tokentrack.broken_marker (id int);\nSELECT 1/0;\n"
     )
     (sql_dir / "rollback" / "20990101000000_broken.sql").write_text(
-        "-- billing-tables: none\nSELECT 1;\n"
+        "-- billing-tables: broken_marker\nSELECT 1;\n"
     )
     result = await run_cli("migrate", "install", dsn=empty_db_dsn, sql_dir=sql_dir)
     assert_one_line_error(

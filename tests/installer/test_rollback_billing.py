@@ -463,6 +463,16 @@ BILLING_MUTATIONS: dict[str, tuple[str, str, str]] = {
         "-- billing-tables: report_reservations, usage_ledger",
         "billing table usage_ledger is not created by schema/20260108000000",
     ),
+    "a created table left out": (
+        "-- billing-tables: report_reservations, report_step_usage",
+        "-- billing-tables: report_reservations",
+        "creates tokentrack.report_step_usage, which its '-- billing-tables:' line does not",
+    ),
+    "none while creating tables": (
+        "-- billing-tables: report_reservations, report_step_usage",
+        "-- billing-tables: none",
+        "creates tokentrack.report_reservations, tokentrack.report_step_usage, which",
+    ),
 }
 
 
