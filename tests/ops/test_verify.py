@@ -59,8 +59,15 @@ async def test_a_catalog_of_other_files_is_refused(db_dsn: str, tmp_path: Path) 
     sql_dir = tmp_path / "sql"
     shutil.copytree(migrate.default_sql_dir(), sql_dir)
     data = json.loads((sql_dir / "catalog.json").read_text(encoding="utf-8"))
-    data["versions"][V2]["checksum"] = "0" * 64
+    data["versions"][V2]["sources"] = "0" * 64
     (sql_dir / "catalog.json").write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(OpsError, match=rf"version\(s\) {V2} differ\): run `make catalog`"):
+        await verify(db_dsn, sql_dir=sql_dir)
+    shutil.copy(migrate.default_sql_dir() / "catalog.json", sql_dir / "catalog.json")
+    # A function file edited without `make catalog`: the catalog is stale (exit 2, regenerate
+    # it), not a function "edited by hand in the database" (exit 1).
+    reconcile = sql_dir / "functions" / "reconcile.sql"
+    reconcile.write_text(reconcile.read_text() + "\n-- edited\n", encoding="utf-8")
     with pytest.raises(OpsError, match=rf"version\(s\) {V2} differ\): run `make catalog`"):
         await verify(db_dsn, sql_dir=sql_dir)
     (sql_dir / "catalog.json").unlink()

@@ -262,6 +262,14 @@ def catalog_path(sql_dir: Path | None = None) -> Path:
     return (sql_dir or migrate.default_sql_dir()) / CATALOG_FILE
 
 
+def sources(version: migrate.MigrationVersion) -> str:
+    """sha256 of every file a version's catalog comes from: its schema file and the function
+    files it introduced (``sha256sum`` format), so that editing either makes the committed
+    catalog stale, not a function "edited by hand in the database"."""
+    listing = "".join(f"{f.sha256}  {f.relpath}\n" for f in version.applied_files)
+    return hashlib.sha256(listing.encode("utf-8")).hexdigest()
+
+
 def load_catalogs(versions: Sequence[migrate.MigrationVersion], path: Path) -> dict[str, Catalog]:
     """The committed catalog after each version, checked against the versions' files."""
     try:
@@ -278,7 +286,7 @@ def load_catalogs(versions: Sequence[migrate.MigrationVersion], path: Path) -> d
     stale = [
         v.version
         for v in versions
-        if v.version not in recorded or recorded[v.version].get("checksum") != v.checksum
+        if v.version not in recorded or recorded[v.version].get("sources") != sources(v)
     ]
     stale += [v for v in recorded if v not in {m.version for m in versions}]
     if stale:
@@ -334,7 +342,11 @@ async def generate(admin_dsn: str, sql_dir: Path | None = None) -> dict[str, Any
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
                 await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-            out["versions"][version.version] = {"checksum": version.checksum, "catalog": catalog}
+            out["versions"][version.version] = {
+                "checksum": version.checksum,
+                "sources": sources(version),
+                "catalog": catalog,
+            }
     finally:
         await admin.close()
     return out
