@@ -1214,6 +1214,11 @@ def _restore_sql(version: MigrationVersion) -> str:
         f"version {version.label} declares the billing table tokentrack.%s in its rollback "
         "file, but its schema file did not create it"
     )
+    foreign_schema = _quote_literal(_FOREIGN_ARCHIVE.format(ARCHIVE_SCHEMA, "%s", "%s"))
+    foreign_table = _quote_literal(
+        _FOREIGN_ARCHIVE_TABLE.format(f"{ARCHIVE_SCHEMA}.%s", "%s", "%s", "%s")
+    )
+    stray = _quote_literal(_STRAY_ARCHIVE.format(f"{ARCHIVE_SCHEMA}.%s", "%s", version.version))
     return (
         "DO $tokentrack_restore$\n"
         "DECLARE\n"
@@ -1221,15 +1226,48 @@ def _restore_sql(version: MigrationVersion) -> str:
         "    v_live pg_catalog.regclass;\n"
         "    v_columns text;\n"
         "    v_identity text;\n"
+        "    v_owner pg_catalog.oid;\n"
+        "    v_archive pg_catalog.oid;\n"
+        "    v_archive_owner pg_catalog.oid;\n"
+        '    v_kind "char";\n'
+        "    v_relowner pg_catalog.oid;\n"
+        "    v_stray bigint;\n"
         "BEGIN\n"
+        "    -- Only an archive of the owner of schema tokentrack is read, checked in the catalog\n"
+        "    -- before any select from it (a view or another role's table could run its code).\n"
+        "    SELECT n.nspowner INTO v_owner FROM pg_catalog.pg_namespace AS n\n"
+        "    WHERE n.nspname = 'tokentrack';\n"
+        "    SELECT n.oid, n.nspowner INTO v_archive, v_archive_owner\n"
+        f"    FROM pg_catalog.pg_namespace AS n WHERE n.nspname = '{ARCHIVE_SCHEMA}';\n"
+        "    IF v_archive IS NOT NULL AND v_archive_owner IS DISTINCT FROM v_owner THEN\n"
+        "        RAISE EXCEPTION USING ERRCODE = 'insufficient_privilege',\n"
+        f"            MESSAGE = pg_catalog.format({foreign_schema},\n"
+        "                v_archive_owner::pg_catalog.regrole, v_owner::pg_catalog.regrole);\n"
+        "    END IF;\n"
         f"    FOREACH v_table IN ARRAY ARRAY[{tables}]::text[] LOOP\n"
         "        v_live := pg_catalog.to_regclass(pg_catalog.format('tokentrack.%I', v_table));\n"
         "        IF v_live IS NULL THEN\n"
         "            RAISE EXCEPTION USING ERRCODE = 'undefined_table',\n"
         f"                MESSAGE = pg_catalog.format({missing}, v_table);\n"
         "        END IF;\n"
-        "        CONTINUE WHEN pg_catalog.to_regclass(\n"
-        f"            pg_catalog.format('{ARCHIVE_SCHEMA}.%I', v_table)) IS NULL;\n"
+        "        CONTINUE WHEN v_archive IS NULL;\n"
+        "        SELECT c.relkind, c.relowner INTO v_kind, v_relowner\n"
+        "        FROM pg_catalog.pg_class AS c\n"
+        "        WHERE c.relnamespace = v_archive AND c.relname = v_table;\n"
+        "        CONTINUE WHEN NOT FOUND;\n"
+        "        IF v_kind <> 'r' OR v_relowner IS DISTINCT FROM v_owner THEN\n"
+        "            RAISE EXCEPTION USING ERRCODE = 'insufficient_privilege',\n"
+        f"                MESSAGE = pg_catalog.format({foreign_table}, v_table, v_kind,\n"
+        "                    v_relowner::pg_catalog.regrole, v_owner::pg_catalog.regrole);\n"
+        "        END IF;\n"
+        "        EXECUTE pg_catalog.format(\n"
+        f"            'SELECT pg_catalog.count(*) FROM {ARCHIVE_SCHEMA}.%I"
+        " WHERE archived_version IS DISTINCT FROM %L',\n"
+        f"            v_table, {_quote_literal(version.version)}) INTO v_stray;\n"
+        "        IF v_stray > 0 THEN\n"
+        "            RAISE EXCEPTION USING ERRCODE = 'data_exception',\n"
+        f"                MESSAGE = pg_catalog.format({stray}, v_table, v_stray);\n"
+        "        END IF;\n"
         "        SELECT pg_catalog.string_agg(pg_catalog.quote_ident(a.attname), ', '"
         " ORDER BY a.attnum)\n"
         "        INTO v_columns FROM pg_catalog.pg_attribute AS a\n"
@@ -1266,14 +1304,72 @@ def _restore_sql(version: MigrationVersion) -> str:
     )
 
 
-async def _archived(conn: asyncpg.Connection, version: MigrationVersion) -> list[TableRows]:
-    """The rows :data:`ARCHIVE_SCHEMA` holds for ``version``'s billing tables (read-only)."""
+_FOREIGN_ARCHIVE: Final = (
+    "schema {} belongs to role {}, not to {}, the owner of schema tokentrack: refusing to "
+    "read archived billing rows from it"
+)
+_FOREIGN_ARCHIVE_TABLE: Final = (
+    "{} is a relation of kind '{}' owned by role {}, not an ordinary table (kind 'r') owned "
+    "by {}, the owner of schema tokentrack: refusing to read archived billing rows from it"
+)
+_STRAY_ARCHIVE: Final = "{} holds {} row(s) not archived from version {}: refusing to restore it"
+
+
+async def _archived(
+    conn: asyncpg.Connection,
+    version: MigrationVersion,
+    *,
+    restoring: bool = True,
+) -> list[TableRows]:
+    """The rows :data:`ARCHIVE_SCHEMA` holds for ``version``'s billing tables (read-only).
+
+    Raises :class:`ApplyError` (:class:`RollbackRefused` unless ``restoring``) before
+    selecting from anything when the catalog shows an archive that is not the owner's: the
+    schema, or one of its tables, owned by a role other than the owner of schema tokentrack
+    (the installing role when there is none yet), or a relation that is not an ordinary table
+    (a view or a foreign table runs someone else's code); when ``restoring``, also when a
+    table holds rows archived from another version.
+    """
+    refused: type[MigrationError] = ApplyError if restoring else RollbackRefused
+    if not version.billing_tables:
+        return []
+    schema = await conn.fetchrow(
+        "SELECT a.oid, a.nspowner::regrole::text AS owner, e.owner::regrole::text AS expected"
+        " FROM pg_namespace AS a, (SELECT coalesce((SELECT t.nspowner FROM pg_namespace AS t"
+        " WHERE t.nspname = 'tokentrack'), (SELECT r.oid FROM pg_roles AS r"
+        " WHERE r.rolname = current_user)) AS owner) AS e WHERE a.nspname = $1",
+        ARCHIVE_SCHEMA,
+    )
+    if schema is None:
+        return []
+    if schema["owner"] != schema["expected"]:
+        raise refused(_FOREIGN_ARCHIVE.format(ARCHIVE_SCHEMA, schema["owner"], schema["expected"]))
     found: list[TableRows] = []
     for table in version.billing_tables:
         name = f"{ARCHIVE_SCHEMA}.{table}"
-        if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", name):
-            rows = await conn.fetchval(f"SELECT count(*) FROM {name}")
-            found.append(TableRows(version.version, table, int(rows)))
+        rel = await conn.fetchrow(
+            "SELECT c.relkind::text, c.relowner::regrole::text AS owner FROM pg_class AS c"
+            " WHERE c.relnamespace = $1 AND c.relname = $2",
+            schema["oid"],
+            table,
+        )
+        if rel is None:
+            continue
+        if rel["relkind"] != "r" or rel["owner"] != schema["expected"]:
+            raise refused(
+                _FOREIGN_ARCHIVE_TABLE.format(
+                    name, rel["relkind"], rel["owner"], schema["expected"]
+                )
+            )
+        rows = await conn.fetchval(f"SELECT count(*) FROM {name}")
+        if restoring and rows:
+            stray = await conn.fetchval(
+                f"SELECT count(*) FROM {name} WHERE archived_version IS DISTINCT FROM $1",
+                version.version,
+            )
+            if stray:
+                raise refused(_STRAY_ARCHIVE.format(name, stray, version.version))
+        found.append(TableRows(version.version, table, int(rows)))
     return found
 
 
@@ -1344,11 +1440,18 @@ async def _execute_plan(
     done: list[MigrationVersion] = []
     functions: tuple[AppliedFunction, ...] = ()
     restored: list[TableRows] = []
+    # Counted before the versions' transactions: only a migrator holding the advisory lock,
+    # as this one does, writes or empties the archive. An archive that is not the owner's is
+    # refused here, before anything is applied.
+    try:
+        archives = [await _archived(conn, version) for version in plan.versions]
+    except ApplyError as exc:
+        exc.result = InstallResult((), (), seeded, current)
+        exc.args = (f"{exc.args[0]}; nothing was changed",)
+        raise
     for i, version in enumerate(plan.versions):
         with_functions = plan.functions if i == len(plan.versions) - 1 else ()
-        # Counted before the version's transaction: only a migrator holding the advisory
-        # lock, as this one does, writes or empties the archive.
-        archived = await _archived(conn, version)
+        archived = archives[i]
         try:
             functions = await _apply(conn, version, with_functions, bootstrap=bootstrap and i == 0)
         except BootstrapError as exc:
@@ -1622,7 +1725,7 @@ async def _check_archive_free(
             f"{owner['tokentrack']}, the owner of schema tokentrack: refusing to copy billing "
             "data into it"
         )
-    for found in await _archived(conn, version):
+    for found in await _archived(conn, version, restoring=False):
         if found.table in tables:
             raise RollbackRefused(
                 f"{ARCHIVE_SCHEMA}.{found.table} already exists and holds {found.rows} row(s) "

@@ -405,6 +405,78 @@ async def test_archive_never_overwrites_another_archive_or_writes_into_a_foreign
     assert await migration_rows(db_dsn) == versions_before
 
 
+async def test_install_refuses_an_archive_view_of_another_role_and_never_runs_its_function(
+    empty_db_dsn: str,
+) -> None:
+    """A role with CREATE on the database plants tokentrack_archive.report_reservations as a
+    view over its own function: install refuses from the catalog, the function never runs."""
+    await migrate.install(empty_db_dsn)
+    await migrate.rollback(empty_db_dsn, to=V1)
+    squatter = f"tt_squatter_{uuid.uuid4().hex[:10]}"
+    conn = await asyncpg.connect(empty_db_dsn)
+    try:
+        database = await conn.fetchval("SELECT current_database()")
+        await conn.execute(
+            f"CREATE ROLE {squatter}; GRANT CREATE ON DATABASE {database} TO {squatter};"
+            f" SET ROLE {squatter}; CREATE SCHEMA {ARCHIVE}; CREATE TABLE {ARCHIVE}.marker (x int);"
+            f" CREATE FUNCTION {ARCHIVE}.planted() RETURNS SETOF int LANGUAGE plpgsql AS"
+            f" $$BEGIN INSERT INTO {ARCHIVE}.marker VALUES (1); RETURN; END$$;"
+            f" CREATE VIEW {ARCHIVE}.report_reservations AS SELECT * FROM {ARCHIVE}.planted() AS x;"
+            f" GRANT USAGE ON SCHEMA {ARCHIVE} TO PUBLIC; GRANT ALL ON {ARCHIVE}.marker TO PUBLIC;"
+            " RESET ROLE"
+        )
+        try:
+            refused = await run_cli("migrate", "install", dsn=empty_db_dsn)
+            assert await conn.fetchval(f"SELECT count(*) FROM {ARCHIVE}.marker") == 0
+            assert_one_line_error(
+                refused,
+                f"schema {ARCHIVE} belongs to role {squatter}, not to postgres",
+                "nothing was changed",
+            )
+            assert [r["version"] for r in await migration_rows(empty_db_dsn)] == [V1]
+        finally:
+            await conn.execute(f"DROP SCHEMA {ARCHIVE} CASCADE; DROP OWNED BY {squatter}")
+            await conn.execute(f"DROP ROLE {squatter}")
+    finally:
+        await conn.close()
+
+
+async def test_install_refuses_an_archive_table_another_role_owns(
+    empty_db_dsn: str, pg_server: Any
+) -> None:
+    """The schema is the owner's, one archive table is not: install and the printed SQL refuse."""
+    await migrate.install(empty_db_dsn)
+    other = f"tt_other_{uuid.uuid4().hex[:10]}"
+    conn = await asyncpg.connect(empty_db_dsn)
+    try:
+        await conn.execute(
+            f"CREATE ROLE {other}; CREATE SCHEMA {ARCHIVE};"
+            f" CREATE TABLE {ARCHIVE}.report_step_usage (archived_at timestamptz NOT NULL,"
+            " archived_version text NOT NULL,"
+            f" LIKE tokentrack.report_step_usage); ALTER TABLE {ARCHIVE}.report_step_usage"
+            f" OWNER TO {other}"
+        )
+        try:
+            await migrate.rollback(empty_db_dsn, to=V1)
+            refused = await run_cli("migrate", "install", dsn=empty_db_dsn)
+            expected = (
+                f"{ARCHIVE}.report_step_usage is a relation of kind 'r' owned by role {other},"
+                " not an ordinary table (kind 'r') owned by postgres"
+            )
+            assert_one_line_error(refused, expected, "nothing was changed")
+            printed = await run_cli("migrate", "sql", "--pending", dsn=empty_db_dsn)
+            assert printed.returncode == 0, printed
+            code, err = await psql(pg_server, empty_db_dsn, printed.stdout)
+            assert code != 0, err
+            assert expected in err, err
+            assert [r["version"] for r in await migration_rows(empty_db_dsn)] == [V1]
+            assert await conn.fetchval(f"SELECT to_regclass('{ARCHIVE}.report_step_usage')")
+        finally:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {ARCHIVE} CASCADE; DROP ROLE {other}")
+    finally:
+        await conn.close()
+
+
 # --------------------------------------------------------------------------------------------
 # The declaration: `-- billing-tables:` in each rollback file
 # --------------------------------------------------------------------------------------------
