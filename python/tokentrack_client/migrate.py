@@ -658,19 +658,16 @@ def _billing_tables(rollback: SqlFile, schema: SqlFile, path: Path) -> tuple[str
     if len(found) > 1:
         raise SqlLayoutError(f"{path}: more than one '-- billing-tables:' header line")
     tables = () if found[0] == "none" else tuple(found[0].split(", "))
+    created = set(_CREATED_TABLE_RE.findall(schema.text))
     for table in tables:
         if tables.count(table) > 1:
             raise SqlLayoutError(f"{path}: billing table {table} is named twice")
-        created = re.compile(
-            rf"^\s*CREATE\s+TABLE\s+(IF\s+NOT\s+EXISTS\s+)?tokentrack\.{table}\b",
-            re.IGNORECASE | re.MULTILINE,
-        )
-        if created.search(schema.text) is None:
+        if table not in created:
             raise SqlLayoutError(
                 f"{path}: billing table {table} is not created by {schema.relpath} "
                 f"(no CREATE TABLE tokentrack.{table}); a version names its own tables"
             )
-    undeclared = sorted(set(_CREATED_TABLE_RE.findall(schema.text)) - set(tables))
+    undeclared = sorted(created - set(tables))
     if undeclared:
         raise SqlLayoutError(
             f"{path}: {schema.relpath} creates {', '.join(f'tokentrack.{t}' for t in undeclared)}"
