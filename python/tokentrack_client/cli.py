@@ -494,10 +494,9 @@ async def _migrate(args: argparse.Namespace) -> int:
             _print_status(await migrate.status(_database_url(args)))
         elif action == "sql":
             if args.pending:
-                plan: migrate.InstallPlan | list[migrate.MigrationVersion]
                 plan = await migrate.pending_plan(_database_url(args))
             else:
-                plan = migrate.load_versions()
+                plan = migrate.fresh_plan()
             sys.stdout.write(migrate.render_sql(plan))
         else:  # pragma: no cover - argparse rejects unknown actions
             raise CommandError(f"unknown migrate action {action!r}")

@@ -104,6 +104,7 @@ __all__ = [
     "TableRows",
     "VersionStatus",
     "default_sql_dir",
+    "fresh_plan",
     "install",
     "load_functions",
     "load_versions",
@@ -241,11 +242,22 @@ class FunctionFile:
 
     file: SqlFile
     version: str
+    history: tuple[tuple[str, SqlFile], ...] = ()
+    """``(V, text)`` oldest first: the file as it was while version ``V`` was the newest, for
+    every version after which a newer one changed it (``history/<V>/<name>.sql``)."""
 
     @property
     def relpath(self) -> str:
         """``functions/<name>.sql``."""
         return self.file.relpath
+
+    def text_at(self, version: str) -> SqlFile:
+        """The file as it was while ``version`` was the newest version: the oldest history
+        entry at or after ``version``, else the current file."""
+        for until, text in self.history:
+            if until >= version:
+                return text
+        return self.file
 
     @property
     def name(self) -> str:
@@ -716,8 +728,9 @@ def _load(sql_dir: Path | None) -> tuple[list[MigrationVersion], list[FunctionFi
             raise SqlLayoutError(
                 f"{path}: header names version {version}, which has no schema file in {schema_dir}"
             )
-        functions.append(FunctionFile(sql_file, version))
+        functions.append(FunctionFile(sql_file, version, _history(root, path, version, schemas)))
     functions.sort(key=lambda f: f.relpath)
+    _check_history(root, {f.name for f in functions}, schemas)
 
     versions: list[MigrationVersion] = []
     for version in sorted(schemas):
@@ -734,6 +747,58 @@ def _load(sql_dir: Path | None) -> tuple[list[MigrationVersion], list[FunctionFi
             )
         )
     return versions, functions
+
+
+def _history(
+    root: Path, path: Path, version: str, schemas: Mapping[str, tuple[str, Path]]
+) -> tuple[tuple[str, SqlFile], ...]:
+    """The ``history/<V>/<name>.sql`` files of function file ``path``, oldest first."""
+    found: list[tuple[str, SqlFile]] = []
+    history_dir = root / "history"
+    if not history_dir.is_dir():
+        return ()
+    for until_dir in sorted(history_dir.iterdir()):
+        old = until_dir / path.name
+        if not old.is_file():
+            continue
+        until = until_dir.name
+        if until < version:
+            raise SqlLayoutError(
+                f"{old}: version {until} is older than version {version}, which introduces "
+                f"{path.name}: there is no earlier text of it to keep"
+            )
+        text = SqlFile.read(root, old)
+        if _function_version(old, text.text) != version:
+            raise SqlLayoutError(
+                f"{old}: its header must name version {version}, as {path} does (a history "
+                "file is the function file as it was, byte for byte)"
+            )
+        found.append((until, text))
+    return tuple(found)
+
+
+def _check_history(root: Path, names: set[str], schemas: Mapping[str, tuple[str, Path]]) -> None:
+    """Every ``history/<V>/<name>.sql``: V a known version, name a current function file."""
+    history_dir = root / "history"
+    if not history_dir.is_dir():
+        return
+    for until_dir in sorted(history_dir.iterdir()):
+        if not until_dir.is_dir() or until_dir.name not in schemas:
+            raise SqlLayoutError(
+                f"{until_dir}: expected a directory named after a version of {root / 'schema'}"
+            )
+        newest = max(schemas)
+        if until_dir.name >= newest:
+            raise SqlLayoutError(
+                f"{until_dir}: a history directory names a version that a newer one follows; "
+                f"{until_dir.name} is the newest version"
+            )
+        for old in sorted(until_dir.iterdir()):
+            if old.suffix != ".sql" or old.stem not in names:
+                raise SqlLayoutError(
+                    f"{old}: not a function file of {root / 'functions'} as it was at "
+                    f"version {until_dir.name}"
+                )
 
 
 def load_versions(sql_dir: Path | None = None) -> list[MigrationVersion]:
@@ -1090,19 +1155,37 @@ def _plan(
     newest = _newest_rows(history)
     on_disk = {f.relpath for f in functions}
     changes: list[FunctionChange] = []
+    # Each pending version gets the text the file had while that version was the newest (its
+    # history file, else the current file), in order, so that the rollback of any of them
+    # restores the text before it, also after a fresh install of several versions at once.
+    steps = [v.version for v in pending] or [after]
     for fn in functions:
         if fn.version > after:
             continue
         last = newest.get(fn.relpath)
-        if last is None:
-            # First application: the row belongs to the version that introduces the function,
-            # not to the last one of this run, so that rolling back version 2 of a fresh
-            # install of versions 1 and 2 keeps version 1's functions.
-            changes.append(FunctionChange(fn.relpath, "new", fn.version, fn.file))
-        elif last.source is None:
-            changes.append(FunctionChange(fn.relpath, "new", after, fn.file))
-        elif last.sha256 != fn.file.sha256:
-            changes.append(FunctionChange(fn.relpath, "changed", after, fn.file, last.defined))
+        recorded = last.sha256 if last is not None and last.source is not None else None
+        for step in steps:
+            if step < fn.version:
+                continue
+            text = fn.text_at(step) if pending else fn.file
+            if text.sha256 == recorded:
+                continue
+            if last is None and recorded is None:
+                # First application: the row belongs to the version that introduces the
+                # function, not to the last one of this run, so that rolling back version 2
+                # of a fresh install of versions 1 and 2 keeps version 1's functions.
+                changes.append(FunctionChange(fn.relpath, "new", fn.version, text))
+            else:
+                # A history text belongs to the version it became current in; the current
+                # text too when the file has history (its change is dated), else to the
+                # newest version of the run.
+                owner = step if fn.history else after
+                if recorded is None:
+                    changes.append(FunctionChange(fn.relpath, "new", owner, text))
+                else:
+                    previous = last.defined if last is not None else frozenset()
+                    changes.append(FunctionChange(fn.relpath, "changed", owner, text, previous))
+            recorded = text.sha256
     for path, last in sorted(newest.items()):
         if path not in on_disk and last.source is not None:
             changes.append(FunctionChange(path, "removed", after, None, last.defined))
@@ -1958,12 +2041,12 @@ def _terminated(text: str) -> str:
     return "\n".join(lines)
 
 
-def _fresh_plan(versions: Sequence[MigrationVersion]) -> InstallPlan:
-    """The plan for a database that has none of ``versions``: every function file of them."""
-    changes = [
-        FunctionChange(f.relpath, "new", v.version, f) for v in versions for f in v.functions
-    ]
-    return InstallPlan(tuple(versions), tuple(sorted(changes, key=lambda c: c.path)))
+def fresh_plan(sql_dir: Path | None = None) -> InstallPlan:
+    """What ``install`` would apply to a database that has no tokentrack yet: every version
+    and every function file (with the earlier texts of the reworked ones, as install records
+    them)."""
+    versions, functions = _load(sql_dir)
+    return _plan(functions, [], [], versions)
 
 
 def _functions_sql(changes: Sequence[FunctionChange]) -> list[str]:
@@ -1977,11 +2060,10 @@ def _functions_sql(changes: Sequence[FunctionChange]) -> list[str]:
     return out
 
 
-def render_sql(plan: InstallPlan | Sequence[MigrationVersion]) -> str:
-    """The SQL that applies ``plan`` with psql, for teams with their own migration tool.
-
-    A sequence of versions means a database that has none of them: every function file of
-    those versions is applied. Output: the bootstrap in its own transaction, then one
+def render_sql(plan: InstallPlan) -> str:
+    """The SQL that applies ``plan`` (:func:`pending_plan`, or :func:`fresh_plan` for a
+    database that has no tokentrack yet) with psql, for teams with their own migration tool.
+    Output: the bootstrap in its own transaction, then one
     ``BEGIN; ... COMMIT;`` block per version holding its schema file (followed by the restore
     of its archived billing rows, :func:`_restore_sql`, for a version with billing tables) and
     its ``schema_migrations`` row; the last block also applies the function files with their
@@ -1991,8 +2073,6 @@ def render_sql(plan: InstallPlan | Sequence[MigrationVersion]) -> str:
     """
     from tokentrack_client import __version__
 
-    if not isinstance(plan, InstallPlan):
-        plan = _fresh_plan(plan)
     header = ", ".join(v.label for v in plan.versions) or "(none)"
     if plan.functions:
         header += f"; {len(plan.functions)} function file(s)"
