@@ -6,7 +6,9 @@ SQL layout (see ``docs/INSTALL.md``)::
                                         tables, roles, policies, data changes; applied once
     sql/rollback/<VERSION>_<name>.sql   exactly one per version, same file name, undoes it;
                                         a header line ``-- billing-tables: <tables> | none``
-                                        names the version's tables that hold billing data
+                                        names the version's tables that hold billing data,
+                                        an optional ``-- billing-columns: t(c1, c2); u(c3)``
+                                        the billing columns it adds to older tables
     sql/functions/<function>.sql        the current definition of one function (CREATE OR
                                         REPLACE); a header line ``-- version: <VERSION>`` names
                                         the version that introduced it
@@ -54,7 +56,12 @@ there leaves nothing behind.
 Billing data is never dropped silently: a rollback refuses to drop a declared billing table
 that holds rows, unless ``archive``, which bills the active reservations as the sweep does and
 keeps the rows in the schema :data:`ARCHIVE_SCHEMA`; the next install of the version moves
-them back in its transaction (see :func:`rollback` and :func:`_restore_sql`).
+them back in its transaction (see :func:`rollback` and :func:`_restore_sql`). The same goes
+for declared billing columns (:class:`BillingColumns`), columns a version adds to a table of
+an older version: a row holds data in them when one IS DISTINCT FROM its default; the
+rollback refuses while a row does, ``archive`` keeps the primary key and those columns of
+such rows in ``tokentrack_archive.<table>__<VERSION>``, and the next install writes them
+back by primary key, with the table's enabled user triggers off around the UPDATE.
 
 The commands return what they did (:class:`InstallResult`, :class:`RollbackResult`,
 :class:`Status`) and print nothing; the CLI prints.
@@ -1597,7 +1604,8 @@ async def _archived(
     *,
     restoring: bool = True,
 ) -> list[TableRows]:
-    """The rows :data:`ARCHIVE_SCHEMA` holds for ``version``'s billing tables (read-only).
+    """The rows :data:`ARCHIVE_SCHEMA` holds for ``version``'s billing tables and billing
+    columns (``<table>__<version>``; :attr:`TableRows.columns` set) (read-only).
 
     Raises :class:`ApplyError` (:class:`RollbackRefused` unless ``restoring``) before
     selecting from anything when the catalog shows an archive that is not the owner's: the
@@ -1875,6 +1883,15 @@ async def rollback(
       ``archived_at`` and ``archived_version``), then the rollback runs as above. The next
       install of V moves the rows back (see :func:`_restore_sql`). An archive table that
       already exists (an earlier archive not restored) is refused, never appended to.
+
+    Billing columns (``-- billing-columns:``, :class:`BillingColumns`): the tables V adds
+    them to are locked too (after its billing tables), and a row holds data in them when
+    one of them IS DISTINCT FROM its default expression (``pg_attrdef``, evaluated in the
+    counting query; NULL without a default; see :func:`_present_columns`). Without
+    ``archive`` such rows are refused, counted per table, as above; with ``archive`` their
+    primary key and the declared columns are copied into
+    ``tokentrack_archive.<table>__<V>`` (with ``archived_at`` and ``archived_version``; a
+    table without a primary key is refused), and the next install of V writes them back.
     """
     if steps < 1:
         raise MigrationError(f"--steps must be at least 1, got {steps}")
