@@ -21,7 +21,7 @@ from typing import Any
 import asyncpg
 import pytest
 from test_functions import psql
-from test_install import assert_one_line_error, copy_sql, migration_rows, run_cli
+from test_install import V1, V2, assert_one_line_error, copy_sql, migration_rows, run_cli
 
 from sqlkit import call, step
 from tokentrack_client import migrate
@@ -467,6 +467,28 @@ async def test_archive_then_reinstall_restores_the_values_exactly_also_on_billed
         (EXTRA, f"report_step_usage__{EXTRA}", HELD)
     ]
     assert await extra_values(extra_db) == values
+
+
+async def test_rolling_back_to_version_1_with_archive_keeps_the_column_values_too(
+    extra_db: str, extra_sql: Path
+) -> None:
+    """The extra version's values go into their archive first, then version 20260108000000
+    archives the step rows themselves; installing everything again puts the rows back, then
+    the immutability trigger, then the values on them by primary key."""
+    values = await record_steps(extra_db)
+    result = await migrate.rollback(extra_db, to=V1, sql_dir=extra_sql, archive=True)
+    archived = {v.version: [(t.archive_table, t.rows) for t in v.archived] for v in result.versions}
+    assert archived[EXTRA] == [(f"report_step_usage__{EXTRA}", HELD)]
+    assert ("report_step_usage", len(values)) in archived[V2]
+    installed = await migrate.install(extra_db, sql_dir=extra_sql)
+    restored = [(t.version, t.archive_table) for t in installed.restored]
+    assert restored[-1] == (EXTRA, f"report_step_usage__{EXTRA}")
+    assert (V2, "report_step_usage") in restored
+    assert await extra_values(extra_db) == values
+    assert await archive_schema(extra_db) is None
+    await assert_billed_steps_still_immutable(extra_db)
+    reconciled = await fetch(extra_db, "SELECT tokentrack.reconcile(NULL)::jsonb ->> 'ok' AS ok")
+    assert reconciled[0]["ok"] == "true"
 
 
 async def test_the_printed_sql_restores_the_column_values_too(
