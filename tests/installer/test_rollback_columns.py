@@ -491,6 +491,49 @@ async def test_rolling_back_to_version_1_with_archive_keeps_the_column_values_to
     assert reconciled[0]["ok"] == "true"
 
 
+async def test_a_version_with_billing_tables_and_billing_columns_keeps_both(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    sql_dir = extra_sql_dir(
+        tmp_path,
+        EXTRA_SCHEMA + "CREATE TABLE tokentrack.extra_prices (id int PRIMARY KEY, price bigint);\n",
+        EXTRA_ROLLBACK.replace("-- billing-tables: none", "-- billing-tables: extra_prices")
+        + "DROP TABLE tokentrack.extra_prices;\n",
+    )
+    await migrate.install(db_dsn, sql_dir=sql_dir)
+    values = await record_steps(db_dsn)
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        await conn.execute("INSERT INTO tokentrack.extra_prices VALUES (1, 10), (2, 20)")
+        refused = await run_cli("migrate", "rollback", dsn=db_dsn, sql_dir=sql_dir)
+        assert_one_line_error(
+            refused,
+            f"version {EXTRA} ({EXTRA_NAME}) would drop 2 row(s) of tokentrack.extra_prices,"
+            f" the data of {HELD} row(s) in tokentrack.report_step_usage columns",
+        )
+        rolled = await migrate.rollback(db_dsn, sql_dir=sql_dir, archive=True)
+        assert [(t.archive_table, t.rows) for t in rolled.versions[0].archived] == [
+            ("extra_prices", 2),
+            (f"report_step_usage__{EXTRA}", HELD),
+        ]
+        printed = migrate.render_sql(await migrate.pending_plan(db_dsn, sql_dir=sql_dir))
+        assert (
+            "-- ----- billing tables: extra_prices; billing columns: report_step_usage("
+            "extra_tokens, extra_cost)"
+        ) in printed
+        installed = await migrate.install(db_dsn, sql_dir=sql_dir)
+        assert [t.archive_table for t in installed.restored] == [
+            "extra_prices",
+            f"report_step_usage__{EXTRA}",
+        ]
+        prices = await conn.fetch("SELECT id, price FROM tokentrack.extra_prices ORDER BY id")
+        assert [tuple(r) for r in prices] == [(1, 10), (2, 20)]
+    finally:
+        await conn.close()
+    assert await extra_values(db_dsn) == values
+    assert await archive_schema(db_dsn) is None
+
+
 async def test_the_printed_sql_restores_the_column_values_too(
     extra_db: str, extra_sql: Path, pg_server: Any
 ) -> None:
