@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Undo the newest applied version(s), newest first: drop the functions each "
             "introduced, run its rollback file and restore every function it changed to the "
             "definition recorded before it. Refused (exit 2, nothing changed) while a "
-            "version's billing tables hold rows, unless --archive."
+            "version's billing tables hold rows, or rows hold data in its billing columns, "
+            "unless --archive."
         ),
     )
     how_far = rollback.add_mutually_exclusive_group()
@@ -178,8 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help=(
             f"first bill every active reservation as the sweep does, then keep the rows of "
-            f"the dropped billing tables in schema {migrate.ARCHIVE_SCHEMA} (the next install "
-            "of the version restores them)"
+            f"the dropped billing tables, and the values of the dropped billing columns, in "
+            f"schema {migrate.ARCHIVE_SCHEMA} (the next install of the version restores them)"
         ),
     )
     _add_database_url(rollback)
