@@ -302,7 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Active reservations older than 2h (alert above --stale-alert-count older than 3h), "
             "completed reports without step usage, usage accuracy (reconcile), reservations by "
             "status with oldest and newest, reports per hour by status (alert on a failure rate "
-            "above 5% or a completion rate below 90%). Exits 1 when an alert fires."
+            "above 5% or a completion rate below 90%), the window's steps, tokens and cost with "
+            "the unpriced ones by model (a warning when prices are set and a model has none). "
+            "Exits 1 when an alert fires."
         ),
     )
     mon.set_defaults(run=_monitor)
