@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -163,6 +165,20 @@ def test_usage_defaults_to_zero_and_is_exported() -> None:
         "reasoning_tokens": 0,
     }
     assert empty.total_tokens is None
+
+
+def test_the_client_imports_no_provider_sdk() -> None:
+    probe = (
+        "import sys, tokentrack_client\n"
+        "from tokentrack_client import Usage\n"
+        "Usage.from_openai({'prompt_tokens': 1, 'completion_tokens': 1})\n"
+        "sdks = ('openai', 'anthropic', 'litellm', 'pydantic')\n"
+        "print(sorted(m for m in sdks if m in sys.modules))"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert found.stdout.strip() == "[]"
 
 
 def test_to_dict_is_p_usage_and_omits_only_a_none_total() -> None:
