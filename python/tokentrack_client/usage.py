@@ -74,7 +74,10 @@ What each adapter accepts:
   ``cache_creation_input_tokens`` on the usage object. Reading ``prompt_tokens`` as input and
   the details as its parts therefore counts every token once; adding the top-level Anthropic
   fields to it as well would count the cache twice. ``litellm.Usage`` stores a missing
-  ``total_tokens`` as 0, which is read as ``None``.
+  ``total_tokens`` as 0, which is read as ``None``. What ``litellm.responses()`` answers
+  (``ResponseAPIUsage``) is made from that same usage (``input_tokens`` = ``prompt_tokens``,
+  ``input_tokens_details.cached_tokens`` and ``.cache_write_tokens`` from the prompt
+  details), so it is read as OpenAI's Responses usage.
 
 Each adapter refuses, with :class:`~tokentrack_client.InvalidArgument`, an object that carries
 no usage, a count that is not a non-negative integer, and a usage that breaks the inclusions
@@ -193,20 +196,7 @@ class Usage:
                         "input_tokens",
                         f"this usage has Anthropic's {anthropic}: use Usage.from_anthropic",
                     )
-            return cls(
-                input_tokens=_count(usage, "input_tokens", "input_tokens", required=True),
-                cached_input_tokens=_count(
-                    usage, "cached_input_tokens", "input_tokens_details.cached_tokens"
-                ),
-                cache_write_tokens=_count(
-                    usage, "cache_write_tokens", "input_tokens_details.cache_write_tokens"
-                ),
-                output_tokens=_count(usage, "output_tokens", "output_tokens", required=True),
-                reasoning_tokens=_count(
-                    usage, "reasoning_tokens", "output_tokens_details.reasoning_tokens"
-                ),
-                total_tokens=_optional_count(usage, "total_tokens", "total_tokens"),
-            )
+            return cls._from_responses_usage(usage)
         raise _not_usage(usage, "OpenAI", "prompt_tokens or input_tokens")
 
     @classmethod
@@ -253,9 +243,18 @@ class Usage:
     def from_litellm(cls, obj: object) -> Usage:
         """The usage of a LiteLLM call, whatever its provider (see the module's table): a
         ``ModelResponse`` or streamed ``ModelResponseStream`` that carries usage, its
-        ``litellm.Usage``, or a dict of the same JSON shape."""
+        ``litellm.Usage``, or a dict of the same JSON shape; also what ``litellm.responses()``
+        answers (``ResponsesAPIResponse``, its ``ResponseAPIUsage``, the ``response.completed``
+        event), read as OpenAI's Responses usage."""
         usage = _carried_usage(obj, "LiteLLM", _LITELLM_HINT)
         if not _has(usage, "prompt_tokens"):
+            if _has(usage, "input_tokens") and all(
+                _get(usage, name) is None
+                for name in ("cache_read_input_tokens", "cache_creation_input_tokens")
+            ):
+                # litellm.responses(): its ResponseAPIUsage has OpenAI's Responses shape,
+                # built from the normalised chat usage (input_tokens = prompt_tokens).
+                return cls._from_responses_usage(usage)
             raise _not_usage(usage, "LiteLLM", "prompt_tokens")
         cached = _first_count(
             usage,
@@ -281,6 +280,24 @@ class Usage:
                 usage, "reasoning_tokens", "completion_tokens_details.reasoning_tokens"
             ),
             total_tokens=total or None,  # litellm.Usage keeps a missing total as 0
+        )
+
+    @classmethod
+    def _from_responses_usage(cls, usage: object) -> Usage:
+        """OpenAI's Responses ``ResponseUsage`` (also LiteLLM's ``ResponseAPIUsage``)."""
+        return cls(
+            input_tokens=_count(usage, "input_tokens", "input_tokens", required=True),
+            cached_input_tokens=_count(
+                usage, "cached_input_tokens", "input_tokens_details.cached_tokens"
+            ),
+            cache_write_tokens=_count(
+                usage, "cache_write_tokens", "input_tokens_details.cache_write_tokens"
+            ),
+            output_tokens=_count(usage, "output_tokens", "output_tokens", required=True),
+            reasoning_tokens=_count(
+                usage, "reasoning_tokens", "output_tokens_details.reasoning_tokens"
+            ),
+            total_tokens=_optional_count(usage, "total_tokens", "total_tokens"),
         )
 
 

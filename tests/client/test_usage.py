@@ -25,6 +25,9 @@ import anthropic.types as anthropic_types
 import anthropic.types.beta as anthropic_beta
 import litellm
 from litellm.llms.anthropic.chat.transformation import AnthropicConfig
+from litellm.responses.litellm_completion_transformation.transformation import (
+    LiteLLMCompletionResponsesConfig,
+)
 from litellm.types.utils import ModelResponseStream
 from openai.types import CompletionUsage
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
@@ -550,6 +553,21 @@ def test_litellm_openai_reasoning_step_and_stream_chunks() -> None:
         Usage.from_litellm(middle)
     with pytest.raises(InvalidArgument, match="has no prompt_tokens"):
         Usage.from_litellm(ANTHROPIC_CACHE)
+
+
+def test_litellm_responses_api_usage_is_read_as_openai_responses() -> None:
+    # litellm.responses() over a Claude call: LiteLLM builds its ResponseAPIUsage from the
+    # normalised chat usage; the cache is still counted once.
+    chat = litellm_from_anthropic(ANTHROPIC_CACHE)
+    responses = LiteLLMCompletionResponsesConfig.transform_chat_completion_usage_to_responses_usage(
+        chat
+    )
+    assert responses.input_tokens == 7_750
+    expected = dataclasses.replace(ANTHROPIC_CACHE_USAGE, total_tokens=8_050)
+    assert Usage.from_litellm(responses) == expected
+    assert Usage.from_litellm(responses.model_dump()) == expected
+    assert Usage.from_openai(responses) == expected
+    assert Usage.from_litellm({"response": {"usage": responses.model_dump()}}) == expected
 
 
 def test_litellm_usage_without_a_total_and_top_level_cache_fields() -> None:
