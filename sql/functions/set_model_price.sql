@@ -118,7 +118,7 @@ BEGIN
     v_reasoning := COALESCE((p_prices ->> 'reasoning')::numeric, v_output);
 
     LOCK TABLE tokentrack.model_prices IN EXCLUSIVE MODE;
-    v_effective := pg_catalog.greatest(p_effective_from, pg_catalog.clock_timestamp());
+    v_effective := GREATEST(p_effective_from, pg_catalog.clock_timestamp());
 
     SELECT mp.* INTO v_in_effect FROM tokentrack.model_prices AS mp
     WHERE mp.model = p_model AND mp.effective_from <= v_effective
