@@ -83,9 +83,10 @@ class StepRecord:
     changed). ``late``: the report was already billed, so this step was billed at once.
     ``report_status`` is set when the report already has an outcome (``complete``,
     ``failed``, ``cancelled``): the generator should stop. ``cost_micros`` is the step's
-    cost in micro-units of the installation's currency, computed once from the model's price
-    in effect when the step was recorded; ``None`` when the model is unpriced (or the server
-    is older than the cost version and sends no cost).
+    cost in micro-units of the installation's currency (``record_step``'s answer), computed
+    once from the model's price in effect when the step was recorded; ``None`` when the model
+    is unpriced, and from ``persist_step_usage``, whose answer keeps Part 1's keys (its step
+    is priced all the same: the report's ``token_usage`` counts the cost).
     """
 
     step_id: uuid.UUID

@@ -125,6 +125,7 @@ async def test_a_report_with_a_cache_step_and_a_reasoning_step_bills_classes_and
     assert usage["cachedInputTokens"] == 5_000 + 1_024
     assert usage["cacheWriteTokens"] == 2_000
     assert usage["reasoningTokens"] == 640
+    assert usage["unpricedSteps"] == 0
     assert {s: row["total_tokens"] for s, row in state["steps"].items()} == {
         "AN2": 8_050,
         "AN3": 2_100,
@@ -167,20 +168,27 @@ async def test_an_unpriced_model_has_no_cost_and_is_billed_all_the_same(
         )
         assert priced_nowhere.cost_micros is None
     assert report.tokens_recorded == 135
+    usage = (await report_state(conn, report_id))["token_usage"]
+    assert (usage["totalTokens"], usage["costMicros"], usage["unpricedSteps"]) == (135, 0, 2)
     assert (await period(conn, account))["tokens_used"] == 135
     await assert_reconciled(conn)
 
 
-async def test_persist_step_answers_a_cost_too(
+async def test_persist_step_of_a_priced_model_is_priced_but_answers_no_cost(
     tracker: TokenTracker, conn: asyncpg.Connection
 ) -> None:
+    # persist_step_usage keeps Part 1's answer key for key (no cost_micros); its step is
+    # priced all the same, and the report's token_usage counts the cost.
     await set_price(conn, "gpt-4o", {"input": 2_500_000, "output": 10_000_000})
     account = await new_account(conn)
     report_id = uuid.uuid4()
     await tracker.try_reserve(account, report_id, 10_000)
     step = await tracker.persist_step(report_id, account, "AN0", 1_000, 200, model="gpt-4o")
-    assert step.cost_micros == 1_000 * 2.5 + 200 * 10 == 4_500
+    assert step.cost_micros is None
+    assert "cost_micros" not in step.answer
     await tracker.finish_report(report_id, account, "complete")
+    usage = (await report_state(conn, report_id))["token_usage"]
+    assert (usage["costMicros"], usage["unpricedSteps"]) == (1_000 * 2.5 + 200 * 10, 0)
 
 
 async def test_step_takes_usage_or_the_counts_not_both(
@@ -237,7 +245,8 @@ async def test_the_server_refuses_a_broken_usage_naming_the_field(
     object.__setattr__(broken, "reasoning_tokens", 6)
     with pytest.raises(InvalidArgument, match="reasoning_tokens") as refused:
         await tracker.record_step(report_id, account, "AN0", broken, O3)
-    assert str(refused.value.sqlstate).startswith("22")
+    assert refused.value.sqlstate == "22023"
+    assert refused.value.argument == "usage.reasoning_tokens"  # the server's COLUMN field
     assert await conn.fetchval("SELECT count(*) FROM tokentrack.report_step_usage") == 0
 
 
