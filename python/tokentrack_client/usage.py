@@ -197,7 +197,7 @@ class Usage:
                         f"this usage has Anthropic's {anthropic}: use Usage.from_anthropic",
                     )
             return cls._from_responses_usage(usage)
-        raise _not_usage(usage, "OpenAI", "prompt_tokens or input_tokens")
+        raise _not_usage(usage, "OpenAI", "prompt_tokens or input_tokens", _OPENAI_HINT)
 
     @classmethod
     def from_anthropic(cls, obj: object, *, start: object = None) -> Usage:
@@ -210,7 +210,7 @@ class Usage:
         """
         usage = _carried_usage(obj, "Anthropic", _ANTHROPIC_HINT)
         if not _has(usage, "output_tokens"):
-            raise _not_usage(usage, "Anthropic", "output_tokens")
+            raise _not_usage(usage, "Anthropic", "output_tokens", _ANTHROPIC_HINT)
         _refuse_uncovered_iterations(usage)
         first = None if start is None else _carried_usage(start, "Anthropic", _ANTHROPIC_HINT)
 
@@ -255,7 +255,7 @@ class Usage:
                 # litellm.responses(): its ResponseAPIUsage has OpenAI's Responses shape,
                 # built from the normalised chat usage (input_tokens = prompt_tokens).
                 return cls._from_responses_usage(usage)
-            raise _not_usage(usage, "LiteLLM", "prompt_tokens")
+            raise _not_usage(usage, "LiteLLM", "prompt_tokens", _LITELLM_HINT)
         cached = _first_count(
             usage,
             "cached_input_tokens",
@@ -368,10 +368,11 @@ def _carried_usage(obj: object, provider: str, hint: str) -> object:
     return obj
 
 
-def _not_usage(obj: object, provider: str, wanted: str) -> InvalidArgument:
+def _not_usage(obj: object, provider: str, wanted: str, hint: str) -> InvalidArgument:
     return InvalidArgument(
         "obj",
-        f"not a {provider} usage, nor anything that carries one: {_describe(obj)} has no {wanted}",
+        f"no {provider} usage, nor anything that carries one: {_describe(obj)} has no "
+        f"{wanted} ({hint})",
     )
 
 

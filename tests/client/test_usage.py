@@ -356,7 +356,7 @@ def test_openai_refuses_what_is_not_an_openai_usage() -> None:
     with pytest.raises(InvalidArgument, match=r"use Usage\.from_anthropic") as refused:
         Usage.from_openai(ANTHROPIC_CACHE)  # read as OpenAI's, the cache would be left out
     assert refused.value.argument == "input_tokens"
-    with pytest.raises(InvalidArgument, match="not a OpenAI usage"):
+    with pytest.raises(InvalidArgument, match="no OpenAI usage, nor anything"):
         Usage.from_openai({"id": "x"})
     with pytest.raises(InvalidArgument, match="got None"):
         Usage.from_openai(None)
@@ -551,6 +551,11 @@ def test_litellm_openai_reasoning_step_and_stream_chunks() -> None:
     middle = ModelResponseStream(**chunk_json(None, last=False))
     with pytest.raises(InvalidArgument, match="include_usage"):
         Usage.from_litellm(middle)
+    no_usage_key = ModelResponseStream(
+        **{k: v for k, v in chunk_json(None, last=False).items() if k != "usage"}
+    )
+    with pytest.raises(InvalidArgument, match=r"has no prompt_tokens \(of a stream.*include_usage"):
+        Usage.from_litellm(no_usage_key)
     with pytest.raises(InvalidArgument, match="has no prompt_tokens"):
         Usage.from_litellm(ANTHROPIC_CACHE)
 
