@@ -217,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Run the four report types on several accounts at once (one cancelled from "
             "outside, one failed, two racing for one budget), print what was billed and "
+            "what it cost (prices set for its models first), and "
             "reconcile's verdict. It starts a throwaway PostgreSQL in a temporary directory "
             "and removes it on exit, Ctrl-C included; DATABASE_URL is ignored. With "
             "--database-url it uses that database, and refuses one that holds accounts other "
