@@ -114,7 +114,7 @@ def test_tiered_and_service_tier_keys_are_ignored() -> None:
             {
                 "m": {
                     "input_cost_per_token": 1,
-                    "output_cost_per_token": 2,
+                    "output_cost_per_token": 0.5,
                     "input_cost_per_token_above_200k_tokens": 5,
                     "output_cost_per_token_batches": 7,
                     "cache_read_input_token_cost_priority": 9,
@@ -123,7 +123,7 @@ def test_tiered_and_service_tier_keys_are_ignored() -> None:
         )
     )
     assert parsed.entries == (
-        PriceEntry("m", {"input": Decimal(10**12), "output": Decimal(2 * 10**12)}),
+        PriceEntry("m", {"input": Decimal(10**12), "output": Decimal(5 * 10**11)}),
     )
 
 
@@ -148,6 +148,8 @@ def test_prices_go_to_sql_as_exact_json_number_text() -> None:
         ("-Infinity", "input_cost_per_token is not a finite number: -Infinity"),
         ("-1", "input_cost_per_token is negative: -1"),
         ("-0.5e-06", "input_cost_per_token is negative: -0.0000005"),
+        ("1.0000001", "input_cost_per_token is above 1 per token (tokentrack's bound): 1.0000001"),
+        ("2", "input_cost_per_token is above 1 per token (tokentrack's bound): 2"),
     ],
 )
 def test_a_cost_that_is_not_a_non_negative_number_skips_the_entry(value: str, detail: str) -> None:
@@ -176,6 +178,17 @@ def test_an_entry_with_only_one_of_input_and_output_is_not_priced_per_token() ->
         Skipped("embed", "not_priced_per_token", "no output_cost_per_token"),
         Skipped("tts", "not_priced_per_token", "no input_cost_per_token"),
     )
+
+
+@pytest.mark.parametrize("name", ["", "   ", "x" * 201, "a\u0000b"])
+def test_a_name_tokentrack_refuses_skips_the_entry(name: str) -> None:
+    text = json.dumps({name: {"input_cost_per_token": 1e-06, "output_cost_per_token": 1e-06}})
+    (skipped,) = parse_litellm(text).skipped
+    assert (skipped.model, skipped.reason) == (name, "invalid_name")
+    # 200 characters and surrounding blanks are fine: set_model_price takes them.
+    for fine in ("x" * 200, " gpt "):
+        text = json.dumps({fine: {"input_cost_per_token": 1e-06, "output_cost_per_token": 0}})
+        assert [e.model for e in parse_litellm(text).entries] == [fine]
 
 
 def test_filters_keep_a_provider_and_a_model_glob() -> None:
