@@ -554,7 +554,7 @@ async def list_prices(dsn: str, *, model: str | None = None) -> PriceList:
     async with connected(dsn, "tokentrack prices") as conn:
         await require_installed(conn, table="model_prices")
         rows = await conn.fetch(_IN_EFFECT, None)
-    prices = [_row_price(r) for r in rows]
+    prices = sorted((_row_price(r) for r in rows), key=lambda p: p.model)  # not by collation
     if model is not None:
         prices = [p for p in prices if glob_matches(model, p.model)]
     return PriceList(tuple(prices))
