@@ -15,6 +15,7 @@ import pytest
 from tokentrack_client.ops.prices import (
     PriceEntry,
     Skipped,
+    dumps,
     glob_matches,
     parse_litellm,
     read_litellm,
@@ -240,3 +241,12 @@ def test_a_glob_has_only_star(pattern: str, name: str, matches: bool) -> None:
 def test_a_file_that_is_not_a_json_object_is_refused(text: str | bytes, message: str) -> None:
     with pytest.raises(ValueError, match="^" + message.replace("(", r"\(")):
         parse_litellm(text)
+
+
+def test_dumps_prints_decimals_as_exact_json_numbers_and_the_rest_as_json_does() -> None:
+    plain = {"a": [1, "x", None, True, {"b": []}, {}], "é": 1.5, "n": {"m": [[]]}}
+    assert dumps(plain) == json.dumps(plain, indent=2)
+    exact = {"p": [Decimal("100000.00000000001"), Decimal("2.5E+6"), Decimal(0)]}
+    text = dumps(exact)
+    assert text == '{\n  "p": [\n    100000.00000000001,\n    2500000,\n    0\n  ]\n}'
+    assert json.loads(text, parse_float=Decimal) == exact
