@@ -508,6 +508,10 @@ async def _set_prices(
     return added, unchanged
 
 
+class _RollBack(Exception):
+    """Raised inside the transaction of a dry run, so that it is rolled back."""
+
+
 async def import_prices(
     dsn: str,
     path: Path,
@@ -527,24 +531,19 @@ async def import_prices(
         raise OpsError(f"{path}: {exc}") from exc
     async with connected(dsn, "tokentrack prices") as conn:
         await require_installed(conn, table="model_prices")
-        transaction = conn.transaction()
-        await transaction.start()
         try:
-            added, unchanged = await _set_prices(conn, parsed.entries, dry_run=dry_run)
+            async with conn.transaction():
+                added, unchanged = await _set_prices(conn, parsed.entries, dry_run=dry_run)
+                if dry_run:
+                    raise _RollBack
+        except _RollBack:
+            pass
         except asyncpg.InsufficientPrivilegeError as exc:
-            await transaction.rollback()
             role = await conn.fetchval("SELECT current_user")
             raise OpsError(
                 f"role {role} may not set prices ({exc}): only the schema owner (the "
                 "installer's role) may call tokentrack.set_model_price; nothing was written"
             ) from exc
-        except BaseException:
-            await transaction.rollback()
-            raise
-        if dry_run:
-            await transaction.rollback()
-        else:
-            await transaction.commit()
     return ImportResult(
         file=str(path),
         dry_run=dry_run,
