@@ -264,10 +264,13 @@ async def test_only_the_schema_owner_may_import_and_nothing_is_written(
         refused = await _import(made.dsn(service))
         assert refused.code == 2
         assert refused.out == ""
-        assert refused.err.startswith(f"tokentrack: error: role {service} may not set prices (")
+        assert refused.err.startswith(f"tokentrack: error: {service}@")
+        assert f": SQLSTATE 42501: permission denied for table model_prices: role {service} " in (
+            refused.err
+        )
         assert refused.err.endswith(
-            "only the schema owner (the installer's role) may call tokentrack.set_model_price; "
-            "nothing was written\n"
+            " may not set prices: only the schema owner (the installer's role) may call "
+            "tokentrack.set_model_price; nothing was written\n"
         )
         assert await _rows(conn) == []
         assert (await _import(db_dsn)).code == 0

@@ -56,6 +56,7 @@ from tokentrack_client.answers import (
     get_str,
     read_answer,
 )
+from tokentrack_client.connection import describe_target, pg_error
 from tokentrack_client.errors import TokenTrackError
 from tokentrack_client.ops._common import OpsError, connected, render_table, require_installed
 
@@ -541,8 +542,9 @@ async def import_prices(
         except asyncpg.InsufficientPrivilegeError as exc:
             role = await conn.fetchval("SELECT current_user")
             raise OpsError(
-                f"role {role} may not set prices ({exc}): only the schema owner (the "
-                "installer's role) may call tokentrack.set_model_price; nothing was written"
+                f"{describe_target(dsn)}: {pg_error(exc)}: role {role} may not set prices: only "
+                "the schema owner (the installer's role) may call tokentrack.set_model_price; "
+                "nothing was written"
             ) from exc
     return ImportResult(
         file=str(path),
