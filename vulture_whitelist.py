@@ -26,3 +26,6 @@ _.teardown
 _.retry_policy  # TokenTracker.retry_policy: the policy the tracker retries with
 _.ended_from_outside  # ReportTracker.ended_from_outside: the outcome set from outside
 _.ledger_entry_id  # Discrepancy.ledger_entry_id: the ledger entry a ledger_entry check names
+
+# LiteLLM reads it (tests/client/test_litellm_integration.py: no banner on mocked errors).
+_.suppress_debug_info
