@@ -337,7 +337,10 @@ class TrackedLiteLLM:
 
     async def _respond(self, report: ReportTracker, call: _Call) -> Any:
         response = await self._call_provider(report, call)
-        await report.step(call.step_name, usage=Usage.from_litellm(response), model=call.model)
+        usage = Usage.from_litellm(response)
+        # The provider has answered (and billed): a cancellation from here on must not cut
+        # the step's write short, so it runs to its end and the cancellation follows.
+        await run_to_completion(report.step(call.step_name, usage=usage, model=call.model))
         return response
 
     async def _open_stream(
