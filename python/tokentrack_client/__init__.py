@@ -38,6 +38,7 @@ from tokentrack_client.results import (
 )
 from tokentrack_client.retry import DEFAULT_RETRY, NO_RETRY, RetryPolicy
 from tokentrack_client.tracking import ReportCancelled, ReportEnded, ReportTracker
+from tokentrack_client.usage import Usage
 
 __all__ = [
     "DEFAULT_RETRY",
@@ -71,6 +72,7 @@ __all__ = [
     "TokenTracker",
     "TransientError",
     "UnexpectedAnswer",
+    "Usage",
     "UsageIncrement",
     "__version__",
 ]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import logging
 import math
 import random
@@ -67,6 +68,7 @@ from tokentrack_client.retry import (
     sqlstate_of,
 )
 from tokentrack_client.tracking import ReportTracker
+from tokentrack_client.usage import Usage
 from tokentrack_client.validation import (
     IdLike,
     check_count,
@@ -92,6 +94,9 @@ _SQL_TRY_RESERVE: Final = (
 _SQL_RECORD_STEP: Final = (
     "SELECT tokentrack.persist_step_usage("
     "$1::uuid, $2::uuid, $3::text, $4::integer, $5::integer, $6::integer, $7::text)::text"
+)
+_SQL_RECORD_STEP_USAGE: Final = (
+    "SELECT tokentrack.record_step($1::uuid, $2::uuid, $3::text, $4::jsonb, $5::text)::text"
 )
 _SQL_FINALIZE: Final = "SELECT tokentrack.finalize_report_usage($1::uuid, $2::uuid)::text"
 _SQL_FINISH: Final = "SELECT tokentrack.finish_report($1::uuid, $2::uuid, $3::text, $4::text)::text"
@@ -274,6 +279,39 @@ class TokenTracker:
             check_text("model", model, required=False),
         )
         answer = await self._call("persist_step_usage", _SQL_RECORD_STEP, args)
+        return StepRecord.from_answer(answer)
+
+    async def record_step(
+        self,
+        report_id: IdLike,
+        account_id: IdLike,
+        step_name: str,
+        usage: Usage,
+        model: str | None = None,
+    ) -> StepRecord:
+        """Record one finished step with its tokens by class (a :class:`Usage`, e.g. from
+        ``Usage.from_openai(response)``), priced by ``model``.
+
+        The same rules as :meth:`persist_step`: the same step again with the same usage is a
+        retry (``duplicate``), with another it raises :class:`StepConflict`; a late step is
+        billed at once; ``report_status`` says when the report already has an outcome. The
+        answer's ``cost_micros`` is the step's cost (``None`` when ``model`` is unpriced).
+        Raises :class:`ReservationNotFound` and :class:`ReportAccountMismatch`.
+        """
+        if not isinstance(usage, Usage):
+            raise InvalidArgument(
+                "usage",
+                f"usage must be a Usage, not {type(usage).__name__} (a provider's object maps "
+                "to one with Usage.from_openai, from_anthropic or from_litellm)",
+            )
+        args = (
+            check_id("report_id", report_id),
+            check_id("account_id", account_id),
+            check_text("step_name", step_name, required=True),
+            json.dumps(usage.to_dict()),
+            check_text("model", model, required=False),
+        )
+        answer = await self._call("record_step", _SQL_RECORD_STEP_USAGE, args)
         return StepRecord.from_answer(answer)
 
     async def finalize(self, report_id: IdLike, account_id: IdLike) -> Settlement:

@@ -77,12 +77,15 @@ class Reservation:
 
 @dataclass(frozen=True)
 class StepRecord:
-    """A recorded step (``persist_step_usage``).
+    """A recorded step (``persist_step_usage``, ``record_step``).
 
     ``duplicate``: the same step with the same numbers was already recorded (a retry; nothing
     changed). ``late``: the report was already billed, so this step was billed at once.
     ``report_status`` is set when the report already has an outcome (``complete``,
-    ``failed``, ``cancelled``): the generator should stop.
+    ``failed``, ``cancelled``): the generator should stop. ``cost_micros`` is the step's
+    cost in micro-units of the installation's currency, computed once from the model's price
+    in effect when the step was recorded; ``None`` when the model is unpriced (or the server
+    is older than the cost version and sends no cost).
     """
 
     step_id: uuid.UUID
@@ -90,17 +93,20 @@ class StepRecord:
     duplicate: bool
     late: bool
     report_status: str | None = None
+    cost_micros: int | None = None
     answer: Mapping[str, Any] = _answer_field()
 
     @classmethod
     def from_answer(cls, answer: Mapping[str, Any]) -> StepRecord:
-        """Build from a ``"success": true`` answer of ``persist_step_usage``."""
+        """Build from a ``"success": true`` answer of ``persist_step_usage`` or
+        ``record_step``."""
         return cls(
             step_id=get_uuid(answer, "step_id"),
             total_tokens=get_int(answer, "total_tokens"),
             duplicate=get_bool(answer, "duplicate"),
             late=get_bool(answer, "late"),
             report_status=get_optional_str(answer, "report_status"),
+            cost_micros=get_optional_int(answer, "cost_micros"),
             answer=answer,
         )
 

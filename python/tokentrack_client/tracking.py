@@ -30,11 +30,17 @@ import logging
 import uuid
 from collections.abc import Awaitable
 from types import TracebackType
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, cast
 
 from tokentrack_client.contract import ERROR_MESSAGE_MAX
-from tokentrack_client.errors import ReportFinalized, ReservationNotFound, TokenTrackError
+from tokentrack_client.errors import (
+    InvalidArgument,
+    ReportFinalized,
+    ReservationNotFound,
+    TokenTrackError,
+)
 from tokentrack_client.results import Reservation, Settlement, StepRecord
+from tokentrack_client.usage import Usage
 from tokentrack_client.validation import IdLike, check_count, check_id
 
 __all__ = ["ReportCalls", "ReportCancelled", "ReportEnded", "ReportTracker", "run_to_completion"]
@@ -79,6 +85,15 @@ class ReportCalls(Protocol):
         input_tokens: int,
         output_tokens: int,
         total_tokens: int | None = None,
+        model: str | None = None,
+    ) -> StepRecord: ...
+
+    async def record_step(
+        self,
+        report_id: IdLike,
+        account_id: IdLike,
+        step_name: str,
+        usage: Usage,
         model: str | None = None,
     ) -> StepRecord: ...
 
@@ -154,7 +169,8 @@ class ReportTracker:
 
     @property
     def tokens_recorded(self) -> int:
-        """Total tokens of the steps recorded through this tracker (duplicates counted once)."""
+        """Total tokens of the steps recorded through this tracker, with or without ``usage``
+        (each step's ``total_tokens`` as the server recorded it; duplicates counted once)."""
         return sum(step.total_tokens for step in self.steps if not step.duplicate)
 
     @property
@@ -187,12 +203,20 @@ class ReportTracker:
     async def step(
         self,
         name: str,
-        input_tokens: int,
-        output_tokens: int,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
         total_tokens: int | None = None,
         model: str | None = None,
+        *,
+        usage: Usage | None = None,
     ) -> StepRecord:
         """Record one finished step (``total_tokens`` defaults to input + output).
+
+        With ``usage`` (a :class:`Usage`: the tokens by class, e.g.
+        ``Usage.from_anthropic(message)``) instead of the token counts, the step is recorded
+        through :meth:`TokenTracker.record_step` and priced by ``model``; giving ``usage``
+        together with ``input_tokens``, ``output_tokens`` or ``total_tokens`` raises
+        :class:`InvalidArgument`.
 
         Returns the :class:`StepRecord`. When the report was ended from outside meanwhile
         (``cancel_report``), the step is still recorded and billed, then this raises
@@ -204,15 +228,37 @@ class ReportTracker:
             raise RuntimeError("step() needs the report to be entered: `async with ... as report`")
         if self._exited:
             raise RuntimeError(f"report {self.report_id} is already finished")
-        record = await self._tracker.persist_step(
-            self.report_id,
-            self.account_id,
-            name,
-            input_tokens,
-            output_tokens,
-            total_tokens,
-            model,
-        )
+        if usage is not None:
+            given = [
+                label
+                for label, value in (
+                    ("input_tokens", input_tokens),
+                    ("output_tokens", output_tokens),
+                    ("total_tokens", total_tokens),
+                )
+                if value is not None
+            ]
+            if given:
+                raise InvalidArgument(
+                    "usage",
+                    f"step() takes usage or the token counts, not both (got usage and "
+                    f"{', '.join(given)})",
+                )
+            record = await self._tracker.record_step(
+                self.report_id, self.account_id, name, usage, model
+            )
+        else:
+            # A count left out (None) reaches persist_step's own check, which refuses it with
+            # InvalidArgument naming it, as it did before usage= existed.
+            record = await self._tracker.persist_step(
+                self.report_id,
+                self.account_id,
+                name,
+                cast(int, input_tokens),
+                cast(int, output_tokens),
+                total_tokens,
+                model,
+            )
         self.steps.append(record)
         if record.report_status is not None:
             self._ended_from_outside = record.report_status

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import json
 import subprocess
 import sys
 import uuid
@@ -26,7 +27,9 @@ ALL_STEPS = {"AN0", "AN1.5", "AN1.7", "AN2", "AN3", "AN4", "AN5"}
 @pytest.fixture
 def examples(monkeypatch: pytest.MonkeyPatch) -> dict[str, ModuleType]:
     monkeypatch.syspath_prepend(str(EXAMPLES))
-    return {name: importlib.import_module(name) for name in (*GENERATORS, "fake_llm")}
+    return {
+        name: importlib.import_module(name) for name in (*GENERATORS, "fake_llm", "cost_report")
+    }
 
 
 @pytest.mark.parametrize("name", GENERATORS)
@@ -94,6 +97,47 @@ async def test_the_fake_llm_is_seeded(examples: dict[str, ModuleType]) -> None:
     assert first != other
     reasoning = await fake_llm.FakeLLM(seed=1).complete("AN3", "p")
     assert reasoning.total_tokens > reasoning.input_tokens + reasoning.output_tokens
+
+
+async def test_the_cost_example_records_each_provider_by_class_and_prices_it(
+    examples: dict[str, ModuleType], tracker: TokenTracker, conn: asyncpg.Connection
+) -> None:
+    module = examples["cost_report"]
+    for model, prices in module.PRICES.items():
+        answer = await conn.fetchval(
+            "SELECT tokentrack.set_model_price($1, $2::jsonb)->>'success'",
+            model,
+            json.dumps(prices),
+        )
+        assert answer == "true"
+    account = await new_account(conn, 1_000_000)
+    report_id = uuid.uuid4()
+    providers = module.FakeProviders()
+    text = await module.generate(tracker, account, report_id, providers, topic="Acme Corp")
+    assert providers.calls == list(module.STEPS)
+    # By hand, in micros (prices per million tokens):
+    # AN0 gpt-4o-mini: (2,400 - 1,024) x 0.15 + 1,024 x 0.075 + 380 x 0.6 = 511.2 -> 511
+    # AN2 claude-sonnet-4-5 (Anthropic's input_tokens 750 exclude the 5,000 cache reads and
+    #     the 2,000 writes; 400 of the 1,200 output tokens are thinking, priced as output):
+    #     750 x 3 + 5,000 x 0.3 + 2,000 x 3.75 + 1,200 x 15 = 29,250
+    # AN3 o3-mini: (8,000 - 2,048) x 1.1 + 2,048 x 0.55 + 3,200 x 4.4 = 21,753.6 -> 21,754
+    assert text.splitlines() == [
+        "AN0 gpt-4o-mini: 2400 in (1024 cached, 0 written), 380 out (0 reasoning), "
+        "2780 tokens, 511 micros",
+        "AN2 claude-sonnet-4-5: 7750 in (5000 cached, 2000 written), 1200 out (400 reasoning), "
+        "8950 tokens, 29250 micros",
+        "AN3 o3-mini: 8000 in (2048 cached, 0 written), 3200 out (2304 reasoning), "
+        "11200 tokens, 21754 micros",
+        "22930 tokens, 51515 micros",
+    ]
+    state = await report_state(conn, report_id)
+    assert state["status"] == "complete"
+    usage = state["token_usage"]
+    assert (usage["totalTokens"], usage["costMicros"]) == (22_930, 51_515)
+    assert (usage["cachedInputTokens"], usage["cacheWriteTokens"]) == (1_024 + 5_000 + 2_048, 2_000)
+    assert usage["reasoningTokens"] == 400 + 2_304
+    assert (await period(conn, account))["tokens_used"] == 22_930
+    await assert_reconciled(conn)
 
 
 def test_examples_use_only_the_public_client_api() -> None:

@@ -152,6 +152,14 @@ def test_the_graph_covers_every_module_and_the_client_layers() -> None:
     assert graph["tokentrack_client.answers"] == {"tokentrack_client.errors"}
     assert "tokentrack_client.answers" in graph["tokentrack_client.results"]
     assert "tokentrack_client.validation" in graph["tokentrack_client.tracking"]
+    # Usage (the token classes and the provider adapters) sits beside validation, below
+    # tracking and the client, and imports no SDK (the adapters read objects duck-typed).
+    assert graph["tokentrack_client.usage"] == {
+        "tokentrack_client.contract",
+        "tokentrack_client.errors",
+        "tokentrack_client.validation",
+    }
+    assert "tokentrack_client.usage" in graph["tokentrack_client.tracking"]
     assert "tokentrack_client.client" not in graph["tokentrack_client.tracking"]
     assert "tokentrack_client.tracking" in graph["tokentrack_client.client"]
     assert "tokentrack_client.client" in graph["tokentrack_client"]
