@@ -332,7 +332,7 @@ class TrackedLiteLLM:
             return await self._provider()(**call.kwargs)
         except (asyncio.CancelledError, KeyboardInterrupt):
             counted = Usage(input_tokens=call.prompt_tokens)
-            await _record_shielded(report, call, counted, "the call was cancelled")
+            await _record_shielded(self.tracker, report, call, counted)
             raise
 
     async def _respond(self, report: ReportTracker, call: _Call) -> Any:
@@ -340,14 +340,14 @@ class TrackedLiteLLM:
         usage = Usage.from_litellm(response)
         # The provider has answered (and billed): a cancellation from here on must not cut
         # the step's write short, so it runs to its end and the cancellation follows.
-        await run_to_completion(report.step(call.step_name, usage=usage, model=call.model))
+        await run_to_completion(_record(self.tracker, report, call, usage))
         return response
 
     async def _open_stream(
         self, report: ReportTracker, call: _Call, *, owns_report: bool
     ) -> TrackedStream:
         stream = await self._call_provider(report, call)
-        state = _StreamState(report, call, owns_report=owns_report)
+        state = _StreamState(self.tracker, report, call, owns_report=owns_report)
         inner = _follow(stream, state)
         await inner.__anext__()  # to _STARTED: from here on every exit settles the stream
         return TrackedStream(inner, state)
@@ -378,19 +378,43 @@ def _count_text(model: str, text: str) -> int:
         return len(text)
 
 
-async def _record_shielded(
-    report: ReportTracker, call: _Call, usage: Usage, why: str
-) -> StepRecord | None:
-    """Record ``usage`` as the call's step to the end even if the task is cancelled meanwhile;
-    a failure to record is logged (the caller is propagating its own exception)."""
+async def _record(
+    tracker: TokenTracker, report: ReportTracker, call: _Call, usage: Usage
+) -> StepRecord:
+    """Record ``usage`` as the call's step of ``report``.
+
+    A report of the caller's whose block ended while the call was still running (a stream
+    closed after it, a call in a task the block did not wait for) no longer takes steps; the
+    step is then recorded straight through ``record_step``, which bills it at once as late
+    usage, rather than lost.
+    """
     try:
-        return await run_to_completion(report.step(call.step_name, usage=usage, model=call.model))
-    except TokenTrackError as exc:
-        logger.error(
-            "tokentrack: report %s: the step %r (%s) could not be recorded: %s",
+        return await report.step(call.step_name, usage=usage, model=call.model)
+    except RuntimeError:  # step() refused before writing anything: the block has ended
+        if report.reservation is None:
+            raise
+        logger.warning(
+            "tokentrack: report %s ended before its step %r did: recording it late",
             report.report_id,
             call.step_name,
-            why,
+        )
+        return await tracker.record_step(
+            report.report_id, report.account_id, call.step_name, usage, call.model
+        )
+
+
+async def _record_shielded(
+    tracker: TokenTracker, report: ReportTracker, call: _Call, usage: Usage
+) -> StepRecord | None:
+    """Record the counted usage of a cancelled call to the end even if the task is cancelled
+    again meanwhile; a failure is logged (the caller is propagating its cancellation)."""
+    try:
+        return await run_to_completion(_record(tracker, report, call, usage))
+    except TokenTrackError as exc:
+        logger.error(
+            "tokentrack: report %s: the step %r of a cancelled call could not be recorded: %s",
+            report.report_id,
+            call.step_name,
             exc,
         )
         return None
@@ -407,7 +431,10 @@ class _StreamState:
     :class:`TrackedStream` leaves the generator unreferenced, so the event loop's finalizer
     closes it (and settles the report) at once."""
 
-    def __init__(self, report: ReportTracker, call: _Call, *, owns_report: bool) -> None:
+    def __init__(
+        self, tracker: TokenTracker, report: ReportTracker, call: _Call, *, owns_report: bool
+    ) -> None:
+        self.tracker = tracker
         self.report = report
         self.call = call
         self.owns_report = owns_report
@@ -465,9 +492,7 @@ class _StreamState:
         )
         self.usage = usage
         try:
-            self.record = await self.report.step(
-                self.call.step_name, usage=usage, model=self.call.model
-            )
+            self.record = await _record(self.tracker, self.report, self.call, usage)
         except TokenTrackError as failed:
             if outcome == "complete":
                 error = failed
