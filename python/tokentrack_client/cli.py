@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Undo the newest applied version(s), newest first: drop the functions each "
             "introduced, run its rollback file and restore every function it changed to the "
             "definition recorded before it. Refused (exit 2, nothing changed) while a "
-            "version's billing tables hold rows, unless --archive."
+            "version's billing tables hold rows, or rows hold data in its billing columns, "
+            "unless --archive."
         ),
     )
     how_far = rollback.add_mutually_exclusive_group()
@@ -178,8 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help=(
             f"first bill every active reservation as the sweep does, then keep the rows of "
-            f"the dropped billing tables in schema {migrate.ARCHIVE_SCHEMA} (the next install "
-            "of the version restores them)"
+            f"the dropped billing tables, and the values of the dropped billing columns, in "
+            f"schema {migrate.ARCHIVE_SCHEMA} (the next install of the version restores them)"
         ),
     )
     _add_database_url(rollback)
@@ -494,10 +495,9 @@ async def _migrate(args: argparse.Namespace) -> int:
             _print_status(await migrate.status(_database_url(args)))
         elif action == "sql":
             if args.pending:
-                plan: migrate.InstallPlan | list[migrate.MigrationVersion]
                 plan = await migrate.pending_plan(_database_url(args))
             else:
-                plan = migrate.load_versions()
+                plan = migrate.fresh_plan()
             sys.stdout.write(migrate.render_sql(plan))
         else:  # pragma: no cover - argparse rejects unknown actions
             raise CommandError(f"unknown migrate action {action!r}")

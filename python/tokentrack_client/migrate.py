@@ -6,7 +6,9 @@ SQL layout (see ``docs/INSTALL.md``)::
                                         tables, roles, policies, data changes; applied once
     sql/rollback/<VERSION>_<name>.sql   exactly one per version, same file name, undoes it;
                                         a header line ``-- billing-tables: <tables> | none``
-                                        names the version's tables that hold billing data
+                                        names the version's tables that hold billing data,
+                                        an optional ``-- billing-columns: t(c1, c2); u(c3)``
+                                        the billing columns it adds to older tables
     sql/functions/<function>.sql        the current definition of one function (CREATE OR
                                         REPLACE); a header line ``-- version: <VERSION>`` names
                                         the version that introduced it
@@ -54,7 +56,12 @@ there leaves nothing behind.
 Billing data is never dropped silently: a rollback refuses to drop a declared billing table
 that holds rows, unless ``archive``, which bills the active reservations as the sweep does and
 keeps the rows in the schema :data:`ARCHIVE_SCHEMA`; the next install of the version moves
-them back in its transaction (see :func:`rollback` and :func:`_restore_sql`).
+them back in its transaction (see :func:`rollback` and :func:`_restore_sql`). The same goes
+for declared billing columns (:class:`BillingColumns`), columns a version adds to a table of
+an older version: a row holds data in them when one IS DISTINCT FROM its default; the
+rollback refuses while a row does, ``archive`` keeps the primary key and those columns of
+such rows in ``tokentrack_archive.<table>__<VERSION>``, and the next install writes them
+back by primary key, with the table's enabled user triggers off around the UPDATE.
 
 The commands return what they did (:class:`InstallResult`, :class:`RollbackResult`,
 :class:`Status`) and print nothing; the CLI prints.
@@ -104,6 +111,7 @@ __all__ = [
     "TableRows",
     "VersionStatus",
     "default_sql_dir",
+    "fresh_plan",
     "install",
     "load_functions",
     "load_versions",
@@ -168,11 +176,23 @@ _BILLING_HEADER_RE: Final = re.compile(r"^--\s*billing[-_ ]tables\s*:", re.IGNOR
 _EXACT_BILLING_RE: Final = re.compile(
     r"^-- billing-tables: (?P<tables>none|[a-z_][a-z0-9_]*(?:, [a-z_][a-z0-9_]*)*)$"
 )
+_BILLING_COLUMNS_HEADER_RE: Final = re.compile(r"^--\s*billing[-_ ]columns\s*:", re.IGNORECASE)
+_COLUMNS_GROUP: Final = r"[a-z_][a-z0-9_]*\([a-z_][a-z0-9_]*(?:, [a-z_][a-z0-9_]*)*\)"
+_EXACT_BILLING_COLUMNS_RE: Final = re.compile(
+    rf"^-- billing-columns: (?P<groups>{_COLUMNS_GROUP}(?:; {_COLUMNS_GROUP})*)$"
+)
+_GROUP_RE: Final = re.compile(r"(?P<table>[a-z_][a-z0-9_]*)\((?P<columns>[^)]*)\)")
+_COLUMN_ARCHIVE_SUFFIX_RE: Final = re.compile(r"__[0-9]{14}$")
 
 ARCHIVE_SCHEMA: Final = "tokentrack_archive"
 """Where ``rollback --archive`` keeps the rows of the billing tables it drops (see
 :func:`rollback`): one table per source table, same name, with ``archived_at`` and
-``archived_version`` first; restored by the next install of that version."""
+``archived_version`` first; and the values of the billing columns it drops, one table
+``<table>__<VERSION>`` per table (primary key and those columns); restored by the next
+install of that version."""
+
+_MAX_IDENTIFIER: Final = 63
+"""PostgreSQL's longest identifier (NAMEDATALEN - 1): an archive name must fit."""
 
 
 class MigrationError(CommandError):
@@ -241,16 +261,44 @@ class FunctionFile:
 
     file: SqlFile
     version: str
+    history: tuple[tuple[str, SqlFile], ...] = ()
+    """``(V, text)`` oldest first: the file as it was while version ``V`` was the newest, for
+    every version after which a newer one changed it (``history/<V>/<name>.sql``)."""
 
     @property
     def relpath(self) -> str:
         """``functions/<name>.sql``."""
         return self.file.relpath
 
+    def text_at(self, version: str) -> SqlFile:
+        """The file as it was while ``version`` was the newest version: the oldest history
+        entry at or after ``version``, else the current file."""
+        for until, text in self.history:
+            if until >= version:
+                return text
+        return self.file
+
     @property
     def name(self) -> str:
         """The function's name: the file name without ``.sql``."""
         return Path(self.file.relpath).stem
+
+
+@dataclass(frozen=True)
+class BillingColumns:
+    """Columns holding billing data that a version adds to ``tokentrack.<table>``, a table of
+    an older version, as its rollback file's ``-- billing-columns:`` header line names them.
+
+    Rolling the version back drops the columns, not the table: the rows stay, the values go.
+    """
+
+    table: str
+    columns: tuple[str, ...]
+
+    def archive_table(self, version: str) -> str:
+        """The name, in :data:`ARCHIVE_SCHEMA`, of the table that keeps the values the
+        rollback of ``version`` drops: ``<table>__<version>``."""
+        return f"{self.table}__{version}"
 
 
 @dataclass(frozen=True)
@@ -261,7 +309,9 @@ class MigrationVersion:
     introduced); they are applied whenever they change, not as part of the version, and are
     not part of its checksum. ``billing_tables`` are the tables of this version that hold
     billing data, as its rollback file's ``-- billing-tables:`` header line names them, in
-    the order a restore fills them (the tables each one references first).
+    the order a restore fills them (the tables each one references first);
+    ``billing_columns`` the columns holding billing data that it adds to older tables, as the
+    optional ``-- billing-columns:`` header line names them.
     """
 
     version: str
@@ -270,6 +320,7 @@ class MigrationVersion:
     rollback: SqlFile
     functions: tuple[SqlFile, ...] = ()
     billing_tables: tuple[str, ...] = ()
+    billing_columns: tuple[BillingColumns, ...] = ()
 
     @property
     def applied_files(self) -> tuple[SqlFile, ...]:
@@ -375,11 +426,34 @@ class AppliedFunction:
 @dataclass(frozen=True)
 class TableRows:
     """How many rows of the billing table ``tokentrack.<table>`` of ``version`` were (or
-    would be) dropped, archived or restored."""
+    would be) dropped, archived or restored.
+
+    With ``columns``: the billing columns ``version`` added to that table; ``rows`` counts
+    the rows whose values in them were archived or restored (see :class:`BillingColumns`).
+    """
 
     version: str
     table: str
     rows: int
+    columns: tuple[str, ...] = ()
+
+    @property
+    def archive_table(self) -> str:
+        """The table of :data:`ARCHIVE_SCHEMA` that holds (or held) these rows."""
+        if self.columns:
+            return BillingColumns(self.table, self.columns).archive_table(self.version)
+        return self.table
+
+    @property
+    def what(self) -> str:
+        """``N row(s) of tokentrack.T``, or ``the data of N row(s) in tokentrack.T columns
+        a, b`` for billing columns: what was archived or restored."""
+        if self.columns:
+            return (
+                f"the data of {self.rows} row(s) in tokentrack.{self.table} columns "
+                f"{', '.join(self.columns)}"
+            )
+        return f"{self.rows} row(s) of tokentrack.{self.table}"
 
 
 @dataclass(frozen=True)
@@ -420,8 +494,7 @@ class InstallResult:
             )
         out += [f"applied {v.version} {v.name}" for v in self.versions]
         out += [
-            f"restored {t.rows} row(s) of tokentrack.{t.table} from {ARCHIVE_SCHEMA}.{t.table}"
-            f" (version {t.version})"
+            f"restored {t.what} from {ARCHIVE_SCHEMA}.{t.archive_table} (version {t.version})"
             for t in self.restored
         ]
         new = [f for f in self.functions if f.kind == "new"]
@@ -489,10 +562,7 @@ class RollbackResult:
                     f"{v.version} as the sweep does: {v.billed.steps} recorded step(s), "
                     f"{v.billed.billed_tokens} tokens"
                 )
-            out += [
-                f"archived {t.rows} row(s) of tokentrack.{t.table} in {ARCHIVE_SCHEMA}.{t.table}"
-                for t in v.archived
-            ]
+            out += [f"archived {t.what} in {ARCHIVE_SCHEMA}.{t.archive_table}" for t in v.archived]
             out.append(
                 f"rolled back {v.version} {v.name} (function files restored: "
                 f"{len(v.restored)}, routines dropped: {len(v.dropped)})"
@@ -667,6 +737,11 @@ def _billing_tables(rollback: SqlFile, schema: SqlFile, path: Path) -> tuple[str
                 f"{path}: billing table {table} is not created by {schema.relpath} "
                 f"(no CREATE TABLE tokentrack.{table}); a version names its own tables"
             )
+        if _COLUMN_ARCHIVE_SUFFIX_RE.search(table):
+            raise SqlLayoutError(
+                f"{path}: billing table {table} ends in __<VERSION>, the name of an archive of "
+                f"billing columns in {ARCHIVE_SCHEMA}; name the table otherwise"
+            )
     undeclared = sorted(created - set(tables))
     if undeclared:
         raise SqlLayoutError(
@@ -681,6 +756,84 @@ _CREATED_TABLE_RE: Final = re.compile(
     r"^\s*CREATE\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?tokentrack\.([a-z_][a-z0-9_]*)\b",
     re.IGNORECASE | re.MULTILINE,
 )
+# One ALTER TABLE statement of a tokentrack table, up to its semicolon (comments removed
+# first), and the columns its ADD COLUMN clauses add.
+_ALTER_TABLE_RE: Final = re.compile(
+    r"^\s*ALTER\s+TABLE\s+(?:IF\s+EXISTS\s+)?(?:ONLY\s+)?tokentrack\.([a-z_][a-z0-9_]*)\b([^;]*)",
+    re.IGNORECASE | re.MULTILINE,
+)
+_ADD_COLUMN_RE: Final = re.compile(
+    r"\bADD\s+COLUMN\s+(?:IF\s+NOT\s+EXISTS\s+)?([a-z_][a-z0-9_]*)\b", re.IGNORECASE
+)
+_LINE_COMMENT_RE: Final = re.compile(r"--[^\n]*")
+
+
+def _added_columns(schema: SqlFile) -> dict[str, set[str]]:
+    """``{table: columns}`` that the schema file's ``ALTER TABLE tokentrack.<table> ... ADD
+    COLUMN <column>`` statements add (a check by regex, as for CREATE TABLE)."""
+    added: dict[str, set[str]] = {}
+    for table, body in _ALTER_TABLE_RE.findall(_LINE_COMMENT_RE.sub("", schema.text)):
+        added.setdefault(table.lower(), set()).update(
+            c.lower() for c in _ADD_COLUMN_RE.findall(body)
+        )
+    return added
+
+
+def _billing_columns(rollback: SqlFile, schema: SqlFile, path: Path) -> tuple[BillingColumns, ...]:
+    """The columns named by the optional ``-- billing-columns:`` line of a rollback header.
+
+    At most one such line: ``-- billing-columns: table_a(col_1, col_2); table_b(col_3)``,
+    naming columns holding billing data that the version adds to tables of schema
+    tokentrack it does not create itself (a table the version creates is a billing table,
+    whole). Each table once, each column once, every column added by an ``ALTER TABLE
+    tokentrack.<table> ... ADD COLUMN <column>`` statement of the version's schema file. The
+    rollback refuses to drop their values where a row holds data in them (see
+    :func:`rollback`).
+    """
+    found: list[str] = []
+    for line in _header(rollback.text):
+        if not _BILLING_COLUMNS_HEADER_RE.match(line):
+            continue
+        exact = _EXACT_BILLING_COLUMNS_RE.match(line)
+        if exact is None:
+            raise SqlLayoutError(
+                f"{path}: malformed header line {line!r}, expected "
+                "'-- billing-columns: table_a(column_1, column_2); table_b(column_3)' "
+                "(tables of schema tokentrack and the columns this version adds to them)"
+            )
+        found.append(exact["groups"])
+    if not found:
+        return ()
+    if len(found) > 1:
+        raise SqlLayoutError(f"{path}: more than one '-- billing-columns:' header line")
+    created = {t.lower() for t in _CREATED_TABLE_RE.findall(schema.text)}
+    added = _added_columns(schema)
+    groups: list[BillingColumns] = []
+    for match in _GROUP_RE.finditer(found[0]):
+        table, columns = match["table"], tuple(match["columns"].split(", "))
+        if any(g.table == table for g in groups):
+            raise SqlLayoutError(f"{path}: billing columns of table {table} are named twice")
+        if table in created:
+            raise SqlLayoutError(
+                f"{path}: {schema.relpath} creates tokentrack.{table}: name it in "
+                "'-- billing-tables:', not its columns in '-- billing-columns:'"
+            )
+        if len(BillingColumns(table, columns).archive_table("0" * 14)) > _MAX_IDENTIFIER:
+            raise SqlLayoutError(
+                f"{path}: table name {table} is too long for its archive "
+                f"{ARCHIVE_SCHEMA}.{table}__<VERSION> (at most {_MAX_IDENTIFIER} characters)"
+            )
+        for column in columns:
+            if columns.count(column) > 1:
+                raise SqlLayoutError(f"{path}: billing column {table}.{column} is named twice")
+            if column not in added.get(table, set()):
+                raise SqlLayoutError(
+                    f"{path}: billing column {table}.{column} is not added by {schema.relpath} "
+                    f"(no ALTER TABLE tokentrack.{table} ... ADD COLUMN {column}); a version "
+                    "names the columns it adds"
+                )
+        groups.append(BillingColumns(table, columns))
+    return tuple(groups)
 
 
 def _load(sql_dir: Path | None) -> tuple[list[MigrationVersion], list[FunctionFile]]:
@@ -716,8 +869,9 @@ def _load(sql_dir: Path | None) -> tuple[list[MigrationVersion], list[FunctionFi
             raise SqlLayoutError(
                 f"{path}: header names version {version}, which has no schema file in {schema_dir}"
             )
-        functions.append(FunctionFile(sql_file, version))
+        functions.append(FunctionFile(sql_file, version, _history(root, path, version, schemas)))
     functions.sort(key=lambda f: f.relpath)
+    _check_history(root, {f.name for f in functions}, schemas)
 
     versions: list[MigrationVersion] = []
     for version in sorted(schemas):
@@ -731,9 +885,62 @@ def _load(sql_dir: Path | None) -> tuple[list[MigrationVersion], list[FunctionFi
                 rollback=rollback,
                 functions=tuple(f.file for f in functions if f.version == version),
                 billing_tables=_billing_tables(rollback, schema, rollbacks[version][1]),
+                billing_columns=_billing_columns(rollback, schema, rollbacks[version][1]),
             )
         )
     return versions, functions
+
+
+def _history(
+    root: Path, path: Path, version: str, schemas: Mapping[str, tuple[str, Path]]
+) -> tuple[tuple[str, SqlFile], ...]:
+    """The ``history/<V>/<name>.sql`` files of function file ``path``, oldest first."""
+    found: list[tuple[str, SqlFile]] = []
+    history_dir = root / "history"
+    if not history_dir.is_dir():
+        return ()
+    for until_dir in sorted(history_dir.iterdir()):
+        old = until_dir / path.name
+        if not old.is_file():
+            continue
+        until = until_dir.name
+        if until < version:
+            raise SqlLayoutError(
+                f"{old}: version {until} is older than version {version}, which introduces "
+                f"{path.name}: there is no earlier text of it to keep"
+            )
+        text = SqlFile.read(root, old)
+        if _function_version(old, text.text) != version:
+            raise SqlLayoutError(
+                f"{old}: its header must name version {version}, as {path} does (a history "
+                "file is the function file as it was, byte for byte)"
+            )
+        found.append((until, text))
+    return tuple(found)
+
+
+def _check_history(root: Path, names: set[str], schemas: Mapping[str, tuple[str, Path]]) -> None:
+    """Every ``history/<V>/<name>.sql``: V a known version, name a current function file."""
+    history_dir = root / "history"
+    if not history_dir.is_dir():
+        return
+    for until_dir in sorted(history_dir.iterdir()):
+        if not until_dir.is_dir() or until_dir.name not in schemas:
+            raise SqlLayoutError(
+                f"{until_dir}: expected a directory named after a version of {root / 'schema'}"
+            )
+        newest = max(schemas)
+        if until_dir.name >= newest:
+            raise SqlLayoutError(
+                f"{until_dir}: a history directory names a version that a newer one follows; "
+                f"{until_dir.name} is the newest version"
+            )
+        for old in sorted(until_dir.iterdir()):
+            if old.suffix != ".sql" or old.stem not in names:
+                raise SqlLayoutError(
+                    f"{old}: not a function file of {root / 'functions'} as it was at "
+                    f"version {until_dir.name}"
+                )
 
 
 def load_versions(sql_dir: Path | None = None) -> list[MigrationVersion]:
@@ -743,7 +950,8 @@ def load_versions(sql_dir: Path | None = None) -> list[MigrationVersion]:
     rollback or the reverse, a duplicate version, a bad file name, a function file whose
     header does not name exactly one known version, or a rollback file whose header does not
     declare its version's billing tables (``-- billing-tables: ...``, see
-    :func:`_billing_tables`).
+    :func:`_billing_tables`) or declares billing columns wrongly (``-- billing-columns:
+    ...``, see :func:`_billing_columns`).
     """
     return _load(sql_dir)[0]
 
@@ -1090,19 +1298,37 @@ def _plan(
     newest = _newest_rows(history)
     on_disk = {f.relpath for f in functions}
     changes: list[FunctionChange] = []
+    # Each pending version gets the text the file had while that version was the newest (its
+    # history file, else the current file), in order, so that the rollback of any of them
+    # restores the text before it, also after a fresh install of several versions at once.
+    steps = [v.version for v in pending] or [after]
     for fn in functions:
         if fn.version > after:
             continue
         last = newest.get(fn.relpath)
-        if last is None:
-            # First application: the row belongs to the version that introduces the function,
-            # not to the last one of this run, so that rolling back version 2 of a fresh
-            # install of versions 1 and 2 keeps version 1's functions.
-            changes.append(FunctionChange(fn.relpath, "new", fn.version, fn.file))
-        elif last.source is None:
-            changes.append(FunctionChange(fn.relpath, "new", after, fn.file))
-        elif last.sha256 != fn.file.sha256:
-            changes.append(FunctionChange(fn.relpath, "changed", after, fn.file, last.defined))
+        recorded = last.sha256 if last is not None and last.source is not None else None
+        for step in steps:
+            if step < fn.version:
+                continue
+            text = fn.text_at(step) if pending else fn.file
+            if text.sha256 == recorded:
+                continue
+            if last is None and recorded is None:
+                # First application: the row belongs to the version that introduces the
+                # function, not to the last one of this run, so that rolling back version 2
+                # of a fresh install of versions 1 and 2 keeps version 1's functions.
+                changes.append(FunctionChange(fn.relpath, "new", fn.version, text))
+            else:
+                # A history text belongs to the version it became current in; the current
+                # text too when the file has history (its change is dated), else to the
+                # newest version of the run.
+                owner = step if fn.history else after
+                if recorded is None:
+                    changes.append(FunctionChange(fn.relpath, "new", owner, text))
+                else:
+                    previous = last.defined if last is not None else frozenset()
+                    changes.append(FunctionChange(fn.relpath, "changed", owner, text, previous))
+            recorded = text.sha256
     for path, last in sorted(newest.items()):
         if path not in on_disk and last.source is not None:
             changes.append(FunctionChange(path, "removed", after, None, last.defined))
@@ -1201,22 +1427,26 @@ def _restore_sql(version: MigrationVersion) -> str:
     identity values included (``OVERRIDING SYSTEM VALUE``, then the identity sequence is set
     past them), and drops the archive table; the archive schema goes when it is empty. The
     rows are never in both places: the restore and the version commit together or not at
-    all, so a restore cannot be applied twice. Empty string for a version without billing
-    tables.
+    all, so a restore cannot be applied twice.
+
+    For billing columns (:class:`BillingColumns`) it checks that the schema file added every
+    declared column, then writes the archived values back by primary key (``UPDATE ... FROM
+    ARCHIVE_SCHEMA.<table>__<version>``) and drops that archive table. The table is locked
+    ACCESS EXCLUSIVE first, and its enabled user triggers (``report_step_usage``'s
+    immutable-billed-steps trigger refuses any UPDATE of a billed row) are disabled around
+    the UPDATE and enabled again as they were (``ENABLE``, ``ENABLE ALWAYS`` or ``ENABLE
+    REPLICA``), in the same transaction: only the table's owner can, and no other session
+    ever sees them disabled. An archived row whose key is no longer in the table is refused,
+    not dropped. Empty string for a version without billing tables or columns.
     """
-    if not version.billing_tables:
+    if not (version.billing_tables or version.billing_columns):
         return ""
-    tables = ", ".join(_quote_literal(t) for t in version.billing_tables)
-    missing = _quote_literal(
-        f"version {version.label} declares the billing table tokentrack.%s in its rollback "
-        "file, but its schema file did not create it"
-    )
     foreign_schema = _quote_literal(_FOREIGN_ARCHIVE.format(ARCHIVE_SCHEMA, "%s", "%s"))
     foreign_table = _quote_literal(
         _FOREIGN_ARCHIVE_TABLE.format(f"{ARCHIVE_SCHEMA}.%s", "%s", "%s", "%s")
     )
     stray = _quote_literal(_STRAY_ARCHIVE.format(f"{ARCHIVE_SCHEMA}.%s", "%s", version.version))
-    return (
+    out = [
         "DO $tokentrack_restore$\n"
         "DECLARE\n"
         "    v_table text;\n"
@@ -1229,7 +1459,18 @@ def _restore_sql(version: MigrationVersion) -> str:
         '    v_kind "char";\n'
         "    v_relowner pg_catalog.oid;\n"
         "    v_stray bigint;\n"
-        "BEGIN\n"
+        + (
+            "    v_missing text;\n"
+            "    v_set text;\n"
+            "    v_match text;\n"
+            "    v_archived bigint;\n"
+            "    v_updated bigint;\n"
+            "    v_triggers text[];\n"
+            "    v_modes text[];\n"
+            if version.billing_columns
+            else ""
+        )
+        + "BEGIN\n"
         "    -- Only an archive of the owner of schema tokentrack is read, checked in the catalog\n"
         "    -- before any select from it (a view or another role's table could run its code).\n"
         "    SELECT n.nspowner INTO v_owner FROM pg_catalog.pg_namespace AS n\n"
@@ -1241,6 +1482,36 @@ def _restore_sql(version: MigrationVersion) -> str:
         f"            MESSAGE = pg_catalog.format({foreign_schema},\n"
         "                v_archive_owner::pg_catalog.regrole, v_owner::pg_catalog.regrole);\n"
         "    END IF;\n"
+    ]
+    if version.billing_tables:
+        out.append(_restore_tables_sql(version, foreign_table, stray))
+    for group in version.billing_columns:
+        out.append(_restore_columns_sql(version, group, foreign_table, stray))
+    out.append(
+        f"    IF pg_catalog.to_regnamespace('{ARCHIVE_SCHEMA}') IS NOT NULL AND NOT EXISTS (\n"
+        "        SELECT FROM pg_catalog.pg_class AS c\n"
+        f"        WHERE c.relnamespace = pg_catalog.to_regnamespace('{ARCHIVE_SCHEMA}')\n"
+        "    ) THEN\n"
+        "        BEGIN\n"
+        f"            DROP SCHEMA {ARCHIVE_SCHEMA};\n"
+        "        EXCEPTION WHEN dependent_objects_still_exist THEN\n"
+        "            NULL;  -- something else of the operator's lives there: keep the schema\n"
+        "        END;\n"
+        "    END IF;\n"
+        "END\n"
+        "$tokentrack_restore$;"
+    )
+    return "".join(out)
+
+
+def _restore_tables_sql(version: MigrationVersion, foreign_table: str, stray: str) -> str:
+    """The part of :func:`_restore_sql` that moves back whole billing tables."""
+    tables = ", ".join(_quote_literal(t) for t in version.billing_tables)
+    missing = _quote_literal(
+        f"version {version.label} declares the billing table tokentrack.%s in its rollback "
+        "file, but its schema file did not create it"
+    )
+    return (
         f"    FOREACH v_table IN ARRAY ARRAY[{tables}]::text[] LOOP\n"
         "        v_live := pg_catalog.to_regclass(pg_catalog.format('tokentrack.%I', v_table));\n"
         "        IF v_live IS NULL THEN\n"
@@ -1286,18 +1557,116 @@ def _restore_sql(version: MigrationVersion) -> str:
         "        END LOOP;\n"
         f"        EXECUTE pg_catalog.format('DROP TABLE {ARCHIVE_SCHEMA}.%I', v_table);\n"
         "    END LOOP;\n"
-        f"    IF pg_catalog.to_regnamespace('{ARCHIVE_SCHEMA}') IS NOT NULL AND NOT EXISTS (\n"
-        "        SELECT FROM pg_catalog.pg_class AS c\n"
-        f"        WHERE c.relnamespace = pg_catalog.to_regnamespace('{ARCHIVE_SCHEMA}')\n"
-        "    ) THEN\n"
-        "        BEGIN\n"
-        f"            DROP SCHEMA {ARCHIVE_SCHEMA};\n"
-        "        EXCEPTION WHEN dependent_objects_still_exist THEN\n"
-        "            NULL;  -- something else of the operator's lives there: keep the schema\n"
-        "        END;\n"
+    )
+
+
+def _restore_columns_sql(
+    version: MigrationVersion, group: BillingColumns, foreign_table: str, stray: str
+) -> str:
+    """The part of :func:`_restore_sql` that writes back one table's billing columns."""
+    table, archive = group.table, group.archive_table(version.version)
+    columns = ", ".join(_quote_literal(c) for c in group.columns)
+    no_table = _quote_literal(
+        f"version {version.label} declares billing columns of tokentrack.{table} in its "
+        "rollback file, but that table does not exist"
+    )
+    no_column = _quote_literal(
+        f"version {version.label} declares the billing column(s) %s of tokentrack.{table} in "
+        "its rollback file, but its schema file did not add them"
+    )
+    no_key = _quote_literal(
+        f"cannot restore {ARCHIVE_SCHEMA}.{archive}: tokentrack.{table} has no primary key, "
+        f"or the archive holds none of the columns {', '.join(group.columns)}"
+    )
+    gone = _quote_literal(
+        f"{ARCHIVE_SCHEMA}.{archive} holds %s archived row(s) whose primary key is no longer in "
+        f"tokentrack.{table}: refusing to drop their values (export them, delete them from the "
+        "archive and install again)"
+    )
+    return (
+        f"    -- billing columns of tokentrack.{table}, from {ARCHIVE_SCHEMA}.{archive}\n"
+        f"    v_live := pg_catalog.to_regclass('tokentrack.{table}');\n"
+        "    IF v_live IS NULL THEN\n"
+        "        RAISE EXCEPTION USING ERRCODE = 'undefined_table', MESSAGE = "
+        f"{no_table};\n"
         "    END IF;\n"
-        "END\n"
-        "$tokentrack_restore$;"
+        "    SELECT pg_catalog.string_agg(d.name, ', ' ORDER BY d.n) INTO v_missing\n"
+        f"    FROM pg_catalog.unnest(ARRAY[{columns}]::text[]) WITH ORDINALITY AS d (name, n)\n"
+        "    WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_attribute AS a WHERE a.attrelid = v_live\n"
+        "        AND a.attname OPERATOR(pg_catalog.=) d.name AND a.attnum > 0"
+        " AND NOT a.attisdropped);\n"
+        "    IF v_missing IS NOT NULL THEN\n"
+        "        RAISE EXCEPTION USING ERRCODE = 'undefined_column',\n"
+        f"            MESSAGE = pg_catalog.format({no_column}, v_missing);\n"
+        "    END IF;\n"
+        "    IF v_archive IS NOT NULL THEN\n"
+        "        SELECT c.relkind, c.relowner INTO v_kind, v_relowner\n"
+        "        FROM pg_catalog.pg_class AS c\n"
+        f"        WHERE c.relnamespace = v_archive AND c.relname = '{archive}';\n"
+        "        IF FOUND THEN\n"
+        "            IF v_kind <> 'r' OR v_relowner IS DISTINCT FROM v_owner THEN\n"
+        "                RAISE EXCEPTION USING ERRCODE = 'insufficient_privilege',\n"
+        f"                    MESSAGE = pg_catalog.format({foreign_table}, '{archive}', v_kind,\n"
+        "                        v_relowner::pg_catalog.regrole, v_owner::pg_catalog.regrole);\n"
+        "            END IF;\n"
+        f"            SELECT pg_catalog.count(*) INTO v_stray FROM {ARCHIVE_SCHEMA}.{archive}\n"
+        "            WHERE archived_version IS DISTINCT FROM "
+        f"{_quote_literal(version.version)};\n"
+        "            IF v_stray > 0 THEN\n"
+        "                RAISE EXCEPTION USING ERRCODE = 'data_exception',\n"
+        f"                    MESSAGE = pg_catalog.format({stray}, '{archive}', v_stray);\n"
+        "            END IF;\n"
+        "            -- What goes back: the declared columns the archive holds, matched on the\n"
+        "            -- table's primary key.\n"
+        "            SELECT pg_catalog.string_agg(pg_catalog.format('%I = a.%I', a.attname,"
+        " a.attname), ', ' ORDER BY a.attnum)\n"
+        "            INTO v_set FROM pg_catalog.pg_attribute AS a\n"
+        f"            WHERE a.attrelid = '{ARCHIVE_SCHEMA}.{archive}'::pg_catalog.regclass\n"
+        f"            AND a.attname OPERATOR(pg_catalog.=) ANY (ARRAY[{columns}]::text[])\n"
+        "            AND a.attnum > 0 AND NOT a.attisdropped;\n"
+        "            SELECT pg_catalog.string_agg(pg_catalog.format('t.%I = a.%I', a.attname,"
+        " a.attname), ' AND ' ORDER BY a.attnum)\n"
+        "            INTO v_match FROM pg_catalog.pg_index AS i\n"
+        "            JOIN pg_catalog.pg_attribute AS a ON a.attrelid = i.indrelid\n"
+        "                AND a.attnum OPERATOR(pg_catalog.=) ANY (i.indkey)\n"
+        "            WHERE i.indrelid = v_live AND i.indisprimary;\n"
+        "            IF v_set IS NULL OR v_match IS NULL THEN\n"
+        "                RAISE EXCEPTION USING ERRCODE = 'data_exception', MESSAGE = "
+        f"{no_key};\n"
+        "            END IF;\n"
+        f"            SELECT pg_catalog.count(*) INTO v_archived FROM {ARCHIVE_SCHEMA}.{archive};\n"
+        "            -- Nobody sees the table between the triggers going off and coming back.\n"
+        f"            LOCK TABLE tokentrack.{table} IN ACCESS EXCLUSIVE MODE;\n"
+        "            SELECT coalesce(pg_catalog.array_agg(g.tgname::text ORDER BY g.tgname),"
+        " '{}'),\n"
+        "                coalesce(pg_catalog.array_agg(g.tgenabled::text ORDER BY g.tgname),"
+        " '{}')\n"
+        "            INTO v_triggers, v_modes FROM pg_catalog.pg_trigger AS g\n"
+        "            WHERE g.tgrelid = v_live AND NOT g.tgisinternal AND g.tgenabled <> 'D';\n"
+        "            FOR i IN 1 .. coalesce(pg_catalog.array_length(v_triggers, 1), 0) LOOP\n"
+        "                EXECUTE pg_catalog.format(\n"
+        f"                    'ALTER TABLE tokentrack.{table} DISABLE TRIGGER %I',"
+        " v_triggers[i]);\n"
+        "            END LOOP;\n"
+        "            EXECUTE pg_catalog.format(\n"
+        f"                'UPDATE tokentrack.{table} AS t SET %s FROM {ARCHIVE_SCHEMA}.{archive}"
+        " AS a WHERE %s',\n"
+        "                v_set, v_match);\n"
+        "            GET DIAGNOSTICS v_updated = ROW_COUNT;\n"
+        "            IF v_updated <> v_archived THEN\n"
+        "                RAISE EXCEPTION USING ERRCODE = 'data_exception',\n"
+        f"                    MESSAGE = pg_catalog.format({gone}, v_archived - v_updated);\n"
+        "            END IF;\n"
+        "            FOR i IN 1 .. coalesce(pg_catalog.array_length(v_triggers, 1), 0) LOOP\n"
+        "                EXECUTE pg_catalog.format(\n"
+        f"                    'ALTER TABLE tokentrack.{table} ENABLE %s TRIGGER %I',\n"
+        "                    CASE v_modes[i] WHEN 'A' THEN 'ALWAYS' WHEN 'R' THEN 'REPLICA'"
+        " ELSE '' END,\n"
+        "                    v_triggers[i]);\n"
+        "            END LOOP;\n"
+        f"            DROP TABLE {ARCHIVE_SCHEMA}.{archive};\n"
+        "        END IF;\n"
+        "    END IF;\n"
     )
 
 
@@ -1318,7 +1687,8 @@ async def _archived(
     *,
     restoring: bool = True,
 ) -> list[TableRows]:
-    """The rows :data:`ARCHIVE_SCHEMA` holds for ``version``'s billing tables (read-only).
+    """The rows :data:`ARCHIVE_SCHEMA` holds for ``version``'s billing tables and billing
+    columns (``<table>__<version>``; :attr:`TableRows.columns` set) (read-only).
 
     Raises :class:`ApplyError` (:class:`RollbackRefused` unless ``restoring``) before
     selecting from anything when the catalog shows an archive that is not the owner's: the
@@ -1328,7 +1698,7 @@ async def _archived(
     table holds rows archived from another version.
     """
     refused: type[MigrationError] = ApplyError if restoring else RollbackRefused
-    if not version.billing_tables:
+    if not (version.billing_tables or version.billing_columns):
         return []
     schema = await conn.fetchrow(
         "SELECT a.oid, a.nspowner::regrole::text AS owner, e.owner::regrole::text AS expected"
@@ -1342,13 +1712,16 @@ async def _archived(
     if schema["owner"] != schema["expected"]:
         raise refused(_FOREIGN_ARCHIVE.format(ARCHIVE_SCHEMA, schema["owner"], schema["expected"]))
     found: list[TableRows] = []
-    for table in version.billing_tables:
-        name = f"{ARCHIVE_SCHEMA}.{table}"
+    archives = [(t, t, ()) for t in version.billing_tables] + [
+        (g.table, g.archive_table(version.version), g.columns) for g in version.billing_columns
+    ]
+    for table, archive, declared in archives:
+        name = f"{ARCHIVE_SCHEMA}.{archive}"
         rel = await conn.fetchrow(
-            "SELECT c.relkind::text, c.relowner::regrole::text AS owner FROM pg_class AS c"
+            "SELECT c.oid, c.relkind::text, c.relowner::regrole::text AS owner FROM pg_class AS c"
             " WHERE c.relnamespace = $1 AND c.relname = $2",
             schema["oid"],
-            table,
+            archive,
         )
         if rel is None:
             continue
@@ -1366,7 +1739,18 @@ async def _archived(
             )
             if stray:
                 raise refused(_STRAY_ARCHIVE.format(name, stray, version.version))
-        found.append(TableRows(version.version, table, int(rows)))
+        columns: tuple[str, ...] = ()
+        if declared:  # the declared columns the archive holds, in declaration order
+            kept = {
+                r["attname"]
+                for r in await conn.fetch(
+                    "SELECT attname::text FROM pg_attribute WHERE attrelid = $1 AND attnum > 0"
+                    " AND NOT attisdropped",
+                    rel["oid"],
+                )
+            }
+            columns = tuple(c for c in declared if c in kept) or declared
+        found.append(TableRows(version.version, table, int(rows), columns))
     return found
 
 
@@ -1505,7 +1889,7 @@ async def _apply(
                     raise _bootstrap_failed(exc) from exc
             if version is not None:
                 await conn.execute(version.schema.text)
-                if version.billing_tables:
+                if version.billing_tables or version.billing_columns:
                     current = f"{version.schema.relpath} (restoring {ARCHIVE_SCHEMA})"
                     await conn.execute(_restore_sql(version))
             if changes:
@@ -1582,6 +1966,15 @@ async def rollback(
       ``archived_at`` and ``archived_version``), then the rollback runs as above. The next
       install of V moves the rows back (see :func:`_restore_sql`). An archive table that
       already exists (an earlier archive not restored) is refused, never appended to.
+
+    Billing columns (``-- billing-columns:``, :class:`BillingColumns`): the tables V adds
+    them to are locked too (after its billing tables), and a row holds data in them when
+    one of them IS DISTINCT FROM its default expression (``pg_attrdef``, evaluated in the
+    counting query; NULL without a default; see :func:`_present_columns`). Without
+    ``archive`` such rows are refused, counted per table, as above; with ``archive`` their
+    primary key and the declared columns are copied into
+    ``tokentrack_archive.<table>__<V>`` (with ``archived_at`` and ``archived_version``; a
+    table without a primary key is refused), and the next install of V writes them back.
     """
     if steps < 1:
         raise MigrationError(f"--steps must be at least 1, got {steps}")
@@ -1688,28 +2081,121 @@ async def _rows(
     ]
 
 
+@dataclass(frozen=True)
+class _ColumnData:
+    """The declared billing columns of one table as the catalog has them at rollback time."""
+
+    table: str
+    columns: tuple[str, ...]
+    """The declared columns that exist and hold values of their own (not generated)."""
+    key: tuple[str, ...]
+    """The table's primary key columns, in key order (empty: no primary key)."""
+    holding: str
+    """SQL condition on a row of the table: one of ``columns`` holds data."""
+
+
+def _ident(name: str) -> str:
+    """A column name of the loader's (lower case letters, digits, ``_``) as a quoted identifier."""
+    return f'"{name}"'
+
+
+async def _present_columns(
+    conn: asyncpg.Connection, version: MigrationVersion
+) -> list[_ColumnData]:
+    """The billing columns of ``version`` that exist in the database, in declaration order.
+
+    A row holds data in a column when its value IS DISTINCT FROM the column's default
+    expression (``pg_get_expr`` of ``pg_attrdef``; NULL without a default), evaluated in the
+    same query: for a constant default (``DEFAULT 0``, none) exactly the rows whose value is
+    not the one every row got when the column was added; a volatile default (``now()``)
+    makes every row count. A generated column holds nothing of its own and is left out.
+    """
+    found: list[_ColumnData] = []
+    for declared in version.billing_columns:
+        relation = f"tokentrack.{declared.table}"
+        if not await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", relation):
+            continue
+        defaults = {
+            r["name"]: r["def"]
+            for r in await conn.fetch(
+                "SELECT a.attname::text AS name, pg_get_expr(d.adbin, d.adrelid) AS def"
+                " FROM pg_attribute AS a LEFT JOIN pg_attrdef AS d"
+                " ON d.adrelid = a.attrelid AND d.adnum = a.attnum"
+                " WHERE a.attrelid = $1::regclass AND a.attname::text = ANY($2::text[])"
+                " AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''",
+                relation,
+                list(declared.columns),
+            )
+        }
+        columns = tuple(c for c in declared.columns if c in defaults)
+        if not columns:
+            continue
+        key = tuple(
+            r["name"]
+            for r in await conn.fetch(
+                "SELECT a.attname::text AS name FROM pg_index AS i JOIN pg_attribute AS a"
+                " ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)"
+                " WHERE i.indrelid = $1::regclass AND i.indisprimary"
+                " ORDER BY array_position(i.indkey::int2[], a.attnum)",
+                relation,
+            )
+        )
+        holding = " OR ".join(
+            f"{_ident(c)} IS DISTINCT FROM ({defaults[c] or 'NULL'})" for c in columns
+        )
+        found.append(_ColumnData(declared.table, columns, key, holding))
+    return found
+
+
+async def _column_rows(
+    conn: asyncpg.Connection, version: MigrationVersion, data: Sequence[_ColumnData]
+) -> list[TableRows]:
+    """How many rows hold data in each table's billing columns."""
+    return [
+        TableRows(
+            version.version,
+            d.table,
+            int(
+                await conn.fetchval(f"SELECT count(*) FROM tokentrack.{d.table} WHERE {d.holding}")
+            ),
+            d.columns,
+        )
+        for d in data
+    ]
+
+
 async def _would_drop(
-    conn: asyncpg.Connection, version: MigrationVersion, tables: Sequence[str]
+    conn: asyncpg.Connection,
+    version: MigrationVersion,
+    tables: Sequence[str],
+    columns: Sequence[_ColumnData] = (),
 ) -> str | None:
-    """What rolling back ``version`` would drop, as a phrase, or None when its tables are empty."""
+    """What rolling back ``version`` would drop, as a phrase, or None when its tables are
+    empty and no row holds data in its billing columns."""
     counted = [r for r in await _rows(conn, version, tables) if r.rows]
-    if not counted:
+    held = [r for r in await _column_rows(conn, version, columns) if r.rows]
+    if not counted and not held:
         return None
-    what = ", ".join(f"{r.rows} row(s) of tokentrack.{r.table}" for r in counted)
-    if _STEPS in tables:
+    parts = [r.what for r in counted]
+    if counted and _STEPS in tables:
         row = await conn.fetchrow(
             f"SELECT count(*) AS steps, COALESCE(sum(total_tokens), 0) AS tokens"
             f" FROM tokentrack.{_STEPS} WHERE billed_at IS NULL"
         )
         assert row is not None
-        what += f" ({row['steps']} recorded step(s), {row['tokens']} tokens, not billed yet)"
-    return f"version {version.version} ({version.name}) would drop {what}"
+        parts[-1] += f" ({row['steps']} recorded step(s), {row['tokens']} tokens, not billed yet)"
+    parts += [r.what for r in held]
+    return f"version {version.version} ({version.name}) would drop {', '.join(parts)}"
 
 
 async def _check_archive_free(
-    conn: asyncpg.Connection, version: MigrationVersion, tables: Sequence[str]
+    conn: asyncpg.Connection,
+    version: MigrationVersion,
+    tables: Sequence[str],
+    columns: Sequence[_ColumnData] = (),
 ) -> None:
-    """Refuse to archive into a schema someone else owns, or over an earlier archive."""
+    """Refuse to archive into a schema someone else owns, or over an earlier archive, or the
+    billing columns of a table without a primary key (their values could not go back)."""
     owner = await conn.fetchrow(
         "SELECT a.nspowner::regrole::text AS archive, t.nspowner::regrole::text AS tokentrack"
         " FROM pg_namespace AS a, pg_namespace AS t"
@@ -1722,12 +2208,20 @@ async def _check_archive_free(
             f"{owner['tokentrack']}, the owner of schema tokentrack: refusing to copy billing "
             "data into it"
         )
-    for found in await _archived(conn, version, restoring=False):
-        if found.table in tables:
+    for held in await _column_rows(conn, version, [d for d in columns if not d.key]):
+        if held.rows:
             raise RollbackRefused(
-                f"{ARCHIVE_SCHEMA}.{found.table} already exists and holds {found.rows} row(s) "
-                f"(an earlier archive of version {version.version}, not restored); install that "
-                "version to restore them, or export and drop that table, before archiving again"
+                f"tokentrack.{held.table} has no primary key: refusing to archive {held.what}, "
+                "which could not be restored row by row"
+            )
+    present = {(t, False) for t in tables} | {(d.table, True) for d in columns}
+    for found in await _archived(conn, version, restoring=False):
+        if (found.table, bool(found.columns)) in present:
+            raise RollbackRefused(
+                f"{ARCHIVE_SCHEMA}.{found.archive_table} already exists and holds {found.rows} "
+                f"row(s) (an earlier archive of version {version.version}, not restored); "
+                "install that version to restore them, or export and drop that table, before "
+                "archiving again"
             )
 
 
@@ -1738,13 +2232,14 @@ async def _check_billing_data(
     drops: list[str] = []
     for version in targets:
         tables = await _present(conn, version)
+        columns = await _present_columns(conn, version)
         if archive:
             try:
-                await _check_archive_free(conn, version, tables)
+                await _check_archive_free(conn, version, tables, columns)
             except RollbackRefused as exc:
                 exc.args = (f"{exc.args[0]} (nothing was changed)",)
                 raise
-        elif (phrase := await _would_drop(conn, version, tables)) is not None:
+        elif (phrase := await _would_drop(conn, version, tables, columns)) is not None:
             drops.append(phrase)
     if drops:
         raise RollbackRefused(
@@ -1775,16 +2270,67 @@ async def _sweep_active(conn: asyncpg.Connection) -> RollbackSweep:
     return RollbackSweep(expired=expired, billed_tokens=tokens, steps=steps)
 
 
+async def _archive_schema(conn: asyncpg.Connection) -> None:
+    await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {ARCHIVE_SCHEMA}")
+    await conn.execute(
+        f"COMMENT ON SCHEMA {ARCHIVE_SCHEMA} IS 'Rows of tokentrack billing tables that "
+        "`tokentrack migrate rollback --archive` dropped, one table per source table, and "
+        "the values of billing columns it dropped, one table <table>__<version> per table "
+        "(primary key and those columns); the next install of their version moves them back "
+        "and drops the table. Owner only.'"
+    )
+
+
+async def _archive_columns(
+    conn: asyncpg.Connection, version: MigrationVersion, data: Sequence[_ColumnData]
+) -> tuple[TableRows, ...]:
+    """Copy the primary key and the billing columns of every row holding data in them into
+    ``ARCHIVE_SCHEMA.<table>__<version>`` (caller's transaction, tables locked)."""
+    archived: list[TableRows] = []
+    for d in data:
+        kept = (*d.key, *(c for c in d.columns if c not in d.key))
+        types = {
+            r["name"]: r["type"]
+            for r in await conn.fetch(
+                "SELECT a.attname::text AS name, format_type(a.atttypid, a.atttypmod) AS type"
+                " FROM pg_attribute AS a WHERE a.attrelid = $1::regclass"
+                " AND a.attname::text = ANY($2::text[]) AND a.attnum > 0 AND NOT a.attisdropped",
+                f"tokentrack.{d.table}",
+                list(kept),
+            )
+        }
+        name = BillingColumns(d.table, d.columns).archive_table(version.version)
+        target = f"{ARCHIVE_SCHEMA}.{name}"
+        definitions = ", ".join(
+            f"{_ident(c)} {types[c]}{' NOT NULL' if c in d.key else ''}" for c in kept
+        )
+        await conn.execute(
+            f"CREATE TABLE {target} (archived_at timestamptz NOT NULL,"
+            f" archived_version text NOT NULL, {definitions},"
+            f" PRIMARY KEY ({', '.join(_ident(c) for c in d.key)}))"
+        )
+        status = await conn.execute(
+            f"INSERT INTO {target} SELECT now(), $1, {', '.join(f't.{_ident(c)}' for c in kept)}"
+            f" FROM tokentrack.{d.table} AS t WHERE {d.holding}",
+            version.version,
+        )
+        await conn.execute(
+            f"COMMENT ON TABLE {target} IS "
+            + _quote_literal(
+                f"Values of the billing columns {', '.join(d.columns)} of tokentrack.{d.table} "
+                f"(by primary key, rows holding data in them) dropped by the rollback of "
+                f"version {version.label} (archived_at); written back by the next install of "
+                "that version."
+            )
+        )
+        archived.append(TableRows(version.version, d.table, int(status.split()[-1]), d.columns))
+    return tuple(archived)
+
+
 async def _archive(
     conn: asyncpg.Connection, version: MigrationVersion, counted: Sequence[TableRows]
 ) -> tuple[TableRows, ...]:
     """Copy the rows of ``counted``'s tables into :data:`ARCHIVE_SCHEMA` (caller's transaction)."""
-    await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {ARCHIVE_SCHEMA}")
-    await conn.execute(
-        f"COMMENT ON SCHEMA {ARCHIVE_SCHEMA} IS 'Rows of tokentrack billing tables that "
-        "`tokentrack migrate rollback --archive` dropped, one table per source table; the "
-        "next install of their version moves them back and drops the table. Owner only.'"
-    )
     archived: list[TableRows] = []
     for counts in counted:
         table, target = counts.table, f"{ARCHIVE_SCHEMA}.{counts.table}"
@@ -1833,26 +2379,39 @@ async def _rollback_version(
         async with conn.transaction(isolation="read_committed"):
             await conn.execute(_PIN_SEARCH_PATH)
             tables = await _present(conn, version)
-            if tables:
-                # Nobody writes (or reads) a billing table between the count and the drop.
+            columns = await _present_columns(conn, version)
+            locked = [*tables, *(d.table for d in columns if d.table not in tables)]
+            if locked:
+                # Nobody writes (or reads) a billing table, or a table whose billing columns
+                # go, between the count and the drop.
                 current = f"LOCK TABLE of version {version.version}'s billing tables"
                 await conn.execute(
-                    f"LOCK TABLE {', '.join(f'tokentrack.{t}' for t in tables)}"
+                    f"LOCK TABLE {', '.join(f'tokentrack.{t}' for t in locked)}"
                     " IN ACCESS EXCLUSIVE MODE"
                 )
                 if not archive:
-                    phrase = await _would_drop(conn, version, tables)
+                    phrase = await _would_drop(conn, version, tables, columns)
                     if phrase is not None:
                         raise RollbackRefused(f"refusing to roll back: {phrase}; {_ARCHIVE_HINT}")
                 else:
-                    await _check_archive_free(conn, version, tables)
+                    await _check_archive_free(conn, version, tables, columns)
                     if _RESERVATIONS in tables:
                         current = f"billing the active reservations of version {version.version}"
                         billed = await _sweep_active(conn)
                     current = f"archiving version {version.version}'s billing tables"
                     counted = [r for r in await _rows(conn, version, tables) if r.rows]
+                    held = [r for r in await _column_rows(conn, version, columns) if r.rows]
+                    if counted or held:
+                        await _archive_schema(conn)
                     if counted:
                         archived = await _archive(conn, version, counted)
+                    if held:
+                        current = f"archiving version {version.version}'s billing columns"
+                        archived += await _archive_columns(
+                            conn,
+                            version,
+                            [d for d in columns if d.table in {r.table for r in held}],
+                        )
             # Drops first: a function of this version may take or return one of its types.
             for signature in sorted(drops):
                 current = f"DROP ROUTINE {signature}"
@@ -1958,12 +2517,12 @@ def _terminated(text: str) -> str:
     return "\n".join(lines)
 
 
-def _fresh_plan(versions: Sequence[MigrationVersion]) -> InstallPlan:
-    """The plan for a database that has none of ``versions``: every function file of them."""
-    changes = [
-        FunctionChange(f.relpath, "new", v.version, f) for v in versions for f in v.functions
-    ]
-    return InstallPlan(tuple(versions), tuple(sorted(changes, key=lambda c: c.path)))
+def fresh_plan(sql_dir: Path | None = None) -> InstallPlan:
+    """What ``install`` would apply to a database that has no tokentrack yet: every version
+    and every function file (with the earlier texts of the reworked ones, as install records
+    them)."""
+    versions, functions = _load(sql_dir)
+    return _plan(functions, [], [], versions)
 
 
 def _functions_sql(changes: Sequence[FunctionChange]) -> list[str]:
@@ -1977,13 +2536,13 @@ def _functions_sql(changes: Sequence[FunctionChange]) -> list[str]:
     return out
 
 
-def render_sql(plan: InstallPlan | Sequence[MigrationVersion]) -> str:
-    """The SQL that applies ``plan`` with psql, for teams with their own migration tool.
-
-    A sequence of versions means a database that has none of them: every function file of
-    those versions is applied. Output: the bootstrap in its own transaction, then one
+def render_sql(plan: InstallPlan) -> str:
+    """The SQL that applies ``plan`` (:func:`pending_plan`, or :func:`fresh_plan` for a
+    database that has no tokentrack yet) with psql, for teams with their own migration tool.
+    Output: the bootstrap in its own transaction, then one
     ``BEGIN; ... COMMIT;`` block per version holding its schema file (followed by the restore
-    of its archived billing rows, :func:`_restore_sql`, for a version with billing tables) and
+    of its archived billing rows and column values, :func:`_restore_sql`, for a version with
+    billing tables or billing columns) and
     its ``schema_migrations`` row; the last block also applies the function files with their
     ``schema_functions`` rows (a block of their own when no version is pending). Each block
     first takes the installer's advisory lock and refuses a version or function change that
@@ -1991,8 +2550,6 @@ def render_sql(plan: InstallPlan | Sequence[MigrationVersion]) -> str:
     """
     from tokentrack_client import __version__
 
-    if not isinstance(plan, InstallPlan):
-        plan = _fresh_plan(plan)
     header = ", ".join(v.label for v in plan.versions) or "(none)"
     if plan.functions:
         header += f"; {len(plan.functions)} function file(s)"
@@ -2024,11 +2581,17 @@ def render_sql(plan: InstallPlan | Sequence[MigrationVersion]) -> str:
             f"-- ----- {version.schema.relpath} (sha256 {version.schema.sha256})",
             _terminated(version.schema.text),
         ]
-        if version.billing_tables:
+        if version.billing_tables or version.billing_columns:
+            declared = [
+                f"billing columns: {g.table}({', '.join(g.columns)})"
+                for g in version.billing_columns
+            ]
+            if version.billing_tables:
+                declared.insert(0, f"billing tables: {', '.join(version.billing_tables)}")
             out += [
                 "",
-                f"-- ----- billing tables: {', '.join(version.billing_tables)} (restored from "
-                f"{ARCHIVE_SCHEMA} when a `rollback --archive` kept their rows)",
+                f"-- ----- {'; '.join(declared)} (restored from {ARCHIVE_SCHEMA} when a "
+                f"`rollback --archive` kept their {'data' if version.billing_columns else 'rows'})",
                 _restore_sql(version),
             ]
         if i == len(plan.versions) - 1 and plan.functions:

@@ -8,7 +8,10 @@
 -- row (report_billed, or report_expired for the sweep) with that sum and with 1 report when
 -- the report's status is complete, adds both to the period the reservation was taken in,
 -- marks the steps billed by that ledger row, sets the reservation to p_final_status with
--- billed_tokens and finalized_at, and writes token_usage on the report.
+-- billed_tokens and finalized_at, and writes token_usage on the report: totalTokens,
+-- inputTokens, outputTokens, cachedInputTokens, cacheWriteTokens, reasoningTokens, costMicros
+-- (the sum of the priced steps' cost_micros), unpricedSteps (steps without a cost), steps and
+-- billedAt (since version 20261203000000: the classes, costMicros and unpricedSteps).
 -- When it is no longer active: locks nothing more, changes nothing and answers
 -- already_finalized with the billed_tokens recorded the first time.
 -- Locks, in order after the caller's reservation lock: the period row (FOR UPDATE), the
@@ -32,6 +35,11 @@ DECLARE
     v_tokens bigint;
     v_input bigint;
     v_output bigint;
+    v_cached bigint;
+    v_cache_write bigint;
+    v_reasoning bigint;
+    v_cost bigint;
+    v_unpriced bigint;
     v_reports integer;
     v_entry_id bigint;
 BEGIN
@@ -66,8 +74,13 @@ BEGIN
         pg_catalog.count(*),
         COALESCE(pg_catalog.sum(s.total_tokens), 0),
         COALESCE(pg_catalog.sum(s.input_tokens), 0),
-        COALESCE(pg_catalog.sum(s.output_tokens), 0)
-    INTO v_steps, v_tokens, v_input, v_output
+        COALESCE(pg_catalog.sum(s.output_tokens), 0),
+        COALESCE(pg_catalog.sum(s.cached_input_tokens), 0),
+        COALESCE(pg_catalog.sum(s.cache_write_tokens), 0),
+        COALESCE(pg_catalog.sum(s.reasoning_tokens), 0),
+        COALESCE(pg_catalog.sum(s.cost_micros), 0),
+        pg_catalog.count(*) FILTER (WHERE s.cost_micros IS NULL)
+    INTO v_steps, v_tokens, v_input, v_output, v_cached, v_cache_write, v_reasoning, v_cost, v_unpriced
     FROM tokentrack.report_step_usage AS s
     WHERE s.report_id = v_reservation.report_id AND s.billed_at IS NULL;
 
@@ -99,6 +112,11 @@ BEGIN
         'totalTokens', v_tokens,
         'inputTokens', v_input,
         'outputTokens', v_output,
+        'cachedInputTokens', v_cached,
+        'cacheWriteTokens', v_cache_write,
+        'reasoningTokens', v_reasoning,
+        'costMicros', v_cost,
+        'unpricedSteps', v_unpriced,
         'steps', v_steps,
         'billedAt', pg_catalog.now()
     )

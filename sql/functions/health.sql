@@ -22,6 +22,13 @@
 --                            reports by status
 --   failure_rate, completion_rate   failed and complete / the window's reports with an outcome
 --                            (complete, failed, cancelled); null when there is none
+--   steps                    the steps of the window's reports: count, tokens (total_tokens),
+--                            cost_micros (of the priced ones), and unpriced: {count, tokens,
+--                            models: [{model, steps, tokens}]} for the steps without a cost,
+--                            the 10 models with the most unpriced tokens first (model null:
+--                            steps recorded without a model) (since version 20261203000000)
+--   model_prices             how many prices model_prices holds (0: costs are not in use, so
+--                            unpriced steps are expected)
 -- Figures, not verdicts: alert thresholds are the reader's (tokentrack monitor compares them).
 -- reconcile() is not part of it: it audits every period, so its cost grows with the history,
 -- while every figure here is read by index and costs what the window's traffic and the active
@@ -29,7 +36,8 @@
 -- calls both in one snapshot.
 -- Reads, by index: report_reservations (the partial active index; report_reservations_one_per_report
 --   for each report of the window), reports (reports_created_at_idx), report_step_usage
---   (report_step_usage_one_per_step). It sees every account (SECURITY DEFINER): EXECUTE is for
+--   (report_step_usage_one_per_step, for each report of the window), model_prices (its
+--   size). It sees every account (SECURITY DEFINER): EXECUTE is for
 --   tokentrack_service only; docs/SECURITY.md shows how to grant it to a monitoring role.
 -- Locks nothing, writes nothing (STABLE: every statement reads the caller's snapshot, so the
 --   figures agree with each other).
@@ -109,6 +117,31 @@ BEGIN
                 SELECT 1 FROM tokentrack.report_step_usage AS s
                 WHERE s.report_id = r.id LIMIT 1
             ) IS NULL
+    ),
+
+    window_steps AS (
+        SELECT
+            s.model,
+            pg_catalog.count(*) AS n,
+            COALESCE(pg_catalog.sum(s.total_tokens), 0) AS tokens,
+            pg_catalog.sum(s.cost_micros) AS cost,
+            pg_catalog.count(*) FILTER (WHERE s.cost_micros IS NULL) AS unpriced,
+            COALESCE(pg_catalog.sum(s.total_tokens) FILTER (WHERE s.cost_micros IS NULL), 0)
+            AS unpriced_tokens
+        FROM tokentrack.reports AS r
+        -- OFFSET 0 keeps the subquery from being pulled up into a join the planner may hash
+        -- over the whole step table: each report of the window costs one index range scan.
+        CROSS JOIN LATERAL (
+            SELECT
+                st.model,
+                st.total_tokens,
+                st.cost_micros
+            FROM tokentrack.report_step_usage AS st
+            WHERE st.report_id = r.id
+            OFFSET 0
+        ) AS s
+        WHERE r.created_at >= v_since
+        GROUP BY s.model
     ),
 
     by_hour AS (
@@ -209,6 +242,37 @@ BEGIN
             )
             FROM totals AS t
         ),
+        'steps', (
+            SELECT pg_catalog.jsonb_build_object(
+                'count', COALESCE(pg_catalog.sum(ws.n), 0),
+                'tokens', COALESCE(pg_catalog.sum(ws.tokens), 0),
+                'cost_micros', COALESCE(pg_catalog.sum(ws.cost), 0),
+                'unpriced', pg_catalog.jsonb_build_object(
+                    'count', COALESCE(pg_catalog.sum(ws.unpriced), 0),
+                    'tokens', COALESCE(pg_catalog.sum(ws.unpriced_tokens), 0),
+                    'models', COALESCE((
+                        SELECT pg_catalog.jsonb_agg(
+                            pg_catalog.jsonb_build_object(
+                                'model', u.model, 'steps', u.unpriced, 'tokens', u.unpriced_tokens
+                            )
+                            ORDER BY u.unpriced_tokens DESC, u.model ASC NULLS FIRST
+                        )
+                        FROM (
+                            SELECT
+                                w.model,
+                                w.unpriced,
+                                w.unpriced_tokens
+                            FROM window_steps AS w
+                            WHERE w.unpriced > 0
+                            ORDER BY w.unpriced_tokens DESC, w.model ASC NULLS FIRST
+                            LIMIT 10
+                        ) AS u
+                    ), '[]'::jsonb)
+                )
+            )
+            FROM window_steps AS ws
+        ),
+        'model_prices', (SELECT pg_catalog.count(*) FROM tokentrack.model_prices),
         'failure_rate', (
             SELECT t.failed::float8 / NULLIF(t.finished, 0)::float8 FROM totals AS t
         ),

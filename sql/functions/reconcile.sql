@@ -8,10 +8,14 @@
 --   each billing ledger row (report_billed, report_expired, late_step) = the total_tokens of
 --   the step rows it billed                                  (check "ledger_entry")
 --   every billed step row points at a billing ledger row of its period (check "billed_steps")
+-- and, for every step with a stored cost (of the account, or of all), that the cost follows
+-- from its tokens and the price of its model in effect at its completed_at (check
+-- "step_cost", with step_id; "expected" is absent when no price was in effect). A step
+-- without a cost is unpriced: monitor reports those (health()'s "steps").
 -- The ledger is append-only (UPDATE, DELETE and TRUNCATE are refused), so any change of
 -- tokens_used made outside the functions shows up here.
--- Returns {"ok", "periods_checked", "discrepancies": [{"period_id", "account_id", "check",
---   "expected", "actual", ...}]}; an unknown account is refused with account_not_found.
+-- Returns {"ok", "periods_checked", "costs_checked", "discrepancies": [{"period_id",
+--   "account_id", "check", "expected", "actual", ...}]}; an unknown account is refused with account_not_found.
 -- Locks nothing: one statement, one snapshot, so concurrent billing never shows as a
 -- discrepancy (each billing writes its ledger row and tokens_used in one transaction).
 -- Errors: none beyond the refusal.
@@ -81,30 +85,53 @@ BEGIN
         GROUP BY s.billed_period_id
     ),
 
+    costs AS (
+        SELECT
+            s.id AS step_id,
+            s.account_id,
+            s.billed_period_id AS period_id,
+            s.cost_micros AS actual,
+            tokentrack.step_cost_micros(
+                tokentrack.model_price_at(s.model, s.completed_at),
+                s.input_tokens, s.cached_input_tokens, s.cache_write_tokens,
+                s.output_tokens, s.reasoning_tokens
+            ) AS expected
+        FROM tokentrack.report_step_usage AS s
+        WHERE
+            s.cost_micros IS NOT NULL
+            AND (p_account_id IS NULL OR s.account_id = p_account_id)
+    ),
+
     found AS (
         SELECT
             p.id AS period_id, p.account_id, 'tokens_used' AS check_name,
-            COALESCE(l.tokens, 0) AS expected, p.tokens_used AS actual, NULL::bigint AS entry_id
+            COALESCE(l.tokens, 0) AS expected, p.tokens_used AS actual, NULL::bigint AS entry_id,
+            NULL::uuid AS step_id
         FROM periods AS p LEFT JOIN ledger AS l ON l.period_id = p.id
         WHERE p.tokens_used <> COALESCE(l.tokens, 0)
         UNION ALL
         SELECT
-            p.id, p.account_id, 'reports_count', COALESCE(l.reports, 0), p.reports_count, NULL
+            p.id, p.account_id, 'reports_count', COALESCE(l.reports, 0), p.reports_count, NULL, NULL
         FROM periods AS p LEFT JOIN ledger AS l ON l.period_id = p.id
         WHERE p.reports_count <> COALESCE(l.reports, 0)
         UNION ALL
-        SELECT e.period_id, p.account_id, 'ledger_entry', e.expected, e.actual, e.entry_id
+        SELECT e.period_id, p.account_id, 'ledger_entry', e.expected, e.actual, e.entry_id, NULL
         FROM entries AS e INNER JOIN periods AS p ON p.id = e.period_id
         WHERE e.expected <> e.actual
         UNION ALL
-        SELECT st.period_id, p.account_id, 'billed_steps', 0, st.tokens, NULL
+        SELECT st.period_id, p.account_id, 'billed_steps', 0, st.tokens, NULL, NULL
         FROM stray_steps AS st INNER JOIN periods AS p ON p.id = st.period_id
+        UNION ALL
+        SELECT c.period_id, c.account_id, 'step_cost', c.expected, c.actual, NULL, c.step_id
+        FROM costs AS c
+        WHERE c.expected IS DISTINCT FROM c.actual
     )
 
     SELECT pg_catalog.jsonb_build_object(
         'success', true,
         'ok', NOT EXISTS (SELECT FROM found),
         'periods_checked', (SELECT pg_catalog.count(*) FROM periods),
+        'costs_checked', (SELECT pg_catalog.count(*) FROM costs),
         'discrepancies', COALESCE((
             SELECT pg_catalog.jsonb_agg(
                 pg_catalog.jsonb_strip_nulls(pg_catalog.jsonb_build_object(
@@ -113,9 +140,10 @@ BEGIN
                     'check', f.check_name,
                     'expected', f.expected,
                     'actual', f.actual,
-                    'ledger_entry_id', f.entry_id
+                    'ledger_entry_id', f.entry_id,
+                    'step_id', f.step_id
                 ))
-                ORDER BY f.account_id, f.period_id, f.check_name
+                ORDER BY f.account_id, f.period_id, f.check_name, f.step_id
             )
             FROM found AS f
         ), '[]'::jsonb)
@@ -127,7 +155,8 @@ $function$;
 
 COMMENT ON FUNCTION tokentrack.reconcile(uuid) IS
 'Read-only audit: checks every period''s tokens_used and reports_count against the append-only '
-'usage ledger and the ledger''s billing rows against the steps they billed.';
+'usage ledger, the ledger''s billing rows against the steps they billed, and every stored step '
+'cost against its tokens and the price in effect at its completed_at.';
 
 REVOKE ALL ON FUNCTION tokentrack.reconcile(uuid) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION tokentrack.reconcile(uuid) TO tokentrack_service;

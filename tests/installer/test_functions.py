@@ -108,12 +108,18 @@ async def test_a_changed_function_is_applied_alone_and_rolled_back_byte_for_byte
     # in the database: the SQL directory given holds only the new text.
     result = await migrate.rollback(empty_db_dsn, sql_dir=sql_dir)
     assert [v.version for v in result.versions] == [NEWEST]
-    assert result.versions[0].restored == ("functions/increment_usage.sql",)
+    # With it, the files the newest version changed get back their text of the version before
+    # (sql/history/), which the fresh install recorded first.
+    reworked = reworked_by_newest()
+    assert result.versions[0].restored == tuple(
+        sorted({"functions/increment_usage.sql", *reworked})
+    )
     restored = await definitions(empty_db_dsn)
     assert restored[signature] == before[signature]  # byte for byte, same OID and grants
     newest_functions = introduced_by(VERSIONS[-1:])
     assert {sig for sig in restored if sig.split("(")[0][11:] in newest_functions} == set()
-    assert restored == {k: v for k, v in before.items() if k in restored}
+    kept = {k: v for k, v in before.items() if k in restored and _file_of(k) not in reworked}
+    assert {k: v for k, v in restored.items() if _file_of(k) not in reworked} == kept
     assert await function_rows(empty_db_dsn) == [r for r in rows_before if r["version"] != NEWEST]
 
     # Up again: the newest version and the changed increment_usage come back in its
@@ -122,6 +128,22 @@ async def test_a_changed_function_is_applied_alone_and_rolled_back_byte_for_byte
     assert [v.version for v in up.versions] == [NEWEST]
     assert "functions/increment_usage.sql" in {f.path for f in up.functions if f.kind == "changed"}
     assert (await definitions(empty_db_dsn))[signature][1] == after[signature][1]
+
+
+def reworked_by_newest() -> set[str]:
+    """The function files that the newest version changed: those with a history text of the
+    version before it (sql/history/<that version>/)."""
+    previous = VERSIONS[-2].version
+    return {
+        f.relpath
+        for f in migrate.load_functions()
+        if any(until == previous for until, _ in f.history)
+    }
+
+
+def _file_of(signature: str) -> str:
+    """``functions/<name>.sql`` of ``tokentrack.<name>(...)``."""
+    return f"functions/{signature.split('(')[0].removeprefix('tokentrack.')}.sql"
 
 
 def add_version(sql_dir: Path, version: str, name: str, schema: str, rollback: str) -> None:
@@ -238,6 +260,8 @@ async def test_a_removed_function_file_is_dropped_and_its_rollback_restores_it(
     before = await definitions(empty_db_dsn)
     # reconcile is called by no other function: removing its file is a clean removal.
     (sql_dir / "functions" / "reconcile.sql").unlink()
+    for old in (sql_dir / "history").glob("*/reconcile.sql"):
+        old.unlink()  # its earlier texts go with it
     listed = await run_cli("migrate", "list", dsn=empty_db_dsn, sql_dir=sql_dir)
     assert function_table(listed.stdout) == {"functions/reconcile.sql": "removed"}
 
@@ -317,7 +341,19 @@ async def test_an_older_installation_is_upgraded_in_place(
         {k: r[k] for k in keep} for r in await migration_rows(fresh)
     ]
     by_path = sorted(await function_rows(legacy), key=lambda r: str(r["path"]))
-    assert by_path == await function_rows(fresh)  # the fresh install records them by path
+    # The fresh install records them by path; it also records first the earlier texts of the
+    # files a version reworked (sql/history/), which an older installer never applied: the
+    # newest row of each path is the same, and owned by the same version where nothing was
+    # reworked.
+    newest_fresh = {r["path"]: r for r in await function_rows(fresh)}
+    reworked = {f.relpath for f in migrate.load_functions() if f.history}
+    same = ("path", "sha256", "source", "signatures")
+    assert [{k: r[k] for k in same} for r in by_path] == [
+        {k: r[k] for k in same} for r in newest_fresh.values()
+    ]
+    assert [r for r in by_path if r["path"] not in reworked] == [
+        r for r in newest_fresh.values() if r["path"] not in reworked
+    ]
     again = await run_cli("migrate", "install", dsn=legacy)
     assert "nothing was done" in again.stdout
 

@@ -244,19 +244,28 @@ async def test_install_applies_every_version_then_does_nothing(
         assert row["checksum"] == expected_checksum(files)
         assert row["applied_by"] == "postgres"
     # One history row per function file, with the version its header names, its full text
-    # and the md5 of what PostgreSQL holds for each signature it defines.
+    # and the md5 of what PostgreSQL holds for each signature it defines; a file that a
+    # version reworked has first a row for each earlier text (sql/history/<V>/), oldest first,
+    # the next one owned by the version after V, so that its rollback restores the text of V.
     recorded = await function_rows(empty_db_dsn)
-    disk = sorted((REPO_SQL / "functions").glob("*.sql"))
-    assert [r["path"] for r in recorded] == [f"functions/{p.name}" for p in disk]
+    expected: list[tuple[str, str, str]] = []  # (path, owning version, text)
+    for fn in migrate.load_functions(REPO_SQL):
+        owner = fn.version
+        for until, old in fn.history:
+            expected.append((fn.relpath, owner, old.text))
+            owner = min(v.version for v in VERSIONS if v.version > until)
+        expected.append((fn.relpath, owner, fn.file.text))
+    assert [(r["path"], r["version"], r["source"]) for r in recorded] == expected
+    newest = {r["path"]: r for r in recorded}
     conn = await asyncpg.connect(empty_db_dsn)
     try:
-        for row, path in zip(recorded, disk, strict=True):
-            assert row["source"] == path.read_text()
-            assert row["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
-            assert f"-- version: {row['version']}\n" in row["source"]
+        for row in recorded:
+            assert row["sha256"] == hashlib.sha256(row["source"].encode()).hexdigest()
             assert row["signatures"], row["path"]
+        for path, row in newest.items():
+            assert (REPO_SQL / path).read_text() == row["source"]
             for signature, digest in row["signatures"].items():
-                assert signature.startswith(f"tokentrack.{path.stem}("), signature
+                assert signature.startswith(f"tokentrack.{Path(path).stem}("), signature
                 assert digest == await conn.fetchval(
                     "SELECT md5(pg_get_functiondef($1::regprocedure))", signature
                 )
@@ -358,6 +367,8 @@ async def test_applied_version_missing_on_disk_is_refused(
     v2 = next(v for v in migrate.load_versions(sql_dir) if v.version == V2)
     for sql_file in (v2.schema, v2.rollback, *v2.functions):
         (sql_dir / sql_file.relpath).unlink()
+        for old in (sql_dir / "history").glob(f"*/{Path(sql_file.relpath).name}"):
+            old.unlink()  # the earlier texts of its function files go with them
 
     result = await run_cli("migrate", "install", dsn=empty_db_dsn, sql_dir=sql_dir)
     assert_one_line_error(result, f"{V2}_{V2_NAME}", "not found")
@@ -773,7 +784,9 @@ async def test_sql_output_applied_with_psql_equals_the_migrator(
     rows_migrator = [{k: r[k] for k in keep} for r in await migration_rows(by_migrator)]
     assert rows_psql == rows_migrator
     assert await function_rows(by_psql) == await function_rows(by_migrator)
-    assert len(await function_rows(by_psql)) == len(list((REPO_SQL / "functions").glob("*.sql")))
+    # One row per function file, and one more per earlier text of a reworked one.
+    texts = sum(1 + len(f.history) for f in migrate.load_functions(REPO_SQL))
+    assert len(await function_rows(by_psql)) == texts
 
     # The migrator accepts what psql recorded: same files, same checksums.
     check = await run_cli("migrate", "install", dsn=by_psql)

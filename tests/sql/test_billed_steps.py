@@ -82,7 +82,11 @@ async def _billed_report(conn: asyncpg.Connection) -> tuple[uuid.UUID, uuid.UUID
 
 async def _steps(conn: asyncpg.Connection) -> list[str]:
     rows = await conn.fetch(
-        "SELECT s::text AS row FROM tokentrack.report_step_usage AS s ORDER BY 1"
+        # Version 2's columns: those that every version after it leaves in place.
+        "SELECT (s.id, s.report_id, s.account_id, s.step_name, s.input_tokens, s.output_tokens,"
+        " s.total_tokens, s.model, s.completed_at, s.billed_at, s.billed_period_id,"
+        " s.billing_entry_id, s.late)::text AS row"
+        " FROM tokentrack.report_step_usage AS s ORDER BY 1"
     )
     return [r["row"] for r in rows]
 
@@ -158,12 +162,15 @@ async def test_truncate_of_only_unbilled_steps_is_allowed(owner: asyncpg.Connect
 async def test_rolling_back_the_guard_drops_only_its_triggers(
     owner: asyncpg.Connection, owner_dsn: str
 ) -> None:
-    """The rollback of version 20261202000000 (as the owner) drops its triggers and their
-    function; every step row stays as it was, and installing again puts the guard back."""
+    """The rollback of version 20261202000000 (as the owner, with the versions after it) drops
+    its triggers and their function; every step row stays as it was, and installing again puts
+    the guard back."""
     await _billed_report(owner)
     before = await _steps(owner)
-    rolled = await migrate.rollback(owner_dsn, steps=1)
-    assert [v.version for v in rolled.versions] == [GUARD_VERSION]
+    versions = [v.version for v in migrate.load_versions()]
+    before_guard = versions[versions.index(GUARD_VERSION) - 1]
+    rolled = await migrate.rollback(owner_dsn, to=before_guard)
+    assert [v.version for v in rolled.versions][-1] == GUARD_VERSION
     triggers = (
         "SELECT array_agg(tgname::text ORDER BY tgname) FROM pg_trigger"
         " WHERE tgrelid = 'tokentrack.report_step_usage'::regclass AND NOT tgisinternal"

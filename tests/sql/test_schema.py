@@ -22,6 +22,7 @@ PUBLIC_API = {
     "expire_reservations(integer)",
     "sweep_expired_reservations(integer)",
     "health(integer)",
+    "record_step(uuid,uuid,text,jsonb,text)",
 }
 
 # Functions that run with the caller's rights: the replaceable account hook, the trigger
@@ -32,6 +33,7 @@ INVOKER_RIGHTS = (
     "current_account_id",
     "usage_ledger_is_append_only",
     "report_step_usage_billed_is_immutable",
+    "model_prices_are_immutable",
     "sweep_expired_reservations",
 )
 
@@ -177,12 +179,14 @@ async def test_every_table_has_row_level_security_and_a_comment(conn: asyncpg.Co
         "SELECT c.relname, c.relrowsecurity, obj_description(c.oid, 'pg_class') AS comment"
         " FROM pg_class c WHERE c.relnamespace = 'tokentrack'::regnamespace AND c.relkind = 'r'"
     )
-    # The migrator's bookkeeping holds no account data: a comment, but no row level security.
+    # The migrator's bookkeeping and the price list (one per installation, a Citus reference
+    # table) hold no account data: a comment, but no row level security.
     bookkeeping = {"schema_migrations", "schema_functions"}
-    assert {r["relname"] for r in rows} == set(TABLES) | bookkeeping
+    no_account_data = bookkeeping | {"model_prices"}
+    assert {r["relname"] for r in rows} == set(TABLES) | no_account_data
     for r in rows:
         assert r["comment"], r["relname"]
-        if r["relname"] not in bookkeeping:
+        if r["relname"] not in no_account_data:
             assert r["relrowsecurity"], r["relname"]
     for table in TABLES:
         assert (
