@@ -15,6 +15,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # before litellm 
 
 import asyncio
 import gc
+import json
 import subprocess
 import sys
 import uuid
@@ -148,6 +149,15 @@ async def wait_until_ended(conn: asyncpg.Connection, report_id: uuid.UUID) -> di
     raise AssertionError(f"report {report_id} was never ended: {state}")
 
 
+async def set_price(conn: asyncpg.Connection, model: str, prices: dict[str, Any]) -> None:
+    answer = json.loads(
+        await conn.fetchval(
+            "SELECT tokentrack.set_model_price($1, $2::jsonb)::text", model, json.dumps(prices)
+        )
+    )
+    assert answer["success"] is True, answer
+
+
 async def held(conn: asyncpg.Connection, account_id: uuid.UUID) -> int:
     """The tokens the account's active reservations hold."""
     return int(
@@ -246,6 +256,29 @@ async def test_a_call_reserves_first_then_bills_the_response_once_with_its_class
     await assert_reconciled(conn)
 
 
+async def test_the_step_is_priced_by_the_requests_model(
+    tracker: TokenTracker, conn: asyncpg.Connection
+) -> None:
+    account = await new_account(conn, 100_000)
+    # Micros per million tokens; reasoning defaults to the output price.
+    await set_price(conn, MODEL, {"input": 150_000, "cached_input": 75_000, "output": 600_000})
+    llm = TrackedLiteLLM(tracker, default_max_tokens=1_000)
+    report_id = uuid.uuid4()
+    await llm.acompletion(
+        account_id=account,
+        report_id=report_id,
+        model=MODEL,
+        messages=MESSAGES,
+        mock_response=response_with_classes(),
+    )
+    cost = await conn.fetchval(
+        "SELECT cost_micros FROM tokentrack.report_step_usage WHERE report_id = $1", report_id
+    )
+    # (1,200 - 1,000) x 0.15 + 1,000 x 0.075 + (300 - 120) x 0.6 + 120 x 0.6 = 285 micros
+    assert cost == 285
+    assert (await report_state(conn, report_id))["token_usage"]["costMicros"] == 285
+
+
 async def test_a_refused_reservation_never_reaches_the_provider(
     tracker: TokenTracker, conn: asyncpg.Connection
 ) -> None:
@@ -338,6 +371,35 @@ async def test_a_task_cancelled_mid_call_is_cancelled_billed_once_and_holds_noth
     assert await ledger_of(conn, report_id) == [("report_billed", prompt_tokens())]
     row = await period(conn, account)
     assert (row["tokens_used"], await held(conn, account)) == (prompt_tokens(), 0)
+    await assert_reconciled(conn)
+
+
+async def test_a_response_that_arrives_as_the_task_is_cancelled_is_billed_in_full(
+    tracker: TokenTracker, conn: asyncpg.Connection
+) -> None:
+    account = await new_account(conn, 100_000)
+
+    async def answered_then_cancelled(**kwargs: Any) -> Any:
+        response = await litellm.acompletion(**kwargs)
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()  # lands on the next await: the step's write
+        return response
+
+    llm = TrackedLiteLLM(tracker, default_max_tokens=1_000, completion=answered_then_cancelled)
+    report_id = uuid.uuid4()
+    with pytest.raises(asyncio.CancelledError):
+        await llm.acompletion(
+            account_id=account,
+            report_id=report_id,
+            model=MODEL,
+            messages=MESSAGES,
+            mock_response=response_with_classes(),
+        )
+    state = await report_state(conn, report_id)
+    assert state["status"] == "cancelled"
+    assert {name: s["total_tokens"] for name, s in state["steps"].items()} == {"completion": 1_500}
+    assert await ledger_of(conn, report_id) == [("report_billed", 1_500)]
     await assert_reconciled(conn)
 
 
@@ -574,6 +636,39 @@ async def test_calls_are_steps_of_the_callers_report(
     with pytest.raises(RuntimeError, match="already finished"):
         await llm.step(report, "late", model=MODEL, messages=MESSAGES, mock_response=REPLY)
     assert provider.calls == 2
+    await assert_reconciled(conn)
+
+
+async def test_a_stream_closed_after_the_callers_report_ended_is_billed_late(
+    tracker: TokenTracker, conn: asyncpg.Connection
+) -> None:
+    account = await new_account(conn, 100_000)
+    llm = TrackedLiteLLM(tracker, default_max_tokens=1_000)
+    report_id = uuid.uuid4()
+    received: list[Any] = []
+    async with tracker.track_report(account, report_id, 5_000) as report:
+        stream = await llm.step(
+            report, "draft", model=MODEL, messages=MESSAGES, stream=True, mock_response=REPLY
+        )
+        async for chunk in stream:
+            received.append(chunk)
+            if len(received) == 2:
+                break
+    assert report.status == "complete"
+    assert report.settlement is not None
+    assert report.settlement.billed_tokens == 0
+
+    await stream.aclose()  # too late for the report: recorded late, billed at once
+    partial = prompt_tokens() + text_tokens(received_text(received))
+    assert stream.outcome == "abandoned"
+    assert stream.record is not None
+    assert stream.record.late
+    state = await report_state(conn, report_id)
+    assert state["status"] == "complete"
+    assert state["steps"]["draft"]["total_tokens"] == partial
+    assert state["steps"]["draft"]["late"]
+    assert await ledger_of(conn, report_id) == [("report_billed", 0), ("late_step", partial)]
+    assert (await period(conn, account))["tokens_used"] == partial
     await assert_reconciled(conn)
 
 
