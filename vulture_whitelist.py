@@ -15,9 +15,10 @@ exc_type
 # bench/run.py: _interrupt(signum, frame) is a signal handler; signal passes the frame.
 frame
 
-# pytest reads these from tests/conftest.py by name.
+# pytest reads these from tests/conftest.py by name (pytestmark: from a test module).
 pytest_plugins
 pytest_report_header
+pytestmark
 
 # Hypothesis calls RuleBasedStateMachine.teardown after each run (tests/invariants/test_machine.py).
 _.teardown
