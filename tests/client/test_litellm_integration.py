@@ -28,7 +28,7 @@ import pytest
 
 from client_fixtures import report_state
 from sqlkit import assert_reconciled, new_account, period
-from tokentrack_client import InsufficientTokens, TokenTracker
+from tokentrack_client import InsufficientTokens, ReportCancelled, TokenTracker
 from tokentrack_client.integrations.litellm import TrackedLiteLLM, TrackedStream
 from tokentrack_client.usage import Usage
 
@@ -590,6 +590,40 @@ async def test_a_provider_error_mid_stream_fails_the_report_with_the_partial_cou
         "completion": partial
     }
     assert await ledger_of(conn, report_id) == [("report_billed", partial)]
+    await assert_reconciled(conn)
+
+
+async def test_a_stream_cancelled_from_outside_is_billed_late_and_says_so_at_its_end(
+    tracker: TokenTracker, conn: asyncpg.Connection
+) -> None:
+    account = await new_account(conn, 100_000)
+    llm = TrackedLiteLLM(tracker, default_max_tokens=1_000)
+    report_id = uuid.uuid4()
+    stream = await llm.acompletion(
+        account_id=account,
+        report_id=report_id,
+        model=MODEL,
+        messages=MESSAGES,
+        stream=True,
+        mock_response=REPLY,
+    )
+    received = [await anext(stream)]
+    cancelled = await tracker.cancel_report(report_id, account)  # the cancel button
+    assert cancelled.billed_tokens == 0
+
+    async def read_on() -> None:
+        async for chunk in stream:
+            received.append(chunk)
+
+    with pytest.raises(ReportCancelled):
+        await read_on()
+    assert stream.usage is not None
+    assert stream.record is not None
+    assert stream.record.late
+    full = stream.usage.input_tokens + stream.usage.output_tokens
+    state = await report_state(conn, report_id)
+    assert state["status"] == "cancelled"
+    assert await ledger_of(conn, report_id) == [("report_billed", 0), ("late_step", full)]
     await assert_reconciled(conn)
 
 

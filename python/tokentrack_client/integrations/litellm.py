@@ -99,7 +99,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from tokentrack_client.client import TokenTracker
 from tokentrack_client.errors import TokenTrackError
 from tokentrack_client.results import StepRecord
-from tokentrack_client.tracking import ReportTracker, run_to_completion
+from tokentrack_client.tracking import ReportEnded, ReportTracker, run_to_completion
 from tokentrack_client.usage import Usage
 from tokentrack_client.validation import IdLike, check_count, check_text
 
@@ -494,9 +494,11 @@ class _StreamState:
         try:
             self.record = await _record(self.tracker, self.report, self.call, usage)
         except TokenTrackError as failed:
+            if isinstance(failed, ReportEnded):  # recorded (late), then told to stop
+                self.record = failed.step
             if outcome == "complete":
                 error = failed
-            else:
+            elif not isinstance(failed, ReportEnded):
                 logger.error(
                     "tokentrack: report %s: the step %r of a stream %s could not be recorded: %s",
                     self.report.report_id,
