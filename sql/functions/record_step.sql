@@ -58,8 +58,8 @@ BEGIN
             'input_tokens', 'cached_input_tokens', 'cache_write_tokens', 'output_tokens',
             'reasoning_tokens', 'total_tokens'
         ) THEN
-            RAISE EXCEPTION 'p_usage has an unknown key %: the keys are input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens and total_tokens',
-                pg_catalog.quote_ident(v_key)
+            RAISE EXCEPTION 'unknown key p_usage.%: the keys are input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens and total_tokens',
+                v_key
                 USING ERRCODE = '22023', COLUMN = 'p_usage.' || v_key;
         END IF;
         CONTINUE WHEN pg_catalog.jsonb_typeof(v_value) = 'null';

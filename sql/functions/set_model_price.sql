@@ -82,8 +82,8 @@ BEGIN
     END IF;
     FOR v_key, v_value IN SELECT e.key, e.value FROM pg_catalog.jsonb_each(p_prices) AS e ORDER BY e.key LOOP
         IF v_key NOT IN ('input', 'cached_input', 'cache_write', 'output', 'reasoning') THEN
-            RAISE EXCEPTION 'p_prices has an unknown key %: the keys are input, output, cached_input, cache_write and reasoning',
-                pg_catalog.quote_ident(v_key)
+            RAISE EXCEPTION 'unknown key p_prices.%: the keys are input, output, cached_input, cache_write and reasoning',
+                v_key
                 USING ERRCODE = '22023', COLUMN = 'p_prices.' || v_key;
         END IF;
         IF pg_catalog.jsonb_typeof(v_value) = 'null' THEN
@@ -118,7 +118,7 @@ BEGIN
     v_reasoning := COALESCE((p_prices ->> 'reasoning')::numeric, v_output);
 
     LOCK TABLE tokentrack.model_prices IN EXCLUSIVE MODE;
-    v_effective := pg_catalog.greatest(p_effective_from, pg_catalog.clock_timestamp());
+    v_effective := GREATEST(p_effective_from, pg_catalog.clock_timestamp());
 
     SELECT mp.* INTO v_in_effect FROM tokentrack.model_prices AS mp
     WHERE mp.model = p_model AND mp.effective_from <= v_effective
