@@ -90,7 +90,7 @@ from typing import Any, Final, Literal, TypeAlias, overload
 
 try:
     import litellm
-except ImportError as exc:  # pragma: no cover - exercised only without the extra
+except ImportError as exc:  # test_without_litellm_the_integration_says_what_to_install
     raise ImportError(
         "tokentrack_client.integrations.litellm needs LiteLLM, which tokentrack does not "
         "install by itself: pip install 'tokentrack[litellm]' (or pip install litellm)"
