@@ -28,7 +28,6 @@ from tokentrack_client.testing.pytest_plugin import TemplateDatabase
 from workload import DatabaseFactory, database_factory
 
 EXAMPLES = settings.default.max_examples
-CLASSES = ("input", "cached_input", "cache_write", "output", "reasoning")
 MODELS = ("gpt-x", "gpt-x-mini", "claude-y")
 PATTERNS = ("gpt-x*", "gpt-x-mini*", "*")
 
