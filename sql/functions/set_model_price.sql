@@ -30,9 +30,9 @@
 --   the same model and effective_from but other prices is refused with price_conflict.
 -- EXECUTE: the schema owner only (the installer's role); grant it to a pricing role if needed.
 -- Errors: 25000 in a transaction that recorded a step with a model; 22004 a NULL model,
---   prices or effective_from, or a NULL price; 22023 a blank model, prices not an object, an unknown key, a missing input or output, a price that is not a
---   number or is negative, an effective_from in the past; 22001 a model over 200 characters;
---   22003 a price above 10^12.
+--   prices or effective_from, or a NULL price; 22023 a blank model, prices not an object, an
+--   unknown key, a missing input or output, a price that is not a number or is negative, an
+--   effective_from in the past; 22001 a model over 200 characters; 22003 a price above 10^12.
 CREATE OR REPLACE FUNCTION tokentrack.set_model_price(
     p_model text,
     p_prices jsonb,
