@@ -15,9 +15,10 @@ exc_type
 # bench/run.py: _interrupt(signum, frame) is a signal handler; signal passes the frame.
 frame
 
-# pytest reads these from tests/conftest.py by name.
+# pytest reads these from tests/conftest.py by name (pytestmark: from a test module).
 pytest_plugins
 pytest_report_header
+pytestmark
 
 # Hypothesis calls RuleBasedStateMachine.teardown after each run (tests/invariants/test_machine.py).
 _.teardown
@@ -26,3 +27,6 @@ _.teardown
 _.retry_policy  # TokenTracker.retry_policy: the policy the tracker retries with
 _.ended_from_outside  # ReportTracker.ended_from_outside: the outcome set from outside
 _.ledger_entry_id  # Discrepancy.ledger_entry_id: the ledger entry a ledger_entry check names
+
+# LiteLLM reads it (tests/client/test_litellm_integration.py: no banner on mocked errors).
+_.suppress_debug_info

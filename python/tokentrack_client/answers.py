@@ -15,6 +15,7 @@ import json
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from tokentrack_client.errors import UnexpectedAnswer, refusal_from_answer
@@ -22,6 +23,7 @@ from tokentrack_client.errors import UnexpectedAnswer, refusal_from_answer
 __all__ = [
     "get_bool",
     "get_datetime",
+    "get_decimal",
     "get_int",
     "get_list",
     "get_optional_int",
@@ -34,12 +36,14 @@ __all__ = [
 ]
 
 
-def read_object(function: str, raw: object) -> Mapping[str, Any]:
-    """The JSON object that ``function`` answered, as the text of its jsonb value."""
+def read_object(function: str, raw: object, *, decimals: bool = False) -> Mapping[str, Any]:
+    """The JSON object that ``function`` answered, as the text of its jsonb value; with
+    ``decimals``, its fractional numbers are :class:`~decimal.Decimal` (exact, as the
+    database's ``numeric``), else ``float``."""
     if not isinstance(raw, str):
         raise UnexpectedAnswer(f"{function}: expected the jsonb answer as text, got {raw!r}")
     try:
-        answer = json.loads(raw)
+        answer = json.loads(raw, parse_float=Decimal if decimals else None)
     except ValueError:
         raise UnexpectedAnswer(f"{function}: the answer is not JSON: {raw[:200]!r}") from None
     if not isinstance(answer, dict):
@@ -47,9 +51,9 @@ def read_object(function: str, raw: object) -> Mapping[str, Any]:
     return answer
 
 
-def read_answer(function: str, raw: object) -> Mapping[str, Any]:
+def read_answer(function: str, raw: object, *, decimals: bool = False) -> Mapping[str, Any]:
     """:func:`read_object`, then the typed refusal for a ``"success": false`` answer."""
-    answer = read_object(function, raw)
+    answer = read_object(function, raw, decimals=decimals)
     if answer.get("success") is False:
         raise refusal_from_answer(answer)
     return answer
@@ -72,6 +76,17 @@ def get_int(answer: Mapping[str, Any], key: str, default: object = _MISSING) -> 
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     raise UnexpectedAnswer(f"{key!r} is not an integer: {value!r}")
+
+
+def get_decimal(answer: Mapping[str, Any], key: str) -> Decimal:
+    """A number, exactly: an integer, or a :class:`~decimal.Decimal` from an answer read with
+    ``decimals=True`` (a ``float`` is refused: it may already be rounded)."""
+    value = _get(answer, key)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return Decimal(value)
+    if isinstance(value, Decimal) and value.is_finite():
+        return value
+    raise UnexpectedAnswer(f"{key!r} is not an exact number: {value!r}")
 
 
 def get_optional_int(answer: Mapping[str, Any], key: str) -> int | None:

@@ -12,6 +12,8 @@
     tokentrack monitor [--json | --prometheus]
     tokentrack cleanup [--batch-size N]
     tokentrack cron install | remove | status
+    tokentrack prices import FILE [--dry-run] [--provider NAME] [--model GLOB] [--json]
+    tokentrack prices list [--model GLOB] [--json]
 
 The database comes from ``--database-url`` or the ``DATABASE_URL`` environment variable
 (``tokentrack demo`` ignores the variable: it takes a database only on its command line). A
@@ -46,7 +48,7 @@ from tokentrack_client.connection import (
     describe_target,
     failure_line,
 )
-from tokentrack_client.ops import audit, monitor, sweep, verify
+from tokentrack_client.ops import audit, monitor, prices, sweep, verify
 from tokentrack_client.ops._common import EXIT_FAILED, EXIT_OK
 
 Handler = Callable[[argparse.Namespace], int]
@@ -442,6 +444,62 @@ def build_parser() -> argparse.ArgumentParser:
             ),
         )
         _add_database_url(action)
+
+    # prices -------------------------------------------------------------------------------
+    prices_parser = commands.add_parser(
+        "prices",
+        help="import model prices from LiteLLM's price map, or list the prices in effect",
+        description=(
+            "Model prices in micros (10^-6 of the currency) per million tokens, per token "
+            "class: input, cached_input, cache_write, output, reasoning."
+        ),
+    )
+    prices_parser.set_defaults(run=_prices)
+    prices_actions = prices_parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    price_import = prices_actions.add_parser(
+        "import",
+        help="add the prices of LiteLLM's model_prices_and_context_window.json (idempotent)",
+        description=(
+            "Add each model's price from a file in LiteLLM's model_prices_and_context_window.json "
+            "format with tokentrack.set_model_price, all in one transaction (only the schema "
+            "owner may). Costs per token become micros per million tokens (x 10^12, exactly): "
+            "input_cost_per_token, cache_read_input_token_cost, "
+            "cache_creation_input_token_cost, output_cost_per_token, "
+            "output_cost_per_reasoning_token; tiered and service-tier keys are ignored. "
+            "Entries without both an input and an output cost per token, and invalid ones, are "
+            "skipped and counted. A price already in effect is left unchanged, so importing the "
+            "same file twice adds nothing."
+        ),
+    )
+    price_import.add_argument("file", type=Path, metavar="FILE", help="the JSON price map")
+    price_import.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="do the same in a transaction that is rolled back: show what would change",
+    )
+    price_import.add_argument(
+        "--provider", metavar="NAME", help="only the entries whose litellm_provider is NAME"
+    )
+    price_import.add_argument(
+        "--model", metavar="GLOB", help="only the model names that match GLOB (* only)"
+    )
+    _json(price_import, "what was added, unchanged and skipped")
+    _add_database_url(price_import)
+    price_list = prices_actions.add_parser(
+        "list",
+        help="show the price in effect for each model name or pattern",
+        description=(
+            "Show the price in effect now for each model name or pattern in "
+            "tokentrack.model_prices, in micros per million tokens."
+        ),
+    )
+    price_list.add_argument(
+        "--model",
+        metavar="GLOB",
+        help="only the model names (or patterns) that match GLOB (* matches any run)",
+    )
+    _json(price_list, "the prices")
+    _add_database_url(price_list)
     return parser
 
 
@@ -642,6 +700,20 @@ async def _cron(args: argparse.Namespace) -> int:
         if not args.if_available:
             raise
         print(f"tokentrack: notice: {exc}", file=sys.stderr)
+    return EXIT_OK
+
+
+@_in_event_loop
+async def _prices(args: argparse.Namespace) -> int:
+    dsn = _database_url(args)
+    result: prices.ImportResult | prices.PriceList
+    if args.action == "import":
+        result = await prices.import_prices(
+            dsn, args.file, provider=args.provider, model=args.model, dry_run=args.dry_run
+        )
+    else:
+        result = await prices.list_prices(dsn, model=args.model)
+    print(prices.dumps(result.as_json()) if args.json else result.render())
     return EXIT_OK
 
 

@@ -10,7 +10,6 @@ least input + output (``None``: exactly input + output). :meth:`Usage.to_dict` i
 
 The adapters read a provider's usage object, or the response, chunk or event that carries it,
 by attribute or dict key (the SDKs are never imported). How each provider's fields map (a
-by attribute or dict key (the SDKs are never imported). How each provider's fields map (a
 field that is missing or ``null`` counts 0, unless the table says otherwise):
 
 ===================  ==========================  ==========================

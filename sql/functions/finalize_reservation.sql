@@ -78,7 +78,8 @@ BEGIN
         COALESCE(pg_catalog.sum(s.cached_input_tokens), 0),
         COALESCE(pg_catalog.sum(s.cache_write_tokens), 0),
         COALESCE(pg_catalog.sum(s.reasoning_tokens), 0),
-        COALESCE(pg_catalog.sum(s.cost_micros), 0),
+        -- sum(bigint) is numeric; a report's cost stays far within bigint.
+        COALESCE(pg_catalog.sum(s.cost_micros), 0)::bigint,
         pg_catalog.count(*) FILTER (WHERE s.cost_micros IS NULL)
     INTO v_steps, v_tokens, v_input, v_output, v_cached, v_cache_write, v_reasoning, v_cost, v_unpriced
     FROM tokentrack.report_step_usage AS s

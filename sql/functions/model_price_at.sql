@@ -6,7 +6,8 @@
 -- of every model_prices row with effective_from <= p_at, the newest one of the exact name
 -- p_model; when the exact name has none in effect, the newest one of each pattern that
 -- matches p_model (`*` matches any run of characters; case-sensitive) and, of those, the
--- pattern with the most characters other than `*` (a tie: the smallest pattern text).
+-- pattern with the most characters other than `*` (a tie: the smallest pattern text, byte
+-- by byte: COLLATE "C", the same on every installation).
 -- So an exact name always wins over a pattern, and `gpt-4o-mini*` wins over `gpt-4o*`.
 -- A row of NULLs when no price is in effect (or p_model is NULL): the step is unpriced.
 -- Reads by model_prices_one_per_start (the exact name) and model_prices_patterns_idx.
@@ -32,7 +33,7 @@ AS $function$
             ORDER BY mp.model ASC, mp.effective_from DESC
         )
     ) AS c
-    ORDER BY c.is_pattern ASC, c.specificity DESC, c.model ASC
+    ORDER BY c.is_pattern ASC, c.specificity DESC, c.model COLLATE "C" ASC
     LIMIT 1
 $function$;
 

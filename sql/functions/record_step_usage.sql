@@ -15,7 +15,9 @@
 --     can slip in unbilled behind a finalize.
 --   * the reservation is completed or expired (the report was billed): the step is billed at
 --     once into the reservation's period ("late": true). Locks, in order: the period row
---     (FOR UPDATE), then the report row (its token_usage is updated). The period lock also
+--     (FOR UPDATE), then the report row (its token_usage gains the step's total in
+--     totalTokens and lateTokens, 1 in lateSteps, its cost in costMicros, and 1 in
+--     unpricedSteps when it has none). The period lock also
 --     serialises late steps of one report, so a late step is billed once.
 -- Cost: a new step with a model first takes model_prices IN ROW SHARE MODE (a table lock, in
 --   the fast path: it conflicts only with set_model_price's EXCLUSIVE), then prices itself with
@@ -154,12 +156,9 @@ BEGIN
                     'totalTokens', COALESCE((r.token_usage ->> 'totalTokens')::bigint, 0) + p_total_tokens,
                     'lateTokens', COALESCE((r.token_usage ->> 'lateTokens')::bigint, 0) + p_total_tokens,
                     'lateSteps', COALESCE((r.token_usage ->> 'lateSteps')::bigint, 0) + 1,
-                    'cachedInputTokens',
-                    COALESCE((r.token_usage ->> 'cachedInputTokens')::bigint, 0) + p_cached_input_tokens,
-                    'cacheWriteTokens',
-                    COALESCE((r.token_usage ->> 'cacheWriteTokens')::bigint, 0) + p_cache_write_tokens,
-                    'reasoningTokens',
-                    COALESCE((r.token_usage ->> 'reasoningTokens')::bigint, 0) + p_reasoning_tokens,
+                    -- As totalTokens, the report's cost counts its late steps; the class sums,
+                    -- as inputTokens and outputTokens, cover the steps billed with the
+                    -- reservation (so each stays within its whole).
                     'costMicros', COALESCE((r.token_usage ->> 'costMicros')::bigint, 0) + COALESCE(v_cost, 0),
                     'unpricedSteps',
                     COALESCE((r.token_usage ->> 'unpricedSteps')::bigint, 0)

@@ -19,7 +19,9 @@
 --   every step that looked a price up before this one has committed before the lock is
 --   granted, and had its completed_at before the new price takes effect; every later step
 --   sees the new row. No step is priced by a price that a later commit would contradict.
---   Takes no other lock, so it cannot deadlock with the write functions.
+--   Takes no other lock, so it cannot deadlock with the write functions; a transaction that
+--   recorded a step with a model (and so holds ROW SHARE) is refused with 25000 rather than
+--   left to deadlock with another one doing the same.
 -- Writes: one model_prices row, unless the price in effect for exactly this model name at
 --   that moment has these prices already: then nothing, "duplicate": true (so importing the
 --   same price list twice adds nothing).
@@ -27,10 +29,10 @@
 --   "prices": {"input", "cached_input", "cache_write", "output", "reasoning"}}; a price with
 --   the same model and effective_from but other prices is refused with price_conflict.
 -- EXECUTE: the schema owner only (the installer's role); grant it to a pricing role if needed.
--- Errors: 22004 a NULL model, prices or effective_from, or a NULL price; 22023 a blank model,
---   prices not an object, an unknown key, a missing input or output, a price that is not a
---   number or is negative, an effective_from in the past; 22001 a model over 200 characters;
---   22003 a price above 10^12.
+-- Errors: 25000 in a transaction that recorded a step with a model; 22004 a NULL model,
+--   prices or effective_from, or a NULL price; 22023 a blank model, prices not an object, an
+--   unknown key, a missing input or output, a price that is not a number or is negative, an
+--   effective_from in the past; 22001 a model over 200 characters; 22003 a price above 10^12.
 CREATE OR REPLACE FUNCTION tokentrack.set_model_price(
     p_model text,
     p_prices jsonb,
@@ -117,6 +119,20 @@ BEGIN
     v_cache_write := COALESCE((p_prices ->> 'cache_write')::numeric, v_input);
     v_reasoning := COALESCE((p_prices ->> 'reasoning')::numeric, v_output);
 
+    -- A transaction that recorded a step with a model holds ROW SHARE: two of them setting a
+    -- price would each wait for the other's. Refused at once instead of a deadlock.
+    IF EXISTS (
+        SELECT FROM pg_catalog.pg_locks AS l
+        WHERE
+            l.pid = pg_catalog.pg_backend_pid()
+            AND l.locktype = 'relation'
+            AND l.relation = 'tokentrack.model_prices'::pg_catalog.regclass
+            AND l.mode = 'RowShareLock'
+    ) THEN
+        RAISE EXCEPTION 'set_model_price must run in a transaction that recorded no step with a model'
+            USING ERRCODE = '25000',
+            HINT = 'Set prices in a transaction of their own (tokentrack prices import does).';
+    END IF;
     LOCK TABLE tokentrack.model_prices IN EXCLUSIVE MODE;
     v_effective := GREATEST(p_effective_from, pg_catalog.clock_timestamp());
 

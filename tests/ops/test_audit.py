@@ -10,6 +10,7 @@ import asyncpg
 import pytest
 
 from ops_history import call, tokentrack
+from tokentrack_client import migrate
 
 
 async def test_baseline_of_a_fresh_database_has_zero_figures(db_dsn: str, tmp_path: Path) -> None:
@@ -25,12 +26,7 @@ async def test_baseline_of_a_fresh_database_has_zero_figures(db_dsn: str, tmp_pa
         "tokens_limit": 0,
         "reports_count": 0,
     }
-    assert figures["versions"] == [
-        "20251219000000",
-        "20260108000000",
-        "20261201000000",
-        "20261202000000",
-    ]
+    assert figures["versions"] == [v.version for v in migrate.load_versions()]
     assert "password" not in json.dumps(figures)
 
     same = await tokentrack("audit", "compare", str(out), "--database-url", db_dsn)
@@ -75,8 +71,9 @@ async def test_baseline_of_a_history_measures_what_was_built(
 async def test_compare_passes_across_rollback_and_reinstall_of_version_2(
     history_dsn: str, tmp_path: Path
 ) -> None:
-    """The deploy story: applying or rolling back versions 2, 3 (health()) and 4 (the guard on
-    billed steps) leaves the usage periods alone; baseline and compare work without health()
+    """The deploy story: applying or rolling back every version after version 1 (version 2,
+    health(), the guard on billed steps, token classes and cost) leaves the usage periods
+    alone; baseline and compare work without health()
     (it is not installed before the deploy)."""
     # As the runbook's level-1 rollback does: the reports still running are billed (expired
     # and swept) before the baseline, so that the rollback has nothing left to bill.
@@ -93,7 +90,7 @@ async def test_compare_passes_across_rollback_and_reinstall_of_version_2(
         await tokentrack("audit", "baseline", "--out", str(out), "--database-url", history_dsn)
     ).code == 0
     rolled_back = await tokentrack(  # --archive: version 2's tables hold the history's rows
-        "migrate", "rollback", "--steps", "3", "--archive", "--database-url", history_dsn
+        "migrate", "rollback", "--to", "20251219000000", "--archive", "--database-url", history_dsn
     )
     assert rolled_back.code == 0, rolled_back
     after_rollback = await tokentrack("audit", "compare", str(out), "--database-url", history_dsn)

@@ -45,7 +45,10 @@ SUBCOMMANDS: dict[str, tuple[str, ...]] = {
     "cron remove": ("cron", "remove"),
     "cron status": ("cron", "status"),
     "demo --database-url": ("demo",),
+    "prices import": ("prices", "import", "{prices}"),
+    "prices list": ("prices", "list"),
 }
+PRICES = Path(__file__).parent / "fixtures" / "litellm_prices.json"
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,7 @@ def _free_port() -> int:
 
 def _argv(command: tuple[str, ...], target: Target, tmp_path: Path) -> list[str]:
     out = str(tmp_path / "new-baseline.json")
-    return [a.format(out=out, baseline=target.baseline) for a in command]
+    return [a.format(out=out, baseline=target.baseline, prices=PRICES) for a in command]
 
 
 def assert_one_line(result: CliResult, *fragments: str) -> str:

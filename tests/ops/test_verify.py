@@ -22,6 +22,7 @@ from tokentrack_client.ops.verify import verify
 from tokentrack_client.testing import PostgresServer
 
 V1, V2, V3, V4 = "20251219000000", "20260108000000", "20261201000000", "20261202000000"
+V5 = "20261203000000"
 
 
 async def _verify(dsn: str, *extra: str) -> tuple[int, dict[str, dict[str, object]], str]:
@@ -49,7 +50,10 @@ async def test_the_committed_catalog_is_what_a_clean_install_gives(
         "(python -m tokentrack_client.ops.catalog) and commit the result"
     )
     versions = json.loads(committed)["versions"]
-    assert list(versions) == [V1, V2, V3, V4]
+    assert list(versions) == [V1, V2, V3, V4, V5]
+    record_step = "tokentrack.record_step(uuid, uuid, text, jsonb, text)"
+    assert record_step in versions[V5]["catalog"]["routines"]
+    assert record_step not in versions[V4]["catalog"]["routines"]
     assert "tokentrack.health(integer)" in versions[V3]["catalog"]["routines"]
     assert "tokentrack.health(integer)" not in versions[V2]["catalog"]["routines"]
     assert "report_reservations" not in versions[V1]["catalog"]["tables"]
@@ -292,14 +296,21 @@ async def test_verify_names_a_function_edited_by_hand(history_dsn: str) -> None:
     assert "edited by hand in the database?" in human.out
 
 
-async def test_verify_after_rolling_back_versions_4_3_and_2(db_dsn: str) -> None:
+async def test_verify_after_rolling_back_versions_5_4_3_and_2(db_dsn: str) -> None:
     rolled = await tokentrack("migrate", "rollback", "--steps", "1", "--database-url", db_dsn)
     assert rolled.code == 0, rolled
     code, checks, _ = await _verify(db_dsn)
     assert code == 1
-    assert checks["routines"]["problems"] == [
-        "function tokentrack.report_step_usage_billed_is_immutable() is missing"
-    ]
+    problems = checks["routines"]["problems"]
+    assert f"function {record_step_signature()} is missing" in problems  # type: ignore[operator]
+    # The functions version 5 reworked are their earlier texts again: as version 4 had them.
+    assert (await tokentrack("verify", "--upto", V4, "--database-url", db_dsn)).code == 0
+    rolled = await tokentrack("migrate", "rollback", "--steps", "1", "--database-url", db_dsn)
+    assert rolled.code == 0, rolled
+    code, checks, _ = await _verify(db_dsn)
+    assert code == 1
+    guard = "function tokentrack.report_step_usage_billed_is_immutable() is missing"
+    assert guard in checks["routines"]["problems"]  # type: ignore[operator]
     assert (await tokentrack("verify", "--upto", V3, "--database-url", db_dsn)).code == 0
     rolled = await tokentrack("migrate", "rollback", "--steps", "1", "--database-url", db_dsn)
     assert rolled.code == 0, rolled
@@ -315,8 +326,10 @@ async def test_verify_after_rolling_back_versions_4_3_and_2(db_dsn: str) -> None
         "version 20260108000000_antifragile_token_tracking is not applied",
         "version 20261201000000_health is not applied",
         "version 20261202000000_immutable_billed_steps is not applied",
+        "version 20261203000000_token_classes_and_cost is not applied",
     ]
     assert checks["tables"]["problems"] == [
+        "table tokentrack.model_prices is missing",
         "table tokentrack.report_reservations is missing",
         "table tokentrack.report_step_usage is missing",
     ]
@@ -334,6 +347,7 @@ async def test_verify_upto_fails_while_the_later_version_is_applied(db_dsn: str)
         " back",
         f"version {V3}_health is applied but --upto {V1} expects it rolled back",
         f"version {V4}_immutable_billed_steps is applied but --upto {V1} expects it rolled back",
+        f"version {V5}_token_classes_and_cost is applied but --upto {V1} expects it rolled back",
     ]
     assert (
         "tokentrack.health(integer) exists but its version is not applied"
@@ -387,3 +401,8 @@ async def test_a_monitoring_role_granted_health_is_listed_not_failed(db_dsn: str
         ]
     finally:
         await _execute(db_dsn, "DROP OWNED BY tt_verify_monitor; DROP ROLE tt_verify_monitor")
+
+
+def record_step_signature() -> str:
+    """How verify names record_step."""
+    return "tokentrack.record_step(uuid, uuid, text, jsonb, text)"

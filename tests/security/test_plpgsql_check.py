@@ -34,6 +34,11 @@ EXPECTED = {
     "tokentrack.require_read_committed(text)",
     "tokentrack.health(integer)",
     "tokentrack.report_step_usage_billed_is_immutable()",
+    "tokentrack.record_step(uuid,uuid,text,jsonb,text)",
+    "tokentrack.record_step_usage(uuid,uuid,text,integer,integer,integer,integer,integer,bigint,text)",
+    "tokentrack.check_step_arguments(text,uuid,uuid,text)",
+    "tokentrack.set_model_price(text,jsonb,timestamp with time zone)",
+    "tokentrack.model_prices_are_immutable()",
 }
 
 

@@ -43,6 +43,7 @@ SERVICE_API = {
     "expire_reservations",
     "sweep_expired_reservations",
     "health",
+    "record_step",
 }
 ACCOUNT_HOOK = "current_account_id"
 
@@ -327,7 +328,8 @@ async def test_privileges_are_exactly_the_documented_ones(conn: asyncpg.Connecti
         "TRIGGER",
     }
     for name, grantees in relations.items():
-        if name in TABLES:
+        # model_prices holds no account data: readable by both roles, without row level security.
+        if name in TABLES or name == "model_prices":
             assert grantees == {
                 owner: everything,
                 "tokentrack_reader": {"SELECT"},
@@ -386,7 +388,7 @@ async def test_row_level_security_is_select_only_and_keyed_on_the_hook(
     tables = await conn.fetch(
         "SELECT relname, relrowsecurity, relforcerowsecurity FROM pg_class"
         " WHERE relnamespace = 'tokentrack'::regnamespace AND relkind = 'r'"
-        " AND relname NOT IN ('schema_migrations', 'schema_functions')"
+        " AND relname NOT IN ('schema_migrations', 'schema_functions', 'model_prices')"
     )
     assert {r["relname"] for r in tables} == set(TABLES)
     for r in tables:

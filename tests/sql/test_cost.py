@@ -459,10 +459,12 @@ async def test_a_late_step_bills_its_classes_and_cost_at_once(conn: asyncpg.Conn
             "SELECT token_usage::text FROM tokentrack.reports WHERE id = $1", report
         )
     )
+    # The report's cost, as its totalTokens, counts the late step; the class sums, as
+    # inputTokens and outputTokens, stay those of the steps billed with the reservation.
     assert usage["costMicros"] == first["cost_micros"] + late["cost_micros"]
-    assert usage["cachedInputTokens"] == 5_000 + 1_024
-    assert usage["cacheWriteTokens"] == 2_000
-    assert usage["reasoningTokens"] == 640
+    assert usage["totalTokens"] == 8_170 + 2_100
+    assert (usage["inputTokens"], usage["cachedInputTokens"]) == (7_750, 5_000)
+    assert (usage["cacheWriteTokens"], usage["reasoningTokens"]) == (2_000, 0)
     assert (usage["lateSteps"], usage["unpricedSteps"]) == (1, 0)
     await assert_reconciled(conn)
 
@@ -628,3 +630,18 @@ async def test_health_reports_the_unpriced_steps_of_its_window_by_model(
             ],
         },
     }
+
+
+async def test_a_price_is_refused_in_a_transaction_that_recorded_a_step_with_a_model(
+    conn: asyncpg.Connection,
+) -> None:
+    """Two such transactions would each wait for the other's ROW SHARE lock: refused at once."""
+    await set_price(conn, "m", {"input": 1, "output": 1})
+    account = await new_account(conn)
+    report, _ = await reserve(conn, account)
+    async with conn.transaction():
+        await record(conn, report, account, "S0", {"input_tokens": 1}, "m")
+        with pytest.raises(asyncpg.PostgresError) as caught:
+            await set_price(conn, "m", {"input": 2, "output": 2})
+    assert caught.value.sqlstate == "25000"
+    assert await conn.fetchval("SELECT count(*) FROM tokentrack.model_prices") == 1

@@ -302,13 +302,22 @@ def _database_dsn(dsn: str, dbname: str) -> str:
     return urlunsplit(parts._replace(path=f"/{dbname}"))
 
 
-def _prefix_dir(versions: Sequence[migrate.MigrationVersion], target: Path) -> Path:
-    """A SQL directory with exactly ``versions``' files, for a clean install of that prefix."""
-    for version in versions:
-        for sql_file in (*version.applied_files, version.rollback):
-            path = target / sql_file.relpath
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(sql_file.text, encoding="utf-8")
+def _prefix_dir(
+    versions: Sequence[migrate.MigrationVersion],
+    functions: Sequence[migrate.FunctionFile],
+    target: Path,
+) -> Path:
+    """A SQL directory with exactly ``versions``' files, for a clean install of that prefix:
+    each function file as it was while the last of them was the newest version (its
+    ``sql/history/`` text when a later version reworked it)."""
+    newest = versions[-1].version
+    introduced = {v.version for v in versions}
+    files = [(f.relpath, f.text) for v in versions for f in (v.schema, v.rollback)]
+    files += [(f.relpath, f.text_at(newest).text) for f in functions if f.version in introduced]
+    for relpath, text in files:
+        path = target / relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
     return target
 
 
@@ -317,6 +326,7 @@ async def generate(admin_dsn: str, sql_dir: Path | None = None) -> dict[str, Any
     needs CREATEDB) and return the catalog file's content; the databases are dropped."""
     root = (sql_dir or migrate.default_sql_dir()).resolve()
     versions = migrate.load_versions(root)
+    functions = migrate.load_functions(root)
     out: dict[str, Any] = {
         "format": FORMAT,
         "regenerate": REGENERATE,
@@ -331,7 +341,7 @@ async def generate(admin_dsn: str, sql_dir: Path | None = None) -> dict[str, Any
             await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
             scratch = Path(tempfile.mkdtemp(prefix="tokentrack-catalog-"))
             try:
-                prefix = _prefix_dir(versions[: index + 1], scratch)
+                prefix = _prefix_dir(versions[: index + 1], functions, scratch)
                 dsn = _database_dsn(admin_dsn, name)
                 await migrate.install(dsn, sql_dir=prefix)
                 conn = await asyncpg.connect(dsn)
