@@ -37,6 +37,8 @@ SET search_path = pg_catalog, pg_temp
 AS $function$
 DECLARE
     v_ids uuid[];
+    v_periods uuid[];
+    v_period uuid;
     v_id uuid;
     v_result jsonb;
     v_expired integer := 0;
@@ -64,10 +66,12 @@ BEGIN
         -- Since version 20261210000000: every period of the batch (ascending), then every budget
         -- its reservations hold (ascending), before any of them is billed, so the sweep never
         -- takes a period after a budget (rank 3 before rank 4, docs/REVIEW.md).
-        PERFORM FROM tokentrack.usage_periods AS p
-        WHERE p.id IN (SELECT rr.period_id FROM tokentrack.report_reservations AS rr WHERE rr.id = ANY (v_ids))
-        ORDER BY p.id
-        FOR UPDATE;
+        SELECT pg_catalog.array_agg(DISTINCT rr.period_id ORDER BY rr.period_id) INTO v_periods
+        FROM tokentrack.report_reservations AS rr WHERE rr.id = ANY (v_ids);
+        -- One by one (each by the primary key), in ascending order.
+        FOREACH v_period IN ARRAY v_periods LOOP
+            PERFORM FROM tokentrack.usage_periods AS p WHERE p.id = v_period FOR UPDATE;
+        END LOOP;
         PERFORM FROM tokentrack.budgets AS b
         WHERE (b.account_id, b.id) IN (
             SELECT rr.account_id, h.budget_id

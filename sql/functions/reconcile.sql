@@ -107,25 +107,32 @@ BEGIN
             AND (p_account_id IS NULL OR s.account_id = p_account_id)
     ),
 
+    -- What the billed steps of the reservations holding each window were billed, summed once.
+    held_use AS (
+        SELECT
+            rr.account_id,
+            h.budget_id,
+            h.window_start,
+            pg_catalog.sum(s.total_tokens::bigint) AS tokens,
+            pg_catalog.sum(COALESCE(s.cost_micros, 0)) AS cost
+        FROM tokentrack.report_reservations AS rr
+        CROSS JOIN LATERAL pg_catalog.jsonb_to_recordset(rr.holds) AS h (budget_id uuid, window_start timestamptz)
+        INNER JOIN tokentrack.report_step_usage AS s ON s.report_id = rr.report_id AND s.billed_at IS NOT NULL
+        WHERE rr.holds IS NOT NULL AND (p_account_id IS NULL OR rr.account_id = p_account_id)
+        GROUP BY rr.account_id, h.budget_id, h.window_start
+    ),
+
     budget_use AS (
         SELECT
             w.account_id,
             w.budget_id,
             w.window_start,
             w.used AS actual,
-            COALESCE((
-                SELECT pg_catalog.sum(
-                    CASE WHEN b.unit = 'tokens' THEN s.total_tokens::bigint ELSE COALESCE(s.cost_micros, 0) END
-                )
-                FROM tokentrack.report_reservations AS rr
-                CROSS JOIN LATERAL pg_catalog.jsonb_to_recordset(rr.holds) AS h (budget_id uuid, window_start timestamptz)
-                INNER JOIN tokentrack.report_step_usage AS s ON s.report_id = rr.report_id AND s.billed_at IS NOT NULL
-                WHERE
-                    rr.account_id = w.account_id AND rr.holds IS NOT NULL
-                    AND h.budget_id = w.budget_id AND h.window_start = w.window_start
-            ), 0) AS expected
+            COALESCE(CASE WHEN b.unit = 'tokens' THEN hu.tokens ELSE hu.cost END, 0) AS expected
         FROM tokentrack.budget_windows AS w
         INNER JOIN tokentrack.budgets AS b ON b.account_id = w.account_id AND b.id = w.budget_id
+        LEFT JOIN held_use AS hu
+            ON hu.account_id = w.account_id AND hu.budget_id = w.budget_id AND hu.window_start = w.window_start
         WHERE p_account_id IS NULL OR w.account_id = p_account_id
     ),
 
