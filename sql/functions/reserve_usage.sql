@@ -28,7 +28,8 @@
 --   report_reservations row (active, expires 2 hours later, its holds), and a budget_windows
 --   row for each window it holds that has none yet.
 -- Idempotent: reserving again for a report whose reservation is active and unexpired returns
---   that reservation and reserves nothing more ("existing": true).
+--   that reservation and reserves nothing more ("existing": true; its "budgets" list what it
+--   holds, without "available").
 -- Refusals (success false, nothing written), checked in this order: account_not_found,
 --   report_account_mismatch, no_active_period, report_finalized, insufficient_tokens (the
 --   period; with period_id), insufficient_budget (the first budget, in id order, that cannot
@@ -109,7 +110,21 @@ BEGIN
                 'available_tokens', GREATEST(v_available, 0),
                 'expires_at', v_reservation.expires_at,
                 'period_id', v_reservation.period_id,
-                'existing', true
+                'existing', true,
+                -- What it holds (unlocked: a retry's answer, not a check).
+                'budgets', COALESCE((
+                    SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object(
+                        'budget_id', b.id,
+                        'subject', b.subject,
+                        'window', b.budget_window,
+                        'unit', b.unit,
+                        'window_start', h.window_start,
+                        'held', CASE WHEN b.unit = 'tokens' THEN v_reservation.reserved_tokens::bigint
+                            ELSE COALESCE(v_reservation.reserved_cost_micros, 0) END
+                    ) ORDER BY b.id)
+                    FROM pg_catalog.jsonb_to_recordset(v_reservation.holds) AS h (budget_id uuid, window_start timestamptz)
+                    INNER JOIN tokentrack.budgets AS b ON b.account_id = p_account_id AND b.id = h.budget_id
+                ), '[]'::jsonb)
             );
         END IF;
         -- report_finalized in each case (the report's one reservation is used up: an expired

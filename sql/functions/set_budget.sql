@@ -8,7 +8,8 @@
 -- key:sk-live-1); p_unit tokens or cost_micros; p_window minute, hour, day, week (from
 -- Monday), month (calendar windows in the budget's time zone) or total (never resets: its
 -- window starts when the budget is created); p_limit the limit in that unit. p_options may hold
--- timezone (an IANA name such as Europe/Berlin; default UTC) and thresholds (soft thresholds
+-- timezone (an IANA name such as Europe/Berlin, in any case, stored as the zone spells it;
+-- default UTC) and thresholds (soft thresholds
 -- in percent, 1 to 1000, at most 10; default [80, 100]). On a change, an option left out keeps
 -- its value.
 -- A new limit takes effect at once, for the current window too: reservations already granted
@@ -82,13 +83,15 @@ BEGIN
     END IF;
     FOR v_key, v_value IN SELECT e.key, e.value FROM pg_catalog.jsonb_each(p_options) AS e ORDER BY e.key LOOP
         IF v_key = 'timezone' THEN
-            IF pg_catalog.jsonb_typeof(v_value) <> 'string' OR NOT EXISTS (
-                SELECT FROM pg_catalog.pg_timezone_names AS z WHERE z.name = v_value #>> '{}'
-            ) THEN
+            -- The zone's own spelling (utc is UTC, europe/berlin Europe/Berlin).
+            SELECT pg_catalog.min(z.name) INTO v_timezone FROM pg_catalog.pg_timezone_names AS z
+            WHERE
+                pg_catalog.jsonb_typeof(v_value) = 'string'
+                AND pg_catalog.lower(z.name) = pg_catalog.lower(v_value #>> '{}');
+            IF v_timezone IS NULL THEN
                 RAISE EXCEPTION 'p_options.timezone must be a time zone name such as Europe/Berlin (got %)', v_value
                     USING ERRCODE = '22023', COLUMN = 'p_options.timezone';
             END IF;
-            v_timezone := v_value #>> '{}';
         ELSIF v_key = 'thresholds' THEN
             IF pg_catalog.jsonb_typeof(v_value) <> 'array'
                 OR pg_catalog.jsonb_array_length(v_value) NOT BETWEEN 1 AND 10

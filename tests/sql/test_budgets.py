@@ -511,7 +511,6 @@ async def test_reserve_refuses_invalid_arguments_naming_them(conn: asyncpg.Conne
         ({"tokens": 1}, [" "], "standard", "p_subjects", "22023"),
         ({"tokens": 1}, ["x" * 201], "standard", "p_subjects", "22001"),
         ({"tokens": 1}, [f"s{i}" for i in range(33)], "standard", "p_subjects", "22023"),
-        ({"tokens": 1}, [], None, "p_mode", "22004"),
         ({"tokens": 1}, [], "fast", "p_mode", "22023"),
     ]
     before = await counts(conn)
@@ -528,3 +527,52 @@ async def test_reserve_refuses_invalid_arguments_naming_them(conn: asyncpg.Conne
         assert caught.value.sqlstate == sqlstate, (estimate, subjects, mode, caught.value)
         assert field in str(caught.value), (field, caught.value)
     assert await counts(conn) == before
+
+
+async def test_a_retry_answers_the_same_reservation_with_what_it_holds(
+    conn: asyncpg.Connection,
+) -> None:
+    account = await new_account(conn)
+    team = await budget(conn, account, "team:a", "day", 1_000)
+    report, first = await reserve_with(conn, account, {"tokens": 100}, ["team:a"])
+    _, again = await reserve_with(conn, account, {"tokens": 900}, ["team:a"], report=report)
+    assert (again["existing"], again["reservation_id"], again["reserved_tokens"]) == (
+        True,
+        first["reservation_id"],
+        100,
+    )
+    assert [(b["budget_id"], b["held"]) for b in again["budgets"]] == [(team["budget_id"], 100)]
+
+
+async def test_a_time_zone_is_taken_in_any_case_and_stored_as_the_zone_spells_it(
+    conn: asyncpg.Connection,
+) -> None:
+    account = await new_account(conn)
+    answer = await budget(conn, account, None, "day", 10, timezone="europe/berlin")
+    assert answer["timezone"] == "Europe/Berlin"
+
+
+async def test_a_null_mode_keeps_a_pending_reports_mode(conn: asyncpg.Connection) -> None:
+    account = await new_account(conn)
+    report = uuid.uuid4()
+    await conn.execute(
+        "INSERT INTO tokentrack.reports (id, account_id, status, mode)"
+        " VALUES ($1, $2, 'pending', 'hybrid')",
+        report,
+        account,
+    )
+    raw = await conn.fetchval(
+        "SELECT tokentrack.reserve($1, $2, '{\"tokens\": 1}'::jsonb, '{}'::text[], NULL)::text",
+        account,
+        report,
+    )
+    assert json.loads(raw)["success"] is True
+    assert await conn.fetchval(
+        "SELECT (status, mode)::text FROM tokentrack.reports WHERE id = $1", report
+    ) == ("(processing,hybrid)")
+    other, granted = await reserve_with(conn, account, {"tokens": 1}, mode="discovery")
+    assert granted["success"] is True
+    assert (
+        await conn.fetchval("SELECT mode FROM tokentrack.reports WHERE id = $1", other)
+        == "discovery"
+    )
