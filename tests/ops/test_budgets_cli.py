@@ -301,7 +301,7 @@ async def test_show_gives_the_history_and_the_windows_with_used_and_held(
     assert human.code == 0
     lines = human.out.splitlines()
     assert lines[0].startswith(
-        f"budget {budget_id} of account {account}: {TEAM}, tokens per total (UTC), limit 20000, "
+        f"budget {budget_id} of account {account}: {TEAM}, tokens in total (UTC), limit 20000, "
         "thresholds 50%, created "
     )
     assert lines[1].endswith(": used 1200, held 700, available 18100 of 20000")

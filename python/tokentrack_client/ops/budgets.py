@@ -81,6 +81,11 @@ def _subject(subject: str | None) -> str:
     return "(account)" if subject is None else subject
 
 
+def _per(window: str) -> str:
+    """``per day``, ``per month``...; ``in total`` for a budget that never resets."""
+    return "in total" if window == "total" else f"per {window}"
+
+
 @dataclass(frozen=True)
 class WindowUsage:
     """One window of a budget: where it starts, what its reports were billed there
@@ -241,7 +246,7 @@ class BudgetDetail:
 
         lines = [
             f"budget {b.budget_id} of account {self.account_id}: {_subject(b.subject)}, "
-            f"{b.unit} per {b.window} ({zone}), limit {b.limit}, thresholds "
+            f"{b.unit} {_per(b.window)} ({zone}), limit {b.limit}, thresholds "
             f"{', '.join(map(str, b.thresholds))}%, created {when(b.created_at)}",
             f"current window from {when(b.current.window_start)}: used {b.current.used}, "
             f"held {b.current.held}, available {b.available} of {b.limit}",
@@ -296,11 +301,11 @@ class SetBudgetResult:
 
     def render(self) -> str:
         """``budget ID created|changed|unchanged: SUBJECT, UNIT per WINDOW (TZ), limit N,
-        thresholds P%``."""
+        thresholds P%`` (``in total`` for a total budget)."""
         b = self.budget
         what = "created" if b.created else "changed" if b.changed else "unchanged"
         return (
-            f"budget {b.budget_id} {what}: {_subject(b.subject)}, {b.unit} per {b.window} "
+            f"budget {b.budget_id} {what}: {_subject(b.subject)}, {b.unit} {_per(b.window)} "
             f"({b.timezone}), limit {b.limit}, thresholds {', '.join(map(str, b.thresholds))}% "
             f"(account {self.account_id})"
         )
