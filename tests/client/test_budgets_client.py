@@ -16,12 +16,13 @@ import asyncpg
 import pytest
 
 import tokentrack_client
-from client_fixtures import report_state
+from client_fixtures import FAST_RETRY, FaultProxy, report_state
 from sqlkit import assert_reconciled, call, new_account, period
 from tokentrack_client import (
     AccountNotFound,
     BudgetHold,
     BudgetSet,
+    ConnectionLost,
     Extension,
     InsufficientBudget,
     InsufficientTokens,
@@ -368,6 +369,33 @@ async def test_report_extend_mid_report_keeps_the_steps_within_the_reservation(
     with pytest.raises(RuntimeError, match="already finished"):
         await report.extend(1)
     await assert_reconciled(conn)
+
+
+@pytest.fixture
+async def proxied(fault_proxy: FaultProxy, db_dsn: str) -> Any:
+    pool = await asyncpg.create_pool(fault_proxy.dsn(db_dsn), min_size=1, max_size=4)
+    try:
+        yield TokenTracker(pool, retry=FAST_RETRY)
+    finally:
+        await pool.close()
+
+
+async def test_a_lost_commit_answer_retries_reserve_but_never_repeats_an_extension(
+    proxied: TokenTracker, fault_proxy: FaultProxy, conn: asyncpg.Connection
+) -> None:
+    account = await new_account(conn, 100_000)
+    await proxied.set_budget(account, TEAM, "tokens", "day", 50_000)
+    report_id = uuid.uuid4()
+    fault_proxy.cut_after_commit()
+    reservation = await proxied.try_reserve(account, report_id, 5_000, subjects=[TEAM])
+    assert reservation.existing is True  # the first attempt committed; the retry found it
+
+    fault_proxy.cut_after_commit()
+    with pytest.raises(ConnectionLost) as raised:
+        await proxied.extend_reservation(report_id, account, 1_000)
+    assert (raised.value.outcome_unknown, raised.value.attempts) == (True, 1)
+    assert fault_proxy.cuts == 2
+    assert (await _reservation(conn, report_id))["reserved_tokens"] == 6_000  # added once
 
 
 async def test_extend_before_entering_is_a_runtime_error(tracker: TokenTracker) -> None:
