@@ -266,8 +266,8 @@ class TokenTracker:
         dd, discovery or hybrid) is the report's mode; ``cost_micros`` is the cost estimate
         that cost budgets hold, or ``model`` prices the tokens at that model's dearest class
         (not both). With none of these the call is ``tokentrack.try_reserve_tokens`` (a
-        pending report keeps its mode); with any of them it is ``tokentrack.reserve`` (the
-        mode is ``standard`` unless given).
+        pending report keeps its mode); with any of them it is ``tokentrack.reserve`` (a new
+        report is ``standard`` unless ``mode`` is given, and a pending one keeps its mode).
         """
         account = check_id("account_id", account_id)
         report = check_id("report_id", report_id)
@@ -280,7 +280,7 @@ class TokenTracker:
                 "try_reserve_tokens", _SQL_TRY_RESERVE, (account, report, tokens)
             )
         else:
-            args = (account, report, json.dumps(estimate), list(chosen), report_mode or "standard")
+            args = (account, report, json.dumps(estimate), list(chosen), report_mode)
             answer = await self._call("reserve", _SQL_RESERVE, args)
         return Reservation.from_answer(answer)
 

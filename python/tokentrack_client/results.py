@@ -58,7 +58,8 @@ class BudgetHold:
     ``cost_micros``; ``window_start`` the start of the window the reservation was granted in.
     ``held`` is what this reservation holds there (its tokens, or its cost estimate: 0
     without one), ``available`` what the window can still hold after it, in the budget's
-    unit.
+    unit (``None`` in the answer to a retry, which reports what the reservation holds
+    without checking the window again).
     """
 
     budget_id: uuid.UUID
@@ -67,7 +68,7 @@ class BudgetHold:
     unit: str
     window_start: datetime
     held: int
-    available: int
+    available: int | None
 
     @classmethod
     def from_answer(cls, answer: Mapping[str, Any]) -> BudgetHold:
@@ -79,7 +80,7 @@ class BudgetHold:
             unit=get_str(answer, "unit"),
             window_start=get_datetime(answer, "window_start"),
             held=get_int(answer, "held"),
-            available=get_int(answer, "available"),
+            available=get_optional_int(answer, "available"),
         )
 
 

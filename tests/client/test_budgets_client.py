@@ -195,8 +195,8 @@ async def test_a_mode_alone_goes_through_reserve_and_no_argument_keeps_a_pending
     await tracker.try_reserve(account, hybrid, 100, mode="hybrid")
     assert (await _reservation(conn, hybrid))["mode"] == "hybrid"
 
-    # A pending report created by the application with its mode: try_reserve_tokens keeps
-    # it, reserve (any budget argument) sets the mode it is given, standard by default.
+    # A pending report created by the application with its mode keeps it, through
+    # try_reserve_tokens and through reserve (a budget argument) alike, unless a mode is given.
     kept, reset = uuid.uuid4(), uuid.uuid4()
     for report_id in (kept, reset):
         await conn.execute(
@@ -208,7 +208,7 @@ async def test_a_mode_alone_goes_through_reserve_and_no_argument_keeps_a_pending
     await tracker.try_reserve(account, kept, 100)
     await tracker.try_reserve(account, reset, 100, subjects=[TEAM])
     assert (await _reservation(conn, kept))["mode"] == "discovery"
-    assert (await _reservation(conn, reset))["mode"] == "standard"
+    assert (await _reservation(conn, reset))["mode"] == "discovery"
 
 
 async def test_a_retry_answers_the_same_reservation_with_reserve_too(
