@@ -8,7 +8,7 @@
 -- budgets. The caller holds those budgets (lock_reservation_budgets); the windows' rows exist
 -- since the reservation was granted. A report's usage counts in the windows in which its
 -- reservation was granted, late steps included, whatever window is current when it is billed.
--- Writes: budget_windows.used of each held window (an UPDATE, rank 5 of the lock order).
+-- Writes: budget_windows.used of each held window (an UPDATE, rank 6 of the lock order).
 CREATE OR REPLACE FUNCTION tokentrack.bill_budget_windows(
     p_account_id uuid, p_holds jsonb, p_tokens bigint, p_cost_micros bigint
 )

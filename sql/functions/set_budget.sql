@@ -19,7 +19,8 @@
 --   budget_changes row, unless nothing changed ("changed": false, nothing written).
 -- Answer: {"success": true, "budget_id", "created", "changed", "subject", "unit", "window",
 --   "limit", "timezone", "thresholds"}. Refusal: account_not_found.
--- Errors: 22004 a NULL account, unit, window or limit; 22023 a blank subject, an unknown unit
+-- Errors: 25000 under REPEATABLE READ or SERIALIZABLE; 22004 a NULL account, unit, window,
+--   limit or options; 22023 a blank subject, an unknown unit
 --   or window, a negative limit, options not an object, an unknown option, a time zone that is
 --   not a known name, thresholds not a list of 1 to 10 whole percentages from 1 to 1000;
 --   22001 a subject over 200 characters.
@@ -45,6 +46,9 @@ DECLARE
     v_created boolean := false;
     v_changed boolean := false;
 BEGIN
+    -- READ COMMITTED only: see require_read_committed (a change racing another one waits for it
+    -- and then sees it).
+    PERFORM tokentrack.require_read_committed('set_budget');
     IF p_account_id IS NULL THEN
         RAISE EXCEPTION 'p_account_id must not be NULL' USING ERRCODE = '22004', COLUMN = 'p_account_id';
     END IF;
@@ -77,8 +81,11 @@ BEGIN
         RAISE EXCEPTION 'p_limit must not be negative (got %)', p_limit
             USING ERRCODE = '22023', COLUMN = 'p_limit';
     END IF;
-    IF p_options IS NULL OR pg_catalog.jsonb_typeof(p_options) <> 'object' THEN
-        RAISE EXCEPTION 'p_options must be a JSON object (got %)', COALESCE(pg_catalog.jsonb_typeof(p_options), 'NULL')
+    IF p_options IS NULL THEN
+        RAISE EXCEPTION 'p_options must not be NULL (no option: {})' USING ERRCODE = '22004', COLUMN = 'p_options';
+    END IF;
+    IF pg_catalog.jsonb_typeof(p_options) <> 'object' THEN
+        RAISE EXCEPTION 'p_options must be a JSON object (got %)', pg_catalog.jsonb_typeof(p_options)
             USING ERRCODE = '22023', COLUMN = 'p_options';
     END IF;
     FOR v_key, v_value IN SELECT e.key, e.value FROM pg_catalog.jsonb_each(p_options) AS e ORDER BY e.key LOOP

@@ -58,9 +58,22 @@ async def test_rollback_refuses_then_archives_and_reinstall_restores_budgets_and
         assert answer["success"] is True
         await step(conn, billed, account, "S0", 30, 20)
         await call(conn, "finish_report", billed, account, "complete", None)
+        # A report in flight under the team's budget: the archive rollback bills it first, with
+        # this version's functions, into its window.
+        running = uuid.uuid4()
+        answer = json.loads(
+            await conn.fetchval(
+                "SELECT tokentrack.reserve($1, $2, '{\"tokens\": 100}'::jsonb, $3::text[])::text",
+                account,
+                running,
+                ["team:a"],
+            )
+        )
+        assert answer["success"] is True
+        await step(conn, running, account, "S0", 6, 4)
+
         kept = await _budget_rows(conn)
         assert kept["holds"]
-
         with pytest.raises(migrate.RollbackRefused) as refused:
             await migrate.rollback(db_dsn, to=BEFORE)
         assert "tokentrack.budgets" in str(refused.value)
@@ -68,6 +81,12 @@ async def test_rollback_refuses_then_archives_and_reinstall_restores_budgets_and
 
         rolled = await migrate.rollback(db_dsn, to=BEFORE, archive=True)
         assert [v.version for v in rolled.versions][-1] == BUDGETS
+        swept = rolled.versions[0].billed
+        assert swept is not None
+        assert (swept.expired, swept.billed_tokens) == (1, 10)
+        # What the archive keeps already counts the swept report: 50 billed before, 10 by it.
+        archived = await conn.fetchval("SELECT sum(used) FROM tokentrack_archive.budget_windows")
+        assert archived == 60
         for name in REWORKED:
             source = await conn.fetchval(
                 "SELECT source FROM tokentrack.schema_functions WHERE path = $1"
@@ -86,7 +105,12 @@ async def test_rollback_refuses_then_archives_and_reinstall_restores_budgets_and
         await assert_reconciled(conn)
 
         await migrate.install(db_dsn)
-        assert await _budget_rows(conn) == kept
+        restored = await _budget_rows(conn)
+        assert restored["budgets"] == kept["budgets"]
+        assert restored["budget_changes"] == kept["budget_changes"]
+        assert restored["holds"] == kept["holds"]
+        # The window's use: the billed report (50) and the one the rollback swept (10).
+        assert await conn.fetchval("SELECT sum(used) FROM tokentrack.budget_windows") == 60
         verdict = await call(conn, "reconcile", account)
         assert verdict["ok"] is True, verdict["discrepancies"]
         assert verdict["budget_windows_checked"] == 1

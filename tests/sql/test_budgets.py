@@ -128,6 +128,7 @@ SET_BUDGET_CASES: list[tuple[tuple[Any, ...], str, str]] = [
     (("A", None, "tokens", "fortnight", 1, "{}"), "p_window", "22023"),
     (("A", None, "tokens", "day", None, "{}"), "p_limit", "22004"),
     (("A", None, "tokens", "day", -1, "{}"), "p_limit", "22023"),
+    (("A", None, "tokens", "day", 1, None), "p_options", "22004"),
     (("A", None, "tokens", "day", 1, "[]"), "p_options", "22023"),
     (("A", None, "tokens", "day", 1, '{"tz": "UTC"}'), "p_options.tz", "22023"),
     (
@@ -575,4 +576,69 @@ async def test_a_null_mode_keeps_a_pending_reports_mode(conn: asyncpg.Connection
     assert (
         await conn.fetchval("SELECT mode FROM tokentrack.reports WHERE id = $1", other)
         == "discovery"
+    )
+
+
+async def test_an_extension_is_checked_against_the_accounts_active_period(
+    conn: asyncpg.Connection,
+) -> None:
+    account = await new_account(conn, 1_000)
+    report, _ = await reserve_with(conn, account, {"tokens": 500})
+    # A period switch: the new period holds 600, of which the live reservation holds 500.
+    await call(conn, "open_usage_period", account, 600, None)
+    refused = await call(conn, "extend_reservation", report, account, json.dumps({"tokens": 400}))
+    assert (refused["error"], refused["available_tokens"]) == ("insufficient_tokens", 100)
+    granted = await call(conn, "extend_reservation", report, account, json.dumps({"tokens": 100}))
+    assert (granted["success"], granted["reserved_tokens"]) == (True, 600)
+
+
+async def test_reconcile_explains_every_budgets_limit_and_holds(conn: asyncpg.Connection) -> None:
+    account = await new_account(conn)
+    team = await budget(conn, account, "team:a", "day", 1_000)
+    await reserve_with(conn, account, {"tokens": 10}, ["team:a"])
+    assert (await call(conn, "reconcile", account))["ok"] is True
+    # A limit changed behind set_budget's back, and a window row gone: both are found.
+    await conn.execute("UPDATE tokentrack.budgets SET limit_amount = 5")
+    await conn.execute("DELETE FROM tokentrack.budget_windows")
+    verdict = await call(conn, "reconcile", account)
+    assert verdict["ok"] is False
+    found = {
+        (d["check"], d["budget_id"], d.get("expected"), d.get("actual"))
+        for d in verdict["discrepancies"]
+    }
+    assert found == {
+        ("budget_limit", team["budget_id"], 1_000, 5),
+        ("budget_hold_window", team["budget_id"], 1, 0),
+    }
+
+
+async def test_set_budget_runs_at_read_committed_only(conn: asyncpg.Connection) -> None:
+    account = await new_account(conn)
+    async with conn.transaction(isolation="repeatable_read"):
+        with pytest.raises(asyncpg.PostgresError) as caught:
+            await conn.fetchval(
+                "SELECT tokentrack.set_budget($1, NULL, 'tokens', 'day', 1)", account
+            )
+    assert caught.value.sqlstate == "25000"
+
+
+async def test_health_reports_every_budget_in_its_window_nearest_first(
+    conn: asyncpg.Connection,
+) -> None:
+    account = await new_account(conn, MONTH_LIMIT)
+    near = await budget(conn, account, "team:a", "day", 100)
+    await budget(conn, account, "team:b", "day", 1_000)
+    report, _ = await reserve_with(conn, account, {"tokens": 90}, ["team:a", "team:b"])
+    await step(conn, report, account, "S0", 50, 0)
+    await call(conn, "finish_report", report, account, "complete", None)
+    await reserve_with(conn, account, {"tokens": 50}, ["team:a"])
+    health = await call(conn, "health", 24)
+    budgets = health["budgets"]
+    assert (budgets["count"], budgets["exhausted"], budgets["over_limit"]) == (2, 1, 0)
+    first = budgets["nearest"][0]
+    assert (first["budget_id"], first["used"], first["held"], first["limit"]) == (
+        near["budget_id"],
+        50,
+        50,
+        100,
     )
