@@ -11,11 +11,13 @@ TARGET_HOT = 0.8  # hot account vs spread accounts
 TARGET_GROWTH = 1.2  # 1 million rows vs 10 thousand
 TARGET_CLIENT = 0.6  # tokentrack_client vs the pgbench-driven lifecycle
 TARGET_SWEEP_MS = 100.0  # the longest a sweep batch may hold its locks
+TARGET_RECORD_STEP = 0.9  # record_step vs persist_step_usage (calls/s): within 10%
 
 LABELS = {
     "simple-update": "simple-update (built-in)",
     "reserve": "reserve + release",
     "step": "persist step",
+    "record-step": "record_step (token classes)",
     "finalize": "finalize (7 steps)",
     "lifecycle": "lifecycle: reserve, 7 steps, finish",
 }
@@ -89,7 +91,7 @@ def throughput_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         )
     by_key = {(r["workload"], r["accounts"]): r for r in rows}
     hot = []
-    for workload in ("reserve", "step", "finalize", "lifecycle"):
+    for workload in ("reserve", "step", "record-step", "finalize", "lifecycle"):
         spread, heavy = by_key.get((workload, "spread")), by_key.get((workload, "hot"))
         if spread and heavy and spread["calls_per_s"]:
             hot.append(
@@ -101,7 +103,65 @@ def throughput_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
                     "hot_top_waits": heavy["top_waits"],
                 }
             )
-    return {"simple_update_tps": su_tps, "rows": rows, "hot_vs_spread": hot}
+    return {
+        "simple_update_tps": su_tps,
+        "rows": rows,
+        "hot_vs_spread": hot,
+        "record_step_vs_persist": record_step_vs_persist(runs),
+    }
+
+
+def record_step_vs_persist(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """record_step / persist_step_usage in calls/s, per accounts mode: each round's record-step
+    run against that round's step run (they run next to each other), the median of those
+    ratios, and the ratio of the medians; the server CPU per call likewise."""
+    found = []
+    for accounts in ("spread", "hot"):
+        of = {
+            workload: {
+                r["round"]: r
+                for r in runs
+                if (r["workload"], r["accounts"]) == (workload, accounts)
+            }
+            for workload in ("step", "record-step")
+        }
+        step, record = of["step"], of["record-step"]
+        rounds = sorted(set(step) & set(record))
+        if not rounds:
+            continue
+        per_round = [
+            record[n]["calls_per_s"] / step[n]["calls_per_s"]
+            for n in rounds
+            if step[n]["calls_per_s"]
+        ]
+        cpu_per_round = [
+            record[n]["server_cpu_ms_per_call"] / step[n]["server_cpu_ms_per_call"]
+            for n in rounds
+            if step[n]["server_cpu_ms_per_call"]
+        ]
+        step_calls = _median([step[n]["calls_per_s"] for n in rounds])
+        record_calls = _median([record[n]["calls_per_s"] for n in rounds])
+        found.append(
+            {
+                "accounts": accounts,
+                "rounds": len(rounds),
+                "persist_step_usage_calls_per_s": step_calls,
+                "record_step_calls_per_s": record_calls,
+                "ratio": _median(per_round),
+                "ratio_per_round": per_round,
+                "ratio_of_medians": record_calls / step_calls if step_calls else 0.0,
+                "persist_step_usage_cpu_ms_per_call": _median(
+                    [step[n]["server_cpu_ms_per_call"] for n in rounds]
+                ),
+                "record_step_cpu_ms_per_call": _median(
+                    [record[n]["server_cpu_ms_per_call"] for n in rounds]
+                ),
+                "cpu_ratio": _median(cpu_per_round),
+                "persist_step_usage_latency_ms": _median([step[n]["latency_ms"] for n in rounds]),
+                "record_step_latency_ms": _median([record[n]["latency_ms"] for n in rounds]),
+            }
+        )
+    return found
 
 
 def client_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -256,6 +316,33 @@ def render(results: dict[str, Any]) -> str:
                 f"| {h['hot_top_waits']} |"
             )
         add("")
+        if t.get("record_step_vs_persist"):
+            add("### record_step vs persist_step_usage (the same priced step)\n")
+            add(
+                "Both record a new step of 1,200 input and 340 output tokens of a priced model "
+                "on the same long-lived reports; record_step also gives its classes (400 cached "
+                "input, 120 reasoning) as jsonb. The two runs of a round run next to each "
+                "other (in turn first); the ratio is the median of the rounds' ratios.\n"
+            )
+            add(
+                "| accounts | rounds | persist_step_usage calls/s | record_step calls/s | "
+                "ratio (per round) | ≥ 0.9 | ratio of medians | server CPU ms/call "
+                "persist -> record (ratio) | latency ms persist -> record |"
+            )
+            add("|---|---|---|---|---|---|---|---|---|")
+            for c in t["record_step_vs_persist"]:
+                rounds = ", ".join(f"{x:.2f}" for x in c["ratio_per_round"])
+                add(
+                    f"| {c['accounts']} | {c['rounds']} | "
+                    f"{_n(c['persist_step_usage_calls_per_s'])} | "
+                    f"{_n(c['record_step_calls_per_s'])} | {c['ratio']:.2f} ({rounds}) | "
+                    f"{_ok(c['ratio'] >= TARGET_RECORD_STEP)} | {c['ratio_of_medians']:.2f} | "
+                    f"{c['persist_step_usage_cpu_ms_per_call']:.3f} -> "
+                    f"{c['record_step_cpu_ms_per_call']:.3f} ({c['cpu_ratio']:.2f}) | "
+                    f"{c['persist_step_usage_latency_ms']:.2f} -> "
+                    f"{c['record_step_latency_ms']:.2f} |"
+                )
+            add("")
 
     if "client" in results:
         c = results["client"]["summary"]
@@ -342,7 +429,14 @@ def render(results: dict[str, Any]) -> str:
 
     if "profile" in results:
         add("## Where the time goes (pg_stat_statements, track = all)\n")
-        for key in ("simple-update/-", "lifecycle/spread", "lifecycle/hot", "finalize/spread"):
+        for key in (
+            "simple-update/-",
+            "step/spread",
+            "record-step/spread",
+            "lifecycle/spread",
+            "lifecycle/hot",
+            "finalize/spread",
+        ):
             if key not in results["profile"]:
                 continue
             prof = results["profile"][key]

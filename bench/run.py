@@ -15,9 +15,11 @@ removed at the end, Ctrl-C included.
 Phases (--phases picks some):
 
 throughput  pgbench at the same clients, threads and duration for simple-update and for the
-            scripts of bench/scripts/ (reserve + release, step, finalize, the whole lifecycle),
-            spread over 1,000 accounts and on one hot account, in rounds interleaved with
-            simple-update; medians, ratios to simple-update, CPU and WAL per call, waits.
+            scripts of bench/scripts/ (reserve + release, step, record_step, finalize, the
+            whole lifecycle), spread over 1,000 accounts and on one hot account, in rounds
+            interleaved with simple-update; medians, ratios to simple-update, CPU and WAL per
+            call, waits; record_step against persist_step_usage (the same priced step, by
+            token class), run next to each other in every round. --workloads picks some.
 profile     each workload once more with pg_stat_statements.track = all: the statements inside
             the functions, where the time goes.
 client      the lifecycle through tokentrack_client (TokenTracker.track_report) with N asyncio
@@ -61,7 +63,7 @@ import phase_sweep
 import phase_throughput
 import report
 from server import BENCH_DIR, Session, benchmark_server, reconcile_ok
-from workloads import Workloads
+from workloads import WORKLOADS, Workloads
 
 from tokentrack_client.testing import PostgresServer
 
@@ -165,6 +167,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}"
     )
     parser.add_argument(
+        "--workloads",
+        default=None,
+        help="throughput and profile: only these workloads (comma separated, of "
+        f"{','.join(w for w in WORKLOADS if w != 'simple-update')}; simple-update always runs)",
+    )
+    parser.add_argument(
         "--data-root",
         default="/tmp",
         help="where the server's data directory goes (on disk: real fsync)",
@@ -181,6 +189,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = set(args.phases) - set(PHASES)
     if unknown:
         parser.error(f"unknown phases: {', '.join(sorted(unknown))}")
+    if args.workloads is not None:
+        args.workloads = sorted({w for w in args.workloads.split(",") if w})
+        unknown = set(args.workloads) - set(WORKLOADS)
+        if unknown:
+            parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
     args.name = args.name or ("smoke" if args.smoke else "latest")
     return args
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Collection
 from typing import Any
 
 import asyncpg
@@ -23,26 +24,49 @@ STEPS = (  # one report's steps: name, input tokens, output tokens
     ("AN5", 900, 1200),
 )
 
+# The price the benchmark sets for the model its steps name (micros per million tokens, each
+# class given), so that every step workload prices its steps.
+MODEL = "gpt-4o"
+PRICE = '{"input": 2500000, "cached_input": 1250000, "output": 10000000, "reasoning": 10000000}'
+
 # What one transaction of each workload is: its pgbench script and how many calls it makes.
 WORKLOADS: dict[str, dict[str, Any]] = {
     "simple-update": {"script": None, "calls": 1},
     "reserve": {"script": "reserve.sql", "calls": 2},
     "step": {"script": "step.sql", "calls": 1},
+    "record-step": {"script": "record_step.sql", "calls": 1},
     "finalize": {"script": "finalize.sql", "calls": 1},
     "lifecycle": {"script": "lifecycle.sql", "calls": 9},
 }
 # One round: each workload on the spread accounts and on the hot one, after simple-update.
+# step (persist_step_usage) and record-step (record_step) run next to each other, so that
+# their ratio compares runs minutes apart at most; round_order() swaps them every other round.
 ORDER = [
     ("simple-update", "-"),
     ("reserve", "spread"),
     ("reserve", "hot"),
     ("step", "spread"),
+    ("record-step", "spread"),
     ("step", "hot"),
+    ("record-step", "hot"),
     ("lifecycle", "spread"),
     ("lifecycle", "hot"),
     ("finalize", "spread"),
     ("finalize", "hot"),
 ]
+PAIRED = ("step", "record-step")
+
+
+def round_order(round_no: int, only: Collection[str] | None = None) -> list[tuple[str, str]]:
+    """ORDER for round ``round_no``: in even rounds record-step runs before step (so that
+    neither always runs second, on the reports the other has just grown); ``only`` (the
+    --workloads option) keeps those workloads and simple-update."""
+    order = list(ORDER)
+    if round_no % 2 == 0:
+        for mode in ("spread", "hot"):
+            i, j = order.index((PAIRED[0], mode)), order.index((PAIRED[1], mode))
+            order[i], order[j] = order[j], order[i]
+    return [(w, m) for w, m in order if only is None or w == "simple-update" or w in only]
 
 
 def account(n: int) -> uuid.UUID:
@@ -79,6 +103,8 @@ class Workloads:
         if init.returncode != 0:
             raise RuntimeError(f"pgbench -i failed: {err.decode()}")
         await bench.execute("SELECT bench.seed_long_lived(0, 0, $1)", session.args.hot_reports)
+        # As the schema owner (the server's superuser): set_model_price is the owner's.
+        await bench.execute("SELECT tokentrack.set_model_price($1, $2::jsonb)", MODEL, PRICE)
         await bench.execute("VACUUM ANALYZE")
         return cls(session, bench)
 
@@ -94,6 +120,8 @@ class Workloads:
             " (SELECT count(*) FROM tokentrack.report_reservations WHERE status = 'active')"
             "   AS active,"
             " (SELECT count(*) FROM tokentrack.report_step_usage) AS steps,"
+            " (SELECT count(*) FROM tokentrack.report_step_usage WHERE cost_micros IS NULL)"
+            "   AS unpriced,"
             " (SELECT coalesce(max(id), 0) FROM tokentrack.usage_ledger) AS ledger"
         )
         assert row is not None
@@ -106,7 +134,7 @@ class Workloads:
         count it), hence up to one more call's effect per client than transactions counted.
         """
         c = self.args.clients
-        expected = {  # (low, high) change of each count
+        expected = {  # (low, high) change of each count (unpriced: steps without a cost)
             "reserve": {
                 "reservations": (n, n + c),
                 "active": (0, c),
@@ -118,6 +146,14 @@ class Workloads:
                 "active": (0, 0),
                 "steps": (n, n + c),
                 "ledger": (0, 0),
+                "unpriced": (0, 0),
+            },
+            "record-step": {
+                "reservations": (0, 0),
+                "active": (0, 0),
+                "steps": (n, n + c),
+                "ledger": (0, 0),
+                "unpriced": (0, 0),
             },
             "finalize": {
                 "reservations": (0, 0),

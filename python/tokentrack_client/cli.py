@@ -219,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Run the four report types on several accounts at once (one cancelled from "
             "outside, one failed, two racing for one budget), print what was billed and "
+            "what it cost (prices set for its models first), and "
             "reconcile's verdict. It starts a throwaway PostgreSQL in a temporary directory "
             "and removes it on exit, Ctrl-C included; DATABASE_URL is ignored. With "
             "--database-url it uses that database, and refuses one that holds accounts other "
@@ -304,7 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Active reservations older than 2h (alert above --stale-alert-count older than 3h), "
             "completed reports without step usage, usage accuracy (reconcile), reservations by "
             "status with oldest and newest, reports per hour by status (alert on a failure rate "
-            "above 5% or a completion rate below 90%). Exits 1 when an alert fires."
+            "above 5% or a completion rate below 90%), the window's steps, tokens and cost with "
+            "the unpriced ones by model (a warning when prices are set and a model has none). "
+            "Exits 1 when an alert fires."
         ),
     )
     mon.set_defaults(run=_monitor)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -28,7 +29,9 @@ ALERTS = (
     "usage_accuracy",
     "failure_rate",
     "completion_rate",
+    "unpriced_models",
 )
+WARNINGS = {"reservations_older_than_2h", "unpriced_models"}
 
 
 async def _monitor(dsn: str, *extra: str) -> tuple[int, dict[str, Any]]:
@@ -128,7 +131,7 @@ async def test_prometheus_output_parses_and_matches_json(history_dsn: str) -> No
     assert value("tokentrack_reconcile_ok") == 1
     assert value("tokentrack_reconcile_periods_checked") == 12
     for name in ALERTS:
-        level = "warning" if name == "reservations_older_than_2h" else "alert"
+        level = "warning" if name in WARNINGS else "alert"
         assert value("tokentrack_alert", name=name, level=level) == 0
 
     fresh = await tokentrack(
@@ -272,6 +275,192 @@ async def test_a_completed_report_without_steps_alerts(history_dsn: str) -> None
     assert data["reports_without_steps"] == {"count": 1, "examples": [str(report)]}
 
 
+# --------------------------------------------------------------------------------------------
+# Unpriced steps: a warning once prices are in use, information before
+# --------------------------------------------------------------------------------------------
+
+PRICE = '{"input": 1000000, "output": 2000000}'  # 1 micro per input token, 2 per output token
+USAGE = '{"input_tokens": 10, "output_tokens": 5}'
+
+
+async def _record_step(
+    conn: asyncpg.Connection, account: uuid.UUID, model: str | None
+) -> dict[str, Any]:
+    report = await _reserve(conn, account)
+    answer = json.loads(
+        await conn.fetchval(
+            "SELECT tokentrack.record_step($1, $2, 'AN0', $3::jsonb, $4)",
+            report,
+            account,
+            USAGE,
+            model,
+        )
+    )
+    assert answer["success"] is True, answer
+    return dict(answer)
+
+
+def _alert(data: dict[str, Any], name: str) -> dict[str, Any]:
+    found = next(a for a in data["alerts"] if a["name"] == name)
+    assert isinstance(found, dict)
+    return found
+
+
+async def _prometheus(dsn: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    result = await tokentrack("monitor", "--prometheus", "--database-url", dsn)
+    assert result.code in (0, 1), result
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): float(sample.value)
+        for family in text_string_to_metric_families(result.out)
+        for sample in family.samples
+    }
+
+
+async def test_unpriced_steps_of_a_model_warn_once_prices_are_in_use(db_dsn: str) -> None:
+    conn = await asyncpg.connect(db_dsn)  # the owner (superuser) may set prices
+    try:
+        price = json.loads(
+            await conn.fetchval("SELECT tokentrack.set_model_price('m', $1::jsonb)", PRICE)
+        )
+        assert price["success"] is True, price
+        account = await _account(conn)
+        assert (await _record_step(conn, account, "m"))["cost_micros"] == 10 * 1 + 5 * 2
+        assert (await _record_step(conn, account, "other-model"))["cost_micros"] is None
+        assert (await _record_step(conn, account, None))["cost_micros"] is None
+    finally:
+        await conn.close()
+
+    code, data = await _monitor(db_dsn)
+    assert code == 0  # a warning, not an alert
+    assert _firing(data) == {"unpriced_models"}
+    assert data["ok"] is True
+    assert data["model_prices"] == 1
+    assert data["steps"] == {
+        "count": 3,
+        "tokens": 45,
+        "cost_micros": 20,
+        "unpriced": {
+            "count": 2,
+            "tokens": 30,
+            "models": [
+                {"model": None, "steps": 1, "tokens": 15},
+                {"model": "other-model", "steps": 1, "tokens": 15},
+            ],
+        },
+    }
+    warning = _alert(data, "unpriced_models")
+    assert warning["level"] == "warning"
+    assert "other-model (1 steps, 15 tokens)" in warning["message"]
+    assert "tokentrack prices import FILE" in warning["message"]
+    assert "set_model_price" in warning["message"]
+    assert "m (" not in warning["message"]  # the priced model is not named
+    assert "None" not in warning["message"]  # nor the steps without a model
+
+    human = await tokentrack("monitor", "--database-url", db_dsn)
+    assert human.code == 0
+    assert "unpriced_models             warning  FIRING  steps of 1 model(s)" in human.out
+    assert "(no model)   1      15" in human.out
+    assert "model_prices: 1 price(s)" in human.out
+    assert "monitor: no alert firing" in human.out
+
+    metrics = await _prometheus(db_dsn)
+    assert metrics[("tokentrack_steps_window", ())] == 3
+    assert metrics[("tokentrack_step_tokens_window", ())] == 45
+    assert metrics[("tokentrack_cost_micros_window", ())] == 20
+    assert metrics[("tokentrack_unpriced_steps_window", ())] == 2
+    assert metrics[("tokentrack_unpriced_tokens_window", ())] == 30
+    assert metrics[("tokentrack_unpriced_model_tokens_window", (("model", "other-model"),))] == 15
+    assert metrics[("tokentrack_unpriced_model_tokens_window", (("model", ""),))] == 15
+    assert metrics[("tokentrack_model_prices", ())] == 1
+    unpriced_alert = ("tokentrack_alert", (("level", "warning"), ("name", "unpriced_models")))
+    assert metrics[unpriced_alert] == 1
+
+    # A price for the other model prices the steps to come; the step recorded stays unpriced.
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        await conn.execute("SELECT tokentrack.set_model_price('other-*', $1::jsonb)", PRICE)
+        account = await _account(conn)
+        assert (await _record_step(conn, account, "other-model"))["cost_micros"] == 20
+    finally:
+        await conn.close()
+    code, data = await _monitor(db_dsn)
+    assert _firing(data) == {"unpriced_models"}
+    assert data["steps"]["cost_micros"] == 40
+    assert data["steps"]["unpriced"]["count"] == 2
+
+
+async def test_steps_without_a_model_do_not_warn(db_dsn: str) -> None:
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        await conn.execute("SELECT tokentrack.set_model_price('m', $1::jsonb)", PRICE)
+        account = await _account(conn)
+        await _record_step(conn, account, "m")
+        await _record_step(conn, account, None)
+    finally:
+        await conn.close()
+    code, data = await _monitor(db_dsn)
+    assert code == 0
+    assert _firing(data) == set()
+    assert data["steps"]["unpriced"]["count"] == 1
+    message = _alert(data, "unpriced_models")["message"]
+    assert message == "every step of a model in 24h is priced (1 steps without a model)"
+
+
+async def test_unpriced_steps_are_information_when_no_price_is_set(db_dsn: str) -> None:
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        account = await _account(conn)
+        await _record_step(conn, account, "m")
+        await _record_step(conn, account, "other-model")
+    finally:
+        await conn.close()
+    code, data = await _monitor(db_dsn)
+    assert code == 0
+    assert _firing(data) == set()
+    assert data["model_prices"] == 0
+    assert data["steps"]["count"] == data["steps"]["unpriced"]["count"] == 2
+    assert data["steps"]["cost_micros"] == 0
+    alert = _alert(data, "unpriced_models")
+    assert alert["firing"] is False
+    assert alert["message"] == (
+        "no price set (costs are not in use): 2 of 2 steps in 24h unpriced, as expected"
+    )
+    human = await tokentrack("monitor", "--database-url", db_dsn)
+    assert "model_prices: no price set (costs are not in use" in human.out
+    metrics = await _prometheus(db_dsn)
+    assert metrics[("tokentrack_unpriced_steps_window", ())] == 2
+    assert metrics[("tokentrack_model_prices", ())] == 0
+    assert metrics[("tokentrack_alert", (("level", "warning"), ("name", "unpriced_models")))] == 0
+
+
+async def test_monitor_reads_a_health_without_step_figures(db_dsn: str) -> None:
+    """After version 20261203000000 is rolled back, health() is the one before it (no "steps",
+    no "model_prices"): the monitor still runs, says the figures are not measured, and the
+    unpriced_models warning cannot fire."""
+    earlier = Path(__file__).parents[2] / "sql" / "history" / "20261202000000" / "health.sql"
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        await conn.execute(earlier.read_text())
+        assert "steps" not in json.loads(await conn.fetchval("SELECT tokentrack.health()"))
+    finally:
+        await conn.close()
+    code, data = await _monitor(db_dsn)
+    assert code == 0
+    assert (data["steps"], data["model_prices"]) == (None, None)
+    assert _alert(data, "unpriced_models") == {
+        "name": "unpriced_models",
+        "level": "warning",
+        "firing": False,
+        "message": "not measured: tokentrack.health() is older than version 20261203000000",
+    }
+    human = await tokentrack("monitor", "--database-url", db_dsn)
+    assert human.code == 0
+    assert "Steps and cost: not measured" in human.out
+    metrics = await _prometheus(db_dsn)
+    assert ("tokentrack_steps_window", ()) not in metrics
+    assert ("tokentrack_reservations_active", ()) in metrics
+
+
 async def test_monitor_errors(empty_db_dsn: str) -> None:
     missing = await tokentrack("monitor", "--database-url", empty_db_dsn)
     assert missing.code == 2
@@ -300,6 +489,8 @@ HEALTH_KEYS = {
     "reports_window",
     "failure_rate",
     "completion_rate",
+    "steps",
+    "model_prices",
 }
 STATUSES = ("pending", "processing", "complete", "failed", "cancelled")
 
@@ -358,6 +549,15 @@ async def test_health_returns_each_figure_of_the_monitor(history_dsn: str) -> No
                 " FROM tokentrack.reports WHERE created_at >= now() - interval '24 hours'"
                 " GROUP BY 1 ORDER BY 1"
             )
+            steps = await conn.fetch(
+                "SELECT s.model, count(*) AS n, sum(s.total_tokens) AS tokens,"
+                " sum(s.cost_micros) AS cost,"
+                " count(*) FILTER (WHERE s.cost_micros IS NULL) AS unpriced,"
+                " sum(s.total_tokens) FILTER (WHERE s.cost_micros IS NULL) AS unpriced_tokens"
+                " FROM tokentrack.report_step_usage s"
+                " JOIN tokentrack.reports r ON r.id = s.report_id"
+                " WHERE r.created_at >= now() - interval '24 hours' GROUP BY s.model"
+            )
             without = await conn.fetch(
                 "SELECT r.id FROM tokentrack.reports r"
                 " WHERE r.created_at >= now() - interval '24 hours' AND r.status = 'complete'"
@@ -408,6 +608,26 @@ async def test_health_returns_each_figure_of_the_monitor(history_dsn: str) -> No
         (r["hour"], r["n"]) for r in hours
     ]
     finished = sum(window.get(s, 0) for s in ("complete", "failed", "cancelled"))
+    # The history records steps of model-a, model-b and without a model, and sets no price.
+    assert health["model_prices"] == 0
+    assert health["steps"] == {
+        "count": sum(r["n"] for r in steps),
+        "tokens": sum(r["tokens"] for r in steps),
+        "cost_micros": 0,
+        "unpriced": {
+            "count": sum(r["n"] for r in steps),
+            "tokens": sum(r["tokens"] for r in steps),
+            "models": [
+                {"model": r["model"], "steps": r["unpriced"], "tokens": r["unpriced_tokens"]}
+                for r in sorted(steps, key=lambda r: (-r["unpriced_tokens"], r["model"] or ""))
+            ],
+        },
+    }
+    assert {m["model"] for m in health["steps"]["unpriced"]["models"]} == {
+        "model-a",
+        "model-b",
+        None,
+    }
     assert health["failure_rate"] == window["failed"] / finished
     assert health["completion_rate"] == window["complete"] / finished
 
@@ -418,6 +638,8 @@ async def test_health_returns_each_figure_of_the_monitor(history_dsn: str) -> No
     assert data["reports_without_steps"] == health["reports_without_steps"]
     assert data["failure_rate"] == health["failure_rate"]
     assert data["active_reservations"]["older_than_2h"] == 1
+    assert data["steps"] == health["steps"]
+    assert data["model_prices"] == 0
 
 
 async def test_health_of_an_empty_database_and_its_window(conn: asyncpg.Connection) -> None:

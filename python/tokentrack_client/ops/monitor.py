@@ -17,7 +17,12 @@ What it measures (``--hours`` is the window, 24 by default):
   expired ones of the reports of the window);
 * reports per hour by status, with the failure rate (alert above 5%) and completion rate
   (alert below 90%) of the window's reports that have an outcome, once at least
-  ``--min-reports`` (20) have one.
+  ``--min-reports`` (20) have one;
+* the steps of the window's reports: how many, their tokens and cost, and the unpriced ones
+  (count, tokens, the models with the most unpriced tokens). A warning when prices are set
+  (``model_prices`` is not empty) and steps of a model have no price: their cost is missing
+  from every report and cost budget. With no price at all, costs are not in use and unpriced
+  steps are expected: the figures are shown, nothing fires.
 
 health() reads every figure by index (the partial index of active reservations, the unique
 (report_id) and (report_id, step_name) indexes, and ``reports_created_at_idx``), so its cost
@@ -51,6 +56,10 @@ OUTCOMES: Final = ("complete", "failed", "cancelled")
 
 HEALTH_VERSION: Final = "20261201000000"
 """The version that adds tokentrack.health()."""
+
+COST_VERSION: Final = "20261203000000"
+"""The version whose health() adds the "steps" and "model_prices" figures (token classes and
+cost); with an older health() (that version rolled back) they are ``None`` and not alerted."""
 
 FAILURE_RATE_MAX: Final = 0.05
 COMPLETION_RATE_MIN: Final = 0.90
@@ -92,6 +101,13 @@ class MonitorResult:
     reports_window: dict[str, int]
     failure_rate: float | None
     completion_rate: float | None
+    steps: dict[str, Any] | None = None
+    """health()'s "steps": ``count``, ``tokens``, ``cost_micros`` and ``unpriced``
+    (``{count, tokens, models: [{model, steps, tokens}]}``); None before version
+    :data:`COST_VERSION`."""
+    model_prices: int | None = None
+    """How many rows ``tokentrack.model_prices`` holds (0: costs not in use); None before
+    version :data:`COST_VERSION`."""
     alerts: list[Alert] = field(default_factory=list)
 
     @property
@@ -116,6 +132,8 @@ class MonitorResult:
             "reports_window": self.reports_window,
             "failure_rate": self.failure_rate,
             "completion_rate": self.completion_rate,
+            "steps": self.steps,
+            "model_prices": self.model_prices,
             "alerts": [asdict(a) for a in self.alerts],
             "ok": not self.firing,
         }
@@ -179,6 +197,7 @@ class MonitorResult:
             f"completion rate {_pct(self.completion_rate)} "
             f"(alert below {_pct(t.completion_rate_min)})"
         )
+        out += ["", *self._render_steps()]
         out += ["", "Alerts"]
         out.append(
             render_table(
@@ -194,6 +213,48 @@ class MonitorResult:
             + (f"{len(self.firing)} alert(s) firing" if self.firing else "no alert firing")
         )
         return "\n".join(out)
+
+    def _render_steps(self) -> list[str]:
+        """The steps of the window's reports, their cost and the unpriced ones."""
+        steps = self.steps
+        if steps is None:
+            return [
+                "Steps and cost: not measured (tokentrack.health() is older than version "
+                f"{COST_VERSION})"
+            ]
+        unpriced = steps["unpriced"]
+        out = [
+            "Steps of the window's reports",
+            render_table(
+                ("STEPS", "TOKENS", "COST MICROS", "UNPRICED STEPS", "UNPRICED TOKENS"),
+                [
+                    (
+                        steps["count"],
+                        steps["tokens"],
+                        steps["cost_micros"],
+                        unpriced["count"],
+                        unpriced["tokens"],
+                    )
+                ],
+            ),
+        ]
+        if unpriced["models"]:
+            out += ["Unpriced steps by model (most tokens first)"]
+            out.append(
+                render_table(
+                    ("MODEL", "STEPS", "TOKENS"),
+                    [
+                        (_model_name(m["model"]), m["steps"], m["tokens"])
+                        for m in unpriced["models"]
+                    ],
+                )
+            )
+        out.append(
+            f"model_prices: {self.model_prices} price(s)"
+            if self.model_prices
+            else "model_prices: no price set (costs are not in use; every step is unpriced)"
+        )
+        return out
 
     def render_prometheus(self) -> str:
         """``--prometheus``: the Prometheus text exposition format (version 0.0.4)."""
@@ -259,6 +320,47 @@ class MonitorResult:
             "Usage periods checked by reconcile().",
             ({}, float(rec["periods_checked"])),
         )
+        if self.steps is not None:
+            steps = self.steps
+            unpriced = steps["unpriced"]
+            gauge(
+                "tokentrack_steps_window",
+                "Steps recorded for the window's reports.",
+                ({}, float(steps["count"])),
+            )
+            gauge(
+                "tokentrack_step_tokens_window",
+                "Total tokens of the steps of the window's reports.",
+                ({}, float(steps["tokens"])),
+            )
+            gauge(
+                "tokentrack_cost_micros_window",
+                "Cost of the priced steps of the window's reports, in micros of the "
+                "installation's currency.",
+                ({}, float(steps["cost_micros"])),
+            )
+            gauge(
+                "tokentrack_unpriced_steps_window",
+                "Steps of the window's reports without a cost (no price in effect for the model).",
+                ({}, float(unpriced["count"])),
+            )
+            gauge(
+                "tokentrack_unpriced_tokens_window",
+                "Total tokens of the unpriced steps of the window's reports.",
+                ({}, float(unpriced["tokens"])),
+            )
+            gauge(
+                "tokentrack_unpriced_model_tokens_window",
+                "Unpriced tokens of the window by model, the 10 models with the most "
+                '(model="" for steps recorded without a model).',
+                *(({"model": m["model"] or ""}, float(m["tokens"])) for m in unpriced["models"]),
+            )
+        if self.model_prices is not None:
+            gauge(
+                "tokentrack_model_prices",
+                "Prices in tokentrack.model_prices (0: costs are not in use).",
+                ({}, float(self.model_prices)),
+            )
         gauge(
             "tokentrack_alert",
             "1 when the alert (or warning) fires.",
@@ -284,6 +386,10 @@ class MonitorResult:
                     else f"{name} {_number(value)}"
                 )
         return "\n".join(lines) + "\n"
+
+
+def _model_name(model: str | None) -> str:
+    return "(no model)" if model is None else model
 
 
 def _pct(value: float | None) -> str:
@@ -381,6 +487,8 @@ def _read(
     ]
     window = {s: int(health["reports_window"][s]) for s in REPORT_STATUSES}
     without = health["reports_without_steps"]
+    steps = _steps(health["steps"]) if "steps" in health else None
+    model_prices = int(health["model_prices"]) if "model_prices" in health else None
 
     result = MonitorResult(
         taken_at=taken_at,
@@ -398,9 +506,33 @@ def _read(
         reports_window=window,
         failure_rate=_rate(health["failure_rate"]),
         completion_rate=_rate(health["completion_rate"]),
+        steps=steps,
+        model_prices=model_prices,
     )
     result.alerts = evaluate(result)
     return result
+
+
+def _steps(steps: dict[str, Any]) -> dict[str, Any]:
+    """health()'s "steps", its numbers as ints (jsonb sums arrive as JSON numbers)."""
+    unpriced = steps["unpriced"]
+    return {
+        "count": int(steps["count"]),
+        "tokens": int(steps["tokens"]),
+        "cost_micros": int(steps["cost_micros"]),
+        "unpriced": {
+            "count": int(unpriced["count"]),
+            "tokens": int(unpriced["tokens"]),
+            "models": [
+                {
+                    "model": None if m["model"] is None else str(m["model"]),
+                    "steps": int(m["steps"]),
+                    "tokens": int(m["tokens"]),
+                }
+                for m in unpriced["models"]
+            ],
+        },
+    }
 
 
 def _rate(value: Any) -> float | None:
@@ -465,8 +597,56 @@ def evaluate(result: MonitorResult) -> list[Alert]:
             f"{_pct(result.completion_rate)} complete (alert below "
             f"{_pct(t.completion_rate_min)}; {sample})",
         ),
+        _unpriced_models(result),
     ]
     return alerts
+
+
+def _unpriced_models(result: MonitorResult) -> Alert:
+    """A warning when prices are in use and steps of a named model have none.
+
+    Steps recorded without a model cannot be priced: they are counted, never warned about.
+    With no price at all (model_prices empty), costs are not in use: informational only.
+    """
+    steps = result.steps
+    if steps is None or result.model_prices is None:
+        return Alert(
+            "unpriced_models",
+            "warning",
+            False,
+            f"not measured: tokentrack.health() is older than version {COST_VERSION}",
+        )
+    unpriced = steps["unpriced"]
+    hours = result.thresholds.hours
+    if result.model_prices == 0:
+        return Alert(
+            "unpriced_models",
+            "warning",
+            False,
+            f"no price set (costs are not in use): {unpriced['count']} of {steps['count']} "
+            f"steps in {hours}h unpriced, as expected",
+        )
+    named = [m for m in unpriced["models"] if m["model"] is not None]
+    if not named:
+        without_model = unpriced["count"]
+        return Alert(
+            "unpriced_models",
+            "warning",
+            False,
+            f"every step of a model in {hours}h is priced"
+            + (f" ({without_model} steps without a model)" if without_model else ""),
+        )
+    listed = ", ".join(f"{m['model']} ({m['steps']} steps, {m['tokens']} tokens)" for m in named)
+    top = " (the models with the most unpriced tokens)" if len(unpriced["models"]) >= 10 else ""
+    return Alert(
+        "unpriced_models",
+        "warning",
+        True,
+        f"steps of {len(named)} model(s) in {hours}h have no price{top}: {listed}; their cost "
+        "is missing from reports and cost budgets. `tokentrack prices import FILE` or "
+        "tokentrack.set_model_price() prices the steps to come (recorded costs are never "
+        "repriced)",
+    )
 
 
 async def monitor(dsn: str, thresholds: Thresholds) -> MonitorResult:
@@ -476,6 +656,7 @@ async def monitor(dsn: str, thresholds: Thresholds) -> MonitorResult:
 
 
 __all__ = [
+    "COST_VERSION",
     "HEALTH_SQL",
     "Alert",
     "MonitorResult",
