@@ -13,10 +13,12 @@ CREATE OR REPLACE FUNCTION tokentrack.bill_budget_windows(
     p_account_id uuid, p_holds jsonb, p_tokens bigint, p_cost_micros bigint
 )
 RETURNS void
-LANGUAGE sql
+LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $function$
+BEGIN
+    -- PL/pgSQL: its plan is cached for the session (see lock_reservation_budgets).
     UPDATE tokentrack.budget_windows AS w
     SET used = w.used + CASE WHEN b.unit = 'tokens' THEN p_tokens ELSE p_cost_micros END
     FROM
@@ -24,7 +26,8 @@ AS $function$
         tokentrack.budgets AS b
     WHERE
         w.account_id = p_account_id AND w.budget_id = h.budget_id AND w.window_start = h.window_start
-        AND b.account_id = p_account_id AND b.id = h.budget_id
+        AND b.account_id = p_account_id AND b.id = h.budget_id;
+END
 $function$;
 
 COMMENT ON FUNCTION tokentrack.bill_budget_windows(uuid, jsonb, bigint, bigint) IS

@@ -10,21 +10,23 @@
 -- Writes nothing.
 CREATE OR REPLACE FUNCTION tokentrack.lock_reservation_budgets(p_account_id uuid, p_holds jsonb)
 RETURNS void
-LANGUAGE sql
+LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $function$
-    SELECT NULL::void FROM (
-        SELECT b.id FROM tokentrack.budgets AS b
-        WHERE
-            b.account_id = p_account_id
-            AND b.id IN (
-                SELECT h.budget_id
-                FROM pg_catalog.jsonb_to_recordset(COALESCE(p_holds, '[]'::jsonb)) AS h (budget_id uuid)
-            )
-        ORDER BY b.id
-        FOR UPDATE
-    ) AS locked
+BEGIN
+    -- PL/pgSQL: its plan is cached for the session (a LANGUAGE sql function with SET is planned
+    -- again on every call).
+    PERFORM FROM tokentrack.budgets AS b
+    WHERE
+        b.account_id = p_account_id
+        AND b.id IN (
+            SELECT h.budget_id
+            FROM pg_catalog.jsonb_to_recordset(p_holds) AS h (budget_id uuid)
+        )
+    ORDER BY b.id
+    FOR UPDATE;
+END
 $function$;
 
 COMMENT ON FUNCTION tokentrack.lock_reservation_budgets(uuid, jsonb) IS

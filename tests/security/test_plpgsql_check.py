@@ -46,6 +46,10 @@ EXPECTED = {
     "tokentrack.check_estimate(jsonb,text)",
     "tokentrack.extend_reservation(uuid,uuid,jsonb)",
     "tokentrack.budget_changes_are_append_only()",
+    "tokentrack.budget_hold(uuid,timestamp with time zone)",
+    "tokentrack.lock_reservation_budgets(uuid,jsonb)",
+    "tokentrack.budget_window_start(text,text,timestamp with time zone,timestamp with time zone)",
+    "tokentrack.bill_budget_windows(uuid,jsonb,bigint,bigint)",
 }
 
 
