@@ -26,7 +26,9 @@ BEGIN
         tokentrack.budgets AS b
     WHERE
         w.account_id = p_account_id AND w.budget_id = h.budget_id AND w.window_start = h.window_start
-        AND b.account_id = p_account_id AND b.id = h.budget_id;
+        AND b.account_id = p_account_id AND b.id = h.budget_id
+        -- Adding 0 (a report billed nothing, an unpriced step in a cost budget) writes nothing.
+        AND CASE WHEN b.unit = 'tokens' THEN p_tokens ELSE p_cost_micros END <> 0;
 END
 $function$;
 
