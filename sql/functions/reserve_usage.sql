@@ -55,12 +55,9 @@ DECLARE
     v_reservation tokentrack.report_reservations%ROWTYPE;
     v_held bigint;
     v_available bigint;
-    v_budget tokentrack.budgets%ROWTYPE;
-    v_window_start timestamptz;
-    v_used bigint;
-    v_budget_held bigint;
+    v_budget_ids uuid[];
+    v_budget record;
     v_requested bigint;
-    v_budget_available bigint;
     v_holds jsonb := '[]'::jsonb;
     v_budgets jsonb := '[]'::jsonb;
 BEGIN
@@ -168,51 +165,93 @@ BEGIN
 
 
     -- Every budget that applies (the account's own and those of p_subjects), locked in id order
-    -- (rank 4, after the period): each must hold the estimate in its current window.
-    FOR v_budget IN
-        SELECT b.* FROM tokentrack.budgets AS b
+    -- (rank 4, after the period), in one statement; then, under those locks, each one's current
+    -- window, what it has used there and what active, unexpired reservations hold there, read
+    -- in one more (the holds from one scan of the account's active reservations).
+    SELECT pg_catalog.array_agg(locked.id ORDER BY locked.id) INTO v_budget_ids
+    FROM (
+        SELECT b.id FROM tokentrack.budgets AS b
         WHERE b.account_id = p_account_id AND (b.subject IS NULL OR b.subject = ANY (p_subjects))
         ORDER BY b.id
         FOR UPDATE
-    LOOP
-        v_window_start := tokentrack.budget_window_start(
-            v_budget.budget_window, v_budget.timezone, v_budget.created_at, pg_catalog.now()
-        );
-        SELECT COALESCE(pg_catalog.max(w.used), 0) INTO v_used FROM tokentrack.budget_windows AS w
-        WHERE w.account_id = p_account_id AND w.budget_id = v_budget.id AND w.window_start = v_window_start;
-        v_budget_held := tokentrack.budget_held(p_account_id, v_budget.id, v_budget.unit, v_window_start);
-        v_requested := CASE WHEN v_budget.unit = 'tokens' THEN p_tokens::bigint ELSE COALESCE(p_cost_micros, 0) END;
-        v_budget_available := v_budget.limit_amount - v_used - v_budget_held;
-        -- A reservation with no cost estimate holds 0 in a cost budget: refused by it only when
-        -- the window is exhausted.
-        IF v_requested > v_budget_available OR v_budget_available <= 0 THEN
-            RETURN pg_catalog.jsonb_build_object(
-                'success', false, 'error', 'insufficient_budget',
-                'message', pg_catalog.format(
-                    'requested %s %s, %s available in the %s budget of %s (window from %s)',
-                    v_requested, v_budget.unit, GREATEST(v_budget_available, 0), v_budget.budget_window,
-                    COALESCE(v_budget.subject, 'the account'), v_window_start
-                ),
+    ) AS locked;
+    IF v_budget_ids IS NOT NULL THEN
+        FOR v_budget IN
+            WITH current_windows AS (
+                SELECT
+                    b.id,
+                    b.subject,
+                    b.unit,
+                    b.budget_window,
+                    b.limit_amount,
+                    CASE
+                        WHEN b.budget_window = 'total' THEN b.created_at
+                        ELSE pg_catalog.date_trunc(b.budget_window, pg_catalog.now(), b.timezone)
+                    END AS window_start
+                FROM tokentrack.budgets AS b
+                WHERE b.account_id = p_account_id AND b.id = ANY (v_budget_ids)
+            ),
+
+            holds AS (
+                SELECT
+                    h.budget_id,
+                    h.window_start,
+                    pg_catalog.sum(rr.reserved_tokens::bigint) AS tokens,
+                    pg_catalog.sum(COALESCE(rr.reserved_cost_micros, 0)) AS cost
+                FROM tokentrack.report_reservations AS rr
+                CROSS JOIN LATERAL pg_catalog.jsonb_to_recordset(rr.holds) AS h (budget_id uuid, window_start timestamptz)
+                WHERE
+                    rr.account_id = p_account_id AND rr.status = 'active'
+                    AND rr.expires_at > pg_catalog.now() AND rr.holds IS NOT NULL
+                GROUP BY h.budget_id, h.window_start
+            )
+
+            SELECT
+                c.id,
+                c.subject,
+                c.unit,
+                c.budget_window,
+                c.window_start,
+                c.limit_amount - COALESCE(w.used, 0)
+                - COALESCE(CASE WHEN c.unit = 'tokens' THEN hd.tokens ELSE hd.cost END, 0) AS available
+            FROM current_windows AS c
+            LEFT JOIN tokentrack.budget_windows AS w
+                ON w.account_id = p_account_id AND w.budget_id = c.id AND w.window_start = c.window_start
+            LEFT JOIN holds AS hd ON hd.budget_id = c.id AND hd.window_start = c.window_start
+            ORDER BY c.id
+        LOOP
+            v_requested := CASE WHEN v_budget.unit = 'tokens' THEN p_tokens::bigint ELSE COALESCE(p_cost_micros, 0) END;
+            -- A reservation with no cost estimate holds 0 in a cost budget: refused by it only
+            -- when the window is exhausted.
+            IF v_requested > v_budget.available OR v_budget.available <= 0 THEN
+                RETURN pg_catalog.jsonb_build_object(
+                    'success', false, 'error', 'insufficient_budget',
+                    'message', pg_catalog.format(
+                        'requested %s %s, %s available in the %s budget of %s (window from %s)',
+                        v_requested, v_budget.unit, GREATEST(v_budget.available, 0), v_budget.budget_window,
+                        COALESCE(v_budget.subject, 'the account'), v_budget.window_start
+                    ),
+                    'budget_id', v_budget.id,
+                    'subject', v_budget.subject,
+                    'window', v_budget.budget_window,
+                    'unit', v_budget.unit,
+                    'window_start', v_budget.window_start,
+                    'available', GREATEST(v_budget.available, 0),
+                    'requested', v_requested
+                );
+            END IF;
+            v_holds := v_holds || pg_catalog.jsonb_build_array(tokentrack.budget_hold(v_budget.id, v_budget.window_start));
+            v_budgets := v_budgets || pg_catalog.jsonb_build_array(pg_catalog.jsonb_build_object(
                 'budget_id', v_budget.id,
                 'subject', v_budget.subject,
                 'window', v_budget.budget_window,
                 'unit', v_budget.unit,
-                'window_start', v_window_start,
-                'available', GREATEST(v_budget_available, 0),
-                'requested', v_requested
-            );
-        END IF;
-        v_holds := v_holds || pg_catalog.jsonb_build_array(tokentrack.budget_hold(v_budget.id, v_window_start));
-        v_budgets := v_budgets || pg_catalog.jsonb_build_array(pg_catalog.jsonb_build_object(
-            'budget_id', v_budget.id,
-            'subject', v_budget.subject,
-            'window', v_budget.budget_window,
-            'unit', v_budget.unit,
-            'window_start', v_window_start,
-            'held', v_requested,
-            'available', v_budget_available - v_requested
-        ));
-    END LOOP;
+                'window_start', v_budget.window_start,
+                'held', v_requested,
+                'available', v_budget.available - v_requested
+            ));
+        END LOOP;
+    END IF;
 
     IF v_report.id IS NULL THEN
         INSERT INTO tokentrack.reports (id, account_id, status, mode)
@@ -240,10 +279,12 @@ BEGIN
     RETURNING * INTO v_reservation;
 
     -- The windows' rows, so that billing finds them (under the budget locks: no two inserts race).
-    INSERT INTO tokentrack.budget_windows (account_id, budget_id, window_start)
-    SELECT p_account_id, h.budget_id, h.window_start
-    FROM pg_catalog.jsonb_to_recordset(v_holds) AS h (budget_id uuid, window_start timestamptz)
-    ON CONFLICT ON CONSTRAINT budget_windows_pkey DO NOTHING;
+    IF v_holds <> '[]'::jsonb THEN
+        INSERT INTO tokentrack.budget_windows (account_id, budget_id, window_start)
+        SELECT p_account_id, h.budget_id, h.window_start
+        FROM pg_catalog.jsonb_to_recordset(v_holds) AS h (budget_id uuid, window_start timestamptz)
+        ON CONFLICT ON CONSTRAINT budget_windows_pkey DO NOTHING;
+    END IF;
 
     RETURN pg_catalog.jsonb_build_object(
         'success', true,
