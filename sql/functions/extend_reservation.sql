@@ -20,7 +20,7 @@
 --   insufficient_budget (as reserve).
 -- Locks, in order: the reservation row (FOR UPDATE: rank 2; the report's steps, which take it
 --   FOR SHARE, wait), the account's active period row (FOR UPDATE: rank 3), the budgets it
---   holds (FOR UPDATE, id order: rank 4). Writes: the reservation's reserved_tokens and reserved_cost_micros.
+--   holds (lock_budgets: rank 4). Writes: the reservation's reserved_tokens and reserved_cost_micros.
 -- Errors: 25000 under REPEATABLE READ or SERIALIZABLE; 22004 a NULL id or p_more, or a NULL
 --   p_more.tokens; 22023 and 22001 as reserve's p_estimate (as p_more.<key>); 22003 an extra
 --   that would take reserved_tokens past the integer range.
@@ -103,7 +103,7 @@ BEGIN
     END IF;
 
     IF v_reservation.holds IS NOT NULL THEN
-        PERFORM tokentrack.lock_reservation_budgets(p_account_id, v_reservation.holds);
+        PERFORM tokentrack.lock_reservation_budgets(v_reservation.holds);
         FOR v_hold IN
             SELECT h.budget_id, h.window_start
             FROM pg_catalog.jsonb_to_recordset(v_reservation.holds) AS h (budget_id uuid, window_start timestamptz)

@@ -19,7 +19,9 @@
 -- when it does not exist yet; a pending report becomes processing, with mode p_mode unless
 -- p_mode is NULL (try_reserve_tokens: the report keeps its mode, as in Part 1).
 -- Locks, in order: the account's active usage_periods row (FOR UPDATE, rank 3 of the global
---   order, docs/REVIEW.md), then every budget that applies (FOR UPDATE, in id order, rank 4).
+--   order, docs/REVIEW.md), then every budget that applies (lock_budgets: advisory locks,
+--   rank 4). A budget created after its ids were read does not apply to this reservation (as
+--   if it had been created after it).
 --   Every reserver of an account takes the period first, so reservation checks of one
 --   account run one at a time and never grant together more than is available, for every
 --   budget at once; billing (finalize, the sweep, a late step) and extend_reservation take the
@@ -164,18 +166,14 @@ BEGIN
     END IF;
 
 
-    -- Every budget that applies (the account's own and those of p_subjects), locked in id order
-    -- (rank 4, after the period), in one statement; then, under those locks, each one's current
+    -- Every budget that applies (the account's own and those of p_subjects), locked (rank 4,
+    -- after the period: lock_budgets); then, under those locks, each one's limit, current
     -- window, what it has used there and what active, unexpired reservations hold there, read
     -- in one more (the holds from one scan of the account's active reservations).
-    SELECT pg_catalog.array_agg(locked.id ORDER BY locked.id) INTO v_budget_ids
-    FROM (
-        SELECT b.id FROM tokentrack.budgets AS b
-        WHERE b.account_id = p_account_id AND (b.subject IS NULL OR b.subject = ANY (p_subjects))
-        ORDER BY b.id
-        FOR UPDATE
-    ) AS locked;
+    SELECT pg_catalog.array_agg(b.id) INTO v_budget_ids FROM tokentrack.budgets AS b
+    WHERE b.account_id = p_account_id AND (b.subject IS NULL OR b.subject = ANY (p_subjects));
     IF v_budget_ids IS NOT NULL THEN
+        PERFORM tokentrack.lock_budgets(v_budget_ids);
         FOR v_budget IN
             WITH current_windows AS (
                 SELECT

@@ -14,7 +14,8 @@
 -- its value.
 -- A new limit takes effect at once, for the current window too: reservations already granted
 -- keep their holds (billing stays actual usage), new ones are checked against the new limit.
--- Locks: the budget row (FOR UPDATE; rank 4 of the global order, docs/REVIEW.md); nothing else.
+-- Locks: the budget (lock_budgets, rank 4 of the global order, docs/REVIEW.md), then its row
+--   (by the UPDATE); nothing else.
 -- Writes: the budgets row (insert, or update of limit_amount, timezone, thresholds) and one
 --   budget_changes row, unless nothing changed ("changed": false, nothing written).
 -- Answer: {"success": true, "budget_id", "created", "changed", "subject", "unit", "window",
@@ -139,11 +140,14 @@ BEGIN
     IF v_created THEN
         v_changed := true;
     ELSE
-        SELECT b.* INTO STRICT v_budget FROM tokentrack.budgets AS b
+        SELECT b.id INTO STRICT v_budget.id FROM tokentrack.budgets AS b
         WHERE
             b.account_id = p_account_id AND b.subject IS NOT DISTINCT FROM p_subject
-            AND b.unit = p_unit AND b.budget_window = p_window
-        FOR UPDATE;
+            AND b.unit = p_unit AND b.budget_window = p_window;
+        PERFORM tokentrack.lock_budgets(ARRAY[v_budget.id]);
+        -- Under the lock (a new statement: what a change that held it committed).
+        SELECT b.* INTO STRICT v_budget FROM tokentrack.budgets AS b
+        WHERE b.account_id = p_account_id AND b.id = v_budget.id;
         IF v_budget.limit_amount <> p_limit
             OR v_budget.timezone <> COALESCE(v_timezone, v_budget.timezone)
             OR v_budget.thresholds <> COALESCE(v_thresholds, v_budget.thresholds) THEN
