@@ -110,7 +110,7 @@ BEGIN
     WHERE p.id = v_reservation.period_id
     RETURNING p.* INTO v_period;
 
-    IF v_reservation.holds IS NOT NULL THEN
+    IF v_reservation.holds IS NOT NULL AND (v_tokens <> 0 OR v_cost <> 0) THEN
         PERFORM tokentrack.bill_budget_windows(v_reservation.account_id, v_reservation.holds, v_tokens, v_cost);
     END IF;
 

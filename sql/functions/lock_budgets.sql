@@ -22,17 +22,15 @@ LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $function$
-DECLARE
-    v_key bigint;
 BEGIN
-    FOR v_key IN
+    -- One statement: the keys sorted in the subquery, locked in that order by the outer scan.
+    PERFORM pg_catalog.pg_advisory_xact_lock(keys.k)
+    FROM (
         SELECT DISTINCT ('x' || pg_catalog.left(pg_catalog.replace(b.id::text, '-', ''), 16))::bit(64)::bigint AS k
         FROM pg_catalog.unnest(p_budget_ids) AS b (id)
         WHERE b.id IS NOT NULL
         ORDER BY k
-    LOOP
-        PERFORM pg_catalog.pg_advisory_xact_lock(v_key);
-    END LOOP;
+    ) AS keys;
 END
 $function$;
 

@@ -61,6 +61,7 @@ DECLARE
     v_budget record;
     v_requested bigint;
     v_holds jsonb := '[]'::jsonb;
+    v_new_windows jsonb := '[]'::jsonb;
     v_budgets jsonb := '[]'::jsonb;
 BEGIN
     IF NOT EXISTS (SELECT FROM tokentrack.accounts AS a WHERE a.id = p_account_id) THEN
@@ -211,7 +212,8 @@ BEGIN
                 c.budget_window,
                 c.window_start,
                 c.limit_amount - COALESCE(w.used, 0)
-                - COALESCE(CASE WHEN c.unit = 'tokens' THEN hd.tokens ELSE hd.cost END, 0) AS available
+                - COALESCE(CASE WHEN c.unit = 'tokens' THEN hd.tokens ELSE hd.cost END, 0) AS available,
+                w.budget_id IS NULL AS new_window
             FROM current_windows AS c
             LEFT JOIN tokentrack.budget_windows AS w
                 ON w.account_id = p_account_id AND w.budget_id = c.id AND w.window_start = c.window_start
@@ -239,6 +241,11 @@ BEGIN
                 );
             END IF;
             v_holds := v_holds || pg_catalog.jsonb_build_array(tokentrack.budget_hold(v_budget.id, v_budget.window_start));
+            IF v_budget.new_window THEN
+                v_new_windows := v_new_windows || pg_catalog.jsonb_build_array(
+                    tokentrack.budget_hold(v_budget.id, v_budget.window_start)
+                );
+            END IF;
             v_budgets := v_budgets || pg_catalog.jsonb_build_array(pg_catalog.jsonb_build_object(
                 'budget_id', v_budget.id,
                 'subject', v_budget.subject,
@@ -276,11 +283,12 @@ BEGIN
     )
     RETURNING * INTO v_reservation;
 
-    -- The windows' rows, so that billing finds them (under the budget locks: no two inserts race).
-    IF v_holds <> '[]'::jsonb THEN
+    -- The rows of the windows that have none yet, so that billing finds them (under the budget
+    -- locks: no two inserts race).
+    IF v_new_windows <> '[]'::jsonb THEN
         INSERT INTO tokentrack.budget_windows (account_id, budget_id, window_start)
         SELECT p_account_id, h.budget_id, h.window_start
-        FROM pg_catalog.jsonb_to_recordset(v_holds) AS h (budget_id uuid, window_start timestamptz)
+        FROM pg_catalog.jsonb_to_recordset(v_new_windows) AS h (budget_id uuid, window_start timestamptz)
         ON CONFLICT ON CONSTRAINT budget_windows_pkey DO NOTHING;
     END IF;
 
