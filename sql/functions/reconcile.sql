@@ -121,7 +121,8 @@ BEGIN
         FROM tokentrack.report_reservations AS rr
         CROSS JOIN LATERAL pg_catalog.jsonb_to_recordset(rr.holds) AS h (budget_id uuid, window_start timestamptz)
         INNER JOIN tokentrack.report_step_usage AS s ON s.report_id = rr.report_id AND s.billed_at IS NOT NULL
-        WHERE rr.holds IS NOT NULL AND (p_account_id IS NULL OR rr.account_id = p_account_id)
+        -- The account's reservations by their periods (report_reservations_period_idx).
+        WHERE rr.holds IS NOT NULL AND rr.period_id IN (SELECT periods.id FROM periods)
         GROUP BY rr.account_id, h.budget_id, h.window_start
     ),
 
@@ -164,7 +165,7 @@ BEGIN
         FROM tokentrack.report_reservations AS rr
         CROSS JOIN LATERAL pg_catalog.jsonb_to_recordset(rr.holds) AS h (budget_id uuid, window_start timestamptz)
         WHERE
-            rr.holds IS NOT NULL AND (p_account_id IS NULL OR rr.account_id = p_account_id)
+            rr.holds IS NOT NULL AND rr.period_id IN (SELECT periods.id FROM periods)
             AND NOT EXISTS (
                 SELECT FROM tokentrack.budget_windows AS w
                 WHERE w.account_id = rr.account_id AND w.budget_id = h.budget_id AND w.window_start = h.window_start

@@ -213,7 +213,14 @@ BEGIN
                 c.window_start,
                 c.limit_amount - COALESCE(w.used, 0)
                 - COALESCE(CASE WHEN c.unit = 'tokens' THEN hd.tokens ELSE hd.cost END, 0) AS available,
-                w.budget_id IS NULL AS new_window
+                w.budget_id IS NULL AS new_window,
+                -- As budget_hold builds it (inline: no function call per budget).
+                pg_catalog.jsonb_build_object(
+                    'budget_id', c.id,
+                    'window_start', pg_catalog.to_char(
+                        c.window_start AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'
+                    )
+                ) AS hold
             FROM current_windows AS c
             LEFT JOIN tokentrack.budget_windows AS w
                 ON w.account_id = p_account_id AND w.budget_id = c.id AND w.window_start = c.window_start
@@ -240,11 +247,9 @@ BEGIN
                     'requested', v_requested
                 );
             END IF;
-            v_holds := v_holds || pg_catalog.jsonb_build_array(tokentrack.budget_hold(v_budget.id, v_budget.window_start));
+            v_holds := v_holds || pg_catalog.jsonb_build_array(v_budget.hold);
             IF v_budget.new_window THEN
-                v_new_windows := v_new_windows || pg_catalog.jsonb_build_array(
-                    tokentrack.budget_hold(v_budget.id, v_budget.window_start)
-                );
+                v_new_windows := v_new_windows || pg_catalog.jsonb_build_array(v_budget.hold);
             END IF;
             v_budgets := v_budgets || pg_catalog.jsonb_build_array(pg_catalog.jsonb_build_object(
                 'budget_id', v_budget.id,
