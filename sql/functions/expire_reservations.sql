@@ -72,12 +72,15 @@ BEGIN
         FOREACH v_period IN ARRAY v_periods LOOP
             PERFORM FROM tokentrack.usage_periods AS p WHERE p.id = v_period FOR UPDATE;
         END LOOP;
-        PERFORM tokentrack.lock_budgets(ARRAY(
-            SELECT h.budget_id
+        PERFORM FROM tokentrack.budgets AS b
+        WHERE (b.account_id, b.id) IN (
+            SELECT rr.account_id, h.budget_id
             FROM tokentrack.report_reservations AS rr
             CROSS JOIN LATERAL pg_catalog.jsonb_to_recordset(rr.holds) AS h (budget_id uuid)
             WHERE rr.id = ANY (v_ids) AND rr.holds IS NOT NULL
-        ));
+        )
+        ORDER BY b.account_id, b.id
+        FOR UPDATE;
         FOREACH v_id IN ARRAY v_ids LOOP
             v_result := tokentrack.finalize_reservation(v_id, 'expired');
             IF NOT (v_result ->> 'already_finalized')::boolean THEN

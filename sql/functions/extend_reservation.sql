@@ -103,7 +103,7 @@ BEGIN
     END IF;
 
     IF v_reservation.holds IS NOT NULL THEN
-        PERFORM tokentrack.lock_reservation_budgets(v_reservation.holds);
+        PERFORM tokentrack.lock_reservation_budgets(p_account_id, v_reservation.holds);
         FOR v_hold IN
             SELECT h.budget_id, h.window_start
             FROM pg_catalog.jsonb_to_recordset(v_reservation.holds) AS h (budget_id uuid, window_start timestamptz)

@@ -72,7 +72,7 @@ BEGIN
 
     PERFORM FROM tokentrack.usage_periods AS p WHERE p.id = v_reservation.period_id FOR UPDATE;
     IF v_reservation.holds IS NOT NULL THEN
-        PERFORM tokentrack.lock_reservation_budgets(v_reservation.holds);
+        PERFORM tokentrack.lock_reservation_budgets(v_reservation.account_id, v_reservation.holds);
     END IF;
     SELECT r.* INTO v_report FROM tokentrack.reports AS r WHERE r.id = v_reservation.report_id FOR UPDATE;
 

@@ -66,7 +66,7 @@ BEGIN
     -- The held budgets before the report (rank 4, see docs/REVIEW.md): finalize_reservation
     -- locks them again (already held).
     IF v_reservation.holds IS NOT NULL THEN
-        PERFORM tokentrack.lock_reservation_budgets(v_reservation.holds);
+        PERFORM tokentrack.lock_reservation_budgets(v_reservation.account_id, v_reservation.holds);
     END IF;
     SELECT r.* INTO STRICT v_report FROM tokentrack.reports AS r WHERE r.id = p_report_id FOR UPDATE;
 

@@ -131,7 +131,7 @@ BEGIN
             -- Late: the report was billed. Bill this step at once, into the same period.
             PERFORM FROM tokentrack.usage_periods AS p WHERE p.id = v_reservation.period_id FOR UPDATE;
             IF v_reservation.holds IS NOT NULL THEN
-                PERFORM tokentrack.lock_reservation_budgets(v_reservation.holds);
+                PERFORM tokentrack.lock_reservation_budgets(p_account_id, v_reservation.holds);
             END IF;
             IF NOT EXISTS (
                 SELECT FROM tokentrack.report_step_usage AS s

@@ -19,8 +19,8 @@
 -- when it does not exist yet; a pending report becomes processing, with mode p_mode unless
 -- p_mode is NULL (try_reserve_tokens: the report keeps its mode, as in Part 1).
 -- Locks, in order: the account's active usage_periods row (FOR UPDATE, rank 3 of the global
---   order, docs/REVIEW.md), then every budget that applies (lock_budgets: advisory locks,
---   rank 4). A budget created after its ids were read does not apply to this reservation (as
+--   order, docs/REVIEW.md), then every budget that applies (lock_budgets: FOR UPDATE in id
+--   order, rank 4). A budget created after its ids were read does not apply to this reservation (as
 --   if it had been created after it).
 --   Every reserver of an account takes the period first, so reservation checks of one
 --   account run one at a time and never grant together more than is available, for every
@@ -174,7 +174,7 @@ BEGIN
     SELECT pg_catalog.array_agg(b.id) INTO v_budget_ids FROM tokentrack.budgets AS b
     WHERE b.account_id = p_account_id AND (b.subject IS NULL OR b.subject = ANY (p_subjects));
     IF v_budget_ids IS NOT NULL THEN
-        PERFORM tokentrack.lock_budgets(v_budget_ids);
+        PERFORM tokentrack.lock_budgets(p_account_id, v_budget_ids);
         FOR v_budget IN
             WITH current_windows AS (
                 SELECT

@@ -144,7 +144,7 @@ BEGIN
         WHERE
             b.account_id = p_account_id AND b.subject IS NOT DISTINCT FROM p_subject
             AND b.unit = p_unit AND b.budget_window = p_window;
-        PERFORM tokentrack.lock_budgets(ARRAY[v_budget.id]);
+        PERFORM tokentrack.lock_budgets(p_account_id, ARRAY[v_budget.id]);
         -- Under the lock (a new statement: what a change that held it committed).
         SELECT b.* INTO STRICT v_budget FROM tokentrack.budgets AS b
         WHERE b.account_id = p_account_id AND b.id = v_budget.id;

@@ -47,10 +47,10 @@ EXPECTED = {
     "tokentrack.extend_reservation(uuid,uuid,jsonb)",
     "tokentrack.budget_changes_are_append_only()",
     "tokentrack.budget_hold(uuid,timestamp with time zone)",
-    "tokentrack.lock_reservation_budgets(jsonb)",
+    "tokentrack.lock_reservation_budgets(uuid,jsonb)",
     "tokentrack.budget_window_start(text,text,timestamp with time zone,timestamp with time zone)",
     "tokentrack.bill_budget_windows(uuid,jsonb,bigint,bigint)",
-    "tokentrack.lock_budgets(uuid[])",
+    "tokentrack.lock_budgets(uuid,uuid[])",
 }
 
 
