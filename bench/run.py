@@ -19,7 +19,11 @@ throughput  pgbench at the same clients, threads and duration for simple-update 
             whole lifecycle), spread over 1,000 accounts and on one hot account, in rounds
             interleaved with simple-update; medians, ratios to simple-update, CPU and WAL per
             call, waits; record_step against persist_step_usage (the same priced step, by
-            token class), run next to each other in every round. --workloads picks some.
+            token class), run next to each other in every round; and reserve with three
+            budgets (the account's month, a team's day, a key's minute, on accounts of their
+            own) against try_reserve_tokens, and try_reserve_tokens against main's (database
+            bench_main, tokentrack rolled back to the version before budgets), the three
+            next to each other in every round. --workloads picks some.
 profile     each workload once more with pg_stat_statements.track = all: the statements inside
             the functions, where the time goes.
 client      the lifecycle through tokentrack_client (TokenTracker.track_report) with N asyncio
@@ -91,7 +95,9 @@ async def run_phases(args: argparse.Namespace, server: PostgresServer) -> dict[s
             if "client" in phases:
                 results["client"] = await phase_client.client(workloads)
             results["bench_db_reconcile_ok"] = await reconcile_ok(workloads.bench)
-            await workloads.bench.close()
+            if workloads.main is not None:
+                results["bench_main_db_reconcile_ok"] = await reconcile_ok(workloads.main)
+            await workloads.close()
         # growth and sweep: the large history database serves both.
         if "growth" in phases or "sweep" in phases:
             large = await phase_growth.setup_growth_db(session, "growth_large")

@@ -25,6 +25,17 @@ the prices are left as they are and unpriced steps cost nothing). Each step is p
 when it is recorded; the table shows each report's ``costMicros``. Prices and costs are in
 micros of one currency per installation (10^-6 of its unit); the demo's prices are US
 dollars, so the table prints micros as ``$0.001234``.
+
+Budgets (after the table): acme's ``team:research`` gets a daily budget of
+:data:`TEAM_DAY_LIMIT` tokens (``set_budget``). A standard report for the team (research-1)
+is refused by it (``insufficient_budget`` naming that budget) although acme's month would
+allow it: the same reservation without the team's subject is granted, in a transaction the
+demo rolls back. Then research-2 reserves for its first two steps only, decides mid-report to
+add a third (``extend_reservation``, granted within the team's day), and bills more than its
+first estimate without any step answering ``over_reservation``. ``reserve``, ``set_budget``
+and ``extend_reservation`` are called as SQL; the steps and the outcome go through the client.
+On a database given by ``--database-url`` that an earlier run used the same day, the team's
+day already holds that run's usage, and the refusals say so.
 """
 
 from __future__ import annotations
@@ -55,6 +66,7 @@ from tokentrack_client.usage import Usage
 __all__ = [
     "ACCOUNT_IDS",
     "PRICES",
+    "TEAM_DAY_LIMIT",
     "DemoError",
     "PostgresServerError",
     "main",
@@ -100,9 +112,14 @@ MODES: Final[dict[str, tuple[str, ...]]] = {
 }
 
 
+def worst_case(steps: Sequence[str]) -> int:
+    """The most tokens these steps can use (their profiles' maxima)."""
+    return sum(PROFILES[s][1][1] + PROFILES[s][2][1] + PROFILES[s][3] for s in steps)
+
+
 def estimate(mode: str) -> int:
     """What a report of ``mode`` reserves: the worst case of each of its steps."""
-    return sum(PROFILES[s][1][1] + PROFILES[s][2][1] + PROFILES[s][3] for s in MODES[mode])
+    return worst_case(MODES[mode])
 
 
 # Four accounts; initech's budget holds one standard report, not two.
@@ -118,6 +135,14 @@ ACCOUNTS: Final[dict[str, int]] = {
 ACCOUNT_IDS: Final[dict[str, uuid.UUID]] = {
     name: uuid.uuid5(uuid.NAMESPACE_DNS, f"{name}.demo.tokentrack.invalid") for name in ACCOUNTS
 }
+
+
+# The budget story: acme's research team has a daily token budget smaller than one standard
+# report, larger than research-2's first estimate and its extension together.
+TEAM: Final = "team:research"
+TEAM_DAY_LIMIT: Final = 20_000
+RESEARCH_PLAN: Final = ("AN0", "AN1.7")  # research-2's first estimate covers these
+RESEARCH_EXTRA: Final = "AN1.5"  # and mid-report it adds this one (extend_reservation)
 
 
 @dataclass
@@ -379,6 +404,157 @@ async def _table(pool: asyncpg.Pool[Any], reports: Sequence[DemoReport]) -> list
     return table
 
 
+async def _sql(pool: asyncpg.Pool[Any], function: str, *args: Any) -> dict[str, Any]:
+    """``SELECT tokentrack.<function>(args)``, its jsonb answer decoded."""
+    placeholders = ", ".join(f"${i}" for i in range(1, len(args) + 1))
+    answer = json.loads(await pool.fetchval(f"SELECT tokentrack.{function}({placeholders})", *args))
+    assert isinstance(answer, dict)
+    return answer
+
+
+def _refusal(answer: dict[str, Any]) -> str:
+    """A refusal of reserve or extend_reservation, naming the budget that refused."""
+    if answer.get("error") == "insufficient_budget":
+        return (
+            f"insufficient_budget: {answer['subject']}'s {answer['window']} budget has "
+            f"{answer['available']:,} {answer['unit']} available, {answer['requested']:,} "
+            "requested"
+        )
+    return str(answer.get("error"))
+
+
+def _team_window(answer: dict[str, Any], budget_id: str) -> dict[str, Any]:
+    """The team budget's entry in a grant's "budgets"."""
+    entry = next(b for b in answer["budgets"] if b["budget_id"] == budget_id)
+    assert isinstance(entry, dict)
+    return entry
+
+
+async def _budget_story(
+    pool: asyncpg.Pool[Any], tracker: TokenTracker, out: TextIO, latency: float
+) -> None:
+    """A team's daily budget refusing what the account's month would allow, and an extension
+    mid-report (see the module's docstring)."""
+    account = ACCOUNT_IDS["acme"]
+    budget = await _sql(pool, "set_budget", account, TEAM, "tokens", "day", TEAM_DAY_LIMIT)
+    budget_id = str(budget["budget_id"])
+    print(
+        f"budgets: acme's {TEAM} gets a daily budget of {TEAM_DAY_LIMIT:,} tokens "
+        f"(set_budget, days in {budget['timezone']})",
+        file=out,
+    )
+
+    # research-1: a standard report for the team, more than the team's day allows.
+    wanted = json.dumps({"tokens": estimate("standard")})
+    refused = await _sql(pool, "reserve", account, uuid.uuid4(), wanted, [TEAM], "standard")
+    if refused["success"]:  # pragma: no cover - the limit is below one standard report
+        raise DemoError(f"the team's day granted research-1: {refused}")
+    print(
+        f"  research-1 (standard, subjects {TEAM}): reserve {estimate('standard'):,} tokens: "
+        f"refused, {_refusal(refused)}",
+        file=out,
+    )
+    async with pool.acquire() as conn:
+        probe = conn.transaction()
+        await probe.start()
+        try:
+            month = json.loads(
+                await conn.fetchval(
+                    "SELECT tokentrack.reserve($1, $2, $3::jsonb, '{}', 'standard')",
+                    account,
+                    uuid.uuid4(),
+                    wanted,
+                )
+            )
+        finally:
+            await probe.rollback()
+    if month["success"]:
+        print(
+            "  acme's month would allow it: the same reservation without the team's subject "
+            f"is granted, {month['available_tokens']:,} tokens of the month to spare (rolled "
+            "back)",
+            file=out,
+        )
+    else:
+        print(f"  acme's month would refuse it too: {_refusal(month)}", file=out)
+
+    # research-2: reserves for its first steps, then extends mid-report for one more.
+    report = uuid.uuid4()
+    first = worst_case(RESEARCH_PLAN)
+    granted = await _sql(
+        pool, "reserve", account, report, json.dumps({"tokens": first}), [TEAM], "discovery"
+    )
+    if not granted["success"]:
+        print(
+            f"  research-2 (discovery, subjects {TEAM}): reserve {first:,} tokens: refused, "
+            f"{_refusal(granted)} (earlier runs used the team's day)",
+            file=out,
+            flush=True,
+        )
+        return
+    team = _team_window(granted, budget_id)
+    print(
+        f"  research-2 (discovery, subjects {TEAM}): reserve {first:,} tokens (the worst case "
+        f"of {' and '.join(RESEARCH_PLAN)}): granted; the team's day has {team['available']:,} "
+        "left",
+        file=out,
+        flush=True,
+    )
+    llm = FakeLLM(51, latency)
+    overrun = []
+
+    async def step(name: str) -> None:
+        model, usage = await llm.complete(name)
+        record = await tracker.record_step(report, account, name, usage, model)
+        if record.answer.get("over_reservation"):
+            overrun.append(name)
+
+    for name in RESEARCH_PLAN:
+        await step(name)
+    more = worst_case((RESEARCH_EXTRA,))
+    extended = await _sql(pool, "extend_reservation", report, account, json.dumps({"tokens": more}))
+    if extended["success"]:
+        team = _team_window(extended, budget_id)
+        print(
+            f"  mid-report research-2 adds {RESEARCH_EXTRA}: extend_reservation +{more:,} "
+            f"tokens: granted, {extended['reserved_tokens']:,} reserved; the team's day has "
+            f"{team['available']:,} left",
+            file=out,
+            flush=True,
+        )
+        await step(RESEARCH_EXTRA)
+    else:
+        print(
+            f"  mid-report research-2 would add {RESEARCH_EXTRA}: extend_reservation +{more:,} "
+            f"tokens: refused, {_refusal(extended)}; it completes without it",
+            file=out,
+            flush=True,
+        )
+    settled = await tracker.finish_report(report, account, "complete")
+    verdict = (
+        f"step {', '.join(overrun)} answered over_reservation"
+        if overrun
+        else "no step answered over_reservation"
+    )
+    print(
+        f"  research-2 complete: billed {settled.billed_tokens:,} tokens, more than its first "
+        f"estimate of {first:,}; {verdict}",
+        file=out,
+    )
+    used = await pool.fetchval(
+        "SELECT used FROM tokentrack.budget_windows"
+        " WHERE account_id = $1 AND budget_id = $2 AND window_start = $3::text::timestamptz",
+        account,
+        uuid.UUID(budget_id),
+        team["window_start"],
+    )
+    print(
+        f"  {TEAM}'s day (from {team['window_start']}): {used:,} of {TEAM_DAY_LIMIT:,} tokens used",
+        file=out,
+        flush=True,
+    )
+
+
 def _print_table(table: list[list[str]], out: TextIO, right: set[int]) -> None:
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
@@ -483,6 +659,12 @@ async def run_demo(dsn: str, out: TextIO = sys.stdout, *, latency: float = 0.25)
             "recorded (micros of the installation's currency; $ shown with 6 decimals)",
             file=out,
         )
+        if not interrupted:
+            print(file=out)
+            try:
+                await _budget_story(pool, tracker, out, latency)
+            except connection.DATABASE_ERRORS as exc:
+                raise DemoError(f"the budget story failed: {connection.failure_line(exc)}") from exc
         print(file=out)
         verdicts = [await tracker.reconcile(ids[name]) for name in ACCOUNTS]
         ok = all(v.ok for v in verdicts)

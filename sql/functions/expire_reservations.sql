@@ -15,7 +15,10 @@
 --   the only caller that holds several period rows at once; it finalizes its batch in
 --   (period_id, id) order, so it takes periods in ascending order and two sweeps cannot
 --   deadlock on periods either (in reservation id order, sweep A could hold period 1 and
---   wait for period 2 while sweep B held period 2 and waited for period 1).
+--   wait for period 2 while sweep B held period 2 and waited for period 1). Since version
+--   20261210000000 it locks every period of the batch (ascending) and then every budget the
+--   batch holds (ascending) before it bills any reservation, so that no period is locked after
+--   a budget.
 -- Batch: the longest-expired first, (expires_at, id), which report_reservations_active_by_expiry
 --   serves by a range scan of the due reservations only (ORDER BY id would walk the whole
 --   primary key, every reservation ever made, to find the due ones).
@@ -34,6 +37,8 @@ SET search_path = pg_catalog, pg_temp
 AS $function$
 DECLARE
     v_ids uuid[];
+    v_periods uuid[];
+    v_period uuid;
     v_id uuid;
     v_result jsonb;
     v_expired integer := 0;
@@ -58,6 +63,24 @@ BEGIN
     ) AS due;
 
     IF v_ids IS NOT NULL THEN
+        -- Since version 20261210000000: every period of the batch (ascending), then every budget
+        -- its reservations hold (ascending), before any of them is billed, so the sweep never
+        -- takes a period after a budget (rank 3 before rank 4, docs/REVIEW.md).
+        SELECT pg_catalog.array_agg(DISTINCT rr.period_id ORDER BY rr.period_id) INTO v_periods
+        FROM tokentrack.report_reservations AS rr WHERE rr.id = ANY (v_ids);
+        -- One by one (each by the primary key), in ascending order.
+        FOREACH v_period IN ARRAY v_periods LOOP
+            PERFORM FROM tokentrack.usage_periods AS p WHERE p.id = v_period FOR UPDATE;
+        END LOOP;
+        PERFORM FROM tokentrack.budgets AS b
+        WHERE (b.account_id, b.id) IN (
+            SELECT rr.account_id, h.budget_id
+            FROM tokentrack.report_reservations AS rr
+            CROSS JOIN LATERAL pg_catalog.jsonb_to_recordset(rr.holds) AS h (budget_id uuid)
+            WHERE rr.id = ANY (v_ids) AND rr.holds IS NOT NULL
+        )
+        ORDER BY b.account_id, b.id
+        FOR UPDATE;
         FOREACH v_id IN ARRAY v_ids LOOP
             v_result := tokentrack.finalize_reservation(v_id, 'expired');
             IF NOT (v_result ->> 'already_finalized')::boolean THEN

@@ -15,7 +15,10 @@
 -- When it is no longer active: locks nothing more, changes nothing and answers
 -- already_finalized with the billed_tokens recorded the first time.
 -- Locks, in order after the caller's reservation lock: the period row (FOR UPDATE), the
---   report row (FOR UPDATE), then the report's unbilled step rows (by the UPDATE).
+--   budgets the reservation holds (lock_budgets; since version 20261210000000), the
+--   report row (FOR UPDATE), then the report's unbilled step rows (by the UPDATE) and the held
+--   budget windows (by the UPDATE of their used: the billed tokens into tokens budgets, the
+--   billed cost into cost budgets).
 -- Why it cannot double-bill: steps are billed only here (and by the late path of
 --   persist_step_usage, which runs only after this reservation left 'active'); here only
 --   steps with billed_at IS NULL are billed, under the reservation lock that every new
@@ -68,6 +71,9 @@ BEGIN
     END IF;
 
     PERFORM FROM tokentrack.usage_periods AS p WHERE p.id = v_reservation.period_id FOR UPDATE;
+    IF v_reservation.holds IS NOT NULL THEN
+        PERFORM tokentrack.lock_reservation_budgets(v_reservation.account_id, v_reservation.holds);
+    END IF;
     SELECT r.* INTO v_report FROM tokentrack.reports AS r WHERE r.id = v_reservation.report_id FOR UPDATE;
 
     SELECT
@@ -103,6 +109,10 @@ BEGIN
     SET tokens_used = p.tokens_used + v_tokens, reports_count = p.reports_count + v_reports
     WHERE p.id = v_reservation.period_id
     RETURNING p.* INTO v_period;
+
+    IF v_reservation.holds IS NOT NULL AND (v_tokens <> 0 OR v_cost <> 0) THEN
+        PERFORM tokentrack.bill_budget_windows(v_reservation.account_id, v_reservation.holds, v_tokens, v_cost);
+    END IF;
 
     UPDATE tokentrack.report_reservations AS rr
     SET status = p_final_status, billed_tokens = v_tokens, finalized_at = pg_catalog.now()

@@ -10,8 +10,9 @@
 -- When the reservation was billed before the report had an outcome (finalize called first,
 -- or the sweep) and the outcome is complete, the report is counted then (1 to reports_count,
 -- with a report_completed ledger row), so that a completed report is counted exactly once.
--- Locks, in order: the reservation row (FOR UPDATE), the period row (FOR UPDATE), the report
---   row (FOR UPDATE), then through finalize_reservation the unbilled step rows.
+-- Locks, in order: the reservation row (FOR UPDATE), the period row (FOR UPDATE), the budgets
+--   the reservation holds (lock_budgets; since version 20261210000000), the report row
+--   (FOR UPDATE), then through finalize_reservation the unbilled step rows.
 -- Idempotent: the same outcome again is a retry (nothing changes, already_finalized true);
 --   another outcome is refused with report_finalized and nothing changes.
 -- Refusals: report_account_mismatch, reservation_not_found, report_finalized.
@@ -62,6 +63,11 @@ BEGIN
     WHERE rr.id = v_reservation_id;
 
     PERFORM FROM tokentrack.usage_periods AS p WHERE p.id = v_reservation.period_id FOR UPDATE;
+    -- The held budgets before the report (rank 4, see docs/REVIEW.md): finalize_reservation
+    -- locks them again (already held).
+    IF v_reservation.holds IS NOT NULL THEN
+        PERFORM tokentrack.lock_reservation_budgets(v_reservation.account_id, v_reservation.holds);
+    END IF;
     SELECT r.* INTO STRICT v_report FROM tokentrack.reports AS r WHERE r.id = p_report_id FOR UPDATE;
 
     IF v_report.status IN ('complete', 'failed', 'cancelled') THEN

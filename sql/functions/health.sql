@@ -29,6 +29,12 @@
 --                            steps recorded without a model) (since version 20261203000000)
 --   model_prices             how many prices model_prices holds (0: costs are not in use, so
 --                            unpriced steps are expected)
+--   budgets                  every budget in its current window (since version 20261210000000):
+--                            count, exhausted (used + held >= limit: it refuses every new
+--                            reservation that needs it), over_limit (used > limit: billed past
+--                            it, which billing may do), and nearest: the 10 nearest their
+--                            limits, [{account_id, budget_id, subject, unit, window,
+--                            window_start, used, held, limit}], by (used + held) / limit
 -- Figures, not verdicts: alert thresholds are the reader's (tokentrack monitor compares them).
 -- reconcile() is not part of it: it audits every period, so its cost grows with the history,
 -- while every figure here is read by index and costs what the window's traffic and the active
@@ -142,6 +148,28 @@ BEGIN
         ) AS s
         WHERE r.created_at >= v_since
         GROUP BY s.model
+    ),
+
+    budget_state AS (
+        SELECT
+            c.*,
+            COALESCE(w.used, 0) AS used,
+            tokentrack.budget_held(c.account_id, c.id, c.unit, c.window_start) AS held
+        FROM (
+            SELECT
+                b.account_id,
+                b.id,
+                b.subject,
+                b.unit,
+                b.budget_window,
+                b.limit_amount,
+                tokentrack.budget_window_start(
+                    b.budget_window, b.timezone, b.created_at, pg_catalog.now()
+                ) AS window_start
+            FROM tokentrack.budgets AS b
+        ) AS c
+        LEFT JOIN tokentrack.budget_windows AS w
+            ON w.account_id = c.account_id AND w.budget_id = c.id AND w.window_start = c.window_start
     ),
 
     by_hour AS (
@@ -273,6 +301,40 @@ BEGIN
             FROM window_steps AS ws
         ),
         'model_prices', (SELECT pg_catalog.count(*) FROM tokentrack.model_prices),
+        'budgets', pg_catalog.jsonb_build_object(
+            'count', (SELECT pg_catalog.count(*) FROM budget_state),
+            'exhausted', (
+                SELECT pg_catalog.count(*) FROM budget_state AS bs
+                WHERE bs.used + bs.held >= bs.limit_amount
+            ),
+            'over_limit', (
+                SELECT pg_catalog.count(*) FROM budget_state AS bs WHERE bs.used > bs.limit_amount
+            ),
+            'nearest', COALESCE((
+                SELECT pg_catalog.jsonb_agg(
+                    pg_catalog.jsonb_build_object(
+                        'account_id', n.account_id,
+                        'budget_id', n.id,
+                        'subject', n.subject,
+                        'unit', n.unit,
+                        'window', n.budget_window,
+                        'window_start', n.window_start,
+                        'used', n.used,
+                        'held', n.held,
+                        'limit', n.limit_amount
+                    )
+                    ORDER BY n.ratio DESC, n.account_id, n.id
+                )
+                FROM (
+                    SELECT
+                        bs.*,
+                        (bs.used + bs.held)::numeric / NULLIF(bs.limit_amount, 0)::numeric AS ratio
+                    FROM budget_state AS bs
+                    ORDER BY ratio DESC NULLS FIRST, bs.account_id, bs.id
+                    LIMIT 10
+                ) AS n
+            ), '[]'::jsonb)
+        ),
         'failure_rate', (
             SELECT t.failed::float8 / NULLIF(t.finished, 0)::float8 FROM totals AS t
         ),

@@ -18,13 +18,15 @@
 --     (FOR UPDATE), then the report row (its token_usage gains the step's total in
 --     totalTokens and lateTokens, 1 in lateSteps, its cost in costMicros, and 1 in
 --     unpricedSteps when it has none). The period lock also
---     serialises late steps of one report, so a late step is billed once.
+--     serialises late steps of one report, so a late step is billed once. Since version
+--     20261210000000 it also locks the budgets the reservation holds (after the period, in id
+--     order) and adds the step's tokens and cost to the windows the reservation was granted in.
 -- Cost: a new step with a model first takes model_prices IN ROW SHARE MODE (a table lock, in
 --   the fast path: it conflicts only with set_model_price's EXCLUSIVE), then prices itself with
 --   the price in effect at its completed_at (now(), the column's default), once: cost_micros is
 --   stored with the row and never recomputed. NULL when the model has no price then.
--- Global lock order (shared by every function): model_prices (table), reservation, period,
---   report, steps.
+-- Global lock order (shared by every function, docs/REVIEW.md): model_prices (table),
+--   reservation, period, budgets, report, steps and budget windows.
 -- Writes: one report_step_usage row; for a late step also one usage_ledger row (late_step),
 --   usage_periods.tokens_used and reports.token_usage.
 -- Idempotent: the same (report, step) with the same numbers (every class and the total) is a
@@ -32,8 +34,10 @@
 --   step_conflict and the first record stands. Answers for a report that already has an
 --   outcome carry "report_status".
 -- Answer keys: success, step_id, total_tokens, duplicate, late, cost_micros (and
---   report_status); refusals report_account_mismatch, reservation_not_found, step_conflict
---   (with step_id and the recorded numbers, every class).
+--   report_status; and once the report's recorded total_tokens pass its reserved_tokens,
+--   over_reservation true with over_by, reserved_tokens and recorded_tokens); refusals
+--   report_account_mismatch, reservation_not_found, step_conflict (with step_id and the
+--   recorded numbers, every class).
 -- Errors: 22001 a model over 200 characters.
 CREATE OR REPLACE FUNCTION tokentrack.record_step_usage(
     p_report_id uuid,
@@ -60,6 +64,7 @@ DECLARE
     v_inserted boolean := false;
     v_report_status text;
     v_answer jsonb;
+    v_recorded bigint;
 BEGIN
     IF pg_catalog.length(p_model) > 200 THEN
         RAISE EXCEPTION 'p_model must be at most 200 characters (got %)', pg_catalog.length(p_model)
@@ -103,7 +108,7 @@ BEGIN
         END IF;
 
         IF v_reservation.status = 'active' THEN
-            SELECT rr.status INTO v_reservation.status
+            SELECT rr.status, rr.reserved_tokens INTO v_reservation.status, v_reservation.reserved_tokens
             FROM tokentrack.report_reservations AS rr WHERE rr.id = v_reservation.id
             FOR SHARE;
         END IF;
@@ -125,6 +130,9 @@ BEGIN
         ELSE
             -- Late: the report was billed. Bill this step at once, into the same period.
             PERFORM FROM tokentrack.usage_periods AS p WHERE p.id = v_reservation.period_id FOR UPDATE;
+            IF v_reservation.holds IS NOT NULL THEN
+                PERFORM tokentrack.lock_reservation_budgets(p_account_id, v_reservation.holds);
+            END IF;
             IF NOT EXISTS (
                 SELECT FROM tokentrack.report_step_usage AS s
                 WHERE s.report_id = p_report_id AND s.step_name = p_step_name
@@ -165,6 +173,14 @@ BEGIN
                     + CASE WHEN v_cost IS NULL THEN 1 ELSE 0 END
                 )
                 WHERE r.id = p_report_id;
+
+                -- The windows its reservation was granted in (version 20261210000000; rank 6,
+                -- after the report).
+                IF v_reservation.holds IS NOT NULL THEN
+                    PERFORM tokentrack.bill_budget_windows(
+                        p_account_id, v_reservation.holds, p_total_tokens, COALESCE(v_cost, 0)
+                    );
+                END IF;
             END IF;
         END IF;
 
@@ -209,6 +225,19 @@ BEGIN
 
     IF v_report_status IN ('complete', 'failed', 'cancelled') THEN
         v_answer := v_answer || pg_catalog.jsonb_build_object('report_status', v_report_status);
+    END IF;
+    -- Overrun (version 20261210000000): the report's recorded tokens past what it reserved.
+    IF (v_answer ->> 'success')::boolean THEN
+        SELECT pg_catalog.sum(s.total_tokens) INTO v_recorded
+        FROM tokentrack.report_step_usage AS s WHERE s.report_id = p_report_id;
+        IF v_recorded > v_reservation.reserved_tokens THEN
+            v_answer := v_answer || pg_catalog.jsonb_build_object(
+                'over_reservation', true,
+                'over_by', v_recorded - v_reservation.reserved_tokens,
+                'reserved_tokens', v_reservation.reserved_tokens,
+                'recorded_tokens', v_recorded
+            );
+        END IF;
     END IF;
     RETURN v_answer;
 END

@@ -2,6 +2,10 @@
 --
 -- tokentrack.try_reserve_tokens(p_account_id, p_report_id, p_estimated_tokens) -> jsonb
 --
+-- Since version 20261210000000: reserve(p_account_id, p_report_id, {"tokens":
+-- p_estimated_tokens}) (reserve_usage does the work): the account's budgets apply too, and an
+-- answer may carry insufficient_budget; granted answers gain "budgets" (what each holds),
+-- insufficient_tokens gains period_id. Before that version:
 -- Reserves an estimate against the account's budget before a report starts:
 --   available = tokens_limit - tokens_used
 --               - reserved_tokens of the account's active, unexpired reservations
@@ -33,12 +37,6 @@ LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $function$
-DECLARE
-    v_period tokentrack.usage_periods%ROWTYPE;
-    v_report tokentrack.reports%ROWTYPE;
-    v_reservation tokentrack.report_reservations%ROWTYPE;
-    v_held bigint;
-    v_available bigint;
 BEGIN
     -- READ COMMITTED only: see require_read_committed.
     PERFORM tokentrack.require_read_committed('try_reserve_tokens');
@@ -57,122 +55,7 @@ BEGIN
             USING ERRCODE = '22023', COLUMN = 'p_estimated_tokens';
     END IF;
 
-    IF NOT EXISTS (SELECT FROM tokentrack.accounts AS a WHERE a.id = p_account_id) THEN
-        RETURN pg_catalog.jsonb_build_object(
-            'success', false, 'error', 'account_not_found',
-            'message', pg_catalog.format('account %s does not exist', p_account_id)
-        );
-    END IF;
-
-    SELECT r.* INTO v_report FROM tokentrack.reports AS r WHERE r.id = p_report_id;
-    IF FOUND AND v_report.account_id <> p_account_id THEN
-        RETURN pg_catalog.jsonb_build_object(
-            'success', false, 'error', 'report_account_mismatch',
-            'message', pg_catalog.format('report %s belongs to another account', p_report_id)
-        );
-    END IF;
-
-    v_period := tokentrack.lock_active_period(p_account_id);
-    IF v_period.id IS NULL THEN
-        RETURN pg_catalog.jsonb_build_object(
-            'success', false, 'error', 'no_active_period',
-            'message', pg_catalog.format('account %s has no active usage period', p_account_id)
-        );
-    END IF;
-
-    -- Under the period lock: what the account's active, unexpired reservations hold.
-    SELECT COALESCE(pg_catalog.sum(rr.reserved_tokens), 0) INTO v_held
-    FROM tokentrack.report_reservations AS rr
-    WHERE rr.account_id = p_account_id AND rr.status = 'active' AND rr.expires_at > pg_catalog.now();
-    v_available := v_period.tokens_limit - v_period.tokens_used - v_held;
-
-    SELECT rr.* INTO v_reservation FROM tokentrack.report_reservations AS rr WHERE rr.report_id = p_report_id;
-    IF FOUND AND v_reservation.account_id <> p_account_id THEN
-        -- The report was created by another account's reservation after the check above.
-        RETURN pg_catalog.jsonb_build_object(
-            'success', false, 'error', 'report_account_mismatch',
-            'message', pg_catalog.format('report %s belongs to another account', p_report_id)
-        );
-    END IF;
-    IF FOUND THEN
-        IF v_reservation.status = 'active' AND v_reservation.expires_at > pg_catalog.now() THEN
-            RETURN pg_catalog.jsonb_build_object(
-                'success', true,
-                'reservation_id', v_reservation.id,
-                'reserved_tokens', v_reservation.reserved_tokens,
-                'available_tokens', GREATEST(v_available, 0),
-                'expires_at', v_reservation.expires_at,
-                'period_id', v_reservation.period_id,
-                'existing', true
-            );
-        END IF;
-        -- report_finalized in each case (the report's one reservation is used up: an expired
-        -- one holds nothing, whether or not the sweep has run), with a message that says which.
-        RETURN pg_catalog.jsonb_build_object(
-            'success', false, 'error', 'report_finalized',
-            'message', CASE v_reservation.status
-                WHEN 'completed' THEN pg_catalog.format(
-                    'report %s was already billed (its reservation is completed)', p_report_id
-                )
-                WHEN 'expired' THEN pg_catalog.format(
-                    'report %s was already billed by the expiry sweep (its reservation expired at %s)',
-                    p_report_id, v_reservation.expires_at
-                )
-                ELSE pg_catalog.format(
-                    'report %s cannot be reserved again: its reservation expired at %s and holds '
-                    'nothing; the expiry sweep has not billed it yet and will bill its recorded steps',
-                    p_report_id, v_reservation.expires_at
-                )
-            END
-        );
-    END IF;
-    IF v_report.status IN ('complete', 'failed', 'cancelled') THEN
-        RETURN pg_catalog.jsonb_build_object(
-            'success', false, 'error', 'report_finalized',
-            'message', pg_catalog.format('report %s already ended as %s', p_report_id, v_report.status)
-        );
-    END IF;
-
-    IF p_estimated_tokens > v_available THEN
-        RETURN pg_catalog.jsonb_build_object(
-            'success', false, 'error', 'insufficient_tokens',
-            'message', pg_catalog.format(
-                'requested %s tokens, %s available', p_estimated_tokens, GREATEST(v_available, 0)
-            ),
-            'available_tokens', GREATEST(v_available, 0),
-            'requested_tokens', p_estimated_tokens
-        );
-    END IF;
-
-    IF v_report.id IS NULL THEN
-        INSERT INTO tokentrack.reports (id, account_id, status)
-        VALUES (p_report_id, p_account_id, 'processing')
-        ON CONFLICT (id) DO NOTHING;
-        IF NOT FOUND THEN
-            -- Created at this moment by another account's reservation (same-account callers
-            -- are serialised by the period lock and would have seen it above).
-            RETURN pg_catalog.jsonb_build_object(
-                'success', false, 'error', 'report_account_mismatch',
-                'message', pg_catalog.format('report %s belongs to another account', p_report_id)
-            );
-        END IF;
-    ELSIF v_report.status = 'pending' THEN
-        UPDATE tokentrack.reports AS r SET status = 'processing' WHERE r.id = p_report_id;
-    END IF;
-
-    INSERT INTO tokentrack.report_reservations (report_id, account_id, period_id, reserved_tokens)
-    VALUES (p_report_id, p_account_id, v_period.id, p_estimated_tokens)
-    RETURNING * INTO v_reservation;
-
-    RETURN pg_catalog.jsonb_build_object(
-        'success', true,
-        'reservation_id', v_reservation.id,
-        'reserved_tokens', v_reservation.reserved_tokens,
-        'available_tokens', v_available - p_estimated_tokens,
-        'expires_at', v_reservation.expires_at,
-        'period_id', v_reservation.period_id,
-        'existing', false
-    );
+    RETURN tokentrack.reserve_usage(p_account_id, p_report_id, p_estimated_tokens, NULL, '{}', NULL);
 END
 $function$;
 

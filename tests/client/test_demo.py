@@ -17,7 +17,7 @@ from pathlib import Path
 
 import asyncpg
 
-from tokentrack_client.demo import ACCOUNT_IDS
+from tokentrack_client.demo import ACCOUNT_IDS, ACCOUNTS, TEAM_DAY_LIMIT, estimate, worst_case
 
 REPORTS = {
     "acme-1": "standard",
@@ -40,6 +40,9 @@ PRICES = {
     "o3-mini": (1_100_000, 550_000, 1_100_000, 4_400_000, 4_400_000),
 }
 COST = re.compile(r"^\$\d+\.\d{6}$")
+STANDARD = estimate("standard")  # research-1's estimate: more than the team's day allows
+FIRST = worst_case(("AN0", "AN1.7"))  # research-2's first estimate
+MORE = worst_case(("AN1.5",))  # and its extension
 
 
 def demo_env(database_url: str | None = None) -> dict[str, str]:
@@ -90,6 +93,62 @@ def assert_no_server_left(output: str) -> None:
         assert sock.connect_ex(("127.0.0.1", port)) != 0
 
 
+def tokens(text: str) -> int:
+    return int(text.replace(",", ""))
+
+
+def check_budget_story(output: str, rows: dict[str, list[str]]) -> int:
+    """The budget lines of a first run on a database (the team's day unused): research-1
+    refused by the team's day while acme's month has room, research-2 extended mid-report and
+    billed past its first estimate without over_reservation. Returns what research-2 billed."""
+    assert STANDARD > TEAM_DAY_LIMIT >= FIRST + MORE  # the story's premise
+    assert (
+        f"budgets: acme's team:research gets a daily budget of {TEAM_DAY_LIMIT:,} tokens "
+        "(set_budget, days in UTC)" in output
+    )
+    assert (
+        f"  research-1 (standard, subjects team:research): reserve {STANDARD:,} tokens: refused, "
+        f"insufficient_budget: team:research's day budget has {TEAM_DAY_LIMIT:,} tokens "
+        f"available, {STANDARD:,} requested" in output
+    )
+    # acme's month: its limit less what acme-1 and acme-2 billed, less research-1's estimate.
+    month = re.search(
+        r"^  acme's month would allow it: the same reservation without the team's subject is "
+        r"granted, ([\d,]+) tokens of the month to spare \(rolled back\)$",
+        output,
+        re.M,
+    )
+    assert month, output
+    billed_acme = tokens(rows["acme-1"][3]) + tokens(rows["acme-2"][3])
+    assert tokens(month.group(1)) == ACCOUNTS["acme"] - billed_acme - STANDARD
+    assert (
+        f"  research-2 (discovery, subjects team:research): reserve {FIRST:,} tokens (the worst "
+        f"case of AN0 and AN1.7): granted; the team's day has {TEAM_DAY_LIMIT - FIRST:,} left"
+        in output
+    )
+    assert (
+        f"  mid-report research-2 adds AN1.5: extend_reservation +{MORE:,} tokens: granted, "
+        f"{FIRST + MORE:,} reserved; the team's day has {TEAM_DAY_LIMIT - FIRST - MORE:,} left"
+        in output
+    )
+    done = re.search(
+        rf"^  research-2 complete: billed ([\d,]+) tokens, more than its first estimate of "
+        rf"{FIRST:,}; no step answered over_reservation$",
+        output,
+        re.M,
+    )
+    assert done, output
+    billed = tokens(done.group(1))
+    assert FIRST < billed <= FIRST + MORE
+    assert re.search(
+        rf"^  team:research's day \(from \S+T00:00:00\+00:00\): {billed:,} of "
+        rf"{TEAM_DAY_LIMIT:,} tokens used$",
+        output,
+        re.M,
+    ), output
+    return billed
+
+
 def check_table(output: str) -> dict[str, list[str]]:
     rows = table_rows(output)
     assert set(rows) == set(REPORTS), output
@@ -135,6 +194,7 @@ async def test_the_demo_runs_on_its_own_server_and_leaves_nothing_behind(
     refused = next(rows[n] for n in ("initech-1", "initech-2") if rows[n][1] == "refused")
     assert refused[2:6] == ["-", "0", "-", "0"]
     assert "prices set (micros of one currency per installation" in output
+    check_budget_story(output, rows)
     assert re.search(r"^reconcile: ok \(4 accounts, 4 periods checked", output, re.M), output
     assert_no_server_left(output)
 
@@ -167,6 +227,7 @@ def test_ctrl_c_cancels_the_running_reports_and_removes_the_server() -> None:
     rows = check_table(output)
     assert "processing" not in {row[1] for row in rows.values()}  # every report has an outcome
     assert "cancelled" in {row[1] for row in rows.values()}
+    assert "budgets: " not in output  # the budget story does not start once interrupted
     assert re.search(r"^reconcile: ok", output, re.M), output
     assert_no_server_left(output)
 
@@ -246,6 +307,7 @@ async def check_costs(conn: asyncpg.Connection, since: dt.datetime, output: str)
 
 
 async def test_the_demo_uses_the_database_given_on_its_command_line(empty_db_dsn: str) -> None:
+    billed = [0]
     for run in range(2):  # the second run finds the SQL installed and its own accounts there
         since = dt.datetime.now(dt.UTC)
         result = await run_demo_on(empty_db_dsn)
@@ -254,8 +316,30 @@ async def test_the_demo_uses_the_database_given_on_its_command_line(empty_db_dsn
         assert "throwaway" not in result.stdout
         expected = "is now at version" if run == 0 else "is up to date"
         assert expected in result.stdout
-        check_table(result.stdout)
+        rows = check_table(result.stdout)
         assert re.search(r"^reconcile: ok", result.stdout, re.M)
+        if run == 0:
+            billed[0] = check_budget_story(result.stdout, rows)
+        else:
+            # The same day (the window has not turned since run 0): the team's day holds run
+            # 0's usage, so both research reports are refused by it, and say so.
+            # (Unless the UTC day turned between the two runs: then it is run 0's story.)
+            left = TEAM_DAY_LIMIT - billed[0]
+            if f"day budget has {left:,} tokens available" in result.stdout:
+                assert (
+                    f"  research-1 (standard, subjects team:research): reserve {STANDARD:,} "
+                    f"tokens: refused, insufficient_budget: team:research's day budget has "
+                    f"{left:,} tokens available, {STANDARD:,} requested" in result.stdout
+                )
+                assert (
+                    f"  research-2 (discovery, subjects team:research): reserve {FIRST:,} "
+                    f"tokens: refused, insufficient_budget: team:research's day budget has "
+                    f"{left:,} tokens available, {FIRST:,} requested (earlier runs used the "
+                    "team's day)" in result.stdout
+                )
+                assert "research-2 complete" not in result.stdout
+            else:  # pragma: no cover - only across midnight UTC
+                assert f"reserve {FIRST:,} tokens (the worst case" in result.stdout
         conn = await asyncpg.connect(empty_db_dsn)
         try:
             await check_costs(conn, since, result.stdout)
@@ -275,12 +359,22 @@ async def test_the_demo_uses_the_database_given_on_its_command_line(empty_db_dsn
             "standard": 6,
             "dd": 2,
             "hybrid": 4,
-            "discovery": 4,
+            "discovery": 5,  # run 0's research-2 too, its mode set by reserve
         }
         accounts = await conn.fetch("SELECT id FROM tokentrack.accounts")
         assert {r["id"] for r in accounts} == set(ACCOUNT_IDS.values())  # the same four
         verdict = await conn.fetchval("SELECT tokentrack.reconcile(NULL) ->> 'ok'")
         assert verdict == "true"
+        # One team budget, created once (set_budget again with the same limit changes nothing);
+        # its windows used what the team's reports were billed, run 0's research-2 among them.
+        budgets = await conn.fetch("SELECT id, subject, budget_window FROM tokentrack.budgets")
+        assert [(r["subject"], r["budget_window"]) for r in budgets] == [("team:research", "day")]
+        assert await conn.fetchval("SELECT count(*) FROM tokentrack.budget_changes") == 1
+        used = await conn.fetchval("SELECT sum(used) FROM tokentrack.budget_windows")
+        team_billed = await conn.fetchval(
+            "SELECT sum(billed_tokens) FROM tokentrack.report_reservations WHERE holds IS NOT NULL"
+        )
+        assert used == team_billed >= billed[0] > 0
     finally:
         await conn.close()
 

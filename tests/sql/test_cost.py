@@ -231,7 +231,7 @@ async def test_persist_step_usage_prices_its_step_too_with_no_other_classes(
 ) -> None:
     await set_price(conn, "gpt-4o", {"input": 2_500_000, "output": 10_000_000})
     account = await new_account(conn)
-    report, _ = await reserve(conn, account)
+    report, _ = await reserve(conn, account, 2_000)  # within it: no over_reservation key
     answer = await step(conn, report, account, "AN0", 1_000, 100, None, "gpt-4o")
     assert set(answer) == {"success", "step_id", "total_tokens", "duplicate", "late"}
     row = await step_row(conn, answer["step_id"])

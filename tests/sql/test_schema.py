@@ -23,6 +23,9 @@ PUBLIC_API = {
     "sweep_expired_reservations(integer)",
     "health(integer)",
     "record_step(uuid,uuid,text,jsonb,text)",
+    "reserve(uuid,uuid,jsonb,text[],text)",
+    "extend_reservation(uuid,uuid,jsonb)",
+    "set_budget(uuid,text,text,text,bigint,jsonb)",
 }
 
 # Functions that run with the caller's rights: the replaceable account hook, the trigger
@@ -34,6 +37,7 @@ INVOKER_RIGHTS = (
     "usage_ledger_is_append_only",
     "report_step_usage_billed_is_immutable",
     "model_prices_are_immutable",
+    "budget_changes_are_append_only",
     "sweep_expired_reservations",
 )
 
@@ -183,7 +187,8 @@ async def test_every_table_has_row_level_security_and_a_comment(conn: asyncpg.Co
     # table) hold no account data: a comment, but no row level security.
     bookkeeping = {"schema_migrations", "schema_functions"}
     no_account_data = bookkeeping | {"model_prices"}
-    assert {r["relname"] for r in rows} == set(TABLES) | no_account_data
+    budgets = {"budgets", "budget_changes", "budget_windows"}  # version 20261210000000
+    assert {r["relname"] for r in rows} == set(TABLES) | no_account_data | budgets
     for r in rows:
         assert r["comment"], r["relname"]
         if r["relname"] not in no_account_data:

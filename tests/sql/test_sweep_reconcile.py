@@ -177,6 +177,7 @@ async def test_reconcile_is_ok_on_a_healthy_database(conn: asyncpg.Connection) -
         "ok": True,
         "periods_checked": 2,
         "costs_checked": 0,  # no step has a cost: no price is set
+        "budget_windows_checked": 0,  # no budget is set
         "discrepancies": [],
     }
     one = await call(conn, "reconcile", a)
