@@ -34,6 +34,7 @@ def grant(rid: str, reserved: int, available: int) -> dict[str, Any]:
         "reserved_tokens": reserved,
         "available_tokens": available,
         "period_id": "p0",
+        "budgets": [],
     }
 
 
