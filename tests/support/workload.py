@@ -399,6 +399,7 @@ class Workload:
     reports: int
     rounds: list[list[list[Op]]]
     final_sweep: int | None = None  # the settling sweep: None cleanup(), else CALL (batch)
+    budgets: list[SetBudget] = field(default_factory=list)  # created before the first round
 
 
 @dataclass
@@ -564,7 +565,7 @@ class Harness:
 async def run_workload(dsn: str, workload: Workload) -> None:
     """One hypothesis example: every round, then the settling sweep; fails on a violation."""
     lanes = max((len(r) for r in workload.rounds), default=1)
-    harness = await Harness.create(dsn, workload.limits, workload.reports, lanes)
+    harness = await Harness.create(dsn, workload.limits, workload.reports, lanes, workload.budgets)
     try:
         for number, lanes_of_round in enumerate(workload.rounds):
             violations = await harness.round(lanes_of_round)
@@ -605,9 +606,12 @@ def step_numbers(report: str, step: str, variant: int) -> tuple[int, int, int | 
     return inp, out, total
 
 
-def persist_op(report: str, account: str, step: str, variant: int) -> Persist:
+def persist_op(report: str, account: str, step: str, variant: int, record: bool = False) -> Persist:
+    """A step of ``report`` (see step_numbers); ``record``: through record_step."""
     inp, out, total = step_numbers(report, step, variant)
-    return Persist(report, account, step, inp, out, total, "model-x" if variant else None)
+    return Persist(
+        report, account, step, inp, out, total, PRICED_MODEL if variant else None, record
+    )
 
 
 @st.composite
@@ -693,3 +697,143 @@ def workloads(draw: st.DrawFn, storm: bool = False, max_rounds: int = 6) -> Work
         st.lists(lanes_of(accounts, reports, storm, lanes), min_size=1, max_size=max_rounds)
     )
     return Workload(limits, reports, [opening, *rounds], draw(st.sampled_from((None, 1, 3))))
+
+
+# Budget mixes: every account has some of these budgets (limits drawn per example), reports
+# reserve with subjects that share them, so that racing reservations meet several tight budgets
+# at once, in minute, hour, day, week, month and total windows, in tokens and in cost.
+BUDGET_KINDS: tuple[tuple[str | None, str, str, str | None, tuple[int, ...]], ...] = (
+    (None, "tokens", "month", None, (120, 200, 320)),
+    ("team:red", "tokens", "day", None, (60, 100, 150)),
+    ("team:blue", "tokens", "day", None, (50, 90)),
+    ("key:k1", "tokens", "minute", None, (40, 60, 90)),
+    ("key:k2", "tokens", "minute", None, (30, 70)),
+    ("user:u1", "tokens", "hour", None, (50, 100)),
+    (None, "cost_micros", "total", None, (150, 300)),
+    ("team:red", "cost_micros", "week", "Europe/Berlin", (80, 200)),
+)
+# Created only by a set_budget of a round, racing the reservations that it then applies to.
+LATE_BUDGET = ("key:k3", "tokens", "minute", None, (25, 60))
+SUBJECT_SETS: tuple[tuple[str, ...], ...] = (
+    (),
+    ("team:red",),
+    ("team:red", "key:k1"),
+    ("team:red", "key:k2"),
+    ("team:blue", "key:k1", "user:u1"),
+    ("team:blue", "key:k3"),
+    ("key:k2", "user:u1"),
+    ("team:red", "key:k1", "key:k3", "user:u1"),
+)
+BUDGET_LIMITS = (150, 250, 400, 1000)  # the periods': budgets bind first, mostly
+COSTS = (None, None, 0, 15, 40)  # explicit cost estimates (None: none)
+EXTRAS = (5, 15, 30, 60)
+MODES = ("standard", "dd", "discovery", "hybrid")
+
+
+def budget_op(
+    kind: tuple[str | None, str, str, str | None, tuple[int, ...]], account: str, limit: int
+) -> SetBudget:
+    subject, unit, window, timezone, _ = kind
+    return SetBudget(account, subject, unit, window, limit, timezone)
+
+
+@st.composite
+def budget_sets(draw: st.DrawFn, accounts: int) -> list[SetBudget]:
+    """Every account's budgets: the account's month and a random choice of the others."""
+    chosen = []
+    for a in range(accounts):
+        kinds = [BUDGET_KINDS[0]] + [k for k in BUDGET_KINDS[1:] if draw(st.booleans())]
+        for kind in kinds:
+            chosen.append(budget_op(kind, f"a{a}", draw(st.sampled_from(kind[4]))))
+    return chosen
+
+
+@st.composite
+def reserve_ops(draw: st.DrawFn, account: str, report: str) -> Reserve:
+    """A reservation with subjects and a cost estimate (or, a sixth of them, try_reserve_tokens)."""
+    estimate = draw(st.sampled_from(ESTIMATES))
+    if draw(st.integers(0, 5)) == 0:
+        return Reserve(account, report, estimate)
+    priced = draw(st.integers(0, 3)) == 0
+    return Reserve(
+        account,
+        report,
+        estimate,
+        draw(st.sampled_from(SUBJECT_SETS)),
+        None if priced else draw(st.sampled_from(COSTS)),
+        priced,
+        draw(st.sampled_from(MODES)),
+    )
+
+
+@st.composite
+def budget_operations(draw: st.DrawFn, accounts: int, reports: int, storm: bool = False) -> Op:
+    """One operation of a budget mix (``storm``: mostly reservations, extensions and what
+    frees them)."""
+    r = draw(st.integers(0, reports - 1))
+    report, owner = f"r{r}", f"a{r % accounts}"
+    kinds = (
+        ["reserve"] * 6 + ["extend"] * 3 + ["finalize", "expire", "sweep", "set_budget", "persist"]
+        if storm
+        else ["reserve"] * 4
+        + ["extend"] * 3
+        + ["persist"] * 4
+        + ["finalize", "finish", "expire", "sweep", "set_budget", "increment", "foreign"]
+        + ["open_period"]
+    )
+    kind = draw(st.sampled_from(kinds))
+    if kind == "reserve":
+        return draw(reserve_ops(owner, report))
+    if kind == "open_period":  # reservations of the old period stay (and may be extended)
+        return OpenPeriod(owner, draw(st.sampled_from(BUDGET_LIMITS)))
+    if kind == "extend":
+        priced = draw(st.integers(0, 3)) == 0
+        cost = None if priced else draw(st.sampled_from(COSTS))
+        return Extend(report, owner, draw(st.sampled_from(EXTRAS)), cost, priced)
+    if kind == "persist":
+        step = draw(st.sampled_from(STEP_NAMES))
+        return persist_op(
+            report, owner, step, draw(st.sampled_from((0, 0, 1, 1, 2))), draw(st.booleans())
+        )
+    if kind == "finalize":
+        return Finalize(report, owner)
+    if kind == "finish":
+        status = draw(st.sampled_from(STATUSES))
+        return Finish(report, owner, status, "boom" if status == "failed" else None)
+    if kind == "expire":
+        return Expire(report)
+    if kind == "sweep":
+        return Sweep(draw(st.sampled_from((None, 1, 2))))
+    if kind == "set_budget":
+        budget = draw(st.sampled_from((*BUDGET_KINDS, LATE_BUDGET)))
+        limit = draw(st.sampled_from((0, *budget[4], 10 * budget[4][-1])))
+        return budget_op(budget, f"a{draw(st.integers(0, accounts - 1))}", limit)
+    if kind == "increment":
+        return Increment(owner, draw(st.sampled_from(INCREMENTS)))
+    # foreign: the right report, the wrong account, or a report nobody reserved
+    other = f"a{(r + 1) % accounts}" if accounts > 1 else NO_PERIOD
+    if draw(st.booleans()):
+        return Extend(report, other, 5)
+    return Extend(f"x{draw(st.integers(0, 3))}", owner, 5)
+
+
+@st.composite
+def budget_workloads(draw: st.DrawFn, storm: bool = False, max_rounds: int = 5) -> Workload:
+    """Accounts with several tight budgets each; the first round reserves every report at
+    once with its subjects (a race on budgets they share), the random rounds after it mix
+    reservations, extensions, steps (late ones too), endings, expiry, sweeps and limit
+    changes."""
+    accounts = 1 if storm else draw(st.integers(1, 2))
+    reports = 8 if storm else draw(st.integers(3, 6))
+    lanes = 6 if storm else 5
+    limits = [draw(st.sampled_from(BUDGET_LIMITS)) for _ in range(accounts)]
+    budgets = draw(budget_sets(accounts))
+    opening: list[list[Op]] = [[] for _ in range(min(lanes, reports))]
+    for r in range(reports):
+        opening[r % len(opening)].append(draw(reserve_ops(f"a{r % accounts}", f"r{r}")))
+    op = budget_operations(accounts, reports, storm)
+    lanes_of_round = st.lists(st.lists(op, min_size=1, max_size=3), min_size=1, max_size=lanes)
+    rounds = draw(st.lists(lanes_of_round, min_size=1, max_size=max_rounds))
+    return Workload(
+        limits, reports, [opening, *rounds], draw(st.sampled_from((None, 1, 3))), budgets
+    )
