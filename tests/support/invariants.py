@@ -109,12 +109,22 @@ CREATE TABLE IF NOT EXISTS tokentrack_probe.extensions (
 CREATE OR REPLACE FUNCTION tokentrack_probe.record_hold() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $probe$
 DECLARE
+    -- Read as JSON: no dependency on the budgets version's columns (its rollback drops them).
+    v_new jsonb := to_jsonb(NEW);
+    v_holds jsonb := to_jsonb(NEW) -> 'holds';
     v_kind text := CASE WHEN TG_OP = 'INSERT' THEN 'reserve' ELSE 'extend' END;
     v_budget record;
     v_period tokentrack.usage_periods%ROWTYPE;
     v_held bigint;
 BEGIN
+    IF NOT v_new ? 'holds' THEN
+        RETURN NULL;
+    END IF;
     IF TG_OP = 'UPDATE' THEN
+        IF NEW.reserved_tokens = OLD.reserved_tokens
+           AND (v_new -> 'reserved_cost_micros') = (to_jsonb(OLD) -> 'reserved_cost_micros') THEN
+            RETURN NULL;  -- not an extension (billing, expiry)
+        END IF;
         SELECT p.* INTO v_period FROM tokentrack.usage_periods AS p
         WHERE p.id = NEW.period_id FOR NO KEY UPDATE;
         SELECT COALESCE(sum(rr.reserved_tokens), 0) INTO v_held
@@ -125,16 +135,16 @@ BEGIN
         VALUES (NEW.id, NEW.reserved_tokens, NEW.period_id, v_period.tokens_limit,
                 v_period.tokens_used, v_held);
     END IF;
-    IF NEW.holds IS NULL THEN
+    IF jsonb_typeof(v_holds) IS DISTINCT FROM 'array' THEN
         RETURN NULL;
     END IF;
     PERFORM FROM tokentrack.budgets AS b
     WHERE b.account_id = NEW.account_id
-      AND b.id IN (SELECT h.budget_id FROM jsonb_to_recordset(NEW.holds) AS h (budget_id uuid))
+      AND b.id IN (SELECT h.budget_id FROM jsonb_to_recordset(v_holds) AS h (budget_id uuid))
     ORDER BY b.id FOR NO KEY UPDATE;
     FOR v_budget IN
         SELECT b.id, b.unit, b.limit_amount, h.window_start
-        FROM jsonb_to_recordset(NEW.holds) AS h (budget_id uuid, window_start timestamptz)
+        FROM jsonb_to_recordset(v_holds) AS h (budget_id uuid, window_start timestamptz)
         JOIN tokentrack.budgets AS b ON b.account_id = NEW.account_id AND b.id = h.budget_id
         ORDER BY b.id
     LOOP
@@ -163,9 +173,7 @@ CREATE TRIGGER zz_probe_hold AFTER INSERT ON tokentrack.report_reservations
 FOR EACH ROW EXECUTE FUNCTION tokentrack_probe.record_hold();
 DROP TRIGGER IF EXISTS zz_probe_raise ON tokentrack.report_reservations;
 CREATE TRIGGER zz_probe_raise AFTER UPDATE ON tokentrack.report_reservations
-FOR EACH ROW WHEN (NEW.reserved_tokens <> OLD.reserved_tokens
-                   OR NEW.reserved_cost_micros IS DISTINCT FROM OLD.reserved_cost_micros)
-EXECUTE FUNCTION tokentrack_probe.record_hold();
+FOR EACH ROW EXECUTE FUNCTION tokentrack_probe.record_hold();
 """
 
 
