@@ -2,9 +2,11 @@
 -- own throwaway database; never part of the tokentrack SQL.
 --
 -- Ids are deterministic so that pgbench scripts can name accounts and reports by number:
---   bench.account(n)      account n: 0 is the hot account, 1..1000 the spread accounts
+--   bench.account(n)      account n: 0 is the hot account, 1..1000 the spread accounts;
+--                         1000000 + n: the same, with three budgets each (reserve-budgets)
 --   bench.report(kind, n) report n of a kind: 1 long-lived (step workload), 2 seeded for the
---                         finalize workload, 3 history (growth), 4 expired (sweep)
+--                         finalize workload, 3 history (growth), 4 expired (sweep), 5
+--                         long-lived with budgets (the budget accounts' own)
 -- Every seeding function keeps the data consistent with the contract: billed rows have their
 -- usage_ledger row and their period's tokens_used, so tokentrack.reconcile() stays ok.
 
@@ -45,6 +47,44 @@ BEGIN
         IF NOT (v_answer ->> 'success')::boolean THEN
             RAISE EXCEPTION 'seeding a long-lived reservation was refused: %', v_answer;
         END IF;
+    END LOOP;
+END
+$$;
+
+-- The budget accounts of the reserve-budgets workload: accounts p_offset + n for n in
+-- 0..p_accounts (0 the hot one), each with an active period of p_limit tokens and three
+-- budgets of p_limit tokens (never the limit of a run): the account's month (subject NULL), its
+-- team's day (team:t<account number>) and its key's minute (key:k<account number>); and, as
+-- the plain accounts have (Session.create_database, Workloads.setup), long-lived reservations
+-- holding all three: one per spread account, p_hot_reports for the hot one.
+-- PL/pgSQL: its body names functions that an older tokentrack (a database rolled back to it)
+-- does not have, and is only planned when called.
+CREATE FUNCTION bench.seed_budget_accounts(
+    p_offset integer, p_accounts integer, p_limit bigint, p_hot_reports integer
+)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_a integer;
+    v_k integer;
+    v_answer jsonb;
+BEGIN
+    FOR v_a IN SELECT p_offset + n FROM generate_series(0, p_accounts) AS n LOOP
+        PERFORM tokentrack.open_usage_period(bench.account(v_a), p_limit);
+        PERFORM tokentrack.set_budget(bench.account(v_a), NULL, 'tokens', 'month', p_limit);
+        PERFORM tokentrack.set_budget(bench.account(v_a), 'team:t' || v_a, 'tokens', 'day', p_limit);
+        PERFORM tokentrack.set_budget(bench.account(v_a), 'key:k' || v_a, 'tokens', 'minute', p_limit);
+        FOR v_k IN 1..CASE WHEN v_a = p_offset THEN p_hot_reports ELSE 1 END LOOP
+            v_answer := tokentrack.reserve(
+                bench.account(v_a), bench.report(5, v_a::bigint * 100 + v_k), '{"tokens": 1000}',
+                ARRAY['team:t' || v_a, 'key:k' || v_a]
+            );
+            IF NOT (v_answer ->> 'success')::boolean
+                OR pg_catalog.jsonb_array_length(v_answer -> 'budgets') <> 3 THEN
+                RAISE EXCEPTION 'seeding a budget account''s reservation: %', v_answer;
+            END IF;
+        END LOOP;
     END LOOP;
 END
 $$;

@@ -11,11 +11,17 @@ TARGET_HOT = 0.8  # hot account vs spread accounts
 TARGET_GROWTH = 1.2  # 1 million rows vs 10 thousand
 TARGET_CLIENT = 0.6  # tokentrack_client vs the pgbench-driven lifecycle
 TARGET_SWEEP_MS = 100.0  # the longest a sweep batch may hold its locks
+TARGET_RECORD_STEP = 0.9  # record_step vs persist_step_usage (calls/s): within 10%
+TARGET_BUDGETS = 0.8  # reserve with three budgets vs try_reserve_tokens (calls/s)
+TARGET_NOT_SLOWER = 1.0  # try_reserve_tokens now vs main's (calls/s): no slower
 
 LABELS = {
     "simple-update": "simple-update (built-in)",
     "reserve": "reserve + release",
+    "reserve-budgets": "reserve (3 budgets) + release",
+    "reserve-main": "reserve + release, main's SQL",
     "step": "persist step",
+    "record-step": "record_step (token classes)",
     "finalize": "finalize (7 steps)",
     "lifecycle": "lifecycle: reserve, 7 steps, finish",
 }
@@ -89,7 +95,15 @@ def throughput_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         )
     by_key = {(r["workload"], r["accounts"]): r for r in rows}
     hot = []
-    for workload in ("reserve", "step", "finalize", "lifecycle"):
+    for workload in (
+        "reserve",
+        "reserve-budgets",
+        "reserve-main",
+        "step",
+        "record-step",
+        "finalize",
+        "lifecycle",
+    ):
         spread, heavy = by_key.get((workload, "spread")), by_key.get((workload, "hot"))
         if spread and heavy and spread["calls_per_s"]:
             hot.append(
@@ -101,7 +115,141 @@ def throughput_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
                     "hot_top_waits": heavy["top_waits"],
                 }
             )
-    return {"simple_update_tps": su_tps, "rows": rows, "hot_vs_spread": hot}
+    return {
+        "simple_update_tps": su_tps,
+        "rows": rows,
+        "hot_vs_spread": hot,
+        "record_step_vs_persist": record_step_vs_persist(runs),
+        "reserve_comparisons": [
+            *paired_ratio(runs, "reserve-budgets", "reserve"),
+            *paired_ratio(runs, "reserve", "reserve-main"),
+        ],
+    }
+
+
+def _statement_latency(run: dict[str, Any], function: str) -> float | None:
+    """pgbench -r's latency (ms, commit included) of the run's statement calling
+    ``tokentrack.<function>(``."""
+    for s in run["statements"]:
+        if f"tokentrack.{function}(" in s["command"]:
+            return float(s["latency_ms"])
+    return None
+
+
+CALLS = {  # the reserving call of each reserve workload's script
+    "reserve": "try_reserve_tokens",
+    "reserve-budgets": "reserve",
+    "reserve-main": "try_reserve_tokens",
+}
+
+
+def paired_ratio(runs: list[dict[str, Any]], workload: str, base: str) -> list[dict[str, Any]]:
+    """``workload`` / ``base`` in calls/s (reserve + release cycles), per accounts mode: each
+    round's ratio of the two runs (next to each other in the round), their median, the ratio
+    of the medians; the same for the reserving call alone (pgbench -r's statement latency,
+    base / workload: a call rate ratio) and for the server CPU per call."""
+    found = []
+    for accounts in ("spread", "hot"):
+        of = {
+            w: {r["round"]: r for r in runs if (r["workload"], r["accounts"]) == (w, accounts)}
+            for w in (workload, base)
+        }
+        mine, theirs = of[workload], of[base]
+        rounds = sorted(set(mine) & set(theirs))
+        if not rounds:
+            continue
+        per_round = [
+            mine[n]["calls_per_s"] / theirs[n]["calls_per_s"]
+            for n in rounds
+            if theirs[n]["calls_per_s"]
+        ]
+        call_per_round = []
+        for n in rounds:
+            mine_ms = _statement_latency(mine[n], CALLS[workload])
+            theirs_ms = _statement_latency(theirs[n], CALLS[base])
+            if mine_ms and theirs_ms:
+                call_per_round.append(theirs_ms / mine_ms)
+        mine_calls = _median([mine[n]["calls_per_s"] for n in rounds])
+        theirs_calls = _median([theirs[n]["calls_per_s"] for n in rounds])
+        found.append(
+            {
+                "workload": workload,
+                "base": base,
+                "accounts": accounts,
+                "rounds": len(rounds),
+                "calls_per_s": mine_calls,
+                "base_calls_per_s": theirs_calls,
+                "ratio": _median(per_round),
+                "ratio_per_round": per_round,
+                "ratio_of_medians": mine_calls / theirs_calls if theirs_calls else 0.0,
+                "call_ratio": _median(call_per_round) if call_per_round else None,
+                "call_ratio_per_round": call_per_round,
+                "call_latency_ms": _median(
+                    [x for n in rounds if (x := _statement_latency(mine[n], CALLS[workload]))]
+                ),
+                "base_call_latency_ms": _median(
+                    [x for n in rounds if (x := _statement_latency(theirs[n], CALLS[base]))]
+                ),
+                "cpu_ms_per_call": _median([mine[n]["server_cpu_ms_per_call"] for n in rounds]),
+                "base_cpu_ms_per_call": _median(
+                    [theirs[n]["server_cpu_ms_per_call"] for n in rounds]
+                ),
+            }
+        )
+    return found
+
+
+def record_step_vs_persist(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """record_step / persist_step_usage in calls/s, per accounts mode: each round's record-step
+    run against that round's step run (they run next to each other), the median of those
+    ratios, and the ratio of the medians; the server CPU per call likewise."""
+    found = []
+    for accounts in ("spread", "hot"):
+        of = {
+            workload: {
+                r["round"]: r
+                for r in runs
+                if (r["workload"], r["accounts"]) == (workload, accounts)
+            }
+            for workload in ("step", "record-step")
+        }
+        step, record = of["step"], of["record-step"]
+        rounds = sorted(set(step) & set(record))
+        if not rounds:
+            continue
+        per_round = [
+            record[n]["calls_per_s"] / step[n]["calls_per_s"]
+            for n in rounds
+            if step[n]["calls_per_s"]
+        ]
+        cpu_per_round = [
+            record[n]["server_cpu_ms_per_call"] / step[n]["server_cpu_ms_per_call"]
+            for n in rounds
+            if step[n]["server_cpu_ms_per_call"]
+        ]
+        step_calls = _median([step[n]["calls_per_s"] for n in rounds])
+        record_calls = _median([record[n]["calls_per_s"] for n in rounds])
+        found.append(
+            {
+                "accounts": accounts,
+                "rounds": len(rounds),
+                "persist_step_usage_calls_per_s": step_calls,
+                "record_step_calls_per_s": record_calls,
+                "ratio": _median(per_round),
+                "ratio_per_round": per_round,
+                "ratio_of_medians": record_calls / step_calls if step_calls else 0.0,
+                "persist_step_usage_cpu_ms_per_call": _median(
+                    [step[n]["server_cpu_ms_per_call"] for n in rounds]
+                ),
+                "record_step_cpu_ms_per_call": _median(
+                    [record[n]["server_cpu_ms_per_call"] for n in rounds]
+                ),
+                "cpu_ratio": _median(cpu_per_round),
+                "persist_step_usage_latency_ms": _median([step[n]["latency_ms"] for n in rounds]),
+                "record_step_latency_ms": _median([record[n]["latency_ms"] for n in rounds]),
+            }
+        )
+    return found
 
 
 def client_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -256,6 +404,71 @@ def render(results: dict[str, Any]) -> str:
                 f"| {h['hot_top_waits']} |"
             )
         add("")
+        if t.get("record_step_vs_persist"):
+            add("### record_step vs persist_step_usage (the same priced step)\n")
+            add(
+                "Both record a new step of 1,200 input and 340 output tokens of a priced model "
+                "on the same long-lived reports; record_step also gives its classes (400 cached "
+                "input, 120 reasoning) as jsonb. The two runs of a round run next to each "
+                "other (in turn first); the ratio is the median of the rounds' ratios.\n"
+            )
+            add(
+                "| accounts | rounds | persist_step_usage calls/s | record_step calls/s | "
+                "ratio (per round) | ≥ 0.9 | ratio of medians | server CPU ms/call "
+                "persist -> record (ratio) | latency ms persist -> record |"
+            )
+            add("|---|---|---|---|---|---|---|---|---|")
+            for c in t["record_step_vs_persist"]:
+                rounds = ", ".join(f"{x:.2f}" for x in c["ratio_per_round"])
+                add(
+                    f"| {c['accounts']} | {c['rounds']} | "
+                    f"{_n(c['persist_step_usage_calls_per_s'])} | "
+                    f"{_n(c['record_step_calls_per_s'])} | {c['ratio']:.2f} ({rounds}) | "
+                    f"{_ok(c['ratio'] >= TARGET_RECORD_STEP)} | {c['ratio_of_medians']:.2f} | "
+                    f"{c['persist_step_usage_cpu_ms_per_call']:.3f} -> "
+                    f"{c['record_step_cpu_ms_per_call']:.3f} ({c['cpu_ratio']:.2f}) | "
+                    f"{c['persist_step_usage_latency_ms']:.2f} -> "
+                    f"{c['record_step_latency_ms']:.2f} |"
+                )
+            add("")
+
+        if t.get("reserve_comparisons"):
+            add("### Budgets: reserve with three budgets, and try_reserve_tokens before them\n")
+            add(
+                'reserve (3 budgets): `reserve(a, r, {"tokens": 10000}, ARRAY[team, key])` '
+                "on accounts that each have a month budget of their own (subject NULL), a "
+                "team's day and a key's minute (limits never reached), then "
+                "finalize_report_usage releases it; try_reserve_tokens: the same cycle with "
+                "`try_reserve_tokens(a, r, 10000)` on the plain accounts (no budget); main's "
+                "SQL: that cycle in database bench_main, tokentrack rolled back to version "
+                "20261203000000 (the version before budgets). The three runs of a round run "
+                "next to each other (each first in turn); ratios are the medians of the rounds' "
+                "ratios. Call alone: the reserving statement's latency (pgbench -r, commit "
+                "included), as a rate ratio.\n"
+            )
+            add(
+                "| comparison | accounts | rounds | calls/s | base calls/s | ratio (per round) | "
+                "target | ratio of medians | call alone: ratio (latency ms) | "
+                "server CPU ms/call |"
+            )
+            add("|---|---|---|---|---|---|---|---|---|---|")
+            for c in t["reserve_comparisons"]:
+                target = TARGET_BUDGETS if c["workload"] == "reserve-budgets" else TARGET_NOT_SLOWER
+                rounds = ", ".join(f"{x:.2f}" for x in c["ratio_per_round"])
+                call = (
+                    f"{c['call_ratio']:.2f} ({c['call_latency_ms']:.2f} vs "
+                    f"{c['base_call_latency_ms']:.2f})"
+                    if c["call_ratio"] is not None
+                    else ""
+                )
+                add(
+                    f"| {LABELS[c['workload']]} / {LABELS[c['base']]} | {c['accounts']} | "
+                    f"{c['rounds']} | {_n(c['calls_per_s'])} | {_n(c['base_calls_per_s'])} | "
+                    f"{c['ratio']:.2f} ({rounds}) | ≥ {target:.1f}: "
+                    f"{_ok(c['ratio'] >= target)} | {c['ratio_of_medians']:.2f} | {call} | "
+                    f"{c['cpu_ms_per_call']:.3f} vs {c['base_cpu_ms_per_call']:.3f} |"
+                )
+            add("")
 
     if "client" in results:
         c = results["client"]["summary"]
@@ -342,7 +555,17 @@ def render(results: dict[str, Any]) -> str:
 
     if "profile" in results:
         add("## Where the time goes (pg_stat_statements, track = all)\n")
-        for key in ("simple-update/-", "lifecycle/spread", "lifecycle/hot", "finalize/spread"):
+        for key in (
+            "simple-update/-",
+            "reserve/spread",
+            "reserve-budgets/spread",
+            "reserve-budgets/hot",
+            "step/spread",
+            "record-step/spread",
+            "lifecycle/spread",
+            "lifecycle/hot",
+            "finalize/spread",
+        ):
             if key not in results["profile"]:
                 continue
             prof = results["profile"][key]
@@ -378,6 +601,7 @@ def render(results: dict[str, Any]) -> str:
     checks = []
     for key in (
         "bench_db_reconcile_ok",
+        "bench_main_db_reconcile_ok",
         "growth_small_db_reconcile_ok",
         "growth_large_db_reconcile_ok",
     ):

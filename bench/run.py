@@ -15,9 +15,15 @@ removed at the end, Ctrl-C included.
 Phases (--phases picks some):
 
 throughput  pgbench at the same clients, threads and duration for simple-update and for the
-            scripts of bench/scripts/ (reserve + release, step, finalize, the whole lifecycle),
-            spread over 1,000 accounts and on one hot account, in rounds interleaved with
-            simple-update; medians, ratios to simple-update, CPU and WAL per call, waits.
+            scripts of bench/scripts/ (reserve + release, step, record_step, finalize, the
+            whole lifecycle), spread over 1,000 accounts and on one hot account, in rounds
+            interleaved with simple-update; medians, ratios to simple-update, CPU and WAL per
+            call, waits; record_step against persist_step_usage (the same priced step, by
+            token class), run next to each other in every round; and reserve with three
+            budgets (the account's month, a team's day, a key's minute, on accounts of their
+            own) against try_reserve_tokens, and try_reserve_tokens against main's (database
+            bench_main, tokentrack rolled back to the version before budgets), the three
+            next to each other in every round. --workloads picks some.
 profile     each workload once more with pg_stat_statements.track = all: the statements inside
             the functions, where the time goes.
 client      the lifecycle through tokentrack_client (TokenTracker.track_report) with N asyncio
@@ -61,7 +67,7 @@ import phase_sweep
 import phase_throughput
 import report
 from server import BENCH_DIR, Session, benchmark_server, reconcile_ok
-from workloads import Workloads
+from workloads import WORKLOADS, Workloads
 
 from tokentrack_client.testing import PostgresServer
 
@@ -89,7 +95,9 @@ async def run_phases(args: argparse.Namespace, server: PostgresServer) -> dict[s
             if "client" in phases:
                 results["client"] = await phase_client.client(workloads)
             results["bench_db_reconcile_ok"] = await reconcile_ok(workloads.bench)
-            await workloads.bench.close()
+            if workloads.main is not None:
+                results["bench_main_db_reconcile_ok"] = await reconcile_ok(workloads.main)
+            await workloads.close()
         # growth and sweep: the large history database serves both.
         if "growth" in phases or "sweep" in phases:
             large = await phase_growth.setup_growth_db(session, "growth_large")
@@ -165,6 +173,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}"
     )
     parser.add_argument(
+        "--workloads",
+        default=None,
+        help="throughput and profile: only these workloads (comma separated, of "
+        f"{','.join(w for w in WORKLOADS if w != 'simple-update')}; simple-update always runs)",
+    )
+    parser.add_argument(
         "--data-root",
         default="/tmp",
         help="where the server's data directory goes (on disk: real fsync)",
@@ -181,6 +195,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = set(args.phases) - set(PHASES)
     if unknown:
         parser.error(f"unknown phases: {', '.join(sorted(unknown))}")
+    if args.workloads is not None:
+        args.workloads = sorted({w for w in args.workloads.split(",") if w})
+        unknown = set(args.workloads) - set(WORKLOADS)
+        if unknown:
+            parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
     args.name = args.name or ("smoke" if args.smoke else "latest")
     return args
 

@@ -152,11 +152,18 @@ class Session:
             },
         }
 
-    async def create_database(self, name: str) -> asyncpg.Connection:
+    async def create_database(
+        self, name: str, *, rollback_to: str | None = None
+    ) -> asyncpg.Connection:
         """A database with tokentrack, bench_schema.sql and pg_stat_statements installed, and
-        accounts 0..--accounts, each with a period and (1..--accounts) one live reservation."""
+        accounts 0..--accounts, each with a period and (1..--accounts) one live reservation.
+        ``rollback_to``: tokentrack as it was at that version (installed, then rolled back to
+        it by the migrator, which restores the function texts of that version), to measure
+        the SQL of before a change in the same run as the SQL after it."""
         await self.control.execute(f'CREATE DATABASE "{name}"')
         await migrate.install(self.dsn(name), wait_notice=lambda _: None)
+        if rollback_to is not None:
+            await migrate.rollback(self.dsn(name), to=rollback_to, wait_notice=lambda _: None)
         conn = await asyncpg.connect(self.dsn(name))
         await conn.execute((BENCH_DIR / "bench_schema.sql").read_text())
         await conn.execute("CREATE EXTENSION pg_stat_statements")

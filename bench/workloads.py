@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Collection
 from typing import Any
 
 import asyncpg
 import measure
-from server import BENCH_DIR, Session, log
+from server import BENCH_DIR, LIMIT, Session, log
 
 SCRIPTS = BENCH_DIR / "scripts"
 STEPS = (  # one report's steps: name, input tokens, output tokens
@@ -23,26 +24,76 @@ STEPS = (  # one report's steps: name, input tokens, output tokens
     ("AN5", 900, 1200),
 )
 
-# What one transaction of each workload is: its pgbench script and how many calls it makes.
+# The price the benchmark sets for the model its steps name (micros per million tokens, each
+# class given), so that every step workload prices its steps.
+MODEL = "gpt-4o"
+PRICE = '{"input": 2500000, "cached_input": 1250000, "output": 10000000, "reasoning": 10000000}'
+
+# The version the main branch is at (before budgets): reserve-main runs reserve.sql on a
+# database rolled back to it, so that try_reserve_tokens before and after budgets are measured
+# in the same run, interleaved.
+MAIN_VERSION = "20261203000000"
+MAIN_DATABASE = "bench_main"
+# The budget accounts (bench.seed_budget_accounts): account BUDGET_ACCOUNTS + n, n as the plain
+# accounts (0 hot, 1..--accounts spread), each with three budgets.
+BUDGET_ACCOUNTS = 1_000_000
+
+# What one transaction of each workload is: its pgbench script, how many calls it makes, and
+# the database it runs in (bench unless said).
 WORKLOADS: dict[str, dict[str, Any]] = {
     "simple-update": {"script": None, "calls": 1},
     "reserve": {"script": "reserve.sql", "calls": 2},
+    "reserve-budgets": {"script": "reserve_budgets.sql", "calls": 2},
+    "reserve-main": {"script": "reserve.sql", "calls": 2, "database": MAIN_DATABASE},
     "step": {"script": "step.sql", "calls": 1},
+    "record-step": {"script": "record_step.sql", "calls": 1},
     "finalize": {"script": "finalize.sql", "calls": 1},
     "lifecycle": {"script": "lifecycle.sql", "calls": 9},
 }
 # One round: each workload on the spread accounts and on the hot one, after simple-update.
+# The workloads of a group run next to each other, so that their ratios compare runs seconds
+# apart: step (persist_step_usage) and record-step (record_step); reserve (try_reserve_tokens),
+# reserve-budgets (reserve with three budgets) and reserve-main (main's try_reserve_tokens).
+# round_order() rotates each group from round to round, so that none always runs first.
 ORDER = [
     ("simple-update", "-"),
     ("reserve", "spread"),
+    ("reserve-budgets", "spread"),
+    ("reserve-main", "spread"),
     ("reserve", "hot"),
+    ("reserve-budgets", "hot"),
+    ("reserve-main", "hot"),
     ("step", "spread"),
+    ("record-step", "spread"),
     ("step", "hot"),
+    ("record-step", "hot"),
     ("lifecycle", "spread"),
     ("lifecycle", "hot"),
     ("finalize", "spread"),
     ("finalize", "hot"),
 ]
+GROUPS = (("step", "record-step"), ("reserve", "reserve-budgets", "reserve-main"))
+
+
+def round_order(round_no: int, only: Collection[str] | None = None) -> list[tuple[str, str]]:
+    """ORDER for round ``round_no``, each group rotated by round_no - 1 places: in even rounds
+    record-step runs before step (so that neither always runs second, on the reports the other
+    has just grown), and each of the reserve group runs first once in three rounds; ``only``
+    (the --workloads option) keeps those workloads and simple-update."""
+    order = list(ORDER)
+    for group in GROUPS:
+        shift = (round_no - 1) % len(group)
+        turned = group[shift:] + group[:shift]
+        for mode in ("spread", "hot"):
+            places = sorted(order.index((w, mode)) for w in group)
+            for place, workload in zip(places, turned, strict=True):
+                order[place] = (workload, mode)
+    return [(w, m) for w, m in order if only is None or w == "simple-update" or w in only]
+
+
+def selected(args: Any, workload: str) -> bool:
+    """Whether --workloads (None: all) runs ``workload``."""
+    return args.workloads is None or workload in args.workloads
 
 
 def account(n: int) -> uuid.UUID:
@@ -53,10 +104,14 @@ def account(n: int) -> uuid.UUID:
 class Workloads:
     """Database bench (pgbench's tables and tokentrack's) and the pgbench runs on it."""
 
-    def __init__(self, session: Session, bench: asyncpg.Connection) -> None:
+    def __init__(
+        self, session: Session, bench: asyncpg.Connection, main: asyncpg.Connection | None
+    ) -> None:
         self.session = session
         self.args = session.args
         self.bench = bench
+        self.main = main
+        self.databases = {"bench": bench} | ({MAIN_DATABASE: main} if main else {})
         self.finalize_next = 1
         self.tps_seen: dict[tuple[str, str], float] = {}
 
@@ -79,21 +134,45 @@ class Workloads:
         if init.returncode != 0:
             raise RuntimeError(f"pgbench -i failed: {err.decode()}")
         await bench.execute("SELECT bench.seed_long_lived(0, 0, $1)", session.args.hot_reports)
+        # As the schema owner (the server's superuser): set_model_price is the owner's.
+        await bench.execute("SELECT tokentrack.set_model_price($1, $2::jsonb)", MODEL, PRICE)
+        if selected(session.args, "reserve-budgets"):
+            log(f"setup: {session.args.accounts + 1:,} budget accounts, three budgets each")
+            await bench.execute(
+                "SELECT bench.seed_budget_accounts($1, $2, $3, $4)",
+                BUDGET_ACCOUNTS,
+                session.args.accounts,
+                LIMIT,
+                session.args.hot_reports,
+            )
         await bench.execute("VACUUM ANALYZE")
-        return cls(session, bench)
+        main = None
+        if selected(session.args, "reserve-main"):
+            log(f"setup: database {MAIN_DATABASE}, tokentrack rolled back to {MAIN_VERSION}")
+            main = await session.create_database(MAIN_DATABASE, rollback_to=MAIN_VERSION)
+            await main.execute("SELECT bench.seed_long_lived(0, 0, $1)", session.args.hot_reports)
+            await main.execute("VACUUM ANALYZE")
+        return cls(session, bench, main)
 
-    def defines(self, mode: str) -> dict[str, int]:
+    async def close(self) -> None:
+        for conn in self.databases.values():
+            await conn.close()
+
+    def defines(self, mode: str, workload: str = "") -> dict[str, int]:
+        offset = BUDGET_ACCOUNTS if workload == "reserve-budgets" else 0
         if mode == "hot":
-            return {"lo": 0, "hi": 0, "reports": self.args.hot_reports}
-        return {"lo": 1, "hi": self.args.accounts, "reports": 1}
+            return {"lo": offset, "hi": offset, "reports": self.args.hot_reports}
+        return {"lo": offset + 1, "hi": offset + self.args.accounts, "reports": 1}
 
-    async def state(self) -> dict[str, int]:
-        row = await self.bench.fetchrow(
+    async def state(self, database: str = "bench") -> dict[str, int]:
+        row = await self.databases[database].fetchrow(
             "SELECT"
             " (SELECT count(*) FROM tokentrack.report_reservations) AS reservations,"
             " (SELECT count(*) FROM tokentrack.report_reservations WHERE status = 'active')"
             "   AS active,"
             " (SELECT count(*) FROM tokentrack.report_step_usage) AS steps,"
+            " (SELECT count(*) FROM tokentrack.report_step_usage WHERE cost_micros IS NULL)"
+            "   AS unpriced,"
             " (SELECT coalesce(max(id), 0) FROM tokentrack.usage_ledger) AS ledger"
         )
         assert row is not None
@@ -106,7 +185,7 @@ class Workloads:
         count it), hence up to one more call's effect per client than transactions counted.
         """
         c = self.args.clients
-        expected = {  # (low, high) change of each count
+        expected = {  # (low, high) change of each count (unpriced: steps without a cost)
             "reserve": {
                 "reservations": (n, n + c),
                 "active": (0, c),
@@ -118,6 +197,26 @@ class Workloads:
                 "active": (0, 0),
                 "steps": (n, n + c),
                 "ledger": (0, 0),
+                "unpriced": (0, 0),
+            },
+            "record-step": {
+                "reservations": (0, 0),
+                "active": (0, 0),
+                "steps": (n, n + c),
+                "ledger": (0, 0),
+                "unpriced": (0, 0),
+            },
+            "reserve-budgets": {
+                "reservations": (n, n + c),
+                "active": (0, c),
+                "steps": (0, 0),
+                "ledger": (n, n),
+            },
+            "reserve-main": {
+                "reservations": (n, n + c),
+                "active": (0, c),
+                "steps": (0, 0),
+                "ledger": (n, n),
             },
             "finalize": {
                 "reservations": (0, 0),
@@ -156,11 +255,11 @@ class Workloads:
         self.finalize_next = last + 1
         return first, last
 
-    def measurement(self, application: str) -> measure.Measurement:
-        """A measurement of the backends of database bench named ``application``."""
+    def measurement(self, application: str, database: str = "bench") -> measure.Measurement:
+        """A measurement of the backends of ``database`` named ``application``."""
         s = self.session
         return measure.Measurement(
-            s.control, s.control_sampler, s.postmaster_pid, "bench", application
+            s.control, s.control_sampler, s.postmaster_pid, database, application
         )
 
     async def run_pgbench(
@@ -172,29 +271,30 @@ class Workloads:
         track_all: bool = False,
     ) -> dict[str, Any]:
         spec = WORKLOADS[workload]
+        database = spec.get("database", "bench")
         argv = [*self.session.pg_args(), "-n", "-r", "-c", str(self.args.clients)]
         argv += ["-j", str(self.args.threads), "-T", str(int(duration))]
         if spec["script"] is None:
             argv += ["-b", "simple-update"]
         else:
             argv += ["-f", str(SCRIPTS / spec["script"])]
-            for key, value in self.defines(mode).items():
+            for key, value in self.defines(mode, workload).items():
                 argv += ["-D", f"{key}={value}"]
-        argv.append("bench")
+        argv.append(database)
         options = "-c pg_stat_statements.track=all" if track_all else None
 
         for attempt in (1, 2):
             seeded = None
             if workload == "finalize":
                 seeded = await self.seed_finalize(mode, factor=attempt)
-            before = await self.state() if workload != "simple-update" else {}
-            measured = await self.measurement("pgbench").start()
+            before = await self.state(database) if workload != "simple-update" else {}
+            measured = await self.measurement("pgbench", database).start()
             try:
                 out = await measure.run_pgbench(argv, self.session.pg_env(options))
             finally:
                 await measured.stop_sampling()
             await measured.finish(driver="pgbench", statements=25 if track_all else 8)
-            after = await self.state() if workload != "simple-update" else {}
+            after = await self.state(database) if workload != "simple-update" else {}
             if seeded is not None:
                 row = await self.bench.fetchrow(
                     "SELECT last_value, is_called FROM bench.finalize_seq"

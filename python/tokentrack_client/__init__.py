@@ -12,6 +12,7 @@ from tokentrack_client.errors import (
     CallTimeout,
     ConnectionLost,
     DatabaseError,
+    InsufficientBudget,
     InsufficientTokens,
     InvalidArgument,
     NoActivePeriod,
@@ -27,7 +28,10 @@ from tokentrack_client.errors import (
     UnexpectedAnswer,
 )
 from tokentrack_client.results import (
+    BudgetHold,
+    BudgetSet,
     Discrepancy,
+    Extension,
     PeriodOpened,
     Reconciliation,
     Reservation,
@@ -37,21 +41,32 @@ from tokentrack_client.results import (
     UsageIncrement,
 )
 from tokentrack_client.retry import DEFAULT_RETRY, NO_RETRY, RetryPolicy
-from tokentrack_client.tracking import ReportCancelled, ReportEnded, ReportTracker
+from tokentrack_client.tracking import (
+    OnOverrun,
+    ReportCancelled,
+    ReportEnded,
+    ReportTracker,
+    ReservationExceeded,
+)
 from tokentrack_client.usage import Usage
 
 __all__ = [
     "DEFAULT_RETRY",
     "NO_RETRY",
     "AccountNotFound",
+    "BudgetHold",
+    "BudgetSet",
     "CallTimeout",
     "ConnectionLost",
     "DatabaseError",
     "Discrepancy",
+    "Extension",
+    "InsufficientBudget",
     "InsufficientTokens",
     "InvalidArgument",
     "NoActivePeriod",
     "NotInstalled",
+    "OnOverrun",
     "PeriodOpened",
     "PermissionDenied",
     "Reconciliation",
@@ -62,6 +77,7 @@ __all__ = [
     "ReportFinalized",
     "ReportTracker",
     "Reservation",
+    "ReservationExceeded",
     "ReservationNotFound",
     "RetryPolicy",
     "Settlement",

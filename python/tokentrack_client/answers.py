@@ -25,6 +25,7 @@ __all__ = [
     "get_datetime",
     "get_decimal",
     "get_int",
+    "get_int_list",
     "get_list",
     "get_optional_int",
     "get_optional_str",
@@ -149,3 +150,13 @@ def get_list(answer: Mapping[str, Any], key: str) -> Sequence[Mapping[str, Any]]
         if not isinstance(item, Mapping):
             raise UnexpectedAnswer(f"expected a JSON object in {key!r}, got {item!r}")
     return found
+
+
+def get_int_list(answer: Mapping[str, Any], key: str) -> tuple[int, ...]:
+    """A list of integers (a JSON boolean is not one)."""
+    found = _get(answer, key)
+    if isinstance(found, list) and all(
+        isinstance(item, int) and not isinstance(item, bool) for item in found
+    ):
+        return tuple(found)
+    raise UnexpectedAnswer(f"{key!r} is not a list of integers: {found!r}")

@@ -14,6 +14,10 @@
     tokentrack cron install | remove | status
     tokentrack prices import FILE [--dry-run] [--provider NAME] [--model GLOB] [--json]
     tokentrack prices list [--model GLOB] [--json]
+    tokentrack budgets set --account ID [--subject S] --unit U --window W --limit N
+                           [--timezone TZ] [--threshold P ...] [--json]
+    tokentrack budgets list --account ID [--json]
+    tokentrack budgets show --account ID --budget BUDGET_ID [--windows N] [--json]
 
 The database comes from ``--database-url`` or the ``DATABASE_URL`` environment variable
 (``tokentrack demo`` ignores the variable: it takes a database only on its command line). A
@@ -48,7 +52,8 @@ from tokentrack_client.connection import (
     describe_target,
     failure_line,
 )
-from tokentrack_client.ops import audit, monitor, prices, sweep, verify
+from tokentrack_client.contract import BUDGET_UNITS, BUDGET_WINDOWS
+from tokentrack_client.ops import audit, budgets, monitor, prices, sweep, verify
 from tokentrack_client.ops._common import EXIT_FAILED, EXIT_OK
 
 Handler = Callable[[argparse.Namespace], int]
@@ -108,6 +113,13 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
     return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
 
 
 def _ratio(text: str) -> float:
@@ -219,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Run the four report types on several accounts at once (one cancelled from "
             "outside, one failed, two racing for one budget), print what was billed and "
+            "what it cost (prices set for its models first), and "
             "reconcile's verdict. It starts a throwaway PostgreSQL in a temporary directory "
             "and removes it on exit, Ctrl-C included; DATABASE_URL is ignored. With "
             "--database-url it uses that database, and refuses one that holds accounts other "
@@ -304,7 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Active reservations older than 2h (alert above --stale-alert-count older than 3h), "
             "completed reports without step usage, usage accuracy (reconcile), reservations by "
             "status with oldest and newest, reports per hour by status (alert on a failure rate "
-            "above 5% or a completion rate below 90%). Exits 1 when an alert fires."
+            "above 5% or a completion rate below 90%), the window's steps, tokens and cost with "
+            "the unpriced ones by model (a warning when prices are set and a model has none). "
+            "Exits 1 when an alert fires."
         ),
     )
     mon.set_defaults(run=_monitor)
@@ -497,6 +512,92 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _json(price_list, "the prices")
     _add_database_url(price_list)
+
+    # budgets ------------------------------------------------------------------------------
+    budgets_parser = commands.add_parser(
+        "budgets",
+        help="set an account's budgets, list them with their current window, or show one",
+        description=(
+            "Budgets of an account besides its usage period: of the whole account or of a "
+            "subject (team:research, user:42, key:sk-live-1), in tokens or cost_micros, per "
+            "calendar window in a time zone (minute, hour, day, week from Monday, month) or in "
+            "total (never resets)."
+        ),
+    )
+    budgets_parser.set_defaults(run=_budgets)
+    budget_actions = budgets_parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    budget_set = budget_actions.add_parser(
+        "set",
+        help="create or change a budget (tokentrack.set_budget; every change is recorded)",
+        description=(
+            "Create the account's budget for (subject, unit, window), or change its limit, "
+            "time zone or thresholds, with tokentrack.set_budget. A new limit applies to the "
+            "current window at once; reservations already granted keep their holds. The same "
+            "settings again change nothing. An option left out keeps its value on a change."
+        ),
+    )
+    budget_set.add_argument("--account", required=True, metavar="ID", help="the account's uuid")
+    budget_set.add_argument(
+        "--subject",
+        metavar="S",
+        help="the subject's label (default: the whole account)",
+    )
+    budget_set.add_argument("--unit", required=True, choices=BUDGET_UNITS, help="the unit")
+    budget_set.add_argument("--window", required=True, choices=BUDGET_WINDOWS, help="the window")
+    budget_set.add_argument(
+        "--limit", required=True, type=_integer, metavar="N", help="the limit, in the unit (>= 0)"
+    )
+    budget_set.add_argument(
+        "--timezone",
+        metavar="TZ",
+        help="the calendar windows' time zone, an IANA name such as Europe/Berlin (default UTC)",
+    )
+    budget_set.add_argument(
+        "--threshold",
+        dest="thresholds",
+        action="extend",
+        nargs="+",
+        type=_integer,
+        metavar="P",
+        help="soft thresholds in percent, 1 to 1000, at most 10 (default 80 100)",
+    )
+    _json(budget_set, "the budget")
+    _add_database_url(budget_set)
+    budget_list = budget_actions.add_parser(
+        "list",
+        help="every budget of an account with its current window's used, held and limit",
+        description=(
+            "Show every budget of the account with its current window: used (billed there), "
+            "held (by active reservations), the limit and what is available. Read-only; only "
+            "the schema owner may run it (it calls the internal tokentrack.budget_window_start "
+            "and tokentrack.budget_held)."
+        ),
+    )
+    budget_list.add_argument("--account", required=True, metavar="ID", help="the account's uuid")
+    _json(budget_list, "the budgets")
+    _add_database_url(budget_list)
+    budget_show = budget_actions.add_parser(
+        "show",
+        help="one budget: its settings, change history and windows",
+        description=(
+            "Show one budget of the account: its settings and current window, every change "
+            "recorded in budget_changes, and its newest windows with used and held. Read-only; "
+            "only the schema owner may run it."
+        ),
+    )
+    budget_show.add_argument("--account", required=True, metavar="ID", help="the account's uuid")
+    budget_show.add_argument(
+        "--budget", required=True, metavar="BUDGET_ID", help="the budget's uuid"
+    )
+    budget_show.add_argument(
+        "--windows",
+        type=_positive,
+        default=budgets.DEFAULT_WINDOWS_SHOWN,
+        metavar="N",
+        help=f"how many windows, newest first (default {budgets.DEFAULT_WINDOWS_SHOWN})",
+    )
+    _json(budget_show, "the budget")
+    _add_database_url(budget_show)
     return parser
 
 
@@ -711,6 +812,32 @@ async def _prices(args: argparse.Namespace) -> int:
     else:
         result = await prices.list_prices(dsn, model=args.model)
     print(prices.dumps(result.as_json()) if args.json else result.render())
+    return EXIT_OK
+
+
+@_in_event_loop
+async def _budgets(args: argparse.Namespace) -> int:
+    dsn = _database_url(args)
+    result: budgets.SetBudgetResult | budgets.BudgetList | budgets.BudgetDetail
+    if args.action == "set":
+        result = await budgets.set_budget(
+            dsn,
+            args.account,
+            args.subject,
+            args.unit,
+            args.window,
+            args.limit,
+            timezone=args.timezone,
+            thresholds=args.thresholds,
+        )
+    elif args.action == "list":
+        result = await budgets.list_budgets(dsn, args.account)
+    else:
+        result = await budgets.show_budget(dsn, args.account, args.budget, windows=args.windows)
+    if args.json:
+        _print_json(result.as_json())
+    else:
+        print(result.render())
     return EXIT_OK
 
 

@@ -31,7 +31,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any, Final, NoReturn, TypeAlias
 
@@ -50,6 +50,8 @@ from tokentrack_client.errors import (
     TransientError,
 )
 from tokentrack_client.results import (
+    BudgetSet,
+    Extension,
     PeriodOpened,
     Reconciliation,
     Reservation,
@@ -67,17 +69,22 @@ from tokentrack_client.retry import (
     is_timeout,
     sqlstate_of,
 )
-from tokentrack_client.tracking import ReportTracker
+from tokentrack_client.tracking import OnOverrun, ReportTracker
 from tokentrack_client.usage import Usage
 from tokentrack_client.validation import (
     IdLike,
+    check_budget_kind,
     check_count,
     check_error_message,
+    check_estimate,
     check_flag,
     check_id,
+    check_mode,
     check_optional_datetime,
     check_outcome,
+    check_subjects,
     check_text,
+    check_thresholds,
     check_total_tokens,
 )
 
@@ -90,6 +97,14 @@ ConnectionLike: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
 
 _SQL_TRY_RESERVE: Final = (
     "SELECT tokentrack.try_reserve_tokens($1::uuid, $2::uuid, $3::integer)::text"
+)
+_SQL_RESERVE: Final = (
+    "SELECT tokentrack.reserve($1::uuid, $2::uuid, $3::jsonb, $4::text[], $5::text)::text"
+)
+_SQL_EXTEND: Final = "SELECT tokentrack.extend_reservation($1::uuid, $2::uuid, $3::jsonb)::text"
+_SQL_SET_BUDGET: Final = (
+    "SELECT tokentrack.set_budget("
+    "$1::uuid, $2::text, $3::text, $4::text, $5::bigint, $6::jsonb)::text"
 )
 _SQL_RECORD_STEP: Final = (
     "SELECT tokentrack.persist_step_usage("
@@ -227,23 +242,118 @@ class TokenTracker:
     # ----------------------------------------------------------------------------------------
 
     async def try_reserve(
-        self, account_id: IdLike, report_id: IdLike, estimated_tokens: int
+        self,
+        account_id: IdLike,
+        report_id: IdLike,
+        estimated_tokens: int,
+        *,
+        subjects: Iterable[str] = (),
+        mode: str | None = None,
+        cost_micros: int | None = None,
+        model: str | None = None,
     ) -> Reservation:
         """Reserve ``estimated_tokens`` of the account's budget for a report before it runs.
 
         Creates the report (status ``processing``) when it does not exist yet. Reserving again
         while the report's reservation is active returns that reservation (``existing``).
         Raises :class:`InsufficientTokens` (with ``available_tokens`` and
-        ``requested_tokens``), :class:`NoActivePeriod`, :class:`AccountNotFound`,
-        :class:`ReportAccountMismatch` or :class:`ReportFinalized`; nothing is written then.
+        ``requested_tokens``), :class:`InsufficientBudget` (the budget that refused),
+        :class:`NoActivePeriod`, :class:`AccountNotFound`, :class:`ReportAccountMismatch` or
+        :class:`ReportFinalized`; nothing is written then.
+
+        The account's own budgets always apply. ``subjects`` (at most 32 labels, such as
+        ``team:research`` or ``key:sk-live-1``) adds the budgets of each; ``mode`` (standard,
+        dd, discovery or hybrid) is the report's mode; ``cost_micros`` is the cost estimate
+        that cost budgets hold, or ``model`` prices the tokens at that model's dearest class
+        (not both). With none of these the call is ``tokentrack.try_reserve_tokens`` (a
+        pending report keeps its mode); with any of them it is ``tokentrack.reserve`` (a new
+        report is ``standard`` unless ``mode`` is given, and a pending one keeps its mode).
         """
+        account = check_id("account_id", account_id)
+        report = check_id("report_id", report_id)
+        tokens = check_count("estimated_tokens", estimated_tokens, minimum=1)
+        chosen = check_subjects(subjects)
+        report_mode = check_mode(mode)
+        estimate = check_estimate(tokens, cost_micros, model)
+        if not chosen and report_mode is None and len(estimate) == 1:
+            answer = await self._call(
+                "try_reserve_tokens", _SQL_TRY_RESERVE, (account, report, tokens)
+            )
+        else:
+            args = (account, report, json.dumps(estimate), list(chosen), report_mode)
+            answer = await self._call("reserve", _SQL_RESERVE, args)
+        return Reservation.from_answer(answer)
+
+    async def extend_reservation(
+        self,
+        report_id: IdLike,
+        account_id: IdLike,
+        tokens: int,
+        *,
+        cost_micros: int | None = None,
+        model: str | None = None,
+    ) -> Extension:
+        """Raise the report's active reservation by ``tokens`` (and by ``cost_micros``, or
+        the tokens priced by ``model``, in its cost budgets) when the extra fits its usage
+        period and every budget window it holds (the windows it was granted in).
+
+        The expiry time does not move. Raises :class:`InsufficientTokens`,
+        :class:`InsufficientBudget`, :class:`ReportFinalized` (the reservation is completed,
+        expired or past its expiry), :class:`ReservationNotFound` and
+        :class:`ReportAccountMismatch`; nothing is written then.
+
+        Not idempotent: every call adds. It is retried only when the server certainly did not
+        commit it; when the connection breaks while its ``COMMIT`` is in flight it raises
+        :class:`ConnectionLost` with ``outcome_unknown=True``.
+        """
+        more = check_estimate(check_count("tokens", tokens, minimum=1), cost_micros, model)
+        args = (
+            check_id("report_id", report_id),
+            check_id("account_id", account_id),
+            json.dumps(more),
+        )
+        answer = await self._call("extend_reservation", _SQL_EXTEND, args, idempotent=False)
+        return Extension.from_answer(answer)
+
+    async def set_budget(
+        self,
+        account_id: IdLike,
+        subject: str | None,
+        unit: str,
+        window: str,
+        limit: int,
+        *,
+        timezone: str | None = None,
+        thresholds: Iterable[int] | None = None,
+    ) -> BudgetSet:
+        """Create or change the account's budget for (``subject``, ``unit``, ``window``).
+
+        ``subject`` ``None`` is the whole account, else a label the application chooses;
+        ``unit`` is ``tokens`` or ``cost_micros``; ``window`` is ``minute``, ``hour``,
+        ``day``, ``week`` (from Monday), ``month`` (calendar windows in ``timezone``, an IANA
+        name, default UTC) or ``total`` (never resets); ``limit`` (>= 0) is in ``unit``.
+        ``thresholds`` are soft thresholds in percent (1 to 10 of them, each 1 to 1000;
+        default 80 and 100). On a change, ``timezone`` or ``thresholds`` left out keep their
+        value; every change is recorded. The same settings again change nothing
+        (``changed`` false). Raises :class:`AccountNotFound`.
+        """
+        kind = check_budget_kind(unit, window)
+        options: dict[str, object] = {}
+        zone = check_text("timezone", timezone, required=False)
+        if zone is not None:
+            options["timezone"] = zone
+        levels = check_thresholds(thresholds)
+        if levels is not None:
+            options["thresholds"] = list(levels)
         args = (
             check_id("account_id", account_id),
-            check_id("report_id", report_id),
-            check_count("estimated_tokens", estimated_tokens, minimum=1),
+            None if subject is None else check_text("subject", subject, required=True),
+            *kind,
+            check_count("limit", limit, minimum=0, maximum=BIGINT_MAX),
+            json.dumps(options),
         )
-        answer = await self._call("try_reserve_tokens", _SQL_TRY_RESERVE, args)
-        return Reservation.from_answer(answer)
+        answer = await self._call("set_budget", _SQL_SET_BUDGET, args)
+        return BudgetSet.from_answer(answer)
 
     async def persist_step(
         self,
@@ -423,7 +533,16 @@ class TokenTracker:
         return PeriodOpened.from_answer(answer)
 
     def track_report(
-        self, account_id: IdLike, report_id: IdLike, estimated_tokens: int
+        self,
+        account_id: IdLike,
+        report_id: IdLike,
+        estimated_tokens: int,
+        *,
+        subjects: Iterable[str] = (),
+        mode: str | None = None,
+        cost_micros: int | None = None,
+        model: str | None = None,
+        on_overrun: OnOverrun = "ignore",
     ) -> ReportTracker:
         """The report lifecycle as an async context manager::
 
@@ -431,14 +550,27 @@ class TokenTracker:
                 reply = await llm(...)
                 await report.step("AN0", input_tokens=reply.input, output_tokens=reply.output)
 
-        Entering reserves ``estimated_tokens`` (raising :class:`InsufficientTokens` and the
-        other refusals of :meth:`try_reserve`); each ``step`` records one finished step. A
-        normal exit marks the report ``complete`` and bills it; an exception marks it
-        ``failed`` with the exception's message, bills it, and lets the exception propagate;
-        cancellation of the task marks it ``cancelled`` and bills it, shielded from the
-        cancellation, then lets ``CancelledError`` propagate. See :class:`ReportTracker`.
+        Entering reserves ``estimated_tokens`` (with ``subjects``, ``mode``, ``cost_micros``
+        or ``model`` as :meth:`try_reserve` takes them, raising its refusals); each ``step``
+        records one finished step; ``extend`` raises the reservation. A normal exit marks the
+        report ``complete`` and bills it; an exception marks it ``failed`` with the
+        exception's message, bills it, and lets the exception propagate; cancellation of the
+        task marks it ``cancelled`` and bills it, shielded from the cancellation, then lets
+        ``CancelledError`` propagate. With ``on_overrun="raise"``, a step that finds the
+        report past its reservation raises :class:`ReservationExceeded` once it is recorded
+        (the report then ends ``failed``, as for any exception). See :class:`ReportTracker`.
         """
-        return ReportTracker(self, account_id, report_id, estimated_tokens)
+        return ReportTracker(
+            self,
+            account_id,
+            report_id,
+            estimated_tokens,
+            subjects=subjects,
+            mode=mode,
+            cost_micros=cost_micros,
+            model=model,
+            on_overrun=on_overrun,
+        )
 
     # ----------------------------------------------------------------------------------------
     # Calling a function: one transaction per attempt, retries, error mapping

@@ -11,13 +11,19 @@ from typing import Final
 
 __all__ = [
     "BIGINT_MAX",
+    "BUDGET_UNITS",
+    "BUDGET_WINDOWS",
     "ERROR_MESSAGE_MAX",
     "INT_MAX",
     "NAME_MAX",
     "PERIOD_STATUSES",
+    "REPORT_MODES",
     "REPORT_OUTCOMES",
     "REPORT_STATUSES",
     "RESERVATION_STATUSES",
+    "SUBJECTS_MAX",
+    "THRESHOLDS_MAX",
+    "THRESHOLD_MAX",
 ]
 
 INT_MAX: Final = 2**31 - 1
@@ -44,3 +50,23 @@ swept ones ``expired``."""
 
 PERIOD_STATUSES: Final = ("active", "completed")
 """Every ``tokentrack.usage_periods.status``."""
+
+REPORT_MODES: Final = ("standard", "dd", "discovery", "hybrid")
+"""Every ``tokentrack.reports.mode``: what ``reserve``'s ``p_mode`` takes."""
+
+SUBJECTS_MAX: Final = 32
+"""The most subjects one ``reserve`` takes; each is a label of at most :data:`NAME_MAX`
+characters."""
+
+BUDGET_UNITS: Final = ("tokens", "cost_micros")
+"""Every ``tokentrack.budgets.unit``."""
+
+BUDGET_WINDOWS: Final = ("minute", "hour", "day", "week", "month", "total")
+"""Every ``tokentrack.budgets.budget_window``, shortest first (``total`` never resets)."""
+
+THRESHOLDS_MAX: Final = 10
+"""The most soft thresholds a budget has; each a whole percentage from 1 to
+:data:`THRESHOLD_MAX`."""
+
+THRESHOLD_MAX: Final = 1000
+"""The highest soft threshold of a budget, in percent."""

@@ -14,13 +14,35 @@ The scenario: eight reports on four accounts run concurrently through one pool. 
 cancelled from outside (``cancel_report`` over a connection of its own, as a web
 application's cancel button does) while its generator is in the middle of a step; one fails
 (its LLM call raises); two race for a budget that holds only one of them. A fake LLM answers
-with seeded, realistic token counts after a short delay.
+with seeded, realistic token counts after a short delay, by class (a :class:`Usage`): the
+long gpt-4o steps read part of their prompt from the provider's cache, the o3-mini step
+spends part of its output reasoning.
+
+Costs: at its start the demo sets a price for each of its models (:data:`PRICES`, through
+``tokentrack.set_model_price``, which only the schema owner may call: the demo's own server
+makes it the owner; on a database given by ``--database-url`` whose role is not the owner,
+the prices are left as they are and unpriced steps cost nothing). Each step is priced once,
+when it is recorded; the table shows each report's ``costMicros``. Prices and costs are in
+micros of one currency per installation (10^-6 of its unit); the demo's prices are US
+dollars, so the table prints micros as ``$0.001234``.
+
+Budgets (after the table): acme's ``team:research`` gets a daily budget of
+:data:`TEAM_DAY_LIMIT` tokens (``set_budget``). A standard report for the team (research-1)
+is refused by it (``insufficient_budget`` naming that budget) although acme's month would
+allow it: the same reservation without the team's subject is granted, in a transaction the
+demo rolls back. Then research-2 reserves for its first two steps only, decides mid-report to
+add a third (``extend_reservation``, granted within the team's day), and bills more than its
+first estimate without any step answering ``over_reservation``. ``reserve``, ``set_budget``
+and ``extend_reservation`` are called as SQL; the steps and the outcome go through the client.
+On a database given by ``--database-url`` that an earlier run used the same day, the team's
+day already holds that run's usage, and the refusals say so.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import signal
@@ -39,22 +61,48 @@ from tokentrack_client.client import TokenTracker
 from tokentrack_client.errors import InsufficientTokens, ReportFinalized, TokenTrackError
 from tokentrack_client.testing import PostgresServer, PostgresServerError
 from tokentrack_client.tracking import ReportCancelled
+from tokentrack_client.usage import Usage
 
-__all__ = ["ACCOUNT_IDS", "DemoError", "PostgresServerError", "main", "run_demo"]
+__all__ = [
+    "ACCOUNT_IDS",
+    "PRICES",
+    "TEAM_DAY_LIMIT",
+    "DemoError",
+    "PostgresServerError",
+    "main",
+    "run_demo",
+]
 
 # The demo's server: the throwaway defaults, with few connections (one pool of the demo's).
 SERVER_SETTINGS: Final = {"max_connections": "50"}
 
-# Step profiles: model, (min, max) input tokens, (min, max) output tokens, max reasoning tokens.
-PROFILES: Final[dict[str, tuple[str, tuple[int, int], tuple[int, int], int]]] = {
-    "AN0": ("gpt-4o-mini", (1_800, 2_600), (250, 450), 0),
-    "AN1.5": ("gpt-4o", (6_000, 9_000), (900, 1_400), 0),
-    "AN1.7": ("gpt-4o-mini", (3_500, 5_000), (600, 900), 0),
-    "AN2": ("gpt-4o", (12_000, 18_000), (1_800, 2_600), 0),
-    "AN3": ("o3-mini", (7_000, 10_000), (1_000, 1_600), 4_000),
-    "AN4": ("gpt-4o", (9_000, 14_000), (1_200, 2_000), 0),
-    "AN5": ("gpt-4o", (4_000, 7_000), (2_500, 4_000), 0),
+# Step profiles: model, (min, max) input tokens, (min, max) output tokens shown, max reasoning
+# tokens (spent on top of the output shown; part of output_tokens), max cached input tokens
+# (read from the provider's prompt cache; part of input_tokens).
+PROFILES: Final[dict[str, tuple[str, tuple[int, int], tuple[int, int], int, int]]] = {
+    "AN0": ("gpt-4o-mini", (1_800, 2_600), (250, 450), 0, 0),
+    "AN1.5": ("gpt-4o", (6_000, 9_000), (900, 1_400), 0, 0),
+    "AN1.7": ("gpt-4o-mini", (3_500, 5_000), (600, 900), 0, 0),
+    "AN2": ("gpt-4o", (12_000, 18_000), (1_800, 2_600), 0, 8_192),
+    "AN3": ("o3-mini", (7_000, 10_000), (1_000, 1_600), 4_000, 0),
+    "AN4": ("gpt-4o", (9_000, 14_000), (1_200, 2_000), 0, 6_144),
+    "AN5": ("gpt-4o", (4_000, 7_000), (2_500, 4_000), 0, 0),
 }
+
+# The prices the demo sets (set_model_price): micros of the installation's currency (here US
+# dollars) per million tokens of each class; reasoning is priced as output (the default).
+PRICES: Final[dict[str, dict[str, int]]] = {
+    "gpt-4o-mini": {"input": 150_000, "cached_input": 75_000, "output": 600_000},
+    "gpt-4o": {"input": 2_500_000, "cached_input": 1_250_000, "output": 10_000_000},
+    "o3-mini": {"input": 1_100_000, "cached_input": 550_000, "output": 4_400_000},
+}
+
+
+def _format_micros(micros: int) -> str:
+    """A cost in micros as dollars with 6 decimals, exactly: 1234 -> ``$0.001234``."""
+    whole, fraction = divmod(micros, 1_000_000)
+    return f"${whole:,}.{fraction:06d}"
+
 
 MODES: Final[dict[str, tuple[str, ...]]] = {
     "standard": ("AN0", "AN2", "AN4", "AN5"),
@@ -64,9 +112,14 @@ MODES: Final[dict[str, tuple[str, ...]]] = {
 }
 
 
+def worst_case(steps: Sequence[str]) -> int:
+    """The most tokens these steps can use (their profiles' maxima)."""
+    return sum(PROFILES[s][1][1] + PROFILES[s][2][1] + PROFILES[s][3] for s in steps)
+
+
 def estimate(mode: str) -> int:
     """What a report of ``mode`` reserves: the worst case of each of its steps."""
-    return sum(PROFILES[s][1][1] + PROFILES[s][2][1] + PROFILES[s][3] for s in MODES[mode])
+    return worst_case(MODES[mode])
 
 
 # Four accounts; initech's budget holds one standard report, not two.
@@ -82,6 +135,14 @@ ACCOUNTS: Final[dict[str, int]] = {
 ACCOUNT_IDS: Final[dict[str, uuid.UUID]] = {
     name: uuid.uuid5(uuid.NAMESPACE_DNS, f"{name}.demo.tokentrack.invalid") for name in ACCOUNTS
 }
+
+
+# The budget story: acme's research team has a daily token budget smaller than one standard
+# report, larger than research-2's first estimate and its extension together.
+TEAM: Final = "team:research"
+TEAM_DAY_LIMIT: Final = 20_000
+RESEARCH_PLAN: Final = ("AN0", "AN1.7")  # research-2's first estimate covers these
+RESEARCH_EXTRA: Final = "AN1.5"  # and mid-report it adds this one (extend_reservation)
 
 
 @dataclass
@@ -125,15 +186,21 @@ class FakeLLM:
         self.latency = latency
         self.fail_at = fail_at
 
-    async def complete(self, step: str) -> tuple[str, int, int, int]:
-        """Answer one step: (model, input tokens, output tokens, total tokens)."""
-        model, inputs, outputs, reasoning = PROFILES[step]
+    async def complete(self, step: str) -> tuple[str, Usage]:
+        """Answer one step: (model, its usage by token class)."""
+        model, inputs, outputs, reasoning, cached = PROFILES[step]
         rng = random.Random(f"{self.seed}:{step}")
         await asyncio.sleep(self.latency * rng.uniform(0.6, 1.4))
         if step == self.fail_at:
             raise LLMError(f"{model} timed out during {step}")
         i, o = rng.randint(*inputs), rng.randint(*outputs)
-        return model, i, o, i + o + rng.randint(0, reasoning)
+        thought = rng.randint(0, reasoning)
+        return model, Usage(
+            input_tokens=i,
+            cached_input_tokens=rng.randint(cached // 2, cached) if cached else 0,
+            output_tokens=o + thought,
+            reasoning_tokens=thought,
+        )
 
 
 class Progress:
@@ -200,15 +267,10 @@ async def _generate(
             account_id, report.report_id, estimate(report.mode)
         ) as tracked:
             for name in MODES[report.mode]:
-                model, inputs, outputs, total = await llm.complete(name)
+                model, usage = await llm.complete(name)
+                total = usage.input_tokens + usage.output_tokens
                 try:
-                    await tracked.step(
-                        name,
-                        input_tokens=inputs,
-                        output_tokens=outputs,
-                        total_tokens=total,
-                        model=model,
-                    )
+                    await tracked.step(name, usage=usage, model=model)
                 except ReportCancelled:
                     progress.step(total)  # recorded (billed late), then it raised
                     raise
@@ -262,6 +324,35 @@ async def _install(dsn: str, out: TextIO) -> None:
         raise DemoError(f"installing the tokentrack SQL failed: {exc}") from exc
 
 
+async def _set_prices(pool: asyncpg.Pool[Any], out: TextIO) -> None:
+    """Set :data:`PRICES` (set_model_price: the same prices again add nothing). Only the
+    schema owner may: for another role (a database given by --database-url) say so and go on
+    with the prices as they are."""
+    try:
+        for model, prices in PRICES.items():
+            await pool.fetchval(
+                "SELECT tokentrack.set_model_price($1, $2::jsonb)", model, json.dumps(prices)
+            )
+    except asyncpg.InsufficientPrivilegeError:
+        print(
+            "prices: not set (only the schema owner may call set_model_price); steps of a "
+            "model without a price are recorded unpriced",
+            file=out,
+        )
+        return
+    print(
+        "prices set (micros of one currency per installation, per million tokens; the demo's "
+        "currency is US dollars; reasoning is priced as output):",
+        file=out,
+    )
+    for model, p in PRICES.items():
+        print(
+            f"  {model:<12} input {p['input']:>9,}  cached input {p['cached_input']:>9,}  "
+            f"output {p['output']:>10,}",
+            file=out,
+        )
+
+
 async def _label_reports(
     pool: asyncpg.Pool[Any], reports: Sequence[DemoReport], ids: dict[str, uuid.UUID]
 ) -> None:
@@ -279,6 +370,8 @@ async def _table(pool: asyncpg.Pool[Any], reports: Sequence[DemoReport]) -> list
         """
         SELECT r.id, r.mode, r.status, rr.reserved_tokens,
                COALESCE((r.token_usage ->> 'totalTokens')::bigint, 0) AS billed,
+               (r.token_usage ->> 'costMicros')::bigint AS cost,
+               COALESCE((r.token_usage ->> 'unpricedSteps')::bigint, 0) AS unpriced,
                (SELECT count(*) FROM tokentrack.report_step_usage AS s WHERE s.report_id = r.id)
                    AS steps,
                (SELECT count(*) FROM tokentrack.report_step_usage AS s
@@ -290,18 +383,176 @@ async def _table(pool: asyncpg.Pool[Any], reports: Sequence[DemoReport]) -> list
         [r.report_id for r in reports],
     )
     by_id = {row["id"]: row for row in rows}
-    table = [["report", "mode", "outcome", "reserved", "billed", "steps", ""]]
+    table = [["report", "mode", "outcome", "reserved", "billed", "cost", "steps", ""]]
     for report in reports:
         row = by_id.get(report.report_id)
         if row is None or row["reserved_tokens"] is None:
-            outcome, reserved, billed, steps = report.outcome, "-", "0", "0"
+            outcome, reserved, billed, cost, steps = report.outcome, "-", "0", "-", "0"
         else:
             outcome = row["status"]
             reserved = f"{row['reserved_tokens']:,}"
             billed = f"{row['billed']:,}"
+            # costMicros: the sum of the billed steps' priced costs (not billed yet: none);
+            # * marks a report with unpriced steps, whose cost is not in it
+            cost = "-" if row["cost"] is None else _format_micros(row["cost"])
+            if row["unpriced"]:
+                cost += "*"
             steps = str(row["steps"]) + (f" ({row['late']} late)" if row["late"] else "")
-        table.append([report.name, report.mode, outcome, reserved, billed, steps, report.note])
+        table.append(
+            [report.name, report.mode, outcome, reserved, billed, cost, steps, report.note]
+        )
     return table
+
+
+async def _sql(pool: asyncpg.Pool[Any], function: str, *args: Any) -> dict[str, Any]:
+    """``SELECT tokentrack.<function>(args)``, its jsonb answer decoded."""
+    placeholders = ", ".join(f"${i}" for i in range(1, len(args) + 1))
+    answer = json.loads(await pool.fetchval(f"SELECT tokentrack.{function}({placeholders})", *args))
+    assert isinstance(answer, dict)
+    return answer
+
+
+def _refusal(answer: dict[str, Any]) -> str:
+    """A refusal of reserve or extend_reservation, naming the budget that refused."""
+    if answer.get("error") == "insufficient_budget":
+        return (
+            f"insufficient_budget: {answer['subject']}'s {answer['window']} budget has "
+            f"{answer['available']:,} {answer['unit']} available, {answer['requested']:,} "
+            "requested"
+        )
+    return str(answer.get("error"))
+
+
+def _team_window(answer: dict[str, Any], budget_id: str) -> dict[str, Any]:
+    """The team budget's entry in a grant's "budgets"."""
+    entry = next(b for b in answer["budgets"] if b["budget_id"] == budget_id)
+    assert isinstance(entry, dict)
+    return entry
+
+
+async def _budget_story(
+    pool: asyncpg.Pool[Any], tracker: TokenTracker, out: TextIO, latency: float
+) -> None:
+    """A team's daily budget refusing what the account's month would allow, and an extension
+    mid-report (see the module's docstring)."""
+    account = ACCOUNT_IDS["acme"]
+    budget = await _sql(pool, "set_budget", account, TEAM, "tokens", "day", TEAM_DAY_LIMIT)
+    budget_id = str(budget["budget_id"])
+    print(
+        f"budgets: acme's {TEAM} gets a daily budget of {TEAM_DAY_LIMIT:,} tokens "
+        f"(set_budget, days in {budget['timezone']})",
+        file=out,
+    )
+
+    # research-1: a standard report for the team, more than the team's day allows.
+    wanted = json.dumps({"tokens": estimate("standard")})
+    refused = await _sql(pool, "reserve", account, uuid.uuid4(), wanted, [TEAM], "standard")
+    if refused["success"]:  # pragma: no cover - the limit is below one standard report
+        raise DemoError(f"the team's day granted research-1: {refused}")
+    print(
+        f"  research-1 (standard, subjects {TEAM}): reserve {estimate('standard'):,} tokens: "
+        f"refused, {_refusal(refused)}",
+        file=out,
+    )
+    async with pool.acquire() as conn:
+        probe = conn.transaction()
+        await probe.start()
+        try:
+            month = json.loads(
+                await conn.fetchval(
+                    "SELECT tokentrack.reserve($1, $2, $3::jsonb, '{}', 'standard')",
+                    account,
+                    uuid.uuid4(),
+                    wanted,
+                )
+            )
+        finally:
+            await probe.rollback()
+    if month["success"]:
+        print(
+            "  acme's month would allow it: the same reservation without the team's subject "
+            f"is granted, {month['available_tokens']:,} tokens of the month to spare (rolled "
+            "back)",
+            file=out,
+        )
+    else:
+        print(f"  acme's month would refuse it too: {_refusal(month)}", file=out)
+
+    # research-2: reserves for its first steps, then extends mid-report for one more.
+    report = uuid.uuid4()
+    first = worst_case(RESEARCH_PLAN)
+    granted = await _sql(
+        pool, "reserve", account, report, json.dumps({"tokens": first}), [TEAM], "discovery"
+    )
+    if not granted["success"]:
+        print(
+            f"  research-2 (discovery, subjects {TEAM}): reserve {first:,} tokens: refused, "
+            f"{_refusal(granted)} (earlier runs used the team's day)",
+            file=out,
+            flush=True,
+        )
+        return
+    team = _team_window(granted, budget_id)
+    print(
+        f"  research-2 (discovery, subjects {TEAM}): reserve {first:,} tokens (the worst case "
+        f"of {' and '.join(RESEARCH_PLAN)}): granted; the team's day has {team['available']:,} "
+        "left",
+        file=out,
+        flush=True,
+    )
+    llm = FakeLLM(51, latency)
+    overrun = []
+
+    async def step(name: str) -> None:
+        model, usage = await llm.complete(name)
+        record = await tracker.record_step(report, account, name, usage, model)
+        if record.answer.get("over_reservation"):
+            overrun.append(name)
+
+    for name in RESEARCH_PLAN:
+        await step(name)
+    more = worst_case((RESEARCH_EXTRA,))
+    extended = await _sql(pool, "extend_reservation", report, account, json.dumps({"tokens": more}))
+    if extended["success"]:
+        team = _team_window(extended, budget_id)
+        print(
+            f"  mid-report research-2 adds {RESEARCH_EXTRA}: extend_reservation +{more:,} "
+            f"tokens: granted, {extended['reserved_tokens']:,} reserved; the team's day has "
+            f"{team['available']:,} left",
+            file=out,
+            flush=True,
+        )
+        await step(RESEARCH_EXTRA)
+    else:
+        print(
+            f"  mid-report research-2 would add {RESEARCH_EXTRA}: extend_reservation +{more:,} "
+            f"tokens: refused, {_refusal(extended)}; it completes without it",
+            file=out,
+            flush=True,
+        )
+    settled = await tracker.finish_report(report, account, "complete")
+    verdict = (
+        f"step {', '.join(overrun)} answered over_reservation"
+        if overrun
+        else "no step answered over_reservation"
+    )
+    print(
+        f"  research-2 complete: billed {settled.billed_tokens:,} tokens, more than its first "
+        f"estimate of {first:,}; {verdict}",
+        file=out,
+    )
+    used = await pool.fetchval(
+        "SELECT used FROM tokentrack.budget_windows"
+        " WHERE account_id = $1 AND budget_id = $2 AND window_start = $3::text::timestamptz",
+        account,
+        uuid.UUID(budget_id),
+        team["window_start"],
+    )
+    print(
+        f"  {TEAM}'s day (from {team['window_start']}): {used:,} of {TEAM_DAY_LIMIT:,} tokens used",
+        file=out,
+        flush=True,
+    )
 
 
 def _print_table(table: list[list[str]], out: TextIO, right: set[int]) -> None:
@@ -332,6 +583,7 @@ async def run_demo(dsn: str, out: TextIO = sys.stdout, *, latency: float = 0.25)
         ids = ACCOUNT_IDS
         for name, limit in ACCOUNTS.items():
             await tracker.open_usage_period(ids[name], limit)
+        await _set_prices(pool, out)
         await _label_reports(pool, reports, ids)
         budget = ", ".join(f"{name} {limit:,}" for name, limit in ACCOUNTS.items())
         print(f"accounts (token budgets): {budget}", file=out)
@@ -395,7 +647,24 @@ async def run_demo(dsn: str, out: TextIO = sys.stdout, *, latency: float = 0.25)
             )
 
         print(file=out)
-        _print_table(await _table(pool, reports), out, right={3, 4})
+        table = await _table(pool, reports)
+        _print_table(table, out, right={3, 4, 5})
+        if any(row[5].endswith("*") for row in table[1:]):
+            print(
+                "*: the report has steps of a model without a price, not counted in its cost",
+                file=out,
+            )
+        print(
+            "cost: each report's costMicros, the sum of its steps' costs, each priced once when "
+            "recorded (micros of the installation's currency; $ shown with 6 decimals)",
+            file=out,
+        )
+        if not interrupted:
+            print(file=out)
+            try:
+                await _budget_story(pool, tracker, out, latency)
+            except connection.DATABASE_ERRORS as exc:
+                raise DemoError(f"the budget story failed: {connection.failure_line(exc)}") from exc
         print(file=out)
         verdicts = [await tracker.reconcile(ids[name]) for name in ACCOUNTS]
         ok = all(v.ok for v in verdicts)

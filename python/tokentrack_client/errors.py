@@ -4,7 +4,10 @@ Everything the client raises is a :class:`TokenTrackError`::
 
     TokenTrackError
     ├── Refusal                     a business refusal: the answer had "success": false
-    │   ├── InsufficientTokens      insufficient_tokens (.available_tokens, .requested_tokens)
+    │   ├── InsufficientTokens      insufficient_tokens (.available_tokens, .requested_tokens,
+    │   │                           .period_id)
+    │   ├── InsufficientBudget      insufficient_budget (.budget_id, .subject, .window, .unit,
+    │   │                           .window_start, .available, .requested)
     │   ├── NoActivePeriod          no_active_period
     │   ├── AccountNotFound         account_not_found
     │   ├── ReportAccountMismatch   report_account_mismatch
@@ -13,7 +16,9 @@ Everything the client raises is a :class:`TokenTrackError`::
     │   └── ReportFinalized         report_finalized (.report_status when known)
     ├── ReportEnded                 a step of a report that was ended from outside (.status)
     │   └── ReportCancelled         ... ended as "cancelled" (the cancel button)
-    │                               (both in tokentrack_client.tracking, which raises them)
+    ├── ReservationExceeded         a step took the report past its reservation
+    │                               (track_report(on_overrun="raise"); .step, .over_by)
+    │                               (the three in tokentrack_client.tracking, which raises them)
     ├── InvalidArgument             also a ValueError: a bad argument (.argument names it)
     ├── UnexpectedAnswer            the server answered something the client does not understand
     └── DatabaseError               any other driver or server error (.sqlstate)
@@ -28,15 +33,17 @@ exception that wraps a driver error is raised ``from`` it, so ``__cause__`` is t
 exception.
 
 This module is the bottom of the package: it imports none of its other modules, so that every
-one of them can raise these. ``ReportEnded`` and ``ReportCancelled`` carry the
-:class:`~tokentrack_client.StepRecord` of the step that found the report ended, so they are
+one of them can raise these. ``ReportEnded``, ``ReportCancelled`` and ``ReservationExceeded``
+carry the :class:`~tokentrack_client.StepRecord` of the step that raised them, so they are
 defined above the result types, with the report tracker that raises them; all of them are
 importable from ``tokentrack_client``.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 __all__ = [
@@ -44,6 +51,7 @@ __all__ = [
     "CallTimeout",
     "ConnectionLost",
     "DatabaseError",
+    "InsufficientBudget",
     "InsufficientTokens",
     "InvalidArgument",
     "NoActivePeriod",
@@ -91,7 +99,8 @@ class InsufficientTokens(Refusal):
     """``insufficient_tokens``: the estimate does not fit the account's remaining budget.
 
     ``available_tokens`` is what the account could still reserve, ``requested_tokens`` the
-    estimate that was refused.
+    estimate (or the extension) that was refused, ``period_id`` the usage period that refused
+    it (when the server says).
     """
 
     code = "insufficient_tokens"
@@ -100,6 +109,31 @@ class InsufficientTokens(Refusal):
         super().__init__(code, message, answer)
         self.available_tokens: int | None = _int_or_none(answer.get("available_tokens"))
         self.requested_tokens: int | None = _int_or_none(answer.get("requested_tokens"))
+        self.period_id: uuid.UUID | None = _uuid_or_none(answer.get("period_id"))
+
+
+class InsufficientBudget(Refusal):
+    """``insufficient_budget``: a budget (of the account, or of one of the subjects) cannot
+    hold the estimate (or the extension) in its current window.
+
+    ``budget_id``, ``subject`` (``None``: the whole account), ``window`` (``minute`` ...
+    ``total``), ``unit`` (``tokens`` or ``cost_micros``) and ``window_start`` name the budget
+    window that refused; ``available`` is what it could still hold, ``requested`` what was
+    asked of it, in its unit. A budget whose window has nothing left refuses even a request of
+    0 (a reservation without a cost estimate, against a cost budget).
+    """
+
+    code = "insufficient_budget"
+
+    def __init__(self, code: str, message: str, answer: Mapping[str, Any]) -> None:
+        super().__init__(code, message, answer)
+        self.budget_id: uuid.UUID | None = _uuid_or_none(answer.get("budget_id"))
+        self.subject: str | None = _str_or_none(answer.get("subject"))
+        self.window: str | None = _str_or_none(answer.get("window"))
+        self.unit: str | None = _str_or_none(answer.get("unit"))
+        self.window_start: datetime | None = _datetime_or_none(answer.get("window_start"))
+        self.available: int | None = _int_or_none(answer.get("available"))
+        self.requested: int | None = _int_or_none(answer.get("requested"))
 
 
 class NoActivePeriod(Refusal):
@@ -162,6 +196,7 @@ _REFUSALS: dict[str, type[Refusal]] = {
     cls.code: cls
     for cls in (
         InsufficientTokens,
+        InsufficientBudget,
         NoActivePeriod,
         AccountNotFound,
         ReportAccountMismatch,
@@ -300,3 +335,25 @@ class ConnectionLost(TransientError):
 
 def _int_or_none(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _str_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _uuid_or_none(value: object) -> uuid.UUID | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        return None
+
+
+def _datetime_or_none(value: object) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        return None

@@ -2401,7 +2401,10 @@ async def _rollback_version(
                         raise RollbackRefused(f"refusing to roll back: {phrase}; {_ARCHIVE_HINT}")
                 else:
                     await _check_archive_free(conn, version, tables, columns)
-                    if _RESERVATIONS in tables:
+                    # A version whose tables or columns hold reservations' billing data: bill
+                    # the reports in flight first, with its own functions, so that nothing
+                    # billed later (at the older version) is missing from what it archives.
+                    if _RESERVATIONS in tables or any(c.table == _RESERVATIONS for c in columns):
                         current = f"billing the active reservations of version {version.version}"
                         billed = await _sweep_active(conn)
                     current = f"archiving version {version.version}'s billing tables"

@@ -19,6 +19,7 @@ from tokentrack_client.answers import (
     get_bool,
     get_datetime,
     get_int,
+    get_int_list,
     get_list,
     get_optional_int,
     get_optional_str,
@@ -28,7 +29,10 @@ from tokentrack_client.answers import (
 )
 
 __all__ = [
+    "BudgetHold",
+    "BudgetSet",
     "Discrepancy",
+    "Extension",
     "PeriodOpened",
     "Reconciliation",
     "Reservation",
@@ -45,12 +49,54 @@ def _answer_field() -> Any:
 
 
 @dataclass(frozen=True)
-class Reservation:
-    """A granted reservation (``try_reserve_tokens``).
+class BudgetHold:
+    """What a reservation holds in one budget window (an element of ``budgets`` in the
+    answers of ``reserve``, ``try_reserve_tokens`` and ``extend_reservation``).
 
-    ``available_tokens`` is what the account can still reserve after this one; ``existing``
-    is true when the report already held this active reservation (a retry: nothing more was
-    reserved).
+    ``subject`` is ``None`` for a budget of the whole account; ``window`` is ``minute``,
+    ``hour``, ``day``, ``week``, ``month`` or ``total``; ``unit`` ``tokens`` or
+    ``cost_micros``; ``window_start`` the start of the window the reservation was granted in.
+    ``held`` is what this reservation holds there (its tokens, or its cost estimate: 0
+    without one), ``available`` what the window can still hold after it, in the budget's
+    unit (``None`` in the answer to a retry, which reports what the reservation holds
+    without checking the window again).
+    """
+
+    budget_id: uuid.UUID
+    subject: str | None
+    window: str
+    unit: str
+    window_start: datetime
+    held: int
+    available: int | None
+
+    @classmethod
+    def from_answer(cls, answer: Mapping[str, Any]) -> BudgetHold:
+        """Build from one element of an answer's ``budgets``."""
+        return cls(
+            budget_id=get_uuid(answer, "budget_id"),
+            subject=get_optional_str(answer, "subject"),
+            window=get_str(answer, "window"),
+            unit=get_str(answer, "unit"),
+            window_start=get_datetime(answer, "window_start"),
+            held=get_int(answer, "held"),
+            available=get_optional_int(answer, "available"),
+        )
+
+
+def _holds(answer: Mapping[str, Any]) -> tuple[BudgetHold, ...]:
+    return tuple(BudgetHold.from_answer(item) for item in get_list(answer, "budgets"))
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """A granted reservation (``try_reserve_tokens``, ``reserve``).
+
+    ``available_tokens`` is what the account's usage period can still reserve after this
+    one; ``existing`` is true when the report already held this active reservation (a retry:
+    nothing more was reserved). ``budgets`` is what it holds in each budget window that
+    applied (the account's budgets and those of its subjects); empty for a retry
+    (``existing``), whose answer does not list them.
     """
 
     reservation_id: uuid.UUID
@@ -59,11 +105,12 @@ class Reservation:
     expires_at: datetime
     period_id: uuid.UUID | None = None
     existing: bool = False
+    budgets: tuple[BudgetHold, ...] = ()
     answer: Mapping[str, Any] = _answer_field()
 
     @classmethod
     def from_answer(cls, answer: Mapping[str, Any]) -> Reservation:
-        """Build from a ``"success": true`` answer of ``try_reserve_tokens``."""
+        """Build from a ``"success": true`` answer of ``try_reserve_tokens`` or ``reserve``."""
         return cls(
             reservation_id=get_uuid(answer, "reservation_id"),
             reserved_tokens=get_int(answer, "reserved_tokens"),
@@ -71,6 +118,79 @@ class Reservation:
             expires_at=get_datetime(answer, "expires_at"),
             period_id=get_optional_uuid(answer, "period_id"),
             existing=get_bool(answer, "existing", default=False),
+            budgets=_holds(answer),
+            answer=answer,
+        )
+
+
+@dataclass(frozen=True)
+class Extension:
+    """A reservation after ``extend_reservation`` raised its hold.
+
+    ``reserved_tokens`` and ``reserved_cost_micros`` (``None``: no cost estimate) are the
+    reservation's whole hold now; ``available_tokens`` is what its usage period can still
+    reserve; ``expires_at`` is unchanged by the extension. ``budgets`` is what it holds in
+    each budget window it was granted in, after the extension.
+    """
+
+    reservation_id: uuid.UUID
+    reserved_tokens: int
+    reserved_cost_micros: int | None
+    available_tokens: int
+    expires_at: datetime
+    period_id: uuid.UUID | None = None
+    budgets: tuple[BudgetHold, ...] = ()
+    answer: Mapping[str, Any] = _answer_field()
+
+    @classmethod
+    def from_answer(cls, answer: Mapping[str, Any]) -> Extension:
+        """Build from a ``"success": true`` answer of ``extend_reservation``."""
+        return cls(
+            reservation_id=get_uuid(answer, "reservation_id"),
+            reserved_tokens=get_int(answer, "reserved_tokens"),
+            reserved_cost_micros=get_optional_int(answer, "reserved_cost_micros"),
+            available_tokens=get_int(answer, "available_tokens"),
+            expires_at=get_datetime(answer, "expires_at"),
+            period_id=get_optional_uuid(answer, "period_id"),
+            budgets=_holds(answer),
+            answer=answer,
+        )
+
+
+@dataclass(frozen=True)
+class BudgetSet:
+    """A budget after ``set_budget`` created or changed it.
+
+    ``created``: it is new; ``changed``: something was written (always when created; false
+    when the budget already had exactly these settings). ``subject`` is ``None`` for the
+    whole account; ``limit`` is in ``unit``; ``thresholds`` are the soft thresholds in
+    percent, ascending.
+    """
+
+    budget_id: uuid.UUID
+    created: bool
+    changed: bool
+    subject: str | None
+    unit: str
+    window: str
+    limit: int
+    timezone: str
+    thresholds: tuple[int, ...]
+    answer: Mapping[str, Any] = _answer_field()
+
+    @classmethod
+    def from_answer(cls, answer: Mapping[str, Any]) -> BudgetSet:
+        """Build from a ``"success": true`` answer of ``set_budget``."""
+        return cls(
+            budget_id=get_uuid(answer, "budget_id"),
+            created=get_bool(answer, "created"),
+            changed=get_bool(answer, "changed"),
+            subject=get_optional_str(answer, "subject"),
+            unit=get_str(answer, "unit"),
+            window=get_str(answer, "window"),
+            limit=get_int(answer, "limit"),
+            timezone=get_str(answer, "timezone"),
+            thresholds=get_int_list(answer, "thresholds"),
             answer=answer,
         )
 
@@ -87,6 +207,9 @@ class StepRecord:
     once from the model's price in effect when the step was recorded; ``None`` when the model
     is unpriced, and from ``persist_step_usage``, whose answer keeps Part 1's keys (its step
     is priced all the same: the report's ``token_usage`` counts the cost).
+    ``over_reservation`` is true once the report's recorded tokens pass what it reserved
+    (this step's answer and every later one), ``over_by`` how far (``None`` when not over);
+    billing stays the actual usage.
     """
 
     step_id: uuid.UUID
@@ -95,6 +218,8 @@ class StepRecord:
     late: bool
     report_status: str | None = None
     cost_micros: int | None = None
+    over_reservation: bool = False
+    over_by: int | None = None
     answer: Mapping[str, Any] = _answer_field()
 
     @classmethod
@@ -108,6 +233,8 @@ class StepRecord:
             late=get_bool(answer, "late"),
             report_status=get_optional_str(answer, "report_status"),
             cost_micros=get_optional_int(answer, "cost_micros"),
+            over_reservation=get_bool(answer, "over_reservation", default=False),
+            over_by=get_optional_int(answer, "over_by"),
             answer=answer,
         )
 

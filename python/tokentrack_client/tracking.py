@@ -19,6 +19,9 @@ the task is cancelled                  ``cancelled``, billed while shielded from
 a step after ``cancel_report``         the step is recorded (billed late), then
                                        ``step()`` raises :class:`ReportCancelled`;
                                        the report stays ``cancelled``
+a step past the reservation, with      the step is recorded, then ``step()`` raises
+``on_overrun="raise"``                 :class:`ReservationExceeded`: ``failed``,
+                                       billed (as any exception)
 =====================================  =============================================
 """
 
@@ -28,10 +31,11 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from types import TracebackType
-from typing import Protocol, TypeVar, cast
+from typing import Final, Literal, Protocol, TypeAlias, TypeVar, cast
 
+from tokentrack_client.answers import get_optional_int
 from tokentrack_client.contract import ERROR_MESSAGE_MAX
 from tokentrack_client.errors import (
     InvalidArgument,
@@ -39,11 +43,27 @@ from tokentrack_client.errors import (
     ReservationNotFound,
     TokenTrackError,
 )
-from tokentrack_client.results import Reservation, Settlement, StepRecord
+from tokentrack_client.results import Extension, Reservation, Settlement, StepRecord
 from tokentrack_client.usage import Usage
-from tokentrack_client.validation import IdLike, check_count, check_id
+from tokentrack_client.validation import (
+    IdLike,
+    check_count,
+    check_estimate,
+    check_id,
+    check_mode,
+    check_subjects,
+)
 
-__all__ = ["ReportCalls", "ReportCancelled", "ReportEnded", "ReportTracker", "run_to_completion"]
+__all__ = [
+    "ON_OVERRUN",
+    "OnOverrun",
+    "ReportCalls",
+    "ReportCancelled",
+    "ReportEnded",
+    "ReportTracker",
+    "ReservationExceeded",
+    "run_to_completion",
+]
 
 logger = logging.getLogger("tokentrack_client")
 
@@ -69,13 +89,64 @@ class ReportCancelled(ReportEnded):
     """The report was cancelled from outside (``cancel_report``, a cancel button)."""
 
 
+OnOverrun: TypeAlias = Literal["ignore", "raise"]
+"""What :meth:`ReportTracker.step` does with a step that finds the report past its
+reservation: ``ignore`` it (the :class:`StepRecord` says ``over_reservation``) or ``raise``
+:class:`ReservationExceeded`."""
+
+ON_OVERRUN: Final = ("ignore", "raise")
+"""The values of :data:`OnOverrun`."""
+
+
+class ReservationExceeded(TokenTrackError):
+    """A step took the report's recorded tokens past its reservation
+    (``track_report(..., on_overrun="raise")``).
+
+    Raised by :meth:`ReportTracker.step` *after* the step was recorded (billing stays the
+    actual usage, so nothing is lost); leaving the block with it marks the report ``failed``
+    and bills it once, as any exception does. ``step`` is the step's :class:`StepRecord`,
+    ``over_by`` how many tokens the report's recorded total is past its reservation,
+    ``reserved_tokens`` what it reserved (extensions included) and ``recorded_tokens`` what
+    its steps recorded.
+    """
+
+    def __init__(self, report_id: uuid.UUID, step: StepRecord) -> None:
+        self.report_id = report_id
+        self.step = step
+        self.over_by: int = step.over_by or 0
+        self.reserved_tokens: int | None = get_optional_int(step.answer, "reserved_tokens")
+        self.recorded_tokens: int | None = get_optional_int(step.answer, "recorded_tokens")
+        super().__init__(
+            f"report {report_id} is {self.over_by} tokens over its reservation "
+            f"({self.recorded_tokens} recorded, {self.reserved_tokens} reserved)"
+        )
+
+
 class ReportCalls(Protocol):
     """The calls a :class:`ReportTracker` makes; :class:`~tokentrack_client.TokenTracker`
     has them. (A protocol, so that this module needs nothing of the client's.)"""
 
     async def try_reserve(
-        self, account_id: IdLike, report_id: IdLike, estimated_tokens: int
+        self,
+        account_id: IdLike,
+        report_id: IdLike,
+        estimated_tokens: int,
+        *,
+        subjects: Iterable[str] = (),
+        mode: str | None = None,
+        cost_micros: int | None = None,
+        model: str | None = None,
     ) -> Reservation: ...
+
+    async def extend_reservation(
+        self,
+        report_id: IdLike,
+        account_id: IdLike,
+        tokens: int,
+        *,
+        cost_micros: int | None = None,
+        model: str | None = None,
+    ) -> Extension: ...
 
     async def persist_step(
         self,
@@ -146,6 +217,10 @@ class ReportTracker:
     Steps may be recorded concurrently (``asyncio.gather`` over parallel LLM calls). A block
     re-entered with the same ``report_id`` after a crash resumes the same reservation; steps
     recorded again with the same numbers are answered as duplicates.
+
+    ``subjects``, ``mode``, ``cost_micros`` and ``model`` go to the reservation as
+    :meth:`TokenTracker.try_reserve` takes them; ``on_overrun`` says what :meth:`step` does
+    with a step that finds the report past its reservation (:data:`OnOverrun`).
     """
 
     def __init__(
@@ -154,12 +229,29 @@ class ReportTracker:
         account_id: IdLike,
         report_id: IdLike,
         estimated_tokens: int,
+        *,
+        subjects: Iterable[str] = (),
+        mode: str | None = None,
+        cost_micros: int | None = None,
+        model: str | None = None,
+        on_overrun: OnOverrun = "ignore",
     ) -> None:
         self._tracker = tracker
         self.account_id: uuid.UUID = check_id("account_id", account_id)
         self.report_id: uuid.UUID = check_id("report_id", report_id)
         self.estimated_tokens: int = check_count("estimated_tokens", estimated_tokens, minimum=1)
+        self.subjects: tuple[str, ...] = check_subjects(subjects)
+        self.mode: str | None = check_mode(mode)
+        check_estimate(self.estimated_tokens, cost_micros, model)
+        self._cost_micros = cost_micros
+        self._model = model
+        if on_overrun not in ON_OVERRUN:
+            raise InvalidArgument(
+                "on_overrun", f"on_overrun must be 'ignore' or 'raise', not {on_overrun!r}"
+            )
+        self.on_overrun: OnOverrun = on_overrun
         self.reservation: Reservation | None = None
+        self.extensions: list[Extension] = []
         self.settlement: Settlement | None = None
         self.status: str | None = None
         self.steps: list[StepRecord] = []
@@ -174,6 +266,14 @@ class ReportTracker:
         return sum(step.total_tokens for step in self.steps if not step.duplicate)
 
     @property
+    def reserved_tokens(self) -> int | None:
+        """What the reservation holds now: the last extension's ``reserved_tokens``, else the
+        reservation's (``None`` before entering)."""
+        if self.extensions:
+            return self.extensions[-1].reserved_tokens
+        return None if self.reservation is None else self.reservation.reserved_tokens
+
+    @property
     def ended_from_outside(self) -> str | None:
         """The outcome the report was given from outside (e.g. ``cancelled``), if any."""
         return self._ended_from_outside
@@ -184,7 +284,13 @@ class ReportTracker:
         self._entered = True
         try:
             self.reservation = await self._tracker.try_reserve(
-                self.account_id, self.report_id, self.estimated_tokens
+                self.account_id,
+                self.report_id,
+                self.estimated_tokens,
+                subjects=self.subjects,
+                mode=self.mode,
+                cost_micros=self._cost_micros,
+                model=self._model,
             )
         except asyncio.CancelledError:
             # The reservation may have been granted just before the cancellation: end the
@@ -222,12 +328,11 @@ class ReportTracker:
         (``cancel_report``), the step is still recorded and billed, then this raises
         :class:`ReportCancelled` (:class:`ReportEnded` for another outcome): stop spending
         tokens. Raises :class:`StepConflict` when the step was recorded before with other
-        numbers, and :class:`InvalidArgument` for bad numbers.
+        numbers, and :class:`InvalidArgument` for bad numbers. With ``on_overrun="raise"``,
+        a step whose answer says the report is past its reservation (``over_reservation``)
+        raises :class:`ReservationExceeded` once it is recorded.
         """
-        if not self._entered or self.reservation is None:
-            raise RuntimeError("step() needs the report to be entered: `async with ... as report`")
-        if self._exited:
-            raise RuntimeError(f"report {self.report_id} is already finished")
+        self._require_running("step")
         if usage is not None:
             given = [
                 label
@@ -265,7 +370,33 @@ class ReportTracker:
             if record.report_status == "cancelled":
                 raise ReportCancelled(self.report_id, record.report_status, record)
             raise ReportEnded(self.report_id, record.report_status, record)
+        if record.over_reservation and self.on_overrun == "raise":
+            raise ReservationExceeded(self.report_id, record)
         return record
+
+    async def extend(
+        self, tokens: int, *, cost_micros: int | None = None, model: str | None = None
+    ) -> Extension:
+        """Raise the report's reservation by ``tokens`` (and ``cost_micros``, or the tokens
+        priced by ``model``) mid-report: :meth:`TokenTracker.extend_reservation`. Returns
+        the :class:`Extension` (also appended to ``extensions``); raises its refusals
+        (:class:`InsufficientTokens`, :class:`InsufficientBudget`, :class:`ReportFinalized`
+        once the report was ended from outside), after which the report goes on with what it
+        holds."""
+        self._require_running("extend")
+        extension = await self._tracker.extend_reservation(
+            self.report_id, self.account_id, tokens, cost_micros=cost_micros, model=model
+        )
+        self.extensions.append(extension)
+        return extension
+
+    def _require_running(self, method: str) -> None:
+        if not self._entered or self.reservation is None:
+            raise RuntimeError(
+                f"{method}() needs the report to be entered: `async with ... as report`"
+            )
+        if self._exited:
+            raise RuntimeError(f"report {self.report_id} is already finished")
 
     async def __aexit__(
         self,

@@ -9,21 +9,40 @@ and :class:`~tokentrack_client.ReportTracker` both check through this module.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from datetime import datetime
 from typing import TypeAlias
 
-from tokentrack_client.contract import ERROR_MESSAGE_MAX, INT_MAX, NAME_MAX, REPORT_OUTCOMES
+from tokentrack_client.contract import (
+    BIGINT_MAX,
+    BUDGET_UNITS,
+    BUDGET_WINDOWS,
+    ERROR_MESSAGE_MAX,
+    INT_MAX,
+    NAME_MAX,
+    REPORT_MODES,
+    REPORT_OUTCOMES,
+    SUBJECTS_MAX,
+    THRESHOLD_MAX,
+    THRESHOLDS_MAX,
+)
 from tokentrack_client.errors import InvalidArgument
 
 __all__ = [
     "IdLike",
+    "check_budget_kind",
+    "check_choice",
     "check_count",
     "check_error_message",
+    "check_estimate",
     "check_flag",
     "check_id",
+    "check_mode",
     "check_optional_datetime",
     "check_outcome",
+    "check_subjects",
     "check_text",
+    "check_thresholds",
     "check_total_tokens",
 ]
 
@@ -119,3 +138,103 @@ def check_optional_datetime(name: str, value: object) -> datetime | None:
     if value is not None and not isinstance(value, datetime):
         raise InvalidArgument(name, f"{name} must be a datetime or None")
     return value
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    """One of ``choices`` (a string of the SQL's list: a unit, a window)."""
+    if isinstance(value, str) and value in choices:
+        return value
+    listed = ", ".join(choices[:-1]) + f" or {choices[-1]}"
+    raise InvalidArgument(name, f"{name} must be {listed}, not {value!r}")
+
+
+def check_mode(value: object) -> str | None:
+    """A report mode (one of :data:`~tokentrack_client.contract.REPORT_MODES`), or None."""
+    return None if value is None else check_choice("mode", value, REPORT_MODES)
+
+
+def check_subjects(value: object) -> tuple[str, ...]:
+    """``reserve``'s subjects: an iterable of at most
+    :data:`~tokentrack_client.contract.SUBJECTS_MAX` labels, none blank (spaces), each of at
+    most :data:`~tokentrack_client.contract.NAME_MAX` characters (a single string is refused:
+    it is not a list of subjects)."""
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise InvalidArgument(
+            "subjects",
+            f"subjects must be a list or tuple of labels, not {type(value).__name__}",
+        )
+    subjects = tuple(value)
+    if len(subjects) > SUBJECTS_MAX:
+        raise InvalidArgument(
+            "subjects", f"subjects must hold at most {SUBJECTS_MAX} subjects (got {len(subjects)})"
+        )
+    for subject in subjects:
+        if not isinstance(subject, str):
+            raise InvalidArgument(
+                "subjects", f"each subject must be a string, not {type(subject).__name__}"
+            )
+        if not subject.strip(" "):  # the server's btrim() strips spaces only
+            raise InvalidArgument("subjects", "subjects must not hold an empty subject")
+        if len(subject) > NAME_MAX:
+            raise InvalidArgument(
+                "subjects",
+                f"a subject must be at most {NAME_MAX} characters (got {len(subject)})",
+            )
+        if "\x00" in subject:
+            raise InvalidArgument("subjects", "a subject must not contain NUL characters")
+    return subjects
+
+
+def check_estimate(tokens: int, cost_micros: object, model: object) -> dict[str, int | str]:
+    """``reserve``'s ``p_estimate`` (and ``extend_reservation``'s ``p_more``): ``tokens``
+    (checked by the caller), and ``cost_micros`` (a whole number >= 0) or ``model`` (a model
+    name that prices the tokens), not both."""
+    estimate: dict[str, int | str] = {"tokens": tokens}
+    if cost_micros is not None:
+        estimate["cost_micros"] = check_count(
+            "cost_micros", cost_micros, minimum=0, maximum=BIGINT_MAX
+        )
+    name = check_text("model", model, required=False)
+    if name is not None:
+        if cost_micros is not None:
+            raise InvalidArgument(
+                "model", "give cost_micros or model (which prices the tokens), not both"
+            )
+        estimate["model"] = name
+    return estimate
+
+
+def check_thresholds(value: object) -> tuple[int, ...] | None:
+    """A budget's soft thresholds: None (the default, or unchanged), or 1 to
+    :data:`~tokentrack_client.contract.THRESHOLDS_MAX` whole percentages from 1 to
+    :data:`~tokentrack_client.contract.THRESHOLD_MAX`."""
+    if value is None:
+        return None
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise InvalidArgument(
+            "thresholds", f"thresholds must be a list of percentages, not {type(value).__name__}"
+        )
+    thresholds = tuple(value)
+    if not 1 <= len(thresholds) <= THRESHOLDS_MAX:
+        raise InvalidArgument(
+            "thresholds",
+            f"thresholds must hold 1 to {THRESHOLDS_MAX} percentages (got {len(thresholds)})",
+        )
+    for threshold in thresholds:
+        if isinstance(threshold, bool) or not isinstance(threshold, int):
+            raise InvalidArgument(
+                "thresholds",
+                f"each threshold must be a whole percentage, not {type(threshold).__name__}",
+            )
+        if not 1 <= threshold <= THRESHOLD_MAX:
+            raise InvalidArgument(
+                "thresholds",
+                f"each threshold must be from 1 to {THRESHOLD_MAX} percent (got {threshold})",
+            )
+    return thresholds
+
+
+def check_budget_kind(unit: object, window: object) -> tuple[str, str]:
+    """A budget's ``unit`` and ``window`` (:data:`~tokentrack_client.contract.BUDGET_UNITS`,
+    :data:`~tokentrack_client.contract.BUDGET_WINDOWS`)."""
+    return check_choice("unit", unit, BUDGET_UNITS), check_choice("window", window, BUDGET_WINDOWS)

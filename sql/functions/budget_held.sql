@@ -20,9 +20,11 @@ STABLE
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $function$
+DECLARE
+    v_hold jsonb := pg_catalog.jsonb_build_array(tokentrack.budget_hold(p_budget_id, p_window_start));
 BEGIN
-    -- PL/pgSQL (planned at first call), so that the file does not depend on budget_hold being
-    -- created first.
+    -- PL/pgSQL (planned once per session, and the file does not depend on budget_hold being
+    -- created first); the hold is built once, not for every reservation scanned.
     RETURN (
         SELECT COALESCE(pg_catalog.sum(
             CASE WHEN p_unit = 'tokens' THEN rr.reserved_tokens::bigint ELSE COALESCE(rr.reserved_cost_micros, 0) END
@@ -32,7 +34,7 @@ BEGIN
             rr.account_id = p_account_id
             AND rr.status = 'active'
             AND rr.expires_at > pg_catalog.now()
-            AND rr.holds @> pg_catalog.jsonb_build_array(tokentrack.budget_hold(p_budget_id, p_window_start))
+            AND rr.holds @> v_hold
     );
 END
 $function$;

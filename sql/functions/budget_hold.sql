@@ -9,17 +9,20 @@
 -- Locks nothing, writes nothing.
 CREATE OR REPLACE FUNCTION tokentrack.budget_hold(p_budget_id uuid, p_window_start timestamptz)
 RETURNS jsonb
-LANGUAGE sql
+LANGUAGE plpgsql
 STABLE
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $function$
-    SELECT pg_catalog.jsonb_build_object(
+BEGIN
+    -- PL/pgSQL: no query to plan on every call (see lock_reservation_budgets).
+    RETURN pg_catalog.jsonb_build_object(
         'budget_id', p_budget_id,
         'window_start', pg_catalog.to_char(
             p_window_start AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'
         )
-    )
+    );
+END
 $function$;
 
 COMMENT ON FUNCTION tokentrack.budget_hold(uuid, timestamptz) IS

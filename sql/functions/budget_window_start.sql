@@ -13,15 +13,18 @@ CREATE OR REPLACE FUNCTION tokentrack.budget_window_start(
     p_window text, p_timezone text, p_created_at timestamptz, p_at timestamptz
 )
 RETURNS timestamptz
-LANGUAGE sql
+LANGUAGE plpgsql
 STABLE
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $function$
-    SELECT CASE
-        WHEN p_window = 'total' THEN p_created_at
-        ELSE pg_catalog.date_trunc(p_window, p_at, p_timezone)
-    END
+BEGIN
+    -- PL/pgSQL: no query to plan on every call (see lock_reservation_budgets).
+    IF p_window = 'total' THEN
+        RETURN p_created_at;
+    END IF;
+    RETURN pg_catalog.date_trunc(p_window, p_at, p_timezone);
+END
 $function$;
 
 COMMENT ON FUNCTION tokentrack.budget_window_start(text, text, timestamptz, timestamptz) IS

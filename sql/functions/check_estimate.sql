@@ -89,7 +89,7 @@ BEGIN
         RAISE EXCEPTION '%.tokens is required', p_name USING ERRCODE = '22004', COLUMN = p_name || '.tokens';
     END IF;
     IF v_result.cost_micros IS NOT NULL AND v_model IS NOT NULL THEN
-        RAISE EXCEPTION '% has both cost_micros and model: give one of them', p_name
+        RAISE EXCEPTION '%.cost_micros and %.model are both given: give one of them', p_name, p_name
             USING ERRCODE = '22023', COLUMN = p_name || '.model';
     END IF;
     IF v_model IS NOT NULL THEN

@@ -3,8 +3,9 @@
 -- tokentrack.extend_reservation(p_report_id uuid, p_account_id uuid, p_more jsonb) -> jsonb
 --
 -- Raises an active, unexpired reservation's hold by p_more (tokens, and cost_micros or model,
--- as reserve's p_estimate) when the extra fits the usage period it was taken in and every
--- budget window it holds (the windows it was granted in), with the same rules as reserve:
+-- as reserve's p_estimate) when the extra fits the account's active usage period (as reserve
+-- checks it) and every budget window the reservation holds (the windows it was granted in),
+-- with the same rules as reserve:
 --   period: tokens_limit - tokens_used - every active, unexpired reservation of the account
 --           (its own included), as try_reserve_tokens counts them
 --   budget: limit - used - every active, unexpired hold in that window (its own included)
@@ -14,13 +15,15 @@
 --   "available_tokens", "expires_at", "period_id", "budgets": [{"budget_id", "subject",
 --   "window", "unit", "window_start", "held", "available"}]}; refused (nothing written):
 --   reservation_not_found, report_account_mismatch, report_finalized (the reservation is
---   completed, expired, or past expires_at), insufficient_tokens (with period_id),
+--   completed, expired, or past expires_at), no_active_period, insufficient_tokens (with
+--   period_id),
 --   insufficient_budget (as reserve).
 -- Locks, in order: the reservation row (FOR UPDATE: rank 2; the report's steps, which take it
---   FOR SHARE, wait), the period row (FOR UPDATE: rank 3), the budgets it holds (FOR UPDATE,
---   id order: rank 4). Writes: the reservation's reserved_tokens and reserved_cost_micros.
+--   FOR SHARE, wait), the account's active period row (FOR UPDATE: rank 3), the budgets it
+--   holds (lock_budgets: rank 4). Writes: the reservation's reserved_tokens and reserved_cost_micros.
 -- Errors: 25000 under REPEATABLE READ or SERIALIZABLE; 22004 a NULL id or p_more, or a NULL
---   p_more.tokens; 22023 and 22001 as reserve's p_estimate (as p_more.<key>).
+--   p_more.tokens; 22023 and 22001 as reserve's p_estimate (as p_more.<key>); 22003 an extra
+--   that would take reserved_tokens past the integer range.
 CREATE OR REPLACE FUNCTION tokentrack.extend_reservation(p_report_id uuid, p_account_id uuid, p_more jsonb)
 RETURNS jsonb
 LANGUAGE plpgsql
@@ -71,8 +74,20 @@ BEGIN
         );
     END IF;
 
-    SELECT p.* INTO STRICT v_period FROM tokentrack.usage_periods AS p
-    WHERE p.id = v_reservation.period_id FOR UPDATE;
+    -- The account's active period, as reserve checks it (the reservation may have been taken in
+    -- one that a period switch closed since).
+    v_period := tokentrack.lock_active_period(p_account_id);
+    IF v_period.id IS NULL THEN
+        RETURN pg_catalog.jsonb_build_object(
+            'success', false, 'error', 'no_active_period',
+            'message', pg_catalog.format('account %s has no active usage period', p_account_id)
+        );
+    END IF;
+    IF v_reservation.reserved_tokens::bigint + v_more.tokens > 2147483647 THEN
+        RAISE EXCEPTION 'p_more.tokens (%) would take the reservation past the integer range (it holds %)',
+            v_more.tokens, v_reservation.reserved_tokens
+            USING ERRCODE = '22003', COLUMN = 'p_more.tokens';
+    END IF;
     SELECT COALESCE(pg_catalog.sum(rr.reserved_tokens), 0) INTO v_held
     FROM tokentrack.report_reservations AS rr
     WHERE rr.account_id = p_account_id AND rr.status = 'active' AND rr.expires_at > pg_catalog.now();

@@ -15,7 +15,7 @@
 -- When it is no longer active: locks nothing more, changes nothing and answers
 -- already_finalized with the billed_tokens recorded the first time.
 -- Locks, in order after the caller's reservation lock: the period row (FOR UPDATE), the
---   budgets the reservation holds (FOR UPDATE, in id order; since version 20261210000000), the
+--   budgets the reservation holds (lock_budgets; since version 20261210000000), the
 --   report row (FOR UPDATE), then the report's unbilled step rows (by the UPDATE) and the held
 --   budget windows (by the UPDATE of their used: the billed tokens into tokens budgets, the
 --   billed cost into cost budgets).
@@ -110,7 +110,7 @@ BEGIN
     WHERE p.id = v_reservation.period_id
     RETURNING p.* INTO v_period;
 
-    IF v_reservation.holds IS NOT NULL THEN
+    IF v_reservation.holds IS NOT NULL AND (v_tokens <> 0 OR v_cost <> 0) THEN
         PERFORM tokentrack.bill_budget_windows(v_reservation.account_id, v_reservation.holds, v_tokens, v_cost);
     END IF;
 

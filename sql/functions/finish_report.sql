@@ -11,7 +11,7 @@
 -- or the sweep) and the outcome is complete, the report is counted then (1 to reports_count,
 -- with a report_completed ledger row), so that a completed report is counted exactly once.
 -- Locks, in order: the reservation row (FOR UPDATE), the period row (FOR UPDATE), the budgets
---   the reservation holds (FOR UPDATE, id order; since version 20261210000000), the report row
+--   the reservation holds (lock_budgets; since version 20261210000000), the report row
 --   (FOR UPDATE), then through finalize_reservation the unbilled step rows.
 -- Idempotent: the same outcome again is a retry (nothing changes, already_finalized true);
 --   another outcome is refused with report_finalized and nothing changes.

@@ -15,7 +15,10 @@
 -- Since version 20261210000000, for every budget window (of the account, or of all): its used
 -- equals what the billed steps of the reports whose reservations hold that window were billed,
 -- their total_tokens for a tokens budget, their cost_micros for a cost budget, late steps
--- included (check "budget_used", with budget_id and window_start).
+-- included (check "budget_used", with budget_id and window_start); every budget's limit is the
+-- limit of its newest budget_changes row (check "budget_limit", with budget_id); and every
+-- window a reservation holds has its budget_windows row (check "budget_hold_window": expected
+-- 1, actual 0, with budget_id and window_start).
 -- The ledger is append-only (UPDATE, DELETE and TRUNCATE are refused), so any change of
 -- tokens_used made outside the functions shows up here.
 -- Returns {"ok", "periods_checked", "costs_checked", "budget_windows_checked",
@@ -118,7 +121,8 @@ BEGIN
         FROM tokentrack.report_reservations AS rr
         CROSS JOIN LATERAL pg_catalog.jsonb_to_recordset(rr.holds) AS h (budget_id uuid, window_start timestamptz)
         INNER JOIN tokentrack.report_step_usage AS s ON s.report_id = rr.report_id AND s.billed_at IS NOT NULL
-        WHERE rr.holds IS NOT NULL AND (p_account_id IS NULL OR rr.account_id = p_account_id)
+        -- The account's reservations by their periods (report_reservations_period_idx).
+        WHERE rr.holds IS NOT NULL AND rr.period_id IN (SELECT periods.id FROM periods)
         GROUP BY rr.account_id, h.budget_id, h.window_start
     ),
 
@@ -134,6 +138,39 @@ BEGIN
         LEFT JOIN held_use AS hu
             ON hu.account_id = w.account_id AND hu.budget_id = w.budget_id AND hu.window_start = w.window_start
         WHERE p_account_id IS NULL OR w.account_id = p_account_id
+    ),
+
+    budget_limits AS (
+        SELECT
+            b.account_id,
+            b.id AS budget_id,
+            b.limit_amount AS actual,
+            (
+                SELECT c.limit_amount FROM tokentrack.budget_changes AS c
+                WHERE c.account_id = b.account_id AND c.budget_id = b.id
+                ORDER BY c.id DESC
+                LIMIT 1
+            ) AS expected
+        FROM tokentrack.budgets AS b
+        WHERE p_account_id IS NULL OR b.account_id = p_account_id
+    ),
+
+    -- Holds whose window has no row (billing would have nowhere to count them).
+    lost_holds AS (
+        SELECT
+            rr.account_id,
+            h.budget_id,
+            h.window_start,
+            pg_catalog.count(*) AS reservations
+        FROM tokentrack.report_reservations AS rr
+        CROSS JOIN LATERAL pg_catalog.jsonb_to_recordset(rr.holds) AS h (budget_id uuid, window_start timestamptz)
+        WHERE
+            rr.holds IS NOT NULL AND rr.period_id IN (SELECT periods.id FROM periods)
+            AND NOT EXISTS (
+                SELECT FROM tokentrack.budget_windows AS w
+                WHERE w.account_id = rr.account_id AND w.budget_id = h.budget_id AND w.window_start = h.window_start
+            )
+        GROUP BY rr.account_id, h.budget_id, h.window_start
     ),
 
     found AS (
@@ -164,6 +201,13 @@ BEGIN
         SELECT NULL, u.account_id, 'budget_used', u.expected, u.actual, NULL, NULL, u.budget_id, u.window_start
         FROM budget_use AS u
         WHERE u.expected <> u.actual
+        UNION ALL
+        SELECT NULL, bl.account_id, 'budget_limit', bl.expected, bl.actual, NULL, NULL, bl.budget_id, NULL
+        FROM budget_limits AS bl
+        WHERE bl.expected IS DISTINCT FROM bl.actual
+        UNION ALL
+        SELECT NULL, lh.account_id, 'budget_hold_window', 1, 0, NULL, NULL, lh.budget_id, lh.window_start
+        FROM lost_holds AS lh
     )
 
     SELECT pg_catalog.jsonb_build_object(

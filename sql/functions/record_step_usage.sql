@@ -25,8 +25,8 @@
 --   the fast path: it conflicts only with set_model_price's EXCLUSIVE), then prices itself with
 --   the price in effect at its completed_at (now(), the column's default), once: cost_micros is
 --   stored with the row and never recomputed. NULL when the model has no price then.
--- Global lock order (shared by every function): model_prices (table), reservation, period,
---   report, steps.
+-- Global lock order (shared by every function, docs/REVIEW.md): model_prices (table),
+--   reservation, period, budgets, report, steps and budget windows.
 -- Writes: one report_step_usage row; for a late step also one usage_ledger row (late_step),
 --   usage_periods.tokens_used and reports.token_usage.
 -- Idempotent: the same (report, step) with the same numbers (every class and the total) is a
@@ -159,13 +159,6 @@ BEGIN
                 SET tokens_used = p.tokens_used + p_total_tokens
                 WHERE p.id = v_reservation.period_id;
 
-                -- The windows its reservation was granted in (version 20261210000000).
-                IF v_reservation.holds IS NOT NULL THEN
-                    PERFORM tokentrack.bill_budget_windows(
-                        p_account_id, v_reservation.holds, p_total_tokens, COALESCE(v_cost, 0)
-                    );
-                END IF;
-
                 UPDATE tokentrack.reports AS r
                 SET token_usage = COALESCE(r.token_usage, '{}'::jsonb) || pg_catalog.jsonb_build_object(
                     'totalTokens', COALESCE((r.token_usage ->> 'totalTokens')::bigint, 0) + p_total_tokens,
@@ -180,6 +173,14 @@ BEGIN
                     + CASE WHEN v_cost IS NULL THEN 1 ELSE 0 END
                 )
                 WHERE r.id = p_report_id;
+
+                -- The windows its reservation was granted in (version 20261210000000; rank 6,
+                -- after the report).
+                IF v_reservation.holds IS NOT NULL THEN
+                    PERFORM tokentrack.bill_budget_windows(
+                        p_account_id, v_reservation.holds, p_total_tokens, COALESCE(v_cost, 0)
+                    );
+                END IF;
             END IF;
         END IF;
 

@@ -14,15 +14,16 @@
 -- model gives no cost estimate). Without one, the reservation holds 0 in cost budgets and is
 -- refused by one only when its window is exhausted.
 -- p_mode is the report's mode (standard, dd, discovery, hybrid): set when the report is
--- created, or when a pending report starts.
+-- created, or when a pending report starts; NULL keeps a pending report's mode (a new report
+-- is standard), as try_reserve_tokens does.
 -- Answer: granted {"success": true, "reservation_id", "reserved_tokens", "available_tokens"
 --   (the period's, after this one), "expires_at", "period_id", "existing", "budgets": [{
 --   "budget_id", "subject", "window", "unit", "window_start", "held", "available"}]};
 --   refusals as try_reserve_tokens, and insufficient_budget (budget_id, subject, window, unit,
 --   window_start, available, requested).
 -- Locks and writes: see reserve_usage (the period row, then the budgets in id order).
--- Errors: 25000 under REPEATABLE READ or SERIALIZABLE; 22004 a NULL id, p_estimate, subject
---   or p_mode, or a NULL p_estimate.tokens; 22023 p_estimate not an object, an unknown key,
+-- Errors: 25000 under REPEATABLE READ or SERIALIZABLE; 22004 a NULL id, p_estimate, p_subjects
+--   or subject, or a missing p_estimate.tokens; 22023 p_estimate not an object, an unknown key,
 --   tokens not a positive whole number, cost_micros not a whole number >= 0, both cost_micros
 --   and model, model not a string, a blank subject, more than 32 subjects, an unknown mode;
 --   22001 a subject or model over 200 characters; 22003 tokens beyond the integer range.
@@ -71,9 +72,6 @@ BEGIN
                 USING ERRCODE = '22001', COLUMN = 'p_subjects';
         END IF;
     END LOOP;
-    IF p_mode IS NULL THEN
-        RAISE EXCEPTION 'p_mode must not be NULL' USING ERRCODE = '22004', COLUMN = 'p_mode';
-    END IF;
     IF p_mode NOT IN ('standard', 'dd', 'discovery', 'hybrid') THEN
         RAISE EXCEPTION 'p_mode must be standard, dd, discovery or hybrid (got %)', p_mode
             USING ERRCODE = '22023', COLUMN = 'p_mode';

@@ -19,7 +19,9 @@
 -- when it does not exist yet; a pending report becomes processing, with mode p_mode unless
 -- p_mode is NULL (try_reserve_tokens: the report keeps its mode, as in Part 1).
 -- Locks, in order: the account's active usage_periods row (FOR UPDATE, rank 3 of the global
---   order, docs/REVIEW.md), then every budget that applies (FOR UPDATE, in id order, rank 4).
+--   order, docs/REVIEW.md), then every budget that applies (lock_budgets: FOR UPDATE in id
+--   order, rank 4). A budget created after its ids were read does not apply to this reservation (as
+--   if it had been created after it).
 --   Every reserver of an account takes the period first, so reservation checks of one
 --   account run one at a time and never grant together more than is available, for every
 --   budget at once; billing (finalize, the sweep, a late step) and extend_reservation take the
@@ -28,7 +30,8 @@
 --   report_reservations row (active, expires 2 hours later, its holds), and a budget_windows
 --   row for each window it holds that has none yet.
 -- Idempotent: reserving again for a report whose reservation is active and unexpired returns
---   that reservation and reserves nothing more ("existing": true).
+--   that reservation and reserves nothing more ("existing": true; its "budgets" list what it
+--   holds, without "available").
 -- Refusals (success false, nothing written), checked in this order: account_not_found,
 --   report_account_mismatch, no_active_period, report_finalized, insufficient_tokens (the
 --   period; with period_id), insufficient_budget (the first budget, in id order, that cannot
@@ -54,13 +57,11 @@ DECLARE
     v_reservation tokentrack.report_reservations%ROWTYPE;
     v_held bigint;
     v_available bigint;
-    v_budget tokentrack.budgets%ROWTYPE;
-    v_window_start timestamptz;
-    v_used bigint;
-    v_budget_held bigint;
+    v_budget_ids uuid[];
+    v_budget record;
     v_requested bigint;
-    v_budget_available bigint;
     v_holds jsonb := '[]'::jsonb;
+    v_new_windows jsonb := '[]'::jsonb;
     v_budgets jsonb := '[]'::jsonb;
 BEGIN
     IF NOT EXISTS (SELECT FROM tokentrack.accounts AS a WHERE a.id = p_account_id) THEN
@@ -109,7 +110,21 @@ BEGIN
                 'available_tokens', GREATEST(v_available, 0),
                 'expires_at', v_reservation.expires_at,
                 'period_id', v_reservation.period_id,
-                'existing', true
+                'existing', true,
+                -- What it holds (unlocked: a retry's answer, not a check).
+                'budgets', COALESCE((
+                    SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object(
+                        'budget_id', b.id,
+                        'subject', b.subject,
+                        'window', b.budget_window,
+                        'unit', b.unit,
+                        'window_start', h.window_start,
+                        'held', CASE WHEN b.unit = 'tokens' THEN v_reservation.reserved_tokens::bigint
+                            ELSE COALESCE(v_reservation.reserved_cost_micros, 0) END
+                    ) ORDER BY b.id)
+                    FROM pg_catalog.jsonb_to_recordset(v_reservation.holds) AS h (budget_id uuid, window_start timestamptz)
+                    INNER JOIN tokentrack.budgets AS b ON b.account_id = p_account_id AND b.id = h.budget_id
+                ), '[]'::jsonb)
             );
         END IF;
         -- report_finalized in each case (the report's one reservation is used up: an expired
@@ -152,52 +167,101 @@ BEGIN
     END IF;
 
 
-    -- Every budget that applies (the account's own and those of p_subjects), locked in id order
-    -- (rank 4, after the period): each must hold the estimate in its current window.
-    FOR v_budget IN
-        SELECT b.* FROM tokentrack.budgets AS b
-        WHERE b.account_id = p_account_id AND (b.subject IS NULL OR b.subject = ANY (p_subjects))
-        ORDER BY b.id
-        FOR UPDATE
-    LOOP
-        v_window_start := tokentrack.budget_window_start(
-            v_budget.budget_window, v_budget.timezone, v_budget.created_at, pg_catalog.now()
-        );
-        SELECT COALESCE(pg_catalog.max(w.used), 0) INTO v_used FROM tokentrack.budget_windows AS w
-        WHERE w.account_id = p_account_id AND w.budget_id = v_budget.id AND w.window_start = v_window_start;
-        v_budget_held := tokentrack.budget_held(p_account_id, v_budget.id, v_budget.unit, v_window_start);
-        v_requested := CASE WHEN v_budget.unit = 'tokens' THEN p_tokens::bigint ELSE COALESCE(p_cost_micros, 0) END;
-        v_budget_available := v_budget.limit_amount - v_used - v_budget_held;
-        -- A reservation with no cost estimate holds 0 in a cost budget: refused by it only when
-        -- the window is exhausted.
-        IF v_requested > v_budget_available OR v_budget_available <= 0 THEN
-            RETURN pg_catalog.jsonb_build_object(
-                'success', false, 'error', 'insufficient_budget',
-                'message', pg_catalog.format(
-                    'requested %s %s, %s available in the %s budget of %s (window from %s)',
-                    v_requested, v_budget.unit, GREATEST(v_budget_available, 0), v_budget.budget_window,
-                    COALESCE(v_budget.subject, 'the account'), v_window_start
-                ),
+    -- Every budget that applies (the account's own and those of p_subjects), locked (rank 4,
+    -- after the period: lock_budgets); then, under those locks, each one's limit, current
+    -- window, what it has used there and what active, unexpired reservations hold there, read
+    -- in one more (the holds from one scan of the account's active reservations).
+    SELECT pg_catalog.array_agg(b.id) INTO v_budget_ids FROM tokentrack.budgets AS b
+    WHERE b.account_id = p_account_id AND (b.subject IS NULL OR b.subject = ANY (p_subjects));
+    IF v_budget_ids IS NOT NULL THEN
+        PERFORM tokentrack.lock_budgets(p_account_id, v_budget_ids);
+        FOR v_budget IN
+            WITH current_windows AS (
+                SELECT
+                    b.id,
+                    b.subject,
+                    b.unit,
+                    b.budget_window,
+                    b.limit_amount,
+                    CASE
+                        WHEN b.budget_window = 'total' THEN b.created_at
+                        ELSE pg_catalog.date_trunc(b.budget_window, pg_catalog.now(), b.timezone)
+                    END AS window_start
+                FROM tokentrack.budgets AS b
+                WHERE b.account_id = p_account_id AND b.id = ANY (v_budget_ids)
+            ),
+
+            holds AS (
+                SELECT
+                    h.budget_id,
+                    h.window_start,
+                    pg_catalog.sum(rr.reserved_tokens::bigint) AS tokens,
+                    pg_catalog.sum(COALESCE(rr.reserved_cost_micros, 0)) AS cost
+                FROM tokentrack.report_reservations AS rr
+                CROSS JOIN LATERAL pg_catalog.jsonb_to_recordset(rr.holds) AS h (budget_id uuid, window_start timestamptz)
+                WHERE
+                    rr.account_id = p_account_id AND rr.status = 'active'
+                    AND rr.expires_at > pg_catalog.now() AND rr.holds IS NOT NULL
+                GROUP BY h.budget_id, h.window_start
+            )
+
+            SELECT
+                c.id,
+                c.subject,
+                c.unit,
+                c.budget_window,
+                c.window_start,
+                c.limit_amount - COALESCE(w.used, 0)
+                - COALESCE(CASE WHEN c.unit = 'tokens' THEN hd.tokens ELSE hd.cost END, 0) AS available,
+                w.budget_id IS NULL AS new_window,
+                -- As budget_hold builds it (inline: no function call per budget).
+                pg_catalog.jsonb_build_object(
+                    'budget_id', c.id,
+                    'window_start', pg_catalog.to_char(
+                        c.window_start AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'
+                    )
+                ) AS hold
+            FROM current_windows AS c
+            LEFT JOIN tokentrack.budget_windows AS w
+                ON w.account_id = p_account_id AND w.budget_id = c.id AND w.window_start = c.window_start
+            LEFT JOIN holds AS hd ON hd.budget_id = c.id AND hd.window_start = c.window_start
+            ORDER BY c.id
+        LOOP
+            v_requested := CASE WHEN v_budget.unit = 'tokens' THEN p_tokens::bigint ELSE COALESCE(p_cost_micros, 0) END;
+            -- A reservation with no cost estimate holds 0 in a cost budget: refused by it only
+            -- when the window is exhausted.
+            IF v_requested > v_budget.available OR v_budget.available <= 0 THEN
+                RETURN pg_catalog.jsonb_build_object(
+                    'success', false, 'error', 'insufficient_budget',
+                    'message', pg_catalog.format(
+                        'requested %s %s, %s available in the %s budget of %s (window from %s)',
+                        v_requested, v_budget.unit, GREATEST(v_budget.available, 0), v_budget.budget_window,
+                        COALESCE(v_budget.subject, 'the account'), v_budget.window_start
+                    ),
+                    'budget_id', v_budget.id,
+                    'subject', v_budget.subject,
+                    'window', v_budget.budget_window,
+                    'unit', v_budget.unit,
+                    'window_start', v_budget.window_start,
+                    'available', GREATEST(v_budget.available, 0),
+                    'requested', v_requested
+                );
+            END IF;
+            v_holds := v_holds || pg_catalog.jsonb_build_array(v_budget.hold);
+            IF v_budget.new_window THEN
+                v_new_windows := v_new_windows || pg_catalog.jsonb_build_array(v_budget.hold);
+            END IF;
+            v_budgets := v_budgets || pg_catalog.jsonb_build_array(pg_catalog.jsonb_build_object(
                 'budget_id', v_budget.id,
                 'subject', v_budget.subject,
                 'window', v_budget.budget_window,
                 'unit', v_budget.unit,
-                'window_start', v_window_start,
-                'available', GREATEST(v_budget_available, 0),
-                'requested', v_requested
-            );
-        END IF;
-        v_holds := v_holds || pg_catalog.jsonb_build_array(tokentrack.budget_hold(v_budget.id, v_window_start));
-        v_budgets := v_budgets || pg_catalog.jsonb_build_array(pg_catalog.jsonb_build_object(
-            'budget_id', v_budget.id,
-            'subject', v_budget.subject,
-            'window', v_budget.budget_window,
-            'unit', v_budget.unit,
-            'window_start', v_window_start,
-            'held', v_requested,
-            'available', v_budget_available - v_requested
-        ));
-    END LOOP;
+                'window_start', v_budget.window_start,
+                'held', v_requested,
+                'available', v_budget.available - v_requested
+            ));
+        END LOOP;
+    END IF;
 
     IF v_report.id IS NULL THEN
         INSERT INTO tokentrack.reports (id, account_id, status, mode)
@@ -224,11 +288,14 @@ BEGIN
     )
     RETURNING * INTO v_reservation;
 
-    -- The windows' rows, so that billing finds them (under the budget locks: no two inserts race).
-    INSERT INTO tokentrack.budget_windows (account_id, budget_id, window_start)
-    SELECT p_account_id, h.budget_id, h.window_start
-    FROM pg_catalog.jsonb_to_recordset(v_holds) AS h (budget_id uuid, window_start timestamptz)
-    ON CONFLICT ON CONSTRAINT budget_windows_pkey DO NOTHING;
+    -- The rows of the windows that have none yet, so that billing finds them (under the budget
+    -- locks: no two inserts race).
+    IF v_new_windows <> '[]'::jsonb THEN
+        INSERT INTO tokentrack.budget_windows (account_id, budget_id, window_start)
+        SELECT p_account_id, h.budget_id, h.window_start
+        FROM pg_catalog.jsonb_to_recordset(v_new_windows) AS h (budget_id uuid, window_start timestamptz)
+        ON CONFLICT ON CONSTRAINT budget_windows_pkey DO NOTHING;
+    END IF;
 
     RETURN pg_catalog.jsonb_build_object(
         'success', true,

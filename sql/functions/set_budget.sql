@@ -8,17 +8,20 @@
 -- key:sk-live-1); p_unit tokens or cost_micros; p_window minute, hour, day, week (from
 -- Monday), month (calendar windows in the budget's time zone) or total (never resets: its
 -- window starts when the budget is created); p_limit the limit in that unit. p_options may hold
--- timezone (an IANA name such as Europe/Berlin; default UTC) and thresholds (soft thresholds
+-- timezone (an IANA name such as Europe/Berlin, in any case, stored as the zone spells it;
+-- default UTC) and thresholds (soft thresholds
 -- in percent, 1 to 1000, at most 10; default [80, 100]). On a change, an option left out keeps
 -- its value.
 -- A new limit takes effect at once, for the current window too: reservations already granted
 -- keep their holds (billing stays actual usage), new ones are checked against the new limit.
--- Locks: the budget row (FOR UPDATE; rank 4 of the global order, docs/REVIEW.md); nothing else.
+-- Locks: the budget (lock_budgets, rank 4 of the global order, docs/REVIEW.md), then its row
+--   (by the UPDATE); nothing else.
 -- Writes: the budgets row (insert, or update of limit_amount, timezone, thresholds) and one
 --   budget_changes row, unless nothing changed ("changed": false, nothing written).
 -- Answer: {"success": true, "budget_id", "created", "changed", "subject", "unit", "window",
 --   "limit", "timezone", "thresholds"}. Refusal: account_not_found.
--- Errors: 22004 a NULL account, unit, window or limit; 22023 a blank subject, an unknown unit
+-- Errors: 25000 under REPEATABLE READ or SERIALIZABLE; 22004 a NULL account, unit, window,
+--   limit or options; 22023 a blank subject, an unknown unit
 --   or window, a negative limit, options not an object, an unknown option, a time zone that is
 --   not a known name, thresholds not a list of 1 to 10 whole percentages from 1 to 1000;
 --   22001 a subject over 200 characters.
@@ -44,6 +47,9 @@ DECLARE
     v_created boolean := false;
     v_changed boolean := false;
 BEGIN
+    -- READ COMMITTED only: see require_read_committed (a change racing another one waits for it
+    -- and then sees it).
+    PERFORM tokentrack.require_read_committed('set_budget');
     IF p_account_id IS NULL THEN
         RAISE EXCEPTION 'p_account_id must not be NULL' USING ERRCODE = '22004', COLUMN = 'p_account_id';
     END IF;
@@ -76,19 +82,24 @@ BEGIN
         RAISE EXCEPTION 'p_limit must not be negative (got %)', p_limit
             USING ERRCODE = '22023', COLUMN = 'p_limit';
     END IF;
-    IF p_options IS NULL OR pg_catalog.jsonb_typeof(p_options) <> 'object' THEN
-        RAISE EXCEPTION 'p_options must be a JSON object (got %)', COALESCE(pg_catalog.jsonb_typeof(p_options), 'NULL')
+    IF p_options IS NULL THEN
+        RAISE EXCEPTION 'p_options must not be NULL (no option: {})' USING ERRCODE = '22004', COLUMN = 'p_options';
+    END IF;
+    IF pg_catalog.jsonb_typeof(p_options) <> 'object' THEN
+        RAISE EXCEPTION 'p_options must be a JSON object (got %)', pg_catalog.jsonb_typeof(p_options)
             USING ERRCODE = '22023', COLUMN = 'p_options';
     END IF;
     FOR v_key, v_value IN SELECT e.key, e.value FROM pg_catalog.jsonb_each(p_options) AS e ORDER BY e.key LOOP
         IF v_key = 'timezone' THEN
-            IF pg_catalog.jsonb_typeof(v_value) <> 'string' OR NOT EXISTS (
-                SELECT FROM pg_catalog.pg_timezone_names AS z WHERE z.name = v_value #>> '{}'
-            ) THEN
+            -- The zone's own spelling (utc is UTC, europe/berlin Europe/Berlin).
+            SELECT pg_catalog.min(z.name) INTO v_timezone FROM pg_catalog.pg_timezone_names AS z
+            WHERE
+                pg_catalog.jsonb_typeof(v_value) = 'string'
+                AND pg_catalog.lower(z.name) = pg_catalog.lower(v_value #>> '{}');
+            IF v_timezone IS NULL THEN
                 RAISE EXCEPTION 'p_options.timezone must be a time zone name such as Europe/Berlin (got %)', v_value
                     USING ERRCODE = '22023', COLUMN = 'p_options.timezone';
             END IF;
-            v_timezone := v_value #>> '{}';
         ELSIF v_key = 'thresholds' THEN
             IF pg_catalog.jsonb_typeof(v_value) <> 'array'
                 OR pg_catalog.jsonb_array_length(v_value) NOT BETWEEN 1 AND 10
@@ -129,11 +140,14 @@ BEGIN
     IF v_created THEN
         v_changed := true;
     ELSE
-        SELECT b.* INTO STRICT v_budget FROM tokentrack.budgets AS b
+        SELECT b.id INTO STRICT v_budget.id FROM tokentrack.budgets AS b
         WHERE
             b.account_id = p_account_id AND b.subject IS NOT DISTINCT FROM p_subject
-            AND b.unit = p_unit AND b.budget_window = p_window
-        FOR UPDATE;
+            AND b.unit = p_unit AND b.budget_window = p_window;
+        PERFORM tokentrack.lock_budgets(p_account_id, ARRAY[v_budget.id]);
+        -- Under the lock (a new statement: what a change that held it committed).
+        SELECT b.* INTO STRICT v_budget FROM tokentrack.budgets AS b
+        WHERE b.account_id = p_account_id AND b.id = v_budget.id;
         IF v_budget.limit_amount <> p_limit
             OR v_budget.timezone <> COALESCE(v_timezone, v_budget.timezone)
             OR v_budget.thresholds <> COALESCE(v_thresholds, v_budget.thresholds) THEN

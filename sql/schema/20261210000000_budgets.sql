@@ -92,10 +92,6 @@ COMMENT ON COLUMN tokentrack.report_reservations.holds IS
 'The budget windows this reservation holds ([{"budget_id", "window_start"}]): reserved_tokens in '
 'each tokens budget, reserved_cost_micros in each cost budget, while active and unexpired. NULL: '
 'none.';
--- reconcile() finds an account's reservations that hold budgets (only those pay for it).
-CREATE INDEX report_reservations_holds_idx ON tokentrack.report_reservations (account_id)
-WHERE holds IS NOT NULL;
-
 COMMENT ON COLUMN tokentrack.report_reservations.reserved_cost_micros IS
 'The reservation''s cost estimate in micros (NULL: none; it then holds 0 in cost budgets).';
 

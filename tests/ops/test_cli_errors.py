@@ -47,8 +47,23 @@ SUBCOMMANDS: dict[str, tuple[str, ...]] = {
     "demo --database-url": ("demo",),
     "prices import": ("prices", "import", "{prices}"),
     "prices list": ("prices", "list"),
+    "budgets set": (
+        "budgets",
+        "set",
+        "--account",
+        "{account}",
+        "--unit",
+        "tokens",
+        "--window",
+        "day",
+        "--limit",
+        "1000",
+    ),
+    "budgets list": ("budgets", "list", "--account", "{account}"),
+    "budgets show": ("budgets", "show", "--account", "{account}", "--budget", "{budget}"),
 }
 PRICES = Path(__file__).parent / "fixtures" / "litellm_prices.json"
+ACCOUNT, BUDGET = "5b0c6f7e-2d4a-4e8f-9a31-0c1d2e3f4a5b", "9e8d7c6b-5a49-4382-b1a0-f9e8d7c6b5a4"
 
 
 @dataclass(frozen=True)
@@ -123,7 +138,10 @@ def _free_port() -> int:
 
 def _argv(command: tuple[str, ...], target: Target, tmp_path: Path) -> list[str]:
     out = str(tmp_path / "new-baseline.json")
-    return [a.format(out=out, baseline=target.baseline, prices=PRICES) for a in command]
+    return [
+        a.format(out=out, baseline=target.baseline, prices=PRICES, account=ACCOUNT, budget=BUDGET)
+        for a in command
+    ]
 
 
 def assert_one_line(result: CliResult, *fragments: str) -> str:

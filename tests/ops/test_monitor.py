@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -28,7 +29,16 @@ ALERTS = (
     "usage_accuracy",
     "failure_rate",
     "completion_rate",
+    "unpriced_models",
+    "budgets_exhausted",
+    "budgets_over_limit",
 )
+WARNINGS = {
+    "reservations_older_than_2h",
+    "unpriced_models",
+    "budgets_exhausted",
+    "budgets_over_limit",
+}
 
 
 async def _monitor(dsn: str, *extra: str) -> tuple[int, dict[str, Any]]:
@@ -61,6 +71,7 @@ async def test_monitor_is_quiet_on_a_fresh_database(db_dsn: str) -> None:
     assert data["ok"] is True
     assert data["failure_rate"] is None
     assert data["reconcile"] == {"ok": True, "periods_checked": 0, "discrepancies": []}
+    assert data["budgets"] == {"count": 0, "exhausted": 0, "over_limit": 0, "nearest": []}
 
 
 async def test_monitor_is_quiet_on_a_healthy_history(history_dsn: str) -> None:
@@ -128,7 +139,7 @@ async def test_prometheus_output_parses_and_matches_json(history_dsn: str) -> No
     assert value("tokentrack_reconcile_ok") == 1
     assert value("tokentrack_reconcile_periods_checked") == 12
     for name in ALERTS:
-        level = "warning" if name == "reservations_older_than_2h" else "alert"
+        level = "warning" if name in WARNINGS else "alert"
         assert value("tokentrack_alert", name=name, level=level) == 0
 
     fresh = await tokentrack(
@@ -272,6 +283,435 @@ async def test_a_completed_report_without_steps_alerts(history_dsn: str) -> None
     assert data["reports_without_steps"] == {"count": 1, "examples": [str(report)]}
 
 
+# --------------------------------------------------------------------------------------------
+# Unpriced steps: a warning once prices are in use, information before
+# --------------------------------------------------------------------------------------------
+
+PRICE = '{"input": 1000000, "output": 2000000}'  # 1 micro per input token, 2 per output token
+USAGE = '{"input_tokens": 10, "output_tokens": 5}'
+
+
+async def _record_step(
+    conn: asyncpg.Connection, account: uuid.UUID, model: str | None
+) -> dict[str, Any]:
+    report = await _reserve(conn, account)
+    answer = json.loads(
+        await conn.fetchval(
+            "SELECT tokentrack.record_step($1, $2, 'AN0', $3::jsonb, $4)",
+            report,
+            account,
+            USAGE,
+            model,
+        )
+    )
+    assert answer["success"] is True, answer
+    return dict(answer)
+
+
+def _alert(data: dict[str, Any], name: str) -> dict[str, Any]:
+    found = next(a for a in data["alerts"] if a["name"] == name)
+    assert isinstance(found, dict)
+    return found
+
+
+async def _prometheus(dsn: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    result = await tokentrack("monitor", "--prometheus", "--database-url", dsn)
+    assert result.code in (0, 1), result
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): float(sample.value)
+        for family in text_string_to_metric_families(result.out)
+        for sample in family.samples
+    }
+
+
+async def test_unpriced_steps_of_a_model_warn_once_prices_are_in_use(db_dsn: str) -> None:
+    conn = await asyncpg.connect(db_dsn)  # the owner (superuser) may set prices
+    try:
+        price = json.loads(
+            await conn.fetchval("SELECT tokentrack.set_model_price('m', $1::jsonb)", PRICE)
+        )
+        assert price["success"] is True, price
+        account = await _account(conn)
+        assert (await _record_step(conn, account, "m"))["cost_micros"] == 10 * 1 + 5 * 2
+        assert (await _record_step(conn, account, "other-model"))["cost_micros"] is None
+        assert (await _record_step(conn, account, None))["cost_micros"] is None
+    finally:
+        await conn.close()
+
+    code, data = await _monitor(db_dsn)
+    assert code == 0  # a warning, not an alert
+    assert _firing(data) == {"unpriced_models"}
+    assert data["ok"] is True
+    assert data["model_prices"] == 1
+    assert data["steps"] == {
+        "count": 3,
+        "tokens": 45,
+        "cost_micros": 20,
+        "unpriced": {
+            "count": 2,
+            "tokens": 30,
+            "models": [
+                {"model": None, "steps": 1, "tokens": 15},
+                {"model": "other-model", "steps": 1, "tokens": 15},
+            ],
+        },
+    }
+    warning = _alert(data, "unpriced_models")
+    assert warning["level"] == "warning"
+    assert "other-model (1 steps, 15 tokens)" in warning["message"]
+    assert "tokentrack prices import FILE" in warning["message"]
+    assert "set_model_price" in warning["message"]
+    assert "m (" not in warning["message"]  # the priced model is not named
+    assert "None" not in warning["message"]  # nor the steps without a model
+
+    human = await tokentrack("monitor", "--database-url", db_dsn)
+    assert human.code == 0
+    assert "unpriced_models             warning  FIRING  steps of 1 model(s)" in human.out
+    assert "(no model)   1      15" in human.out
+    assert "model_prices: 1 price(s)" in human.out
+    assert "monitor: no alert firing" in human.out
+
+    metrics = await _prometheus(db_dsn)
+    assert metrics[("tokentrack_steps_window", ())] == 3
+    assert metrics[("tokentrack_step_tokens_window", ())] == 45
+    assert metrics[("tokentrack_cost_micros_window", ())] == 20
+    assert metrics[("tokentrack_unpriced_steps_window", ())] == 2
+    assert metrics[("tokentrack_unpriced_tokens_window", ())] == 30
+    assert metrics[("tokentrack_unpriced_model_tokens_window", (("model", "other-model"),))] == 15
+    assert metrics[("tokentrack_unpriced_model_tokens_window", (("model", ""),))] == 15
+    assert metrics[("tokentrack_model_prices", ())] == 1
+    unpriced_alert = ("tokentrack_alert", (("level", "warning"), ("name", "unpriced_models")))
+    assert metrics[unpriced_alert] == 1
+
+    # A price for the other model prices the steps to come; the step recorded stays unpriced.
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        await conn.execute("SELECT tokentrack.set_model_price('other-*', $1::jsonb)", PRICE)
+        account = await _account(conn)
+        assert (await _record_step(conn, account, "other-model"))["cost_micros"] == 20
+    finally:
+        await conn.close()
+    code, data = await _monitor(db_dsn)
+    assert _firing(data) == {"unpriced_models"}
+    assert data["steps"]["cost_micros"] == 40
+    assert data["steps"]["unpriced"]["count"] == 2
+
+
+async def test_steps_without_a_model_do_not_warn(db_dsn: str) -> None:
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        await conn.execute("SELECT tokentrack.set_model_price('m', $1::jsonb)", PRICE)
+        account = await _account(conn)
+        await _record_step(conn, account, "m")
+        await _record_step(conn, account, None)
+    finally:
+        await conn.close()
+    code, data = await _monitor(db_dsn)
+    assert code == 0
+    assert _firing(data) == set()
+    assert data["steps"]["unpriced"]["count"] == 1
+    message = _alert(data, "unpriced_models")["message"]
+    assert message == "every step of a model in 24h is priced (1 steps without a model)"
+
+
+async def test_unpriced_steps_are_information_when_no_price_is_set(db_dsn: str) -> None:
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        account = await _account(conn)
+        await _record_step(conn, account, "m")
+        await _record_step(conn, account, "other-model")
+    finally:
+        await conn.close()
+    code, data = await _monitor(db_dsn)
+    assert code == 0
+    assert _firing(data) == set()
+    assert data["model_prices"] == 0
+    assert data["steps"]["count"] == data["steps"]["unpriced"]["count"] == 2
+    assert data["steps"]["cost_micros"] == 0
+    alert = _alert(data, "unpriced_models")
+    assert alert["firing"] is False
+    assert alert["message"] == (
+        "no price set (costs are not in use): 2 of 2 steps in 24h unpriced, as expected"
+    )
+    human = await tokentrack("monitor", "--database-url", db_dsn)
+    assert "model_prices: no price set (costs are not in use" in human.out
+    metrics = await _prometheus(db_dsn)
+    assert metrics[("tokentrack_unpriced_steps_window", ())] == 2
+    assert metrics[("tokentrack_model_prices", ())] == 0
+    assert metrics[("tokentrack_alert", (("level", "warning"), ("name", "unpriced_models")))] == 0
+
+
+async def test_monitor_reads_a_health_without_step_figures(db_dsn: str) -> None:
+    """After version 20261203000000 is rolled back, health() is the one before it (no "steps",
+    no "model_prices"): the monitor still runs, says the figures are not measured, and the
+    unpriced_models warning cannot fire."""
+    earlier = Path(__file__).parents[2] / "sql" / "history" / "20261202000000" / "health.sql"
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        await conn.execute(earlier.read_text())
+        assert "steps" not in json.loads(await conn.fetchval("SELECT tokentrack.health()"))
+    finally:
+        await conn.close()
+    code, data = await _monitor(db_dsn)
+    assert code == 0
+    assert (data["steps"], data["model_prices"]) == (None, None)
+    assert _alert(data, "unpriced_models") == {
+        "name": "unpriced_models",
+        "level": "warning",
+        "firing": False,
+        "message": "not measured: tokentrack.health() is older than version 20261203000000",
+    }
+    human = await tokentrack("monitor", "--database-url", db_dsn)
+    assert human.code == 0
+    assert "Steps and cost: not measured" in human.out
+    metrics = await _prometheus(db_dsn)
+    assert ("tokentrack_steps_window", ()) not in metrics
+    assert ("tokentrack_reservations_active", ()) in metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Budgets: usage against limit of the nearest windows, warnings when exhausted or over
+# --------------------------------------------------------------------------------------------
+
+BUDGET_LABELS = ("account", "budget", "subject", "unit", "window")
+
+
+async def _set_budget(
+    conn: asyncpg.Connection, account: uuid.UUID, subject: str | None, unit: str, limit: int
+) -> str:
+    """A budget over a ``total`` window (it never turns, so the figures stay put)."""
+    answer = await call(conn, "set_budget", account, subject, unit, "total", limit)
+    assert answer["success"] is True, answer
+    return str(answer["budget_id"])
+
+
+async def _reserve_for(
+    conn: asyncpg.Connection, account: uuid.UUID, tokens: int, subjects: list[str]
+) -> tuple[uuid.UUID, dict[str, Any]]:
+    report = uuid.uuid4()
+    estimate = json.dumps({"tokens": tokens})
+    return report, await call(conn, "reserve", account, report, estimate, subjects)
+
+
+def _series(
+    metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str
+) -> dict[str, float]:
+    """One per-budget gauge as {budget_id: value}, checking that it has exactly the labels."""
+    found = {}
+    for (metric, labels), value in metrics.items():
+        if metric == name:
+            assert tuple(sorted(BUDGET_LABELS)) == tuple(k for k, _ in labels), labels
+            found[dict(labels)["budget"]] = value
+    return found
+
+
+async def test_budgets_usage_against_limit_and_the_exhausted_warnings(db_dsn: str) -> None:
+    """Four budgets of one account: a team's 100 tokens billed 150 (over its limit), a key's 50
+    tokens held whole by an active reservation (exhausted: it refuses the next one), a frozen
+    key's 0 (exhausted, no percent), a user's cost budget untouched. Both warnings fire, the
+    exit status stays 0 (warnings), and text, JSON and Prometheus agree; once the key's
+    reservation ends, that window is no longer exhausted."""
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        account = await _account(conn)
+        team = await _set_budget(conn, account, "team:research", "tokens", 100)
+        key = await _set_budget(conn, account, "key:k1", "tokens", 50)
+        frozen = await _set_budget(conn, account, "key:frozen", "tokens", 0)
+        user = await _set_budget(conn, account, "user:7", "cost_micros", 1000)
+
+        report, granted = await _reserve_for(conn, account, 60, ["team:research"])
+        assert granted["success"] is True, granted
+        step = await call(conn, "persist_step_usage", report, account, "draft", 100, 50, None, None)
+        assert step["over_reservation"] is True, step
+        assert (await call(conn, "finish_report", report, account, "complete", None))["success"]
+
+        holder, held = await _reserve_for(conn, account, 50, ["key:k1"])
+        assert held["success"] is True, held
+        _, refused = await _reserve_for(conn, account, 1, ["key:k1"])
+        assert (refused["success"], refused["error"], refused["budget_id"]) == (
+            False,
+            "insufficient_budget",
+            key,
+        )
+    finally:
+        await conn.close()
+
+    code, data = await _monitor(db_dsn)
+    assert code == 0  # warnings, not alerts
+    assert data["ok"] is True
+    assert _firing(data) == {"budgets_exhausted", "budgets_over_limit"}
+    budgets = data["budgets"]
+    assert (budgets["count"], budgets["exhausted"], budgets["over_limit"]) == (4, 3, 1)
+    nearest = {b["budget_id"]: b for b in budgets["nearest"]}
+    # health()'s order: the 0 limit (no ratio) first, then by (used + held) / limit.
+    assert [b["budget_id"] for b in budgets["nearest"]] == [frozen, team, key, user]
+    assert {k: nearest[team][k] for k in ("subject", "unit", "window", "used", "held")} == {
+        "subject": "team:research",
+        "unit": "tokens",
+        "window": "total",
+        "used": 150,
+        "held": 0,
+    }
+    assert (nearest[team]["limit"], nearest[team]["percent"]) == (100, 150.0)
+    assert (nearest[team]["exhausted"], nearest[team]["over_limit"]) == (True, True)
+    assert (nearest[key]["used"], nearest[key]["held"], nearest[key]["percent"]) == (0, 50, 100.0)
+    assert (nearest[key]["exhausted"], nearest[key]["over_limit"]) == (True, False)
+    assert (nearest[frozen]["limit"], nearest[frozen]["percent"]) == (0, None)
+    assert nearest[frozen]["exhausted"] is True
+    assert (nearest[user]["unit"], nearest[user]["percent"], nearest[user]["exhausted"]) == (
+        "cost_micros",
+        0.0,
+        False,
+    )
+    assert all(b["account_id"] == str(account) for b in budgets["nearest"])
+    exhausted = _alert(data, "budgets_exhausted")
+    assert exhausted["level"] == "warning"
+    assert exhausted["message"].startswith(
+        "3 budget window(s) exhausted (used + held >= limit), refusing every reservation that "
+        "needs them: key:frozen tokens total of account"
+    )
+    assert "team:research tokens total" in exhausted["message"]
+    assert "key:k1 tokens total" in exhausted["message"]
+    assert f"of account {account} (0 used + 50 held of 50)" in exhausted["message"]
+    assert "user:7" not in exhausted["message"]
+    over = _alert(data, "budgets_over_limit")
+    assert over["message"] == (
+        "1 budget window(s) billed past their limit (reports used more than they reserved, or "
+        f"the limit was lowered): team:research tokens total of account {account} "
+        "(150 used + 0 held of 100)"
+    )
+
+    human = await tokentrack("monitor", "--database-url", db_dsn)
+    assert human.code == 0
+    assert (
+        "Budgets: 4, 3 window(s) exhausted (refusing every reservation that needs them), "
+        "1 over their limit" in human.out
+    )
+    lines = {
+        line.split()[1]: line.split() for line in human.out.splitlines() if str(account) in line
+    }
+    assert lines["team:research"][-6:] == ["150", "0", "100", "150.0%", "OVER", "LIMIT"]
+    assert lines["key:k1"][-5:] == ["0", "50", "50", "100.0%", "EXHAUSTED"]
+    assert lines["key:frozen"][-5:] == ["0", "0", "0", "n/a", "EXHAUSTED"]
+    assert lines["user:7"][-5:] == ["0", "0", "1000", "0.0%", "ok"]
+    assert "budgets_exhausted           warning  FIRING" in human.out
+    assert "monitor: no alert firing" in human.out
+
+    metrics = await _prometheus(db_dsn)
+    assert metrics[("tokentrack_budgets", ())] == 4
+    assert metrics[("tokentrack_budgets_exhausted", ())] == 3
+    assert metrics[("tokentrack_budgets_over_limit", ())] == 1
+    assert _series(metrics, "tokentrack_budget_used") == {frozen: 0, team: 150, key: 0, user: 0}
+    assert _series(metrics, "tokentrack_budget_held") == {frozen: 0, team: 0, key: 50, user: 0}
+    assert _series(metrics, "tokentrack_budget_limit") == {
+        frozen: 0,
+        team: 100,
+        key: 50,
+        user: 1000,
+    }
+    assert _series(metrics, "tokentrack_budget_exhausted") == {
+        frozen: 1,
+        team: 1,
+        key: 1,
+        user: 0,
+    }
+    labels = (
+        ("account", str(account)),
+        ("budget", user),
+        ("subject", "user:7"),
+        ("unit", "cost_micros"),
+        ("window", "total"),
+    )
+    assert ("tokentrack_budget_limit", labels) in metrics
+    start = metrics[("tokentrack_budget_window_start_timestamp_seconds", labels)]
+    assert start == pytest.approx(datetime.fromisoformat(nearest[user]["window_start"]).timestamp())
+    warning = ("tokentrack_alert", (("level", "warning"), ("name", "budgets_exhausted")))
+    assert metrics[warning] == 1
+
+    # The key's reservation ends without usage: its window holds nothing and refuses no more.
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        assert (await call(conn, "finish_report", holder, account, "cancelled", None))["success"]
+    finally:
+        await conn.close()
+    code, data = await _monitor(db_dsn)
+    assert (data["budgets"]["exhausted"], data["budgets"]["over_limit"]) == (2, 1)
+    assert next(b for b in data["budgets"]["nearest"] if b["budget_id"] == key)["held"] == 0
+
+
+async def test_the_budget_series_stay_bounded_by_the_nearest_list(db_dsn: str) -> None:
+    """Twelve budgets: health() lists the 10 nearest their limits, and the per-budget series
+    are those 10 only, while the counts cover all twelve; the whole account's budget has
+    subject=""."""
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        account = await _account(conn)
+        whole = await _set_budget(conn, account, None, "tokens", 1_000_000)
+        for n in range(11):
+            await _set_budget(conn, account, f"user:{n}", "tokens", 100 + n)
+        _, granted = await _reserve_for(conn, account, 90, [f"user:{n}" for n in range(11)])
+        assert granted["success"] is True, granted
+    finally:
+        await conn.close()
+    code, data = await _monitor(db_dsn)
+    assert code == 0
+    assert (data["budgets"]["count"], data["budgets"]["exhausted"]) == (12, 0)
+    assert _firing(data) == set()
+    assert _alert(data, "budgets_exhausted")["message"] == "no budget window exhausted (12 budgets)"
+    nearest = data["budgets"]["nearest"]
+    # 90 held of 100 ... 110: the smaller limits are nearer; the whole account's is last.
+    assert [b["subject"] for b in nearest] == [f"user:{n}" for n in range(10)]
+    assert nearest[0]["percent"] == 90.0
+    metrics = await _prometheus(db_dsn)
+    assert len(_series(metrics, "tokentrack_budget_held")) == 10
+    assert whole not in _series(metrics, "tokentrack_budget_held")
+    assert metrics[("tokentrack_budgets", ())] == 12
+
+    conn = await asyncpg.connect(db_dsn)
+    try:  # the whole account's budget nearest (0 limit): subject "" in the labels
+        await call(conn, "set_budget", account, None, "tokens", "total", 0)
+    finally:
+        await conn.close()
+    metrics = await _prometheus(db_dsn)
+    subjects = {
+        dict(labels)["budget"]: dict(labels)["subject"]
+        for (name, labels) in metrics
+        if name == "tokentrack_budget_limit"
+    }
+    assert subjects[whole] == ""
+    assert metrics[("tokentrack_budgets_exhausted", ())] == 1
+
+
+async def test_monitor_reads_a_health_without_budget_figures(db_dsn: str) -> None:
+    """After version 20261210000000 is rolled back, health() is the cost version's (no
+    "budgets"): the monitor still runs, says so, and the budget warnings cannot fire."""
+    earlier = Path(__file__).parents[2] / "sql" / "history" / "20261203000000" / "health.sql"
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        await conn.execute(earlier.read_text())
+        assert "budgets" not in json.loads(await conn.fetchval("SELECT tokentrack.health()"))
+    finally:
+        await conn.close()
+    code, data = await _monitor(db_dsn)
+    assert code == 0
+    assert data["budgets"] is None
+    assert data["steps"] is not None
+    message = "not measured: tokentrack.health() is older than version 20261210000000"
+    for name in ("budgets_exhausted", "budgets_over_limit"):
+        assert _alert(data, name) == {
+            "name": name,
+            "level": "warning",
+            "firing": False,
+            "message": message,
+        }
+    human = await tokentrack("monitor", "--database-url", db_dsn)
+    assert human.code == 0
+    assert "Budgets: not measured" in human.out
+    metrics = await _prometheus(db_dsn)
+    assert ("tokentrack_budgets", ()) not in metrics
+    assert ("tokentrack_steps_window", ()) in metrics
+
+
 async def test_monitor_errors(empty_db_dsn: str) -> None:
     missing = await tokentrack("monitor", "--database-url", empty_db_dsn)
     assert missing.code == 2
@@ -300,6 +740,9 @@ HEALTH_KEYS = {
     "reports_window",
     "failure_rate",
     "completion_rate",
+    "steps",
+    "model_prices",
+    "budgets",
 }
 STATUSES = ("pending", "processing", "complete", "failed", "cancelled")
 
@@ -358,6 +801,15 @@ async def test_health_returns_each_figure_of_the_monitor(history_dsn: str) -> No
                 " FROM tokentrack.reports WHERE created_at >= now() - interval '24 hours'"
                 " GROUP BY 1 ORDER BY 1"
             )
+            steps = await conn.fetch(
+                "SELECT s.model, count(*) AS n, sum(s.total_tokens) AS tokens,"
+                " sum(s.cost_micros) AS cost,"
+                " count(*) FILTER (WHERE s.cost_micros IS NULL) AS unpriced,"
+                " sum(s.total_tokens) FILTER (WHERE s.cost_micros IS NULL) AS unpriced_tokens"
+                " FROM tokentrack.report_step_usage s"
+                " JOIN tokentrack.reports r ON r.id = s.report_id"
+                " WHERE r.created_at >= now() - interval '24 hours' GROUP BY s.model"
+            )
             without = await conn.fetch(
                 "SELECT r.id FROM tokentrack.reports r"
                 " WHERE r.created_at >= now() - interval '24 hours' AND r.status = 'complete'"
@@ -408,6 +860,26 @@ async def test_health_returns_each_figure_of_the_monitor(history_dsn: str) -> No
         (r["hour"], r["n"]) for r in hours
     ]
     finished = sum(window.get(s, 0) for s in ("complete", "failed", "cancelled"))
+    # The history records steps of model-a, model-b and without a model, and sets no price.
+    assert health["model_prices"] == 0
+    assert health["steps"] == {
+        "count": sum(r["n"] for r in steps),
+        "tokens": sum(r["tokens"] for r in steps),
+        "cost_micros": 0,
+        "unpriced": {
+            "count": sum(r["n"] for r in steps),
+            "tokens": sum(r["tokens"] for r in steps),
+            "models": [
+                {"model": r["model"], "steps": r["unpriced"], "tokens": r["unpriced_tokens"]}
+                for r in sorted(steps, key=lambda r: (-r["unpriced_tokens"], r["model"] or ""))
+            ],
+        },
+    }
+    assert {m["model"] for m in health["steps"]["unpriced"]["models"]} == {
+        "model-a",
+        "model-b",
+        None,
+    }
     assert health["failure_rate"] == window["failed"] / finished
     assert health["completion_rate"] == window["complete"] / finished
 
@@ -418,6 +890,8 @@ async def test_health_returns_each_figure_of_the_monitor(history_dsn: str) -> No
     assert data["reports_without_steps"] == health["reports_without_steps"]
     assert data["failure_rate"] == health["failure_rate"]
     assert data["active_reservations"]["older_than_2h"] == 1
+    assert data["steps"] == health["steps"]
+    assert data["model_prices"] == 0
 
 
 async def test_health_of_an_empty_database_and_its_window(conn: asyncpg.Connection) -> None:

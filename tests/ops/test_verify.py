@@ -22,7 +22,7 @@ from tokentrack_client.ops.verify import verify
 from tokentrack_client.testing import PostgresServer
 
 V1, V2, V3, V4 = "20251219000000", "20260108000000", "20261201000000", "20261202000000"
-V5 = "20261203000000"
+V5, V6 = "20261203000000", "20261210000000"
 
 
 async def _verify(dsn: str, *extra: str) -> tuple[int, dict[str, dict[str, object]], str]:
@@ -50,7 +50,10 @@ async def test_the_committed_catalog_is_what_a_clean_install_gives(
         "(python -m tokentrack_client.ops.catalog) and commit the result"
     )
     versions = json.loads(committed)["versions"]
-    assert list(versions) == [V1, V2, V3, V4, V5]
+    assert list(versions) == [V1, V2, V3, V4, V5, V6]
+    reserve = "tokentrack.reserve(uuid, uuid, jsonb, text[], text)"
+    assert reserve in versions[V6]["catalog"]["routines"]
+    assert reserve not in versions[V5]["catalog"]["routines"]
     record_step = "tokentrack.record_step(uuid, uuid, text, jsonb, text)"
     assert record_step in versions[V5]["catalog"]["routines"]
     assert record_step not in versions[V4]["catalog"]["routines"]
@@ -296,7 +299,16 @@ async def test_verify_names_a_function_edited_by_hand(history_dsn: str) -> None:
     assert "edited by hand in the database?" in human.out
 
 
-async def test_verify_after_rolling_back_versions_5_4_3_and_2(db_dsn: str) -> None:
+async def test_verify_after_rolling_back_versions_6_5_4_3_and_2(db_dsn: str) -> None:
+    rolled = await tokentrack("migrate", "rollback", "--steps", "1", "--database-url", db_dsn)
+    assert rolled.code == 0, rolled
+    code, checks, _ = await _verify(db_dsn)
+    assert code == 1
+    problems = checks["routines"]["problems"]
+    reserve = "function tokentrack.reserve(uuid, uuid, jsonb, text[], text) is missing"
+    assert reserve in problems  # type: ignore[operator]
+    # The functions version 6 reworked are their earlier texts again: as version 5 had them.
+    assert (await tokentrack("verify", "--upto", V5, "--database-url", db_dsn)).code == 0
     rolled = await tokentrack("migrate", "rollback", "--steps", "1", "--database-url", db_dsn)
     assert rolled.code == 0, rolled
     code, checks, _ = await _verify(db_dsn)
@@ -327,8 +339,12 @@ async def test_verify_after_rolling_back_versions_5_4_3_and_2(db_dsn: str) -> No
         "version 20261201000000_health is not applied",
         "version 20261202000000_immutable_billed_steps is not applied",
         "version 20261203000000_token_classes_and_cost is not applied",
+        "version 20261210000000_budgets is not applied",
     ]
     assert checks["tables"]["problems"] == [
+        "table tokentrack.budget_changes is missing",
+        "table tokentrack.budget_windows is missing",
+        "table tokentrack.budgets is missing",
         "table tokentrack.model_prices is missing",
         "table tokentrack.report_reservations is missing",
         "table tokentrack.report_step_usage is missing",
@@ -348,6 +364,7 @@ async def test_verify_upto_fails_while_the_later_version_is_applied(db_dsn: str)
         f"version {V3}_health is applied but --upto {V1} expects it rolled back",
         f"version {V4}_immutable_billed_steps is applied but --upto {V1} expects it rolled back",
         f"version {V5}_token_classes_and_cost is applied but --upto {V1} expects it rolled back",
+        f"version {V6}_budgets is applied but --upto {V1} expects it rolled back",
     ]
     assert (
         "tokentrack.health(integer) exists but its version is not applied"

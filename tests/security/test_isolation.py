@@ -54,6 +54,10 @@ def guarded_calls(account: uuid.UUID, report: uuid.UUID) -> dict[str, tuple[str,
         "finish_report": ("finish_report", (report, account, "complete", None)),
         "cleanup_expired_reservations": ("cleanup_expired_reservations", ()),
         "expire_reservations": ("expire_reservations", (10,)),
+        "record_step": ("record_step", (report, account, "notes", '{"input_tokens": 1}', None)),
+        "reserve": ("reserve", (account, uuid.uuid4(), '{"tokens": 1}', ["team:a"], "standard")),
+        "extend_reservation": ("extend_reservation", (report, account, '{"tokens": 1}')),
+        "set_budget": ("set_budget", (account, "team:a", "tokens", "day", 10, "{}")),
     }
 
 

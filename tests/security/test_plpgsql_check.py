@@ -39,6 +39,18 @@ EXPECTED = {
     "tokentrack.check_step_arguments(text,uuid,uuid,text)",
     "tokentrack.set_model_price(text,jsonb,timestamp with time zone)",
     "tokentrack.model_prices_are_immutable()",
+    "tokentrack.set_budget(uuid,text,text,text,bigint,jsonb)",
+    "tokentrack.budget_held(uuid,uuid,text,timestamp with time zone)",
+    "tokentrack.reserve(uuid,uuid,jsonb,text[],text)",
+    "tokentrack.reserve_usage(uuid,uuid,integer,bigint,text[],text)",
+    "tokentrack.check_estimate(jsonb,text)",
+    "tokentrack.extend_reservation(uuid,uuid,jsonb)",
+    "tokentrack.budget_changes_are_append_only()",
+    "tokentrack.budget_hold(uuid,timestamp with time zone)",
+    "tokentrack.lock_reservation_budgets(uuid,jsonb)",
+    "tokentrack.budget_window_start(text,text,timestamp with time zone,timestamp with time zone)",
+    "tokentrack.bill_budget_windows(uuid,jsonb,bigint,bigint)",
+    "tokentrack.lock_budgets(uuid,uuid[])",
 }
 
 

@@ -1,5 +1,6 @@
 """The deployment checklist as commands: ``tokentrack audit``, ``verify``, ``monitor``,
-``cleanup`` and ``cron`` (see docs/RUNBOOK.md for when to run which); and ``prices``.
+``cleanup`` and ``cron`` (see docs/RUNBOOK.md for when to run which); and ``prices`` and
+``budgets``.
 
 * :mod:`~tokentrack_client.ops.audit`      pre/post-deploy figures (``audit baseline|compare``)
 * :mod:`~tokentrack_client.ops.verify`     the post-deploy checks (``verify``)
@@ -10,6 +11,7 @@
 * :mod:`~tokentrack_client.ops.catalog`    what the SQL files create, for ``verify``
 * :mod:`~tokentrack_client.ops.prices`     LiteLLM's price map into ``set_model_price``
   (``prices import``), the prices in effect (``prices list``)
+* :mod:`~tokentrack_client.ops.budgets`    an account's budgets (``budgets set|list|show``)
 """
 
 from tokentrack_client.ops._common import EXIT_FAILED, EXIT_OK, OpsError

@@ -17,7 +17,19 @@ What it measures (``--hours`` is the window, 24 by default):
   expired ones of the reports of the window);
 * reports per hour by status, with the failure rate (alert above 5%) and completion rate
   (alert below 90%) of the window's reports that have an outcome, once at least
-  ``--min-reports`` (20) have one.
+  ``--min-reports`` (20) have one;
+* the steps of the window's reports: how many, their tokens and cost, and the unpriced ones
+  (count, tokens, the models with the most unpriced tokens). A warning when prices are set
+  (``model_prices`` is not empty) and steps of a model have no price: their cost is missing
+  from every report and cost budget. With no price at all, costs are not in use and unpriced
+  steps are expected: the figures are shown, nothing fires;
+* budgets (since version 20261210000000): how many, how many windows are exhausted (used +
+  held >= limit: the window refuses every reservation that needs it) and over their limit
+  (used > limit: billed past it, as billing may), and usage against limit (used, held,
+  limit, percent) of the budget windows nearest their limits (health() lists the 10
+  nearest). A warning when any window is exhausted, and one when any is over its limit:
+  those budgets refuse reservations now. Refusals themselves are not recorded anywhere (no
+  write on the reservation's path); counting them is the exporter's (issue #15).
 
 health() reads every figure by index (the partial index of active reservations, the unique
 (report_id) and (report_id, step_name) indexes, and ``reports_created_at_idx``), so its cost
@@ -30,6 +42,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -51,6 +64,14 @@ OUTCOMES: Final = ("complete", "failed", "cancelled")
 
 HEALTH_VERSION: Final = "20261201000000"
 """The version that adds tokentrack.health()."""
+
+COST_VERSION: Final = "20261203000000"
+"""The version whose health() adds the "steps" and "model_prices" figures (token classes and
+cost); with an older health() (that version rolled back) they are ``None`` and not alerted."""
+
+BUDGETS_VERSION: Final = "20261210000000"
+"""The version whose health() adds the "budgets" figures; with an older health() they are
+``None`` and the budget warnings cannot fire."""
 
 FAILURE_RATE_MAX: Final = 0.05
 COMPLETION_RATE_MIN: Final = 0.90
@@ -92,6 +113,18 @@ class MonitorResult:
     reports_window: dict[str, int]
     failure_rate: float | None
     completion_rate: float | None
+    steps: dict[str, Any] | None = None
+    """health()'s "steps": ``count``, ``tokens``, ``cost_micros`` and ``unpriced``
+    (``{count, tokens, models: [{model, steps, tokens}]}``); None before version
+    :data:`COST_VERSION`."""
+    model_prices: int | None = None
+    """How many rows ``tokentrack.model_prices`` holds (0: costs not in use); None before
+    version :data:`COST_VERSION`."""
+    budgets: dict[str, Any] | None = None
+    """health()'s "budgets": ``count``, ``exhausted``, ``over_limit`` and ``nearest`` (the
+    budget windows nearest their limits, each with ``used``, ``held``, ``limit`` and the
+    monitor's ``percent``, ``exhausted`` and ``over_limit``); None before version
+    :data:`BUDGETS_VERSION`."""
     alerts: list[Alert] = field(default_factory=list)
 
     @property
@@ -116,6 +149,9 @@ class MonitorResult:
             "reports_window": self.reports_window,
             "failure_rate": self.failure_rate,
             "completion_rate": self.completion_rate,
+            "steps": self.steps,
+            "model_prices": self.model_prices,
+            "budgets": self.budgets,
             "alerts": [asdict(a) for a in self.alerts],
             "ok": not self.firing,
         }
@@ -179,6 +215,8 @@ class MonitorResult:
             f"completion rate {_pct(self.completion_rate)} "
             f"(alert below {_pct(t.completion_rate_min)})"
         )
+        out += ["", *self._render_steps()]
+        out += ["", *self._render_budgets()]
         out += ["", "Alerts"]
         out.append(
             render_table(
@@ -194,6 +232,101 @@ class MonitorResult:
             + (f"{len(self.firing)} alert(s) firing" if self.firing else "no alert firing")
         )
         return "\n".join(out)
+
+    def _render_steps(self) -> list[str]:
+        """The steps of the window's reports, their cost and the unpriced ones."""
+        steps = self.steps
+        if steps is None:
+            return [
+                "Steps and cost: not measured (tokentrack.health() is older than version "
+                f"{COST_VERSION})"
+            ]
+        unpriced = steps["unpriced"]
+        out = [
+            "Steps of the window's reports",
+            render_table(
+                ("STEPS", "TOKENS", "COST MICROS", "UNPRICED STEPS", "UNPRICED TOKENS"),
+                [
+                    (
+                        steps["count"],
+                        steps["tokens"],
+                        steps["cost_micros"],
+                        unpriced["count"],
+                        unpriced["tokens"],
+                    )
+                ],
+            ),
+        ]
+        if unpriced["models"]:
+            out += ["Unpriced steps by model (most tokens first)"]
+            out.append(
+                render_table(
+                    ("MODEL", "STEPS", "TOKENS"),
+                    [
+                        (_model_name(m["model"]), m["steps"], m["tokens"])
+                        for m in unpriced["models"]
+                    ],
+                )
+            )
+        out.append(
+            f"model_prices: {self.model_prices} price(s)"
+            if self.model_prices
+            else "model_prices: no price set (costs are not in use; every step is unpriced)"
+        )
+        return out
+
+    def _render_budgets(self) -> list[str]:
+        """Usage against limit of the budget windows nearest their limits."""
+        budgets = self.budgets
+        if budgets is None:
+            return [
+                "Budgets: not measured (tokentrack.health() is older than version "
+                f"{BUDGETS_VERSION})"
+            ]
+        out = [
+            f"Budgets: {budgets['count']}, {budgets['exhausted']} window(s) exhausted "
+            f"(refusing every reservation that needs them), {budgets['over_limit']} over "
+            "their limit"
+        ]
+        nearest = budgets["nearest"]
+        if not nearest:
+            return out
+        out.append(
+            f"Budget windows nearest their limits (used + held against limit; the {len(nearest)}"
+            " nearest)"
+        )
+        out.append(
+            render_table(
+                (
+                    "ACCOUNT",
+                    "SUBJECT",
+                    "UNIT",
+                    "WINDOW",
+                    "WINDOW START",
+                    "USED",
+                    "HELD",
+                    "LIMIT",
+                    "PERCENT",
+                    "STATE",
+                ),
+                [
+                    (
+                        b["account_id"],
+                        _subject_name(b["subject"]),
+                        b["unit"],
+                        b["window"],
+                        b["window_start"],
+                        b["used"],
+                        b["held"],
+                        b["limit"],
+                        "n/a" if b["percent"] is None else f"{b['percent']:.1f}%",
+                        _budget_state(b),
+                    )
+                    for b in nearest
+                ],
+            )
+        )
+        return out
 
     def render_prometheus(self) -> str:
         """``--prometheus``: the Prometheus text exposition format (version 0.0.4)."""
@@ -259,6 +392,49 @@ class MonitorResult:
             "Usage periods checked by reconcile().",
             ({}, float(rec["periods_checked"])),
         )
+        if self.steps is not None:
+            steps = self.steps
+            unpriced = steps["unpriced"]
+            gauge(
+                "tokentrack_steps_window",
+                "Steps recorded for the window's reports.",
+                ({}, float(steps["count"])),
+            )
+            gauge(
+                "tokentrack_step_tokens_window",
+                "Total tokens of the steps of the window's reports.",
+                ({}, float(steps["tokens"])),
+            )
+            gauge(
+                "tokentrack_cost_micros_window",
+                "Cost of the priced steps of the window's reports, in micros of the "
+                "installation's currency.",
+                ({}, float(steps["cost_micros"])),
+            )
+            gauge(
+                "tokentrack_unpriced_steps_window",
+                "Steps of the window's reports without a cost (no price in effect for the model).",
+                ({}, float(unpriced["count"])),
+            )
+            gauge(
+                "tokentrack_unpriced_tokens_window",
+                "Total tokens of the unpriced steps of the window's reports.",
+                ({}, float(unpriced["tokens"])),
+            )
+            gauge(
+                "tokentrack_unpriced_model_tokens_window",
+                "Unpriced tokens of the window by model, the 10 models with the most "
+                '(model="" for steps recorded without a model).',
+                *(({"model": m["model"] or ""}, float(m["tokens"])) for m in unpriced["models"]),
+            )
+        if self.model_prices is not None:
+            gauge(
+                "tokentrack_model_prices",
+                "Prices in tokentrack.model_prices (0: costs are not in use).",
+                ({}, float(self.model_prices)),
+            )
+        if self.budgets is not None:
+            self._budget_gauges(gauge)
         gauge(
             "tokentrack_alert",
             "1 when the alert (or warning) fires.",
@@ -284,6 +460,71 @@ class MonitorResult:
                     else f"{name} {_number(value)}"
                 )
         return "\n".join(lines) + "\n"
+
+    def _budget_gauges(self, gauge: Callable[..., None]) -> None:
+        """The budget figures; one series per budget window of the nearest list only (at most
+        10 from health()), so the label cardinality stays bounded."""
+        budgets = self.budgets
+        assert budgets is not None
+        gauge("tokentrack_budgets", "Budgets (every account).", ({}, float(budgets["count"])))
+        gauge(
+            "tokentrack_budgets_exhausted",
+            "Budget windows with used + held >= limit: each refuses every reservation that "
+            "needs it.",
+            ({}, float(budgets["exhausted"])),
+        )
+        gauge(
+            "tokentrack_budgets_over_limit",
+            "Budget windows with used > limit (billed past it).",
+            ({}, float(budgets["over_limit"])),
+        )
+        nearest = budgets["nearest"]
+
+        def labels(b: dict[str, Any]) -> dict[str, str]:
+            return {
+                "account": b["account_id"],
+                "budget": b["budget_id"],
+                "subject": b["subject"] or "",
+                "unit": b["unit"],
+                "window": b["window"],
+            }
+
+        per_window = (
+            ("used", "Used in the current window (billed), in the budget's unit.", "used"),
+            ("held", "Held by active reservations in the current window.", "held"),
+            ("limit", "The budget's limit, in its unit.", "limit"),
+        )
+        for suffix, help_text, key in per_window:
+            gauge(
+                f"tokentrack_budget_{suffix}",
+                f"{help_text} The budget windows nearest their limits only "
+                '(subject="" for the whole account).',
+                *((labels(b), float(b[key])) for b in nearest),
+            )
+        gauge(
+            "tokentrack_budget_window_start_timestamp_seconds",
+            "Start of the budget's current window (Unix time), the nearest ones only.",
+            *((labels(b), datetime.fromisoformat(b["window_start"]).timestamp()) for b in nearest),
+        )
+        gauge(
+            "tokentrack_budget_exhausted",
+            "1 when the budget window is exhausted (refusing now), the nearest ones only.",
+            *((labels(b), 1.0 if b["exhausted"] else 0.0) for b in nearest),
+        )
+
+
+def _subject_name(subject: str | None) -> str:
+    return "(account)" if subject is None else subject
+
+
+def _budget_state(budget: dict[str, Any]) -> str:
+    if budget["over_limit"]:
+        return "OVER LIMIT"
+    return "EXHAUSTED" if budget["exhausted"] else "ok"
+
+
+def _model_name(model: str | None) -> str:
+    return "(no model)" if model is None else model
 
 
 def _pct(value: float | None) -> str:
@@ -381,6 +622,9 @@ def _read(
     ]
     window = {s: int(health["reports_window"][s]) for s in REPORT_STATUSES}
     without = health["reports_without_steps"]
+    steps = _steps(health["steps"]) if "steps" in health else None
+    model_prices = int(health["model_prices"]) if "model_prices" in health else None
+    budgets = _budgets(health["budgets"]) if "budgets" in health else None
 
     result = MonitorResult(
         taken_at=taken_at,
@@ -398,9 +642,64 @@ def _read(
         reports_window=window,
         failure_rate=_rate(health["failure_rate"]),
         completion_rate=_rate(health["completion_rate"]),
+        steps=steps,
+        model_prices=model_prices,
+        budgets=budgets,
     )
     result.alerts = evaluate(result)
     return result
+
+
+def _steps(steps: dict[str, Any]) -> dict[str, Any]:
+    """health()'s "steps", its numbers as ints (jsonb sums arrive as JSON numbers)."""
+    unpriced = steps["unpriced"]
+    return {
+        "count": int(steps["count"]),
+        "tokens": int(steps["tokens"]),
+        "cost_micros": int(steps["cost_micros"]),
+        "unpriced": {
+            "count": int(unpriced["count"]),
+            "tokens": int(unpriced["tokens"]),
+            "models": [
+                {
+                    "model": None if m["model"] is None else str(m["model"]),
+                    "steps": int(m["steps"]),
+                    "tokens": int(m["tokens"]),
+                }
+                for m in unpriced["models"]
+            ],
+        },
+    }
+
+
+def _budgets(budgets: dict[str, Any]) -> dict[str, Any]:
+    """health()'s "budgets", each nearest window with its percent and state added."""
+    nearest = []
+    for b in budgets["nearest"]:
+        used, held, limit = int(b["used"]), int(b["held"]), int(b["limit"])
+        nearest.append(
+            {
+                "account_id": str(b["account_id"]),
+                "budget_id": str(b["budget_id"]),
+                "subject": None if b["subject"] is None else str(b["subject"]),
+                "unit": str(b["unit"]),
+                "window": str(b["window"]),
+                "window_start": _when(b["window_start"]),
+                "used": used,
+                "held": held,
+                "limit": limit,
+                # (used + held) / limit, the order of health()'s list; None for a limit of 0.
+                "percent": round((used + held) * 100 / limit, 1) if limit else None,
+                "exhausted": used + held >= limit,
+                "over_limit": used > limit,
+            }
+        )
+    return {
+        "count": int(budgets["count"]),
+        "exhausted": int(budgets["exhausted"]),
+        "over_limit": int(budgets["over_limit"]),
+        "nearest": nearest,
+    }
 
 
 def _rate(value: Any) -> float | None:
@@ -465,8 +764,105 @@ def evaluate(result: MonitorResult) -> list[Alert]:
             f"{_pct(result.completion_rate)} complete (alert below "
             f"{_pct(t.completion_rate_min)}; {sample})",
         ),
+        _unpriced_models(result),
+        *_budget_warnings(result),
     ]
     return alerts
+
+
+def _budget_warnings(result: MonitorResult) -> list[Alert]:
+    """Warnings (not alerts: a budget running out is the product working) when budget windows
+    are exhausted, and when some are over their limit; the messages name the nearest ones."""
+    budgets = result.budgets
+    if budgets is None:
+        message = f"not measured: tokentrack.health() is older than version {BUDGETS_VERSION}"
+        return [
+            Alert("budgets_exhausted", "warning", False, message),
+            Alert("budgets_over_limit", "warning", False, message),
+        ]
+
+    def named(key: str, total: int) -> str:
+        listed = [b for b in budgets["nearest"] if b[key]]
+        text = ", ".join(
+            f"{_subject_name(b['subject'])} {b['unit']} {b['window']} of account "
+            f"{b['account_id']} ({b['used']} used + {b['held']} held of {b['limit']})"
+            for b in listed[:5]
+        )
+        more = total - min(len(listed), 5)
+        return text + (f" and {more} more" if more > 0 else "")
+
+    exhausted, over = budgets["exhausted"], budgets["over_limit"]
+    return [
+        Alert(
+            "budgets_exhausted",
+            "warning",
+            exhausted > 0,
+            (
+                f"{exhausted} budget window(s) exhausted (used + held >= limit), refusing every "
+                f"reservation that needs them: {named('exhausted', exhausted)}"
+            )
+            if exhausted
+            else f"no budget window exhausted ({budgets['count']} budgets)",
+        ),
+        Alert(
+            "budgets_over_limit",
+            "warning",
+            over > 0,
+            (
+                f"{over} budget window(s) billed past their limit (reports used more than they "
+                f"reserved, or the limit was lowered): {named('over_limit', over)}"
+            )
+            if over
+            else "no budget window over its limit",
+        ),
+    ]
+
+
+def _unpriced_models(result: MonitorResult) -> Alert:
+    """A warning when prices are in use and steps of a named model have none.
+
+    Steps recorded without a model cannot be priced: they are counted, never warned about.
+    With no price at all (model_prices empty), costs are not in use: informational only.
+    """
+    steps = result.steps
+    if steps is None or result.model_prices is None:
+        return Alert(
+            "unpriced_models",
+            "warning",
+            False,
+            f"not measured: tokentrack.health() is older than version {COST_VERSION}",
+        )
+    unpriced = steps["unpriced"]
+    hours = result.thresholds.hours
+    if result.model_prices == 0:
+        return Alert(
+            "unpriced_models",
+            "warning",
+            False,
+            f"no price set (costs are not in use): {unpriced['count']} of {steps['count']} "
+            f"steps in {hours}h unpriced, as expected",
+        )
+    named = [m for m in unpriced["models"] if m["model"] is not None]
+    if not named:
+        without_model = unpriced["count"]
+        return Alert(
+            "unpriced_models",
+            "warning",
+            False,
+            f"every step of a model in {hours}h is priced"
+            + (f" ({without_model} steps without a model)" if without_model else ""),
+        )
+    listed = ", ".join(f"{m['model']} ({m['steps']} steps, {m['tokens']} tokens)" for m in named)
+    top = " (the models with the most unpriced tokens)" if len(unpriced["models"]) >= 10 else ""
+    return Alert(
+        "unpriced_models",
+        "warning",
+        True,
+        f"steps of {len(named)} model(s) in {hours}h have no price{top}: {listed}; their cost "
+        "is missing from reports and cost budgets. `tokentrack prices import FILE` or "
+        "tokentrack.set_model_price() prices the steps to come (recorded costs are never "
+        "repriced)",
+    )
 
 
 async def monitor(dsn: str, thresholds: Thresholds) -> MonitorResult:
@@ -476,6 +872,8 @@ async def monitor(dsn: str, thresholds: Thresholds) -> MonitorResult:
 
 
 __all__ = [
+    "BUDGETS_VERSION",
+    "COST_VERSION",
     "HEALTH_SQL",
     "Alert",
     "MonitorResult",
