@@ -27,10 +27,10 @@ window's used and what the active unexpired reservations holding that window hol
 included (read from the holds column as timestamps, not through the functions' own helpers).
 ``check_invariants`` asserts ``used + held <= limit`` for every row, that every held window
 was probed, and that no answer's "budgets" entry promised more than the probe saw. Extensions
-are probed for their period as well (the period they were taken in). Invariant 7's second half,
-every window's used equals the billed tokens (tokens budgets) or cost (cost budgets) of the
-steps of the reports whose reservations hold it, is computed here in Python from the rows, and
-reconcile()'s own "budget_used" check must agree.
+are probed for the account's active period as well (which they are checked against).
+Invariant 7's second half, every window's used equals the billed tokens (tokens budgets) or
+cost (cost budgets) of the steps of the reports whose reservations hold it, is computed here
+in Python from the rows, and reconcile()'s own "budget_used" check must agree.
 """
 
 from __future__ import annotations
@@ -125,14 +125,15 @@ BEGIN
            AND (v_new -> 'reserved_cost_micros') = (to_jsonb(OLD) -> 'reserved_cost_micros') THEN
             RETURN NULL;  -- not an extension (billing, expiry)
         END IF;
+        -- The account's active period, which an extension is checked against.
         SELECT p.* INTO v_period FROM tokentrack.usage_periods AS p
-        WHERE p.id = NEW.period_id FOR NO KEY UPDATE;
+        WHERE p.account_id = NEW.account_id AND p.status = 'active' FOR NO KEY UPDATE;
         SELECT COALESCE(sum(rr.reserved_tokens), 0) INTO v_held
         FROM tokentrack.report_reservations AS rr
         WHERE rr.account_id = NEW.account_id AND rr.status = 'active' AND rr.expires_at > now();
         INSERT INTO tokentrack_probe.extensions
             (reservation_id, reserved_tokens, period_id, tokens_limit, tokens_used, held)
-        VALUES (NEW.id, NEW.reserved_tokens, NEW.period_id, v_period.tokens_limit,
+        VALUES (NEW.id, NEW.reserved_tokens, v_period.id, v_period.tokens_limit,
                 v_period.tokens_used, v_held);
     END IF;
     IF jsonb_typeof(v_holds) IS DISTINCT FROM 'array' THEN
@@ -446,7 +447,8 @@ BUDGET_PROBE_CHECKS: list[tuple[int, str, str]] = [
     ),
     (
         3,
-        "extension that took its period's tokens_used plus active reservations above its limit",
+        "extension that took the active period's tokens_used plus active reservations above its"
+        " limit",
         "SELECT reservation_id, reserved_tokens, tokens_limit, tokens_used, held"
         " FROM tokentrack_probe.extensions WHERE tokens_used + held > tokens_limit",
     ),

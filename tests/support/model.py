@@ -37,8 +37,8 @@ in every cost budget of the windows it was granted in (``holds``); billing (fina
 the sweep, a late step) adds the billed tokens or cost to those windows. With that, reserve is
 granted exactly when the estimate fits the period and every budget that applies, and refused
 by the first budget (in id order) that cannot hold it; extend_reservation raises a hold when
-the extra fits its period and every window it holds; a step's answer carries over_reservation
-once the report's recorded tokens pass its reservation.
+the extra fits the account's active period and every window it holds; a step's answer carries
+over_reservation once the report's recorded tokens pass its reservation.
 """
 
 from __future__ import annotations
@@ -680,6 +680,20 @@ class AccountModel:
         if report is not None:
             res = report.reservation
             if res is not None and res.holding:
+                # A retry: what it holds, in every window it was granted in.
+                holds = []
+                for budget_id, start in res.holds:
+                    budget = self.budget(budget_id)
+                    holds.append(
+                        {
+                            "budget_id": budget_id,
+                            "subject": budget.subject,
+                            "window": budget.window,
+                            "unit": budget.unit,
+                            "window_start": start,
+                            "held": budget.amount(res.reserved, res.cost),
+                        }
+                    )
                 return _matches(
                     answer,
                     {
@@ -690,7 +704,7 @@ class AccountModel:
                         "available_tokens": max(available, 0),
                         "period_id": res.period,
                     },
-                )
+                ) and _entries_match(answer.get("budgets"), holds)
             return _matches(answer, _refusal("report_finalized"))
         if op.estimate > available:
             return _matches(
@@ -996,8 +1010,11 @@ class AccountModel:
         res = report.reservation
         if not res.holding:
             return _matches(answer, _refusal("report_finalized"))
-        # The period it was taken in, against every active unexpired reservation (its own too).
-        period = self.period(res.period)
+        # The account's active period, as reserve checks it (the reservation may be of one a
+        # period switch closed since), against every active unexpired reservation (its own too).
+        period = self.active_period()
+        if period is None:
+            return _matches(answer, _refusal("no_active_period"))
         available = period.limit - period.used - self.held()
         if op.tokens > available:
             return _matches(
