@@ -19,7 +19,7 @@
 --   period_id),
 --   insufficient_budget (as reserve).
 -- Locks, in order: the reservation row (FOR UPDATE: rank 2; the report's steps, which take it
---   FOR SHARE, wait), the account's active period row (FOR UPDATE: rank 3), the budgets it
+--   FOR NO KEY UPDATE, wait), the account's active period row (FOR UPDATE: rank 3), the budgets it
 --   holds (lock_budgets: rank 4). Writes: the reservation's reserved_tokens and reserved_cost_micros.
 -- Errors: 25000 under REPEATABLE READ or SERIALIZABLE; 22004 a NULL id or p_more, or a NULL
 --   p_more.tokens; 22023 and 22001 as reserve's p_estimate (as p_more.<key>); 22003 an extra

@@ -424,26 +424,36 @@ async def test_racing_steps_that_pass_the_reservation_together_are_flagged(
     """A reservation of 10 tokens; two steps of 8 tokens recorded at once. In every serial
     order the second one takes the report past its reservation, so its answer carries
     over_reservation ("carried from the step whose usage takes the report past its
-    reservation on"). Each step shares the reservation (FOR SHARE) and sums the report's
-    recorded tokens before the other commits, so here neither answer does. (The two
-    transactions are held open to make the interleaving certain; connections in autocommit
-    meet it whenever two steps run at once.)"""
+    reservation on"). The first step's transaction is held open after its call: the second
+    waits for the reservation's row lock (steps of one report are recorded one after the
+    other), and once the first commits, its overrun sum counts the first step. (Under the
+    FOR SHARE lock steps held before, both ran at once, each summed without the other, and
+    neither answer carried over_reservation.)"""
     account = await new_account(conn, 10_000)
     report = uuid.uuid4()
     assert (await call(conn, "try_reserve_tokens", account, report, 10))["success"]
     first, second = await connect(), await connect()
-    answers = []
-    async with first.transaction(), second.transaction():
-        for c, name in ((first, "a"), (second, "b")):
-            answers.append(
-                await call(c, "persist_step_usage", report, account, name, 4, 4, None, None)
-            )
-    assert all(a["success"] for a in answers), answers
+    async with first.transaction():
+        answer_a = await call(first, "persist_step_usage", report, account, "a", 4, 4, None, None)
+        pending = asyncio.ensure_future(
+            call(second, "persist_step_usage", report, account, "b", 4, 4, None, None)
+        )
+        await waiting_for_a_lock(conn, 1)
+        assert not pending.done()
+    answer_b = await asyncio.wait_for(pending, 10)
+    assert answer_a["success"], answer_a
+    assert answer_b["success"], answer_b
     recorded = await conn.fetchval(
         "SELECT sum(total_tokens) FROM tokentrack.report_step_usage WHERE report_id = $1", report
     )
     assert recorded == 16
-    assert any(a.get("over_reservation") for a in answers), answers
+    assert "over_reservation" not in answer_a, answer_a
+    assert answer_b["over_reservation"] is True, answer_b
+    assert (answer_b["over_by"], answer_b["reserved_tokens"], answer_b["recorded_tokens"]) == (
+        6,
+        10,
+        16,
+    )
 
 
 async def test_an_extension_of_a_previous_period_and_a_reservation_cannot_both_miss_each_other(
@@ -499,11 +509,11 @@ async def test_a_reservation_sees_a_previous_periods_report_billed_or_not_but_no
     """After a period switch, a report of the old period (reserved 100, holding the account's
     month budget) is finished, billing 40, while a new reservation of 50 is made in the new
     period (limit 1000). The finish locks the old period and the budget; the reservation locks
-    the new period, sums the account's active reservations (the old one still active: 100
-    held), then waits for the budget and reads it after the finish committed (40 used, nothing
-    held). In a serial order it sees both the old report active (available_tokens 850, the
-    budget 1000 - 0 - 100 - 50 = 850) or both billed (available_tokens 950, the budget
-    1000 - 40 - 50 = 910); here it answers 850 and 910."""
+    the new period, then waits for the budget, and reads every sum after the finish committed.
+    In a serial order it sees both the old report active (available_tokens 850, the budget
+    1000 - 0 - 100 - 50 = 850) or both billed (available_tokens 950, the budget
+    1000 - 40 - 50 = 910): having waited for the finish, the latter. (When the period's holds
+    were summed before the budget lock, it answered 850 and 910.)"""
     account = await new_account(conn, 1_000)
     made = await set_budgets(conn, account, ((None, "tokens", "month", 1_000),))
     old = uuid.uuid4()
@@ -527,5 +537,5 @@ async def test_a_reservation_sees_a_previous_periods_report_billed_or_not_but_no
     assert answer["success"] is True, answer
     (budget,) = answer["budgets"]
     assert budget["budget_id"] == made["account:tokens"]["budget_id"]
-    seen = (answer["available_tokens"], budget["available"])
-    assert seen in ((850, 850), (950, 910)), answer
+    # It waited for the finish's budget lock, so the finish comes first in its serial order.
+    assert (answer["available_tokens"], budget["available"]) == (950, 910), answer
