@@ -539,3 +539,42 @@ async def test_a_reservation_sees_a_previous_periods_report_billed_or_not_but_no
     assert budget["budget_id"] == made["account:tokens"]["budget_id"]
     # It waited for the finish's budget lock, so the finish comes first in its serial order.
     assert (answer["available_tokens"], budget["available"]) == (950, 910), answer
+
+
+async def test_an_extension_sees_a_previous_periods_report_billed_or_not_but_not_both(
+    conn: asyncpg.Connection, connect: Connect
+) -> None:
+    """As the reservation above, for extend_reservation: after a period switch, a report of the
+    old period (reserved 100, holding the account's month budget) is finished, billing 40,
+    while a report of the new period (reserved 50, the same budget) is extended by 10. The
+    extension locks the new period, waits for the budget the finish holds, and reads every
+    sum after the finish committed: the period 1000 - 0 - 50 - 10 = 940, the budget
+    1000 - 40 - 50 - 10 = 900. (When the period's sum was read before the budget lock, the
+    period still counted the old report's 100 held: 840.)"""
+    account = await new_account(conn, 1_000)
+    made = await set_budgets(conn, account, ((None, "tokens", "month", 1_000),))
+    old, new = uuid.uuid4(), uuid.uuid4()
+    held = await call(conn, "reserve", account, old, json.dumps({"tokens": 100}), [], "standard")
+    assert held["success"] is True, held
+    assert (await call(conn, "persist_step_usage", old, account, "s", 30, 10, None, None))[
+        "success"
+    ]
+    assert (await call(conn, "open_usage_period", account, 1_000, None))["success"]
+    granted = await call(conn, "reserve", account, new, json.dumps({"tokens": 50}), [], "standard")
+    assert granted["success"] is True, granted
+    finisher, extender = await connect(), await connect()
+    finishing = finisher.transaction()
+    await finishing.start()
+    finished = await call(finisher, "finish_report", old, account, "complete", None)
+    assert finished["billed_tokens"] == 40, finished
+    extension = asyncio.ensure_future(
+        call(extender, "extend_reservation", new, account, json.dumps({"tokens": 10}))
+    )
+    await waiting_for_a_lock(conn, 1)
+    await finishing.commit()
+    answer = await asyncio.wait_for(extension, 10)
+    assert answer["success"] is True, answer
+    (budget,) = answer["budgets"]
+    assert budget["budget_id"] == made["account:tokens"]["budget_id"]
+    assert (answer["available_tokens"], budget["available"]) == (940, 900), answer
+    assert await check_invariants(conn, grants=[held, granted], extensions=[answer]) == []
