@@ -92,7 +92,7 @@ lint: venv ## sqlfluff on sql/, ruff check + ruff format --check, mypy --strict,
 test: venv postgres pgbouncer pg-cron ## Run the test suite against a throwaway PostgreSQL server it starts
 	TOKENTRACK_PG_BINDIR="$(PG_BINDIR)" $(BIN)/pytest
 
-stress: venv postgres ## Concurrent workload with faults, then every invariant: make stress DURATION=600 SEED=42 [STRESS_ARGS="--crash-every 30"]
+stress: venv postgres ## Concurrent workload (budgets, subjects, extensions) with faults, then every invariant: make stress DURATION=600 SEED=42 [STRESS_ARGS="--crash-every 30" | "--no-budgets"]
 	TOKENTRACK_PG_BINDIR="$(PG_BINDIR)" $(BIN)/python tests/support/stress.py --duration "$(DURATION)" --seed "$(SEED)" $(STRESS_ARGS)
 
 demo: venv postgres ## Four report types on a throwaway PostgreSQL (DATABASE_URL is ignored), then reconcile

@@ -19,8 +19,9 @@
 --   period_id),
 --   insufficient_budget (as reserve).
 -- Locks, in order: the reservation row (FOR UPDATE: rank 2; the report's steps, which take it
---   FOR SHARE, wait), the account's active period row (FOR UPDATE: rank 3), the budgets it
---   holds (lock_budgets: rank 4). Writes: the reservation's reserved_tokens and reserved_cost_micros.
+--   FOR NO KEY UPDATE, wait), the account's active period row (FOR UPDATE: rank 3), the budgets it
+--   holds (lock_reservation_budgets: rank 4), all before the sums are read. Writes: the
+--   reservation's reserved_tokens and reserved_cost_micros.
 -- Errors: 25000 under REPEATABLE READ or SERIALIZABLE; 22004 a NULL id or p_more, or a NULL
 --   p_more.tokens; 22023 and 22001 as reserve's p_estimate (as p_more.<key>); 22003 an extra
 --   that would take reserved_tokens past the integer range.
@@ -88,6 +89,12 @@ BEGIN
             v_more.tokens, v_reservation.reserved_tokens
             USING ERRCODE = '22003', COLUMN = 'p_more.tokens';
     END IF;
+    -- The budgets it holds (rank 4), before anything is summed: a finish or sweep of a report
+    -- of an earlier period holds those budgets but not the active period, and has committed
+    -- by the time the sums below are read, so the period's sum and the budgets' see it alike.
+    IF v_reservation.holds IS NOT NULL THEN
+        PERFORM tokentrack.lock_reservation_budgets(p_account_id, v_reservation.holds);
+    END IF;
     SELECT COALESCE(pg_catalog.sum(rr.reserved_tokens), 0) INTO v_held
     FROM tokentrack.report_reservations AS rr
     WHERE rr.account_id = p_account_id AND rr.status = 'active' AND rr.expires_at > pg_catalog.now();
@@ -103,7 +110,6 @@ BEGIN
     END IF;
 
     IF v_reservation.holds IS NOT NULL THEN
-        PERFORM tokentrack.lock_reservation_budgets(p_account_id, v_reservation.holds);
         FOR v_hold IN
             SELECT h.budget_id, h.window_start
             FROM pg_catalog.jsonb_to_recordset(v_reservation.holds) AS h (budget_id uuid, window_start timestamptz)

@@ -20,8 +20,10 @@
 -- p_mode is NULL (try_reserve_tokens: the report keeps its mode, as in Part 1).
 -- Locks, in order: the account's active usage_periods row (FOR UPDATE, rank 3 of the global
 --   order, docs/REVIEW.md), then every budget that applies (lock_budgets: FOR UPDATE in id
---   order, rank 4). A budget created after its ids were read does not apply to this reservation (as
---   if it had been created after it).
+--   order, rank 4), both before any sum is read, so the period's holds and the budgets' use
+--   and holds come from one moment (a finish committing while this call waits for a budget
+--   shows as billed in both). A budget created after its ids were read does not apply to
+--   this reservation (as if it had been created after it).
 --   Every reserver of an account takes the period first, so reservation checks of one
 --   account run one at a time and never grant together more than is available, for every
 --   budget at once; billing (finalize, the sweep, a late step) and extend_reservation take the
@@ -87,7 +89,18 @@ BEGIN
         );
     END IF;
 
-    -- Under the period lock: what the account's active, unexpired reservations hold.
+    -- Every budget that applies (the account's own and those of p_subjects), locked now (rank
+    -- 4, after the period: lock_budgets), before anything is read under the period lock: each
+    -- statement below then sees what a finish or sweep holding those budgets committed, for
+    -- the period as for the budgets (one serial order; reading the period's holds first, a
+    -- report billed meanwhile showed as held in the period and billed in its budget).
+    SELECT pg_catalog.array_agg(b.id) INTO v_budget_ids FROM tokentrack.budgets AS b
+    WHERE b.account_id = p_account_id AND (b.subject IS NULL OR b.subject = ANY (p_subjects));
+    IF v_budget_ids IS NOT NULL THEN
+        PERFORM tokentrack.lock_budgets(p_account_id, v_budget_ids);
+    END IF;
+
+    -- Under the period and budget locks: what the account's active, unexpired reservations hold.
     SELECT COALESCE(pg_catalog.sum(rr.reserved_tokens), 0) INTO v_held
     FROM tokentrack.report_reservations AS rr
     WHERE rr.account_id = p_account_id AND rr.status = 'active' AND rr.expires_at > pg_catalog.now();
@@ -167,14 +180,10 @@ BEGIN
     END IF;
 
 
-    -- Every budget that applies (the account's own and those of p_subjects), locked (rank 4,
-    -- after the period: lock_budgets); then, under those locks, each one's limit, current
+    -- Under the budget locks (taken above), each budget's limit, current
     -- window, what it has used there and what active, unexpired reservations hold there, read
     -- in one more (the holds from one scan of the account's active reservations).
-    SELECT pg_catalog.array_agg(b.id) INTO v_budget_ids FROM tokentrack.budgets AS b
-    WHERE b.account_id = p_account_id AND (b.subject IS NULL OR b.subject = ANY (p_subjects));
     IF v_budget_ids IS NOT NULL THEN
-        PERFORM tokentrack.lock_budgets(p_account_id, v_budget_ids);
         FOR v_budget IN
             WITH current_windows AS (
                 SELECT
