@@ -136,7 +136,7 @@ async def test_refund_report_returns_a_refund_and_its_refusals(
         False,
     )
     assert refund.periods == (RefundPeriod(period_id, 120),)
-    assert refund.refunded_at <= datetime.now(timezone.utc)
+    assert refund.refunded_at <= datetime.now(UTC)
     assert [(w.budget_id, w.unit, w.amount) for w in refund.windows] == [
         (budget.budget_id, "tokens", 120)
     ]
