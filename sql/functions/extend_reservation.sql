@@ -9,6 +9,8 @@
 --   period: tokens_limit - tokens_used - every active, unexpired reservation of the account
 --           (its own included), as try_reserve_tokens counts them
 --   budget: limit - used - every active, unexpired hold in that window (its own included)
+--           with limit the budget's effective limit in that window (budget_limit: limit_amount
+--           plus the unexpired credit grants overlapping it; since version 20261211000000)
 -- A cost extra without a cost estimate adds 0 to cost budgets (and is refused by an exhausted
 -- one, as reserve is). The expiry time does not move.
 -- Answer: granted {"success": true, "reservation_id", "reserved_tokens", "reserved_cost_micros",
@@ -122,7 +124,8 @@ BEGIN
             v_own := CASE WHEN v_budget.unit = 'tokens' THEN v_reservation.reserved_tokens::bigint
                 ELSE COALESCE(v_reservation.reserved_cost_micros, 0) END;
             -- budget_held counts this reservation's own hold too.
-            v_budget_available := v_budget.limit_amount - v_used - v_budget_held;
+            v_budget_available := tokentrack.budget_limit(p_account_id, v_budget.id, v_hold.window_start)
+                - v_used - v_budget_held;
             IF v_requested > v_budget_available OR v_budget_available <= 0 THEN
                 RETURN pg_catalog.jsonb_build_object(
                     'success', false, 'error', 'insufficient_budget',

@@ -13,6 +13,8 @@
 -- and every budget that applies (the account's budgets, subject NULL, and those of each subject
 -- in p_subjects), each in its current window:
 --   available = limit - used in the window - what active, unexpired reservations hold there
+-- where limit is the budget's effective limit in that window (budget_limit: its limit_amount
+-- plus its unexpired credit grants that overlap the window; since version 20261211000000)
 -- with p_tokens against a tokens budget and p_cost_micros (NULL: 0) against a cost budget; a
 -- budget whose window has nothing left refuses even an estimate of 0.
 -- The report row is created (status processing, mode p_mode, or standard when p_mode is NULL)
@@ -186,7 +188,6 @@ BEGIN
                     b.subject,
                     b.unit,
                     b.budget_window,
-                    b.limit_amount,
                     CASE
                         WHEN b.budget_window = 'total' THEN b.created_at
                         ELSE pg_catalog.date_trunc(b.budget_window, pg_catalog.now(), b.timezone)
@@ -215,7 +216,7 @@ BEGIN
                 c.unit,
                 c.budget_window,
                 c.window_start,
-                c.limit_amount - COALESCE(w.used, 0)
+                tokentrack.budget_limit(p_account_id, c.id, c.window_start) - COALESCE(w.used, 0)
                 - COALESCE(CASE WHEN c.unit = 'tokens' THEN hd.tokens ELSE hd.cost END, 0) AS available,
                 COALESCE(w.used, 0)
                 + COALESCE(CASE WHEN c.unit = 'tokens' THEN hd.tokens ELSE hd.cost END, 0) AS before,
