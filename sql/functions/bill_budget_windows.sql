@@ -1,8 +1,9 @@
 -- version: 20261210000000
 --
 -- tokentrack.bill_budget_windows(p_account_id uuid, p_holds jsonb, p_tokens bigint,
---     p_cost_micros bigint, p_released_tokens bigint DEFAULT 0,
---     p_released_cost_micros bigint DEFAULT 0) -> void
+--     p_cost_micros bigint, p_released_tokens bigint, p_released_cost_micros bigint) -> void
+-- tokentrack.bill_budget_windows(p_account_id uuid, p_holds jsonb, p_tokens bigint,
+--     p_cost_micros bigint) -> void   (the same with nothing released: a late step)
 --
 -- Internal (no EXECUTE for application roles). Adds billed usage to every budget window a
 -- reservation holds (p_holds): p_tokens to the tokens budgets, p_cost_micros to the cost
@@ -18,6 +19,10 @@
 -- the billed reservation: the caller leaves 'active' afterwards) and after it go to
 -- note_crossings, which records a notification for each threshold crossed. Billing at most
 -- what was held (the common finalize) rises nowhere and reads nothing more.
+-- The four-argument form (the late path of record_step_usage) releases nothing. Two signatures,
+-- not defaults: the four-argument one is the one version 20261210000000 created, so a fresh
+-- install that applies both texts in one transaction replaces it instead of leaving two
+-- candidates for a four-argument call.
 -- Writes: budget_windows.used of each held window (an UPDATE, rank 6 of the lock order);
 --   notifications (through note_crossings, rank 7).
 CREATE OR REPLACE FUNCTION tokentrack.bill_budget_windows(
@@ -25,8 +30,8 @@ CREATE OR REPLACE FUNCTION tokentrack.bill_budget_windows(
     p_holds jsonb,
     p_tokens bigint,
     p_cost_micros bigint,
-    p_released_tokens bigint DEFAULT 0,
-    p_released_cost_micros bigint DEFAULT 0
+    p_released_tokens bigint,
+    p_released_cost_micros bigint
 )
 RETURNS void
 LANGUAGE plpgsql
@@ -76,3 +81,21 @@ COMMENT ON FUNCTION tokentrack.bill_budget_windows(uuid, jsonb, bigint, bigint, 
 'the notifications of the thresholds that takes across (note_crossings).';
 
 REVOKE ALL ON FUNCTION tokentrack.bill_budget_windows(uuid, jsonb, bigint, bigint, bigint, bigint) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION tokentrack.bill_budget_windows(
+    p_account_id uuid, p_holds jsonb, p_tokens bigint, p_cost_micros bigint
+)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $function$
+BEGIN
+    PERFORM tokentrack.bill_budget_windows(p_account_id, p_holds, p_tokens, p_cost_micros, 0::bigint, 0::bigint);
+END
+$function$;
+
+COMMENT ON FUNCTION tokentrack.bill_budget_windows(uuid, jsonb, bigint, bigint) IS
+'Internal: bill_budget_windows releasing nothing (a late step of a billed report).';
+
+REVOKE ALL ON FUNCTION tokentrack.bill_budget_windows(uuid, jsonb, bigint, bigint) FROM PUBLIC;
