@@ -23,7 +23,7 @@
 --   p_consumer, a p_limit outside 1..1000, a p_lease not above 0 or above 1 day; 22001 a
 --   p_consumer over 200 characters.
 CREATE OR REPLACE FUNCTION tokentrack.claim_notifications(
-    p_consumer text, p_limit integer, p_lease interval DEFAULT INTERVAL '60 seconds'
+    p_consumer text, p_limit integer, p_lease interval DEFAULT '60 seconds'::interval
 )
 RETURNS jsonb
 LANGUAGE plpgsql

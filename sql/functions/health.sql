@@ -51,8 +51,9 @@
 -- Reads, by index: report_reservations (the partial active index; report_reservations_one_per_report
 --   for each report of the window), reports (reports_created_at_idx), report_step_usage
 --   (report_step_usage_one_per_step, for each report of the window), model_prices (its
---   size), notifications (the partial index of the unacknowledged ones). It sees every account (SECURITY DEFINER): EXECUTE is for
---   tokentrack_service only; docs/SECURITY.md shows how to grant it to a monitoring role.
+--   size), notifications (the partial index of the unacknowledged ones). It sees every
+--   account (SECURITY DEFINER): EXECUTE is for tokentrack_service only; docs/SECURITY.md
+--   shows how to grant it to a monitoring role.
 -- Locks nothing, writes nothing (STABLE: every statement reads the caller's snapshot, so the
 --   figures agree with each other).
 -- Errors: 22004 a NULL p_hours; 22023 a p_hours below 1.

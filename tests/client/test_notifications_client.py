@@ -231,7 +231,9 @@ async def test_leaving_the_loop_leaves_the_current_notification_to_be_handed_out
     assert [(n.id, n.attempts) for n in again] == [(seen[1].id, 2), (seen[1].id + 1, 1)]
 
 
-async def test_explicit_acks_without_auto_ack(tracker: TokenTracker, conn: asyncpg.Connection) -> None:
+async def test_explicit_acks_without_auto_ack(
+    tracker: TokenTracker, conn: asyncpg.Connection
+) -> None:
     await cross(conn, [50, 100])
     stream = tracker.notifications("manual", auto_ack=False, listen=False, poll_interval=0.05)
     seen: list[Notification] = []

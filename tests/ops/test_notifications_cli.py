@@ -68,7 +68,11 @@ async def test_prints_one_json_line_per_notification_and_acknowledges_it(
     acked = await conn.fetch(
         "SELECT threshold, acked_by FROM tokentrack.notifications ORDER BY threshold"
     )
-    assert [(r["threshold"], r["acked_by"]) for r in acked] == [(50, "cli"), (80, "cli"), (100, None)]
+    assert [(r["threshold"], r["acked_by"]) for r in acked] == [
+        (50, "cli"),
+        (80, "cli"),
+        (100, None),
+    ]
     rest = _lines(await _notifications(db_dsn, "--consumer", "cli"))
     assert [n["threshold"] for n in rest] == [100]
     assert _lines(await _notifications(db_dsn, "--consumer", "cli")) == []
@@ -98,9 +102,11 @@ async def test_follow_prints_crossings_as_they_happen(
 async def test_refusals_are_one_line_and_exit_2(db_dsn: str, empty_db_dsn: str) -> None:
     blank = await _notifications(db_dsn, "--consumer", " ")
     assert (blank.code, blank.out) == (2, "")
-    assert blank.err.count("\n") == 1 and "consumer" in blank.err, blank
+    assert blank.err.count("\n") == 1, blank
+    assert "consumer" in blank.err
     missing = await _notifications(empty_db_dsn, "--consumer", "c")
     assert (missing.code, missing.out) == (2, "")
-    assert missing.err.count("\n") == 1 and "tokentrack.notifications" in missing.err, missing
+    assert missing.err.count("\n") == 1, missing
+    assert "tokentrack.notifications" in missing.err
     nowhere = await tokentrack("notifications", "--consumer", "c")
     assert nowhere.code == 2

@@ -19,10 +19,11 @@ from typing import Any
 import asyncpg
 import pytest
 
-from sqlkit import Connect, assert_reconciled, call, expire, new_account, reserve, step
+from sqlkit import Connect, assert_reconciled, call, expire, new_account, step
 
 MONTH_LIMIT = 1_000_000
 CHANNEL = "tokentrack_notifications"
+LEASED = "claim_notifications($1, $2, $3::text::interval)"
 
 
 class RolledBack(Exception):
@@ -85,7 +86,7 @@ async def claim(
         )
     else:
         raw = await conn.fetchval(
-            "SELECT tokentrack.claim_notifications($1, $2, $3::text::interval)::text",
+            f"SELECT tokentrack.{LEASED}::text",
             consumer,
             limit,
             lease,
@@ -145,6 +146,18 @@ class Listener:
 # --------------------------------------------------------------------------------------------
 
 
+async def cross_and_roll_back(
+    conn: asyncpg.Connection, listener: Listener, account: uuid.UUID, team: uuid.UUID
+) -> None:
+    """Cross 80 % in a transaction, check it is recorded and not sent, then roll it back."""
+    async with conn.transaction():
+        await reserve_with(conn, account, 100, ["team:a"])
+        assert await crossed(conn, team) == [(80, 800, 1_000)]
+        await listener.settle()
+        assert listener.payloads == []  # not before commit
+        raise RolledBack
+
+
 async def test_a_reservation_that_crosses_a_threshold_records_it_and_notifies_after_commit(
     conn: asyncpg.Connection, connect: Connect
 ) -> None:
@@ -155,12 +168,7 @@ async def test_a_reservation_that_crosses_a_threshold_records_it_and_notifies_af
     assert await crossed(conn, team) == []  # 70 %: below both thresholds
     # Crossing inside a transaction that rolls back: nothing recorded, nothing sent.
     with pytest.raises(RolledBack):
-        async with conn.transaction():
-            await reserve_with(conn, account, 100, ["team:a"])
-            assert await crossed(conn, team) == [(80, 800, 1_000)]
-            await listener.settle()
-            assert listener.payloads == []  # not before commit
-            raise RolledBack
+        await cross_and_roll_back(conn, listener, account, team)
     assert await crossed(conn, team) == []
     await listener.settle()
     assert listener.payloads == []
@@ -168,9 +176,7 @@ async def test_a_reservation_that_crosses_a_threshold_records_it_and_notifies_af
     await reserve_with(conn, account, 100, ["team:a"])
     assert await crossed(conn, team) == [(80, 800, 1_000)]
     await listener.wait_for(1)
-    row = await conn.fetchrow(
-        "SELECT * FROM tokentrack.notifications WHERE budget_id = $1", team
-    )
+    row = await conn.fetchrow("SELECT * FROM tokentrack.notifications WHERE budget_id = $1", team)
     assert row is not None
     assert listener.payloads == [{"id": row["id"], "account_id": str(account)}]
     assert (row["account_id"], row["subject"], row["unit"], row["budget_window"]) == (
@@ -311,9 +317,8 @@ async def test_billing_a_cost_budget_without_a_cost_estimate_records_the_crossin
     account = await new_account(conn, MONTH_LIMIT)
     spend = await budget(conn, account, None, "month", 1_000, unit="cost_micros")
     report, _ = await reserve_with(conn, account, 10)  # holds 0 in the cost budget
-    await call(
-        conn, "record_step", report, account, "S0", json.dumps({"input_tokens": 500, "output_tokens": 400}), "m"
-    )
+    usage = json.dumps({"input_tokens": 500, "output_tokens": 400})
+    await call(conn, "record_step", report, account, "S0", usage, "m")
     await call(conn, "finish_report", report, account, "complete", None)
     assert await crossed(conn, spend) == [(80, 900, 1_000)]
 
@@ -348,7 +353,8 @@ async def test_a_new_window_gives_new_notifications(conn: asyncpg.Connection) ->
     )
     await conn.execute(
         "UPDATE tokentrack.report_reservations SET holds = jsonb_build_array("
-        " tokentrack.budget_hold($2, (holds -> 0 ->> 'window_start')::timestamptz - interval '1 day'))"
+        " tokentrack.budget_hold($2,"
+        " (holds -> 0 ->> 'window_start')::timestamptz - interval '1 day'))"
         " WHERE report_id = $1",
         report,
         team,
@@ -377,7 +383,8 @@ async def test_a_credit_grant_raises_the_bound_of_the_crossing(conn: asyncpg.Con
     team = await budget(conn, account, "team:a", "total", 1_000)
     # A grant as grant_credits records it (credit_grants, version 20261211000000).
     await conn.execute(
-        "INSERT INTO tokentrack.credit_grants (account_id, budget_id, amount, idempotency_key, reason)"
+        "INSERT INTO tokentrack.credit_grants"
+        " (account_id, budget_id, amount, idempotency_key, reason)"
         " VALUES ($1, $2, 1000, 'g1', 'top-up')",
         account,
         team,
@@ -563,10 +570,10 @@ async def test_concurrent_claimers_never_share_a_notification(
         ("claim_notifications($1, $2)", ("c", None), "22004", "p_limit"),
         ("claim_notifications($1, $2)", ("c", 0), "22023", "p_limit"),
         ("claim_notifications($1, $2)", ("c", 1001), "22023", "p_limit"),
-        ("claim_notifications($1, $2, $3::text::interval)", ("c", 1, None), "22004", "p_lease"),
-        ("claim_notifications($1, $2, $3::text::interval)", ("c", 1, "0 s"), "22023", "p_lease"),
-        ("claim_notifications($1, $2, $3::text::interval)", ("c", 1, "-1 s"), "22023", "p_lease"),
-        ("claim_notifications($1, $2, $3::text::interval)", ("c", 1, "25 hours"), "22023", "p_lease"),
+        (LEASED, ("c", 1, None), "22004", "p_lease"),
+        (LEASED, ("c", 1, "0 s"), "22023", "p_lease"),
+        (LEASED, ("c", 1, "-1 s"), "22023", "p_lease"),
+        (LEASED, ("c", 1, "25 hours"), "22023", "p_lease"),
         ("ack_notification($1, $2)", (None, "c"), "22004", "p_id"),
         ("ack_notification($1, $2)", (0, "c"), "22023", "p_id"),
         ("ack_notification($1, $2)", (1, None), "22004", "p_consumer"),
@@ -615,7 +622,9 @@ async def test_health_counts_pending_and_claimed_notifications(conn: asyncpg.Con
     figures = json.loads(await conn.fetchval("SELECT tokentrack.health()"))["notifications"]
     assert (figures["pending"], figures["claimed"]) == (2, 1)
     assert 0 <= figures["oldest_pending_age_seconds"] < 90  # the claimed one is not pending
-    await conn.execute("UPDATE tokentrack.notifications SET lease_until = now() WHERE threshold = 50")
+    await conn.execute(
+        "UPDATE tokentrack.notifications SET lease_until = now() WHERE threshold = 50"
+    )
     figures = json.loads(await conn.fetchval("SELECT tokentrack.health()"))["notifications"]
     assert (figures["pending"], figures["claimed"]) == (3, 0)  # a lapsed lease is pending
     assert figures["oldest_pending_age_seconds"] >= 90
@@ -630,6 +639,15 @@ async def test_health_counts_pending_and_claimed_notifications(conn: asyncpg.Con
 # --------------------------------------------------------------------------------------------
 
 
+async def reserve_at(
+    start: asyncio.Event, lane: asyncpg.Connection, account: uuid.UUID
+) -> uuid.UUID:
+    """Reserve 50 tokens of team:a on ``lane`` once ``start`` is set."""
+    await start.wait()
+    report, _ = await reserve_with(lane, account, 50, ["team:a"])
+    return report
+
+
 async def test_twenty_concurrent_reports_crossing_together_give_exactly_one_per_crossing(
     conn: asyncpg.Connection, connect: Connect
 ) -> None:
@@ -641,17 +659,10 @@ async def test_twenty_concurrent_reports_crossing_together_give_exactly_one_per_
     totals: list[tuple[int, int, int]] = []
     for _ in range(3):
         account = await new_account(conn, MONTH_LIMIT)
-        team = await budget(
-            conn, account, "team:a", "day", 1_000, thresholds=[80, 100, 110, 120]
-        )
+        team = await budget(conn, account, "team:a", "day", 1_000, thresholds=[80, 100, 110, 120])
         start = asyncio.Event()
 
-        async def one(lane: asyncpg.Connection) -> uuid.UUID:
-            await start.wait()
-            report, _ = await reserve_with(lane, account, 50, ["team:a"])
-            return report
-
-        tasks = [asyncio.create_task(one(lane)) for lane in lanes]
+        tasks = [asyncio.create_task(reserve_at(start, lane, account)) for lane in lanes]
         start.set()
         reports = await asyncio.gather(*tasks)
         for report in reports:
@@ -677,6 +688,7 @@ async def test_twenty_concurrent_reports_crossing_together_give_exactly_one_per_
     await listener.settle()
     ids = [p["id"] for p in listener.payloads]
     assert len(ids) == len(set(ids)) == 12
-    assert set(ids) == {r["id"] for r in await conn.fetch("SELECT id FROM tokentrack.notifications")}
+    recorded = await conn.fetch("SELECT id FROM tokentrack.notifications")
+    assert set(ids) == {r["id"] for r in recorded}
     print(f"20 concurrent reports x 3 rounds: (reports, crossings, notifications) = {totals}")
     await assert_reconciled(conn)
