@@ -51,6 +51,14 @@ EXPECTED = {
     "tokentrack.budget_window_start(text,text,timestamp with time zone,timestamp with time zone)",
     "tokentrack.bill_budget_windows(uuid,jsonb,bigint,bigint)",
     "tokentrack.lock_budgets(uuid,uuid[])",
+    # version 20261211000000 (credits)
+    "tokentrack.budget_limit(uuid,uuid,timestamp with time zone)",
+    "tokentrack.credit_records_are_append_only()",
+    # version 20261212000000 (notifications)
+    "tokentrack.bill_budget_windows(uuid,jsonb,bigint,bigint,bigint,bigint)",
+    "tokentrack.note_crossings(uuid,uuid,timestamp with time zone,bigint,bigint)",
+    "tokentrack.claim_notifications(text,integer,interval)",
+    "tokentrack.ack_notification(bigint,text)",
 }
 
 
