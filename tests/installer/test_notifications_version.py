@@ -22,6 +22,7 @@ REWORKED = (
     "reserve_usage",
     "extend_reservation",
     "health",
+    "adjust_usage",
 )
 
 

@@ -381,18 +381,46 @@ async def test_a_new_window_gives_new_notifications(conn: asyncpg.Connection) ->
 async def test_a_credit_grant_raises_the_bound_of_the_crossing(conn: asyncpg.Connection) -> None:
     account = await new_account(conn, MONTH_LIMIT)
     team = await budget(conn, account, "team:a", "total", 1_000)
-    # A grant as grant_credits records it (credit_grants, version 20261211000000).
-    await conn.execute(
-        "INSERT INTO tokentrack.credit_grants"
-        " (account_id, budget_id, amount, idempotency_key, reason)"
-        " VALUES ($1, $2, 1000, 'g1', 'top-up')",
-        account,
-        team,
-    )
+    granted = await call(conn, "grant_credits", account, team, 1_000, None, "g1", "top-up")
+    assert granted["success"] is True, granted
     await reserve_with(conn, account, 900, ["team:a"])
     assert await crossed(conn, team) == []  # 900 of 2,000
     await reserve_with(conn, account, 700, ["team:a"])
     assert await crossed(conn, team) == [(80, 1_600, 2_000)]
+
+
+async def test_an_adjustment_upwards_that_crosses_records_it_and_downwards_never(
+    conn: asyncpg.Connection,
+) -> None:
+    account = await new_account(conn, MONTH_LIMIT)
+    team = await budget(conn, account, "team:a", "day", 1_000)
+    await reserve_with(conn, account, 300, ["team:a"])  # held 300
+    adjusted = await call(conn, "adjust_usage", account, team, 400, "k1", "missed usage")
+    assert adjusted["success"] is True, adjusted
+    assert await crossed(conn, team) == []  # 700
+    again = await call(conn, "adjust_usage", account, team, 400, "k1", "missed usage")
+    assert again["duplicate"] is True
+    assert await crossed(conn, team) == []  # a retry adds nothing
+    adjusted = await call(conn, "adjust_usage", account, team, 150, "k2", "more missed usage")
+    assert adjusted["success"] is True, adjusted
+    assert await crossed(conn, team) == [(80, 850, 1_000)]  # used 550 + held 300
+    down = await call(conn, "adjust_usage", account, team, -500, "k3", "overcharge")
+    assert down["success"] is True, down
+    assert await crossed(conn, team) == [(80, 850, 1_000)]
+    await assert_reconciled(conn)
+
+
+async def test_a_refund_records_nothing(conn: asyncpg.Connection) -> None:
+    account = await new_account(conn, MONTH_LIMIT)
+    team = await budget(conn, account, "team:a", "day", 1_000, thresholds=[10])
+    report, _ = await reserve_with(conn, account, 50, ["team:a"])
+    await step(conn, report, account, "S0", 30, 20)
+    await call(conn, "finish_report", report, account, "complete", None)
+    assert await crossed(conn, team) == []  # 5 %
+    refunded = await call(conn, "refund_report", report, account, "r1", "bad answer")
+    assert refunded["success"] is True, refunded
+    assert await crossed(conn, team) == []
+    await assert_reconciled(conn)
 
 
 # --------------------------------------------------------------------------------------------
