@@ -19,7 +19,10 @@
 --   rank 3 of the global order, docs/REVIEW.md); a budget adjustment, the budget
 --   (lock_budgets: FOR UPDATE, rank 4), then its window row (rank 6, by the insert or update).
 --   Under those locks no billing, refund or other adjustment changes the same amount.
--- Writes: one usage_adjustments row, then usage_periods.tokens_used or budget_windows.used.
+-- Writes: one usage_adjustments row, then usage_periods.tokens_used or budget_windows.used;
+--   since version 20261212000000, for a positive budget adjustment, a notification for each
+--   threshold it takes the window's used + active holds across (note_crossings: rank 7; a
+--   negative one never crosses).
 -- Answer: {"success": true, "adjustment_id", "budget_id", "window_start", "period_id", "unit"
 --   (tokens for a period), "delta", "used" (the window's used or the period's tokens_used
 --   after the adjustment), "duplicate"}; budget_id and window_start are null for a period
@@ -49,6 +52,7 @@ DECLARE
     v_budget tokentrack.budgets%ROWTYPE;
     v_window_start timestamptz;
     v_used bigint;
+    v_held bigint;
 BEGIN
     -- READ COMMITTED only: see require_read_committed.
     PERFORM tokentrack.require_read_committed('adjust_usage');
@@ -147,6 +151,14 @@ BEGIN
                     INSERT INTO tokentrack.budget_windows (account_id, budget_id, window_start, used)
                     VALUES (p_account_id, p_budget_id, v_window_start, p_delta)
                     RETURNING used INTO v_used;
+                END IF;
+                -- Since version 20261212000000: a correction upwards may take the window's
+                -- used + held across a threshold (still under the budget lock).
+                IF p_delta > 0 THEN
+                    v_held := tokentrack.budget_held(p_account_id, p_budget_id, v_budget.unit, v_window_start);
+                    PERFORM tokentrack.note_crossings(
+                        p_account_id, p_budget_id, v_window_start, v_used - p_delta + v_held, v_used + v_held
+                    );
                 END IF;
             END IF;
             RETURN pg_catalog.jsonb_build_object(

@@ -23,7 +23,9 @@
 -- Locks, in order: the reservation row (FOR UPDATE: rank 2; the report's steps, which take it
 --   FOR NO KEY UPDATE, wait), the account's active period row (FOR UPDATE: rank 3), the budgets it
 --   holds (lock_reservation_budgets: rank 4), all before the sums are read. Writes: the
---   reservation's reserved_tokens and reserved_cost_micros.
+--   reservation's reserved_tokens and reserved_cost_micros, and (since version 20261212000000)
+--   a notification for each threshold the extra takes a window's used + held across
+--   (note_crossings: rank 7).
 -- Errors: 25000 under REPEATABLE READ or SERIALIZABLE; 22004 a NULL id or p_more, or a NULL
 --   p_more.tokens; 22023 and 22001 as reserve's p_estimate (as p_more.<key>); 22003 an extra
 --   that would take reserved_tokens past the integer range.
@@ -48,6 +50,8 @@ DECLARE
     v_own bigint;
     v_budget_available bigint;
     v_budgets jsonb := '[]'::jsonb;
+    v_rises jsonb := '[]'::jsonb;
+    v_rise record;
 BEGIN
     -- READ COMMITTED only: see require_read_committed.
     PERFORM tokentrack.require_read_committed('extend_reservation');
@@ -145,6 +149,12 @@ BEGIN
                     'requested', v_requested
                 );
             END IF;
+            IF v_requested > 0 THEN
+                v_rises := v_rises || pg_catalog.jsonb_build_array(pg_catalog.jsonb_build_object(
+                    'budget_id', v_budget.id, 'window_start', v_hold.window_start,
+                    'before', v_used + v_budget_held, 'after', v_used + v_budget_held + v_requested
+                ));
+            END IF;
             v_budgets := v_budgets || pg_catalog.jsonb_build_array(pg_catalog.jsonb_build_object(
                 'budget_id', v_budget.id,
                 'subject', v_budget.subject,
@@ -166,6 +176,15 @@ BEGIN
         END
     WHERE rr.id = v_reservation.id
     RETURNING rr.* INTO v_reservation;
+
+    -- Since version 20261212000000: the thresholds the extra takes its windows across, once
+    -- every budget granted it, still under the budget locks.
+    FOR v_rise IN
+        SELECT r.budget_id, r.window_start, r.before, r.after
+        FROM pg_catalog.jsonb_to_recordset(v_rises) AS r (budget_id uuid, window_start timestamptz, before bigint, after bigint)
+    LOOP
+        PERFORM tokentrack.note_crossings(p_account_id, v_rise.budget_id, v_rise.window_start, v_rise.before, v_rise.after);
+    END LOOP;
 
     RETURN pg_catalog.jsonb_build_object(
         'success', true,

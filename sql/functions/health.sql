@@ -38,6 +38,11 @@
 --                            limit is the effective limit (budget_limit: limit_amount plus the
 --                            unexpired credit grants overlapping the window; since version
 --                            20261211000000)
+--   notifications            the unacknowledged notifications (since version 20261212000000):
+--                            pending (no live lease: waiting for a claim, or handed out again
+--                            once a lease lapses), claimed (under a live lease), and
+--                            oldest_pending_age_seconds (since the oldest pending one was
+--                            recorded; 0 when none is pending)
 -- Figures, not verdicts: alert thresholds are the reader's (tokentrack monitor compares them).
 -- reconcile() is not part of it: it audits every period, so its cost grows with the history,
 -- while every figure here is read by index and costs what the window's traffic and the active
@@ -46,8 +51,9 @@
 -- Reads, by index: report_reservations (the partial active index; report_reservations_one_per_report
 --   for each report of the window), reports (reports_created_at_idx), report_step_usage
 --   (report_step_usage_one_per_step, for each report of the window), model_prices (its
---   size). It sees every account (SECURITY DEFINER): EXECUTE is for
---   tokentrack_service only; docs/SECURITY.md shows how to grant it to a monitoring role.
+--   size), notifications (the partial index of the unacknowledged ones). It sees every
+--   account (SECURITY DEFINER): EXECUTE is for tokentrack_service only; docs/SECURITY.md
+--   shows how to grant it to a monitoring role.
 -- Locks nothing, writes nothing (STABLE: every statement reads the caller's snapshot, so the
 --   figures agree with each other).
 -- Errors: 22004 a NULL p_hours; 22023 a p_hours below 1.
@@ -338,6 +344,22 @@ BEGIN
                     LIMIT 10
                 ) AS n
             ), '[]'::jsonb)
+        ),
+        -- Since version 20261212000000 (self-contained: the unacknowledged notifications).
+        'notifications', (
+            SELECT pg_catalog.jsonb_build_object(
+                'pending', pg_catalog.count(*) FILTER (
+                    WHERE n.lease_until IS NULL OR n.lease_until <= pg_catalog.now()
+                ),
+                'claimed', pg_catalog.count(*) FILTER (WHERE n.lease_until > pg_catalog.now()),
+                'oldest_pending_age_seconds', COALESCE(pg_catalog.date_part(
+                    'epoch', pg_catalog.now() - pg_catalog.min(n.created_at) FILTER (
+                        WHERE n.lease_until IS NULL OR n.lease_until <= pg_catalog.now()
+                    )
+                ), 0)
+            )
+            FROM tokentrack.notifications AS n
+            WHERE n.acked_at IS NULL
         ),
         'failure_rate', (
             SELECT t.failed::float8 / NULLIF(t.finished, 0)::float8 FROM totals AS t

@@ -178,3 +178,27 @@ async def test_an_answer_promising_more_of_a_budget_than_was_available_is_report
     found = await check_invariants(conn, grants=[{**ids["grant"], "budgets": entries}])
     assert len(found) == 1, found
     assert found[0].startswith("invariant 7: a reserve answered more available"), found
+
+
+async def test_a_notification_whose_crossing_did_not_happen_is_reported(
+    conn: asyncpg.Connection,
+) -> None:
+    account = await new_account(conn, 1_000_000)
+    answer = await call(conn, "set_budget", account, None, "tokens", "day", 1_000, "{}")
+    report = uuid.uuid4()
+    raw = await conn.fetchval(
+        "SELECT tokentrack.reserve($1, $2, '{\"tokens\": 850}'::jsonb)::text", account, report
+    )
+    assert '"success": true' in raw
+    assert await check_invariants(conn) == []  # a real crossing of 80 %
+    # A notification of 100 % that no change reached (850 of 1,000).
+    await conn.execute(
+        "INSERT INTO tokentrack.notifications (account_id, budget_id, subject, unit,"
+        " budget_window, window_start, threshold, used, limit_amount)"
+        " SELECT account_id, budget_id, subject, unit, budget_window, window_start, 100, used,"
+        " limit_amount FROM tokentrack.notifications WHERE budget_id = $1",
+        uuid.UUID(answer["budget_id"]),
+    )
+    violations = await check_invariants(conn)
+    assert len(violations) == 1
+    assert violations[0].startswith("invariant 9: notification whose recorded used")

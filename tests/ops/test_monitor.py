@@ -743,6 +743,7 @@ HEALTH_KEYS = {
     "steps",
     "model_prices",
     "budgets",
+    "notifications",
 }
 STATUSES = ("pending", "processing", "complete", "failed", "cancelled")
 

@@ -58,6 +58,11 @@ EXPECTED = {
     "tokentrack.refund_report(uuid,uuid,text,text)",
     "tokentrack.refund_answer(tokentrack.report_refunds,boolean)",
     "tokentrack.credit_records_are_append_only()",
+    # version 20261212000000 (notifications)
+    "tokentrack.bill_budget_windows(uuid,jsonb,bigint,bigint,bigint,bigint)",
+    "tokentrack.note_crossings(uuid,uuid,timestamp with time zone,bigint,bigint)",
+    "tokentrack.claim_notifications(text,integer,interval)",
+    "tokentrack.ack_notification(bigint,text)",
 }
 
 

@@ -193,7 +193,10 @@ async def test_every_table_has_row_level_security_and_a_comment(conn: asyncpg.Co
     no_account_data = bookkeeping | {"model_prices"}
     budgets = {"budgets", "budget_changes", "budget_windows"}  # version 20261210000000
     credits = {"credit_grants", "usage_adjustments", "report_refunds"}  # version 20261211000000
-    assert {r["relname"] for r in rows} == set(TABLES) | no_account_data | budgets | credits
+    notifications = {"notifications"}  # version 20261212000000
+    assert {r["relname"] for r in rows} == (
+        set(TABLES) | no_account_data | budgets | credits | notifications
+    )
     for r in rows:
         assert r["comment"], r["relname"]
         if r["relname"] not in no_account_data:
