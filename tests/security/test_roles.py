@@ -47,6 +47,9 @@ SERVICE_API = {
     "reserve",
     "extend_reservation",
     "set_budget",
+    # version 20261213000000: the exporter's read-only figures, as health()
+    "metrics",
+    "billing_totals",
 }
 # Version 20261210000000's tables: account data under row level security whose reader policy
 # calls the hook without a subquery (Citus refuses subqueries in policies).

@@ -179,7 +179,6 @@ async def test_extend_finalize_and_step_refusals_count_under_their_operation(
 async def test_a_refusal_counts_although_its_transaction_rolls_back_and_writes_nothing(
     conn: asyncpg.Connection,
 ) -> None:
-    account = await new_account(conn, limit=10)
     tr = conn.transaction()
     await tr.start()
     _, answer = await reserve(conn, uuid.uuid4(), 10)  # account_not_found: before any lock

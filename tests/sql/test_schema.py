@@ -26,6 +26,8 @@ PUBLIC_API = {
     "reserve(uuid,uuid,jsonb,text[],text)",
     "extend_reservation(uuid,uuid,jsonb)",
     "set_budget(uuid,text,text,text,bigint,jsonb)",
+    "metrics(integer,integer,integer)",
+    "billing_totals(bigint,bigint)",
 }
 
 # Functions that run with the caller's rights: the replaceable account hook, the trigger
