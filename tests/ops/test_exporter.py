@@ -46,7 +46,7 @@ class Running:
 
     def scrape_text(self) -> str:
         url = f"http://127.0.0.1:{self.port}/metrics"
-        with urllib.request.urlopen(url, timeout=30) as answer:  # noqa: S310 - a local URL
+        with urllib.request.urlopen(url, timeout=30) as answer:
             body: bytes = answer.read()
         return body.decode()
 
@@ -92,7 +92,8 @@ def names(samples: Samples) -> set[str]:
 async def exporter(dsn: str, *extra: str) -> AsyncIterator[Running]:
     argv = [TOKENTRACK, "exporter", "--listen", "127.0.0.1:0", "--database-url", dsn, *extra]
     env = {**os.environ, "TOKENTRACK_CONNECT_TIMEOUT": "5"}
-    process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)
+    # Popen returns at once (the exporter runs on its own): not a blocking call.
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)  # noqa: ASYNC220
     try:
         assert process.stderr is not None
         first = await asyncio.to_thread(process.stderr.readline)
@@ -160,19 +161,19 @@ async def test_the_exporter_serves_every_figure_of_a_live_database(
             if name == "tokentrack_refusals_total"
         }
         assert len(refusals) == 68
-        budget = dict(
-            operation="reserve",
-            code="insufficient_budget",
-            budget_unit="tokens",
-            budget_window="day",
-            budget_scope="account",
-        )
+        budget = {
+            "operation": "reserve",
+            "code": "insufficient_budget",
+            "budget_unit": "tokens",
+            "budget_window": "day",
+            "budget_scope": "account",
+        }
         assert value(samples, "tokentrack_refusals_total", **budget) == 3
-        none = dict(budget_unit="", budget_window="", budget_scope="")
+        none = {"budget_unit": "", "budget_window": "", "budget_scope": ""}
         account_not_found = dict(operation="reserve", code="account_not_found", **none)
         assert value(samples, "tokentrack_refusals_total", **account_not_found) == 1
         assert sum(refusals.values()) == 4
-        window = dict(account=seeded["account"], subject="", unit="tokens", window="day")
+        window = {"account": seeded["account"], "subject": "", "unit": "tokens", "window": "day"}
         assert value(samples, "tokentrack_budget_used", **window) == 60
         assert value(samples, "tokentrack_budget_held", **window) == 200
         assert value(samples, "tokentrack_budget_limit", **window) == 1_000
@@ -304,7 +305,7 @@ async def test_the_budget_series_are_capped_at_the_top_accounts(
             "other/other",
         }
         assert value(samples, "tokentrack_budget_accounts") == 5
-        rest = dict(account="other", subject="other", unit="tokens", window="day")
+        rest = {"account": "other", "subject": "other", "unit": "tokens", "window": "day"}
         assert value(samples, "tokentrack_budget_windows", **rest) == 3
         assert value(samples, "tokentrack_budget_held", **rest) == 10 + 11 + 12
         running.stop()
@@ -333,7 +334,7 @@ def test_parse_listen() -> None:
     assert parse_listen("0.0.0.0:9419") == ("0.0.0.0", 9419)
     assert parse_listen("[::1]:0") == ("::1", 0)
     for bad in ("9419", ":9419", "host:port", "host:70000"):
-        with pytest.raises(ValueError, match="PORT|port"):
+        with pytest.raises(ValueError, match=r"PORT|port"):
             parse_listen(bad)
 
 

@@ -196,7 +196,6 @@ class State:
     reads: int = 0
     reconcile: ReconcileVerdict | None = None
     reconcile_up: bool = False
-    reconcile_started: float | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,7 +294,6 @@ class Exporter:
         """The billing counters' start, then reconcile() every ``--reconcile-interval``."""
         s = self.settings
         while not stop.is_set():
-            self.state.reconcile_started = time.time()
             try:
                 if self._slow_conn is None or self._slow_conn.is_closed():
                     self._slow_conn = await connection.connect(s.dsn, "tokentrack exporter (slow)")
