@@ -9,15 +9,16 @@
 -- or on p_operation's other counter for a code without one. The public functions wrap their
 -- answers in it (reserve, try_reserve_tokens, extend_reservation, finalize_report_usage,
 -- finish_report, record_step, persist_step_usage).
--- Why a sequence: nextval is not transactional, so the count adds no write to the caller's
--- transaction (no row version, no row lock; a rolled-back refusal still counts) and two
--- refusals never wait for each other beyond a buffer lock on the sequence's page. It writes
--- WAL once per 32 values (and once after each checkpoint); that 32nd call assigns the
--- caller's transaction an id, so its commit flushes WAL (version 20261213000000's header).
--- A granted answer costs one call and one key test: nothing is read or written.
+-- Why an unlogged sequence: nextval is not transactional, so the count adds no write to the
+-- caller's transaction (no row version, no row lock; a rolled-back refusal still counts),
+-- two refusals never wait for each other beyond a buffer lock on the sequence's page, and
+-- an unlogged one writes no WAL: the caller's transaction gets no transaction id from it, its
+-- commit flushes nothing. After a crash the counts start again from 0 (version
+-- 20261213000000's header). A granted answer costs one call and one key test.
 -- In a read-only transaction (or on a standby) nextval is not allowed: the refusal is
 -- answered and not counted.
--- Locks nothing; reads the refusal_counters view (68 constant rows; refusals only).
+-- Locks nothing; names the sequence from the answer (refusal_<operation>_<code>, or
+--   refusal_<operation>_budget_<unit>_<window>_<scope>) and finds it with to_regclass.
 -- Errors: 22004 a NULL p_operation; 22023 an unknown p_operation.
 CREATE OR REPLACE FUNCTION tokentrack.count_refusal(p_operation text, p_answer jsonb)
 RETURNS jsonb
@@ -27,11 +28,9 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $function$
 DECLARE
-    v_counter text;
+    v_counter regclass;
     v_code text;
-    v_unit text := '';
-    v_window text := '';
-    v_scope text := '';
+    v_name text;
 BEGIN
     IF p_operation IS NULL THEN
         RAISE EXCEPTION 'p_operation must not be NULL' USING ERRCODE = '22004', COLUMN = 'p_operation';
@@ -43,28 +42,24 @@ BEGIN
         RETURN p_answer;
     END IF;
     v_code := COALESCE(p_answer ->> 'error', 'other');
+    -- The sequence's name (as the refusal_counters view lists it), without reading the view.
     IF v_code = 'insufficient_budget' THEN
-        v_unit := COALESCE(p_answer ->> 'unit', '');
-        v_window := COALESCE(p_answer ->> 'window', '');
-        v_scope := CASE WHEN p_answer ->> 'subject' IS NULL THEN 'account' ELSE 'subject' END;
+        v_name := pg_catalog.format(
+            'refusal_%s_budget_%s_%s_%s', p_operation, p_answer ->> 'unit', p_answer ->> 'window',
+            CASE WHEN p_answer ->> 'subject' IS NULL THEN 'account' ELSE 'subject' END
+        );
+    ELSE
+        v_name := pg_catalog.format('refusal_%s_%s', p_operation, v_code);
     END IF;
-    SELECT c.counter INTO v_counter
-    FROM tokentrack.refusal_counters AS c
-    WHERE
-        c.operation = p_operation AND c.code = v_code AND c.budget_unit = v_unit
-        AND c.budget_window = v_window AND c.budget_scope = v_scope;
+    v_counter := pg_catalog.to_regclass(pg_catalog.format('tokentrack.%I', v_name));
     IF v_counter IS NULL THEN
-        SELECT c.counter INTO v_counter
-        FROM tokentrack.refusal_counters AS c
-        WHERE
-            c.operation = p_operation AND c.code = 'other' AND c.budget_unit = ''
-            AND c.budget_window = '' AND c.budget_scope = '';
+        v_counter := pg_catalog.to_regclass(pg_catalog.format('tokentrack.%I', 'refusal_' || p_operation || '_other'));
         IF v_counter IS NULL THEN
             RAISE EXCEPTION 'p_operation must be reserve, extend, finalize or step (got %)', p_operation
                 USING ERRCODE = '22023', COLUMN = 'p_operation';
         END IF;
     END IF;
-    PERFORM pg_catalog.nextval(v_counter::regclass);
+    PERFORM pg_catalog.nextval(v_counter);
     RETURN p_answer;
 END
 $function$;

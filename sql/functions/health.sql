@@ -39,8 +39,8 @@
 --                            counters: [{operation, code, unit, window, scope, count}], one
 --                            per row of the refusal_counters view (68, fixed; unit, window
 --                            and scope are null unless code is insufficient_budget): every
---                            refusal since the install, never reset (count_refusal; a crash
---                            may add up to 32 to a counter)
+--                            refusal since the install (count_refusal; unlogged sequences:
+--                            they start again from 0 after a crash)
 -- Figures, not verdicts: alert thresholds are the reader's (tokentrack monitor compares them).
 -- reconcile() is not part of it: it audits every period, so its cost grows with the history,
 -- while every figure here is read by index and costs what the window's traffic and the active

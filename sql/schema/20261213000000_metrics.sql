@@ -3,15 +3,16 @@
 -- What `tokentrack exporter` serves besides health() (issue #15):
 --   * refusal counters. A refusal writes nothing (Part 1: "Refused, nothing written"), and
 --     counting it must not add a write to the transaction of the call that refused. Each
---     counter is a SEQUENCE, bumped with nextval() on the refusal path only (count_refusal):
---     nextval is not transactional (a rolled-back refusal still counts, as it happened), takes
---     no row lock, never conflicts with another transaction (a short buffer lock on the
---     sequence's one page), and writes WAL once per 32 values (SEQ_LOG_VALS; plus a full page
---     image after each checkpoint). The cost, measured in bench/results/metrics.md: a
---     refusal's transaction assigns itself a transaction id and flushes WAL at commit once
---     every 32 refusals of that counter; a granted call pays one function call and one jsonb
---     key test. After a crash a counter may jump ahead by up to 32 (the values pre-logged):
---     counts are monotonic, exact without a crash, never lower than the truth.
+--     counter is an UNLOGGED SEQUENCE, bumped with nextval() on the refusal path only
+--     (count_refusal): nextval is not transactional (a rolled-back refusal still counts, as
+--     it happened), takes no row lock and never waits for another transaction (a short buffer
+--     lock on the sequence's one page); unlogged, it writes no WAL at all, so the refusal's
+--     transaction gets no transaction id and its commit flushes nothing (a logged sequence
+--     WAL-logs every 32nd value, and that call's commit then waits for a WAL flush: it halved
+--     the rate of cheap refusals in bench/results/metrics.md). The price: after a crash
+--     (not after a clean shutdown) the counters start again from 0, which Prometheus reads
+--     as a counter reset; a standby has no counts. Counts are monitoring figures, never
+--     billing data.
 --   * refusal_counters: a view over constants naming which sequence counts what, one row per
 --     (operation, code, budget kind), so the label sets are bounded (the cardinality is documented in
 --     docs/API.md): 68 counters.
@@ -39,10 +40,16 @@ SELECT
     k.budget_unit,
     k.budget_window,
     k.budget_scope,
-    pg_catalog.format(
-        'tokentrack.refusal_counter_%s',
-        pg_catalog.row_number() OVER (ORDER BY k.operation, k.code, k.budget_unit, k.budget_window, k.budget_scope)
-    ) AS counter
+    -- As count_refusal names it: refusal_<operation>_<code>, and for insufficient_budget
+    -- refusal_<operation>_budget_<unit>_<window>_<scope> (at most 50 characters).
+    CASE
+        WHEN k.code = 'insufficient_budget'
+            THEN pg_catalog.format(
+                'tokentrack.refusal_%s_budget_%s_%s_%s',
+                k.operation, k.budget_unit, k.budget_window, k.budget_scope
+            )
+        ELSE pg_catalog.format('tokentrack.refusal_%s_%s', k.operation, k.code)
+    END AS counter
 FROM (
     SELECT
         o.operation,
@@ -87,7 +94,7 @@ DECLARE
     v_row record;
 BEGIN
     FOR v_row IN SELECT c.* FROM tokentrack.refusal_counters AS c LOOP
-        EXECUTE pg_catalog.format('CREATE SEQUENCE %s AS bigint', v_row.counter);
+        EXECUTE pg_catalog.format('CREATE UNLOGGED SEQUENCE %s AS bigint', v_row.counter);
         EXECUTE pg_catalog.format(
             'COMMENT ON SEQUENCE %s IS %L', v_row.counter,
             pg_catalog.format(
