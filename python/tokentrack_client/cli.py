@@ -21,6 +21,8 @@
                            [--timezone TZ] [--threshold P ...] [--json]
     tokentrack budgets list --account ID [--json]
     tokentrack budgets show --account ID --budget BUDGET_ID [--windows N] [--json]
+    tokentrack notifications --consumer NAME [--follow] [--limit N] [--lease SECONDS]
+                           [--poll-interval SECONDS]
 
 The database comes from ``--database-url`` or the ``DATABASE_URL`` environment variable
 (``tokentrack demo`` ignores the variable: it takes a database only on its command line). A
@@ -56,7 +58,7 @@ from tokentrack_client.connection import (
     failure_line,
 )
 from tokentrack_client.contract import BUDGET_UNITS, BUDGET_WINDOWS
-from tokentrack_client.ops import audit, budgets, monitor, prices, sweep, verify
+from tokentrack_client.ops import audit, budgets, monitor, notifications, prices, sweep, verify
 from tokentrack_client.ops._common import EXIT_FAILED, EXIT_OK
 
 Handler = Callable[[argparse.Namespace], int]
@@ -115,6 +117,16 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value <= 86_400:
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most 86400 (got {text})")
     return value
 
 
@@ -705,6 +717,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _json(budget_show, "the budget")
     _add_database_url(budget_show)
+
+    # notifications --------------------------------------------------------------------------
+    notes = commands.add_parser(
+        "notifications",
+        help="print the budgets' threshold notifications as JSON lines, acknowledging each",
+        description=(
+            "Claim the unacknowledged threshold notifications for consumer NAME "
+            "(tokentrack.claim_notifications), print each as one JSON line and acknowledge it "
+            "right after printing (tokentrack.ack_notification): at least once delivery. "
+            "Without --follow: at most --limit of them, then exit. With --follow: LISTEN for "
+            "NOTIFY tokentrack_notifications and poll, until interrupted (or --limit)."
+        ),
+    )
+    notes.set_defaults(run=_notifications)
+    notes.add_argument("--consumer", required=True, metavar="NAME", help="the consumer's name")
+    notes.add_argument("--follow", action="store_true", help="keep waiting for new notifications")
+    notes.add_argument(
+        "--limit",
+        type=_positive,
+        metavar="N",
+        help=(
+            f"at most N notifications (default without --follow: {notifications.DEFAULT_LIMIT}; "
+            "with --follow: no limit)"
+        ),
+    )
+    notes.add_argument(
+        "--lease",
+        type=_positive_seconds,
+        metavar="SECONDS",
+        help="how long a claimed notification stays with this consumer (default 60)",
+    )
+    notes.add_argument(
+        "--poll-interval",
+        type=_positive_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="with --follow: claim at least this often when no NOTIFY arrives (default 5)",
+    )
+    _add_database_url(notes)
     return parser
 
 
@@ -964,6 +1015,24 @@ async def _budgets(args: argparse.Namespace) -> int:
         _print_json(result.as_json())
     else:
         print(result.render())
+    return EXIT_OK
+
+
+@_in_event_loop
+async def _notifications(args: argparse.Namespace) -> int:
+    def line(text: str) -> None:
+        print(text, flush=True)
+
+    await notifications.deliver(
+        _database_url(args),
+        args.consumer,
+        follow=args.follow,
+        limit=args.limit,
+        lease=args.lease,
+        poll_interval=args.poll_interval,
+        line=line,
+        notice=lambda text: _stderr(f"tokentrack: notice: {text}"),
+    )
     return EXIT_OK
 
 

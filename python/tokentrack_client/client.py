@@ -32,14 +32,14 @@ import math
 import random
 import time
 from collections.abc import Iterable, Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Final, NoReturn, TypeAlias
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from tokentrack_client.answers import read_answer
-from tokentrack_client.contract import BIGINT_MAX
+from tokentrack_client.answers import get_list, read_answer
+from tokentrack_client.contract import BIGINT_MAX, LEASE_MAX, NOTIFICATIONS_CLAIM_MAX
 from tokentrack_client.errors import (
     CallTimeout,
     ConnectionLost,
@@ -49,9 +49,17 @@ from tokentrack_client.errors import (
     PermissionDenied,
     TransientError,
 )
+from tokentrack_client.notifications import (
+    DEFAULT_BATCH,
+    DEFAULT_POLL_INTERVAL,
+    ListenSource,
+    NotificationStream,
+)
 from tokentrack_client.results import (
     BudgetSet,
     Extension,
+    Notification,
+    NotificationAck,
     PeriodOpened,
     Reconciliation,
     Reservation,
@@ -82,6 +90,7 @@ from tokentrack_client.validation import (
     check_mode,
     check_optional_datetime,
     check_outcome,
+    check_seconds,
     check_subjects,
     check_text,
     check_thresholds,
@@ -123,6 +132,11 @@ _SQL_INCREMENT: Final = (
 _SQL_OPEN_PERIOD: Final = (
     "SELECT tokentrack.open_usage_period($1::uuid, $2::bigint, $3::timestamptz)::text"
 )
+_SQL_CLAIM: Final = "SELECT tokentrack.claim_notifications($1::text, $2::integer)::text"
+_SQL_CLAIM_LEASE: Final = (
+    "SELECT tokentrack.claim_notifications($1::text, $2::integer, $3::interval)::text"
+)
+_SQL_ACK: Final = "SELECT tokentrack.ack_notification($1::bigint, $2::text)::text"
 _BEGIN: Final = "BEGIN ISOLATION LEVEL READ COMMITTED"
 
 TIMEOUT_MAX: Final = 2_147_483.647
@@ -531,6 +545,110 @@ class TokenTracker:
         )
         answer = await self._call("open_usage_period", _SQL_OPEN_PERIOD, args, idempotent=False)
         return PeriodOpened.from_answer(answer)
+
+    async def claim_notifications(
+        self, consumer: str, limit: int = DEFAULT_BATCH, *, lease: float | None = None
+    ) -> tuple[Notification, ...]:
+        """Claim at most ``limit`` (1 to 1000) unacknowledged notifications for ``consumer``,
+        oldest first: those never handed out and those whose lease lapsed. Each is leased to
+        ``consumer`` for ``lease`` seconds (default 60, at most 1 day): until then no other
+        claim hands it out. Acknowledge each with :meth:`ack_notification` once delivered.
+
+        Not idempotent (a claim leases what it hands out): it is retried only when the server
+        certainly did not commit it; a claim whose ``COMMIT`` was lost raises
+        :class:`ConnectionLost` with ``outcome_unknown=True``, and what it leased is handed
+        out again when the lease lapses.
+        """
+        name = check_text("consumer", consumer, required=True)
+        count = check_count("limit", limit, minimum=1, maximum=NOTIFICATIONS_CLAIM_MAX)
+        if lease is None:
+            answer = await self._call(
+                "claim_notifications", _SQL_CLAIM, (name, count), idempotent=False
+            )
+        else:
+            seconds = check_seconds("lease", lease, maximum=LEASE_MAX)
+            answer = await self._call(
+                "claim_notifications",
+                _SQL_CLAIM_LEASE,
+                (name, count, timedelta(seconds=seconds)),
+                idempotent=False,
+            )
+        return tuple(Notification.from_answer(item) for item in get_list(answer, "notifications"))
+
+    async def ack_notification(self, notification_id: int, consumer: str) -> NotificationAck:
+        """Acknowledge notification ``notification_id`` as ``consumer``: no claim hands it
+        out again. Again: ``duplicate`` (the first acknowledgement stands). Raises
+        :class:`NotificationNotFound`, and :class:`NotificationClaimed` while another
+        consumer's live lease holds it."""
+        args = (
+            check_count("notification_id", notification_id, minimum=1, maximum=BIGINT_MAX),
+            check_text("consumer", consumer, required=True),
+        )
+        answer = await self._call("ack_notification", _SQL_ACK, args)
+        return NotificationAck.from_answer(answer)
+
+    def notifications(
+        self,
+        consumer: str,
+        *,
+        batch: int = DEFAULT_BATCH,
+        lease: float | None = None,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        listen: bool = True,
+        auto_ack: bool = True,
+    ) -> NotificationStream:
+        """The notifications of ``consumer`` as an async iterator, for as long as it runs::
+
+            async for n in tracker.notifications("alerts"):
+                print(n.threshold, n.used, n.limit)
+
+        Each one is acknowledged when the loop asks for the next one (or earlier with
+        ``await stream.ack(n)``; with ``auto_ack=False`` only then); leaving the loop leaves
+        the current one to be handed out again when its lease lapses (at least once). It
+        claims ``batch`` at a time with ``lease`` seconds each (default 60), LISTENs for
+        ``NOTIFY tokentrack_notifications`` on a dedicated connection (one of the pool's;
+        with a single connection, that one), and polls every ``poll_interval`` seconds when
+        none arrives, when ``listen`` is false, or while the listening connection is lost (it
+        listens again on another of the pool's). See :mod:`tokentrack_client.notifications`.
+        """
+        name = check_text("consumer", consumer, required=True)
+        assert name is not None
+        size = check_count("batch", batch, minimum=1, maximum=NOTIFICATIONS_CLAIM_MAX)
+        seconds = None if lease is None else check_seconds("lease", lease, maximum=LEASE_MAX)
+        interval = check_seconds("poll_interval", poll_interval, maximum=LEASE_MAX)
+        return NotificationStream(
+            self,
+            self._listen_source(),
+            name,
+            batch=size,
+            lease=seconds,
+            poll_interval=interval,
+            listen=check_flag("listen", listen),
+            auto_ack=check_flag("auto_ack", auto_ack),
+        )
+
+    def _listen_source(self) -> ListenSource:
+        """Where a notification stream gets its listening connection: one of the pool's, or
+        the tracker's single connection."""
+        pool, single = self._pool, self._connection
+        if pool is not None:
+
+            async def acquire() -> object:
+                return await pool.acquire()
+
+            async def release(connection: object) -> None:
+                await pool.release(connection)  # type: ignore[arg-type]
+
+            return ListenSource(acquire, release, replaceable=True, closed=lambda: False)
+        assert single is not None
+
+        async def give() -> object:
+            return single
+
+        async def keep(_connection: object) -> None:
+            return None
+
+        return ListenSource(give, keep, replaceable=False, closed=lambda: _closed(single))
 
     def track_report(
         self,

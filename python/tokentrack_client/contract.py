@@ -15,7 +15,10 @@ __all__ = [
     "BUDGET_WINDOWS",
     "ERROR_MESSAGE_MAX",
     "INT_MAX",
+    "LEASE_DEFAULT",
+    "LEASE_MAX",
     "NAME_MAX",
+    "NOTIFICATIONS_CLAIM_MAX",
     "PERIOD_STATUSES",
     "REPORT_MODES",
     "REPORT_OUTCOMES",
@@ -70,3 +73,12 @@ THRESHOLDS_MAX: Final = 10
 
 THRESHOLD_MAX: Final = 1000
 """The highest soft threshold of a budget, in percent."""
+
+NOTIFICATIONS_CLAIM_MAX: Final = 1000
+"""The most notifications one ``claim_notifications`` hands out (its ``p_limit``)."""
+
+LEASE_DEFAULT: Final = 60.0
+"""The lease of a claimed notification, in seconds, when the claim names none."""
+
+LEASE_MAX: Final = 86_400.0
+"""The longest lease ``claim_notifications`` grants, in seconds (1 day)."""

@@ -13,7 +13,9 @@ Everything the client raises is a :class:`TokenTrackError`::
     │   ├── ReportAccountMismatch   report_account_mismatch
     │   ├── StepConflict            step_conflict (.recorded: the numbers that stand)
     │   ├── ReservationNotFound     reservation_not_found
-    │   └── ReportFinalized         report_finalized (.report_status when known)
+    │   ├── ReportFinalized         report_finalized (.report_status when known)
+    │   ├── NotificationNotFound    notification_not_found
+    │   └── NotificationClaimed     notification_claimed (.claimed_by, .lease_until)
     ├── ReportEnded                 a step of a report that was ended from outside (.status)
     │   └── ReportCancelled         ... ended as "cancelled" (the cancel button)
     ├── ReservationExceeded         a step took the report past its reservation
@@ -56,6 +58,8 @@ __all__ = [
     "InvalidArgument",
     "NoActivePeriod",
     "NotInstalled",
+    "NotificationClaimed",
+    "NotificationNotFound",
     "PermissionDenied",
     "Refusal",
     "ReportAccountMismatch",
@@ -192,6 +196,26 @@ class ReportFinalized(Refusal):
         self.report_status: str | None = status if isinstance(status, str) else None
 
 
+class NotificationNotFound(Refusal):
+    """``notification_not_found``: no notification has that id."""
+
+    code = "notification_not_found"
+
+
+class NotificationClaimed(Refusal):
+    """``notification_claimed``: another consumer's live lease holds the notification (it is
+    delivering it and acknowledges it itself). ``claimed_by`` is that consumer and
+    ``lease_until`` when its lease lapses, when the server said so."""
+
+    code = "notification_claimed"
+
+    def __init__(self, code: str, message: str, answer: Mapping[str, Any]) -> None:
+        super().__init__(code, message, answer)
+        holder = answer.get("claimed_by")
+        self.claimed_by: str | None = holder if isinstance(holder, str) else None
+        self.lease_until: datetime | None = _datetime_or_none(answer.get("lease_until"))
+
+
 _REFUSALS: dict[str, type[Refusal]] = {
     cls.code: cls
     for cls in (
@@ -203,6 +227,8 @@ _REFUSALS: dict[str, type[Refusal]] = {
         StepConflict,
         ReservationNotFound,
         ReportFinalized,
+        NotificationNotFound,
+        NotificationClaimed,
     )
 }
 

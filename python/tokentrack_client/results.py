@@ -33,6 +33,8 @@ __all__ = [
     "BudgetSet",
     "Discrepancy",
     "Extension",
+    "Notification",
+    "NotificationAck",
     "PeriodOpened",
     "Reconciliation",
     "Reservation",
@@ -387,5 +389,95 @@ class PeriodOpened:
             period_start=get_datetime(answer, "period_start"),
             period_end=get_datetime(answer, "period_end"),
             previous_period_id=get_optional_uuid(answer, "previous_period_id"),
+            answer=answer,
+        )
+
+
+@dataclass(frozen=True)
+class Notification:
+    """A soft-threshold notification, as ``claim_notifications`` hands it out.
+
+    A budget's window (``budget_id``, its ``subject``: ``None`` for the whole account,
+    ``unit``, ``window`` and ``window_start``) crossed ``threshold`` percent of its effective
+    limit: ``used`` is the window's used amount plus its active holds right after the change
+    that crossed it, ``limit`` the effective limit then (both in ``unit``), ``created_at`` when
+    it was recorded. ``lease_until`` is when this claim's lease lapses (another claim hands it
+    out again unless it is acknowledged first) and ``attempts`` how many times it was handed
+    out, this time included.
+    """
+
+    id: int
+    account_id: uuid.UUID
+    budget_id: uuid.UUID
+    subject: str | None
+    window_start: datetime
+    threshold: int
+    used: int
+    limit: int
+    created_at: datetime
+    unit: str
+    window: str
+    lease_until: datetime
+    attempts: int
+    answer: Mapping[str, Any] = _answer_field()
+
+    @classmethod
+    def from_answer(cls, answer: Mapping[str, Any]) -> Notification:
+        """Build from one element of ``claim_notifications``' ``notifications``."""
+        return cls(
+            id=get_int(answer, "id"),
+            account_id=get_uuid(answer, "account_id"),
+            budget_id=get_uuid(answer, "budget_id"),
+            subject=get_optional_str(answer, "subject"),
+            window_start=get_datetime(answer, "window_start"),
+            threshold=get_int(answer, "threshold"),
+            used=get_int(answer, "used"),
+            limit=get_int(answer, "limit"),
+            created_at=get_datetime(answer, "created_at"),
+            unit=get_str(answer, "unit"),
+            window=get_str(answer, "window"),
+            lease_until=get_datetime(answer, "lease_until"),
+            attempts=get_int(answer, "attempts"),
+            answer=answer,
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        """The notification as JSON-ready values (ids and times as strings): the line
+        ``tokentrack notifications`` prints."""
+        return {
+            "id": self.id,
+            "account_id": str(self.account_id),
+            "budget_id": str(self.budget_id),
+            "subject": self.subject,
+            "unit": self.unit,
+            "window": self.window,
+            "window_start": self.window_start.isoformat(),
+            "threshold": self.threshold,
+            "used": self.used,
+            "limit": self.limit,
+            "created_at": self.created_at.isoformat(),
+            "attempts": self.attempts,
+        }
+
+
+@dataclass(frozen=True)
+class NotificationAck:
+    """A notification after ``ack_notification``: ``duplicate`` when it was already
+    acknowledged (then ``acked_at`` and ``acked_by`` are the first acknowledgement's)."""
+
+    id: int
+    duplicate: bool
+    acked_at: datetime
+    acked_by: str
+    answer: Mapping[str, Any] = _answer_field()
+
+    @classmethod
+    def from_answer(cls, answer: Mapping[str, Any]) -> NotificationAck:
+        """Build from a ``"success": true`` answer of ``ack_notification``."""
+        return cls(
+            id=get_int(answer, "id"),
+            duplicate=get_bool(answer, "duplicate"),
+            acked_at=get_datetime(answer, "acked_at"),
+            acked_by=get_str(answer, "acked_by"),
             answer=answer,
         )

@@ -40,6 +40,7 @@ __all__ = [
     "check_mode",
     "check_optional_datetime",
     "check_outcome",
+    "check_seconds",
     "check_subjects",
     "check_text",
     "check_thresholds",
@@ -131,6 +132,18 @@ def check_flag(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise InvalidArgument(name, f"{name} must be a bool, not {type(value).__name__}")
     return value
+
+
+def check_seconds(name: str, value: object, *, maximum: float) -> float:
+    """A number of seconds (an int or float, not a bool) above 0 and at most ``maximum``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        what = "None" if value is None else type(value).__name__
+        raise InvalidArgument(name, f"{name} must be a number of seconds, not {what}")
+    if not 0 < value <= maximum:
+        raise InvalidArgument(
+            name, f"{name} must be above 0 and at most {maximum:g} s (got {value!r})"
+        )
+    return float(value)
 
 
 def check_optional_datetime(name: str, value: object) -> datetime | None:

@@ -9,6 +9,8 @@
 --   period: tokens_limit - tokens_used - every active, unexpired reservation of the account
 --           (its own included), as try_reserve_tokens counts them
 --   budget: limit - used - every active, unexpired hold in that window (its own included)
+--           with limit the budget's effective limit in that window (budget_limit: limit_amount
+--           plus the unexpired credit grants overlapping it; since version 20261211000000)
 -- A cost extra without a cost estimate adds 0 to cost budgets (and is refused by an exhausted
 -- one, as reserve is). The expiry time does not move.
 -- Answer: granted {"success": true, "reservation_id", "reserved_tokens", "reserved_cost_micros",
@@ -20,7 +22,9 @@
 --   insufficient_budget (as reserve).
 -- Locks, in order: the reservation row (FOR UPDATE: rank 2; the report's steps, which take it
 --   FOR SHARE, wait), the account's active period row (FOR UPDATE: rank 3), the budgets it
---   holds (lock_budgets: rank 4). Writes: the reservation's reserved_tokens and reserved_cost_micros.
+--   holds (lock_budgets: rank 4). Writes: the reservation's reserved_tokens and reserved_cost_micros,
+--   and (since version 20261212000000) a notification for each threshold the extra takes a
+--   window's used + held across (note_crossings: rank 7).
 -- Errors: 25000 under REPEATABLE READ or SERIALIZABLE; 22004 a NULL id or p_more, or a NULL
 --   p_more.tokens; 22023 and 22001 as reserve's p_estimate (as p_more.<key>); 22003 an extra
 --   that would take reserved_tokens past the integer range.
@@ -47,6 +51,8 @@ DECLARE
     v_own bigint;
     v_budget_available bigint;
     v_budgets jsonb := '[]'::jsonb;
+    v_rises jsonb := '[]'::jsonb;
+    v_rise record;
 BEGIN
     -- READ COMMITTED only: see require_read_committed.
     PERFORM tokentrack.require_read_committed('extend_reservation');
@@ -120,7 +126,8 @@ BEGIN
             v_own := CASE WHEN v_budget.unit = 'tokens' THEN v_reservation.reserved_tokens::bigint
                 ELSE COALESCE(v_reservation.reserved_cost_micros, 0) END;
             -- budget_held counts this reservation's own hold too.
-            v_budget_available := v_budget.limit_amount - v_used - v_budget_held;
+            v_budget_available := tokentrack.budget_limit(p_account_id, v_budget.id, v_hold.window_start)
+                - v_used - v_budget_held;
             IF v_requested > v_budget_available OR v_budget_available <= 0 THEN
                 RETURN tokentrack.count_refusal('extend', pg_catalog.jsonb_build_object(
                     'success', false, 'error', 'insufficient_budget',
@@ -136,6 +143,12 @@ BEGIN
                     'window_start', v_hold.window_start,
                     'available', GREATEST(v_budget_available, 0),
                     'requested', v_requested
+                ));
+            END IF;
+            IF v_requested > 0 THEN
+                v_rises := v_rises || pg_catalog.jsonb_build_array(pg_catalog.jsonb_build_object(
+                    'budget_id', v_budget.id, 'window_start', v_hold.window_start,
+                    'before', v_used + v_budget_held, 'after', v_used + v_budget_held + v_requested
                 ));
             END IF;
             v_budgets := v_budgets || pg_catalog.jsonb_build_array(pg_catalog.jsonb_build_object(
@@ -159,6 +172,15 @@ BEGIN
         END
     WHERE rr.id = v_reservation.id
     RETURNING rr.* INTO v_reservation;
+
+    -- Since version 20261212000000: the thresholds the extra takes its windows across, once
+    -- every budget granted it, still under the budget locks.
+    FOR v_rise IN
+        SELECT r.budget_id, r.window_start, r.before, r.after
+        FROM pg_catalog.jsonb_to_recordset(v_rises) AS r (budget_id uuid, window_start timestamptz, before bigint, after bigint)
+    LOOP
+        PERFORM tokentrack.note_crossings(p_account_id, v_rise.budget_id, v_rise.window_start, v_rise.before, v_rise.after);
+    END LOOP;
 
     RETURN pg_catalog.jsonb_build_object(
         'success', true,

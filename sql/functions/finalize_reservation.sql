@@ -18,7 +18,9 @@
 --   budgets the reservation holds (lock_budgets; since version 20261210000000), the
 --   report row (FOR UPDATE), then the report's unbilled step rows (by the UPDATE) and the held
 --   budget windows (by the UPDATE of their used: the billed tokens into tokens budgets, the
---   billed cost into cost budgets).
+--   billed cost into cost budgets), then the notifications of the thresholds that billing
+--   takes a window across (since version 20261212000000: bill_budget_windows, told what the
+--   reservation stops holding, so a finalize that bills less than it held notifies nothing).
 -- Why it cannot double-bill: steps are billed only here (and by the late path of
 --   persist_step_usage, which runs only after this reservation left 'active'); here only
 --   steps with billed_at IS NULL are billed, under the reservation lock that every new
@@ -111,7 +113,14 @@ BEGIN
     RETURNING p.* INTO v_period;
 
     IF v_reservation.holds IS NOT NULL AND (v_tokens <> 0 OR v_cost <> 0) THEN
-        PERFORM tokentrack.bill_budget_windows(v_reservation.account_id, v_reservation.holds, v_tokens, v_cost);
+        -- What the reservation stops holding here: its estimate while it is unexpired; nothing
+        -- once past expires_at (the sweep, or a finalize after expiry): it held nothing then.
+        PERFORM tokentrack.bill_budget_windows(
+            v_reservation.account_id, v_reservation.holds, v_tokens, v_cost,
+            CASE WHEN v_reservation.expires_at > pg_catalog.now() THEN v_reservation.reserved_tokens::bigint ELSE 0 END,
+            CASE WHEN v_reservation.expires_at > pg_catalog.now()
+                THEN COALESCE(v_reservation.reserved_cost_micros, 0) ELSE 0 END
+        );
     END IF;
 
     UPDATE tokentrack.report_reservations AS rr

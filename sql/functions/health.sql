@@ -34,7 +34,15 @@
 --                            reservation that needs it), over_limit (used > limit: billed past
 --                            it, which billing may do), and nearest: the 10 nearest their
 --                            limits, [{account_id, budget_id, subject, unit, window,
---                            window_start, used, held, limit}], by (used + held) / limit
+--                            window_start, used, held, limit}], by (used + held) / limit;
+--                            limit is the effective limit (budget_limit: limit_amount plus the
+--                            unexpired credit grants overlapping the window; since version
+--                            20261211000000)
+--   notifications            the unacknowledged notifications (since version 20261212000000):
+--                            pending (no live lease: waiting for a claim, or handed out again
+--                            once a lease lapses), claimed (under a live lease), and
+--                            oldest_pending_age_seconds (since the oldest pending one was
+--                            recorded; 0 when none is pending)
 --   refusals                 the refusal counters (since version 20261213000000): total, and
 --                            counters: [{operation, code, unit, window, scope, count}], one
 --                            per row of the refusal_counters view (68, fixed; unit, window
@@ -49,8 +57,10 @@
 -- Reads, by index: report_reservations (the partial active index; report_reservations_one_per_report
 --   for each report of the window), reports (reports_created_at_idx), report_step_usage
 --   (report_step_usage_one_per_step, for each report of the window), model_prices (its
---   size), the refusal_counters view and its 68 sequences (one page each). It sees every
---   account (SECURITY DEFINER): EXECUTE is for tokentrack_service only; docs/SECURITY.md shows how to grant it to a monitoring role.
+--   size), notifications (the partial index of the unacknowledged ones), the
+--   refusal_counters view and its 68 sequences (one page each). It sees every account
+--   (SECURITY DEFINER): EXECUTE is for tokentrack_service only; docs/SECURITY.md shows how
+--   to grant it to a monitoring role.
 -- Locks nothing, writes nothing (STABLE: every statement reads the caller's snapshot, so the
 --   figures agree with each other).
 -- Errors: 22004 a NULL p_hours; 22023 a p_hours below 1.
@@ -159,6 +169,8 @@ BEGIN
     budget_state AS (
         SELECT
             c.*,
+            -- The effective limit: limit_amount plus unexpired grants (since version 20261211000000).
+            tokentrack.budget_limit(c.account_id, c.id, c.window_start) AS limit_amount,
             COALESCE(w.used, 0) AS used,
             tokentrack.budget_held(c.account_id, c.id, c.unit, c.window_start) AS held
         FROM (
@@ -168,7 +180,6 @@ BEGIN
                 b.subject,
                 b.unit,
                 b.budget_window,
-                b.limit_amount,
                 tokentrack.budget_window_start(
                     b.budget_window, b.timezone, b.created_at, pg_catalog.now()
                 ) AS window_start
@@ -340,6 +351,22 @@ BEGIN
                     LIMIT 10
                 ) AS n
             ), '[]'::jsonb)
+        ),
+        -- Since version 20261212000000 (self-contained: the unacknowledged notifications).
+        'notifications', (
+            SELECT pg_catalog.jsonb_build_object(
+                'pending', pg_catalog.count(*) FILTER (
+                    WHERE n.lease_until IS NULL OR n.lease_until <= pg_catalog.now()
+                ),
+                'claimed', pg_catalog.count(*) FILTER (WHERE n.lease_until > pg_catalog.now()),
+                'oldest_pending_age_seconds', COALESCE(pg_catalog.date_part(
+                    'epoch', pg_catalog.now() - pg_catalog.min(n.created_at) FILTER (
+                        WHERE n.lease_until IS NULL OR n.lease_until <= pg_catalog.now()
+                    )
+                ), 0)
+            )
+            FROM tokentrack.notifications AS n
+            WHERE n.acked_at IS NULL
         ),
         'failure_rate', (
             SELECT t.failed::float8 / NULLIF(t.finished, 0)::float8 FROM totals AS t

@@ -4,8 +4,8 @@
 --     p_top_subjects integer DEFAULT 5) -> jsonb
 --
 -- The figures `tokentrack exporter` serves besides health()'s, with bounded label sets:
---   budgets          every budget in its current window (used, held and limit as health()
---                    reads them), in at most p_top_accounts * (24 + p_top_subjects) + 12
+--   budgets          every budget in its current window (used, held and the effective limit,
+--                    budget_limit, as health() reads them), in at most p_top_accounts * (24 + p_top_subjects) + 12
 --                    groups: [{account, subject, unit, window, budgets, exhausted, used, held,
 --                    limit}], where
 --                      * the p_top_accounts accounts whose fullest window is fullest ((used +
@@ -77,7 +77,8 @@ BEGIN
                 c.subject,
                 c.unit,
                 c.budget_window,
-                c.limit_amount,
+                -- The effective limit: limit_amount plus unexpired grants (version 20261211000000).
+                tokentrack.budget_limit(c.account_id, c.id, c.window_start) AS limit_amount,
                 COALESCE(w.used, 0) AS used,
                 tokentrack.budget_held(c.account_id, c.id, c.unit, c.window_start) AS held
             FROM (
@@ -87,7 +88,6 @@ BEGIN
                     b.subject,
                     b.unit,
                     b.budget_window,
-                    b.limit_amount,
                     tokentrack.budget_window_start(
                         b.budget_window, b.timezone, b.created_at, pg_catalog.now()
                     ) AS window_start

@@ -13,6 +13,8 @@
 -- and every budget that applies (the account's budgets, subject NULL, and those of each subject
 -- in p_subjects), each in its current window:
 --   available = limit - used in the window - what active, unexpired reservations hold there
+-- where limit is the budget's effective limit in that window (budget_limit: its limit_amount
+-- plus its unexpired credit grants that overlap the window; since version 20261211000000)
 -- with p_tokens against a tokens budget and p_cost_micros (NULL: 0) against a cost budget; a
 -- budget whose window has nothing left refuses even an estimate of 0.
 -- The report row is created (status processing, mode p_mode, or standard when p_mode is NULL)
@@ -27,8 +29,10 @@
 --   budget at once; billing (finalize, the sweep, a late step) and extend_reservation take the
 --   same budget locks before they change a window's use or holds.
 -- Writes (only when granted): reports (insert or pending -> processing), one
---   report_reservations row (active, expires 2 hours later, its holds), and a budget_windows
---   row for each window it holds that has none yet.
+--   report_reservations row (active, expires 2 hours later, its holds), a budget_windows
+--   row for each window it holds that has none yet, and (since version 20261212000000) a
+--   notification for each threshold the hold takes a window's used + held across
+--   (note_crossings, after every budget granted it: rank 7 of the lock order).
 -- Idempotent: reserving again for a report whose reservation is active and unexpired returns
 --   that reservation and reserves nothing more ("existing": true; its "budgets" list what it
 --   holds, without "available").
@@ -63,6 +67,8 @@ DECLARE
     v_holds jsonb := '[]'::jsonb;
     v_new_windows jsonb := '[]'::jsonb;
     v_budgets jsonb := '[]'::jsonb;
+    v_rises jsonb := '[]'::jsonb;
+    v_rise record;
 BEGIN
     IF NOT EXISTS (SELECT FROM tokentrack.accounts AS a WHERE a.id = p_account_id) THEN
         RETURN pg_catalog.jsonb_build_object(
@@ -182,7 +188,6 @@ BEGIN
                     b.subject,
                     b.unit,
                     b.budget_window,
-                    b.limit_amount,
                     CASE
                         WHEN b.budget_window = 'total' THEN b.created_at
                         ELSE pg_catalog.date_trunc(b.budget_window, pg_catalog.now(), b.timezone)
@@ -211,8 +216,10 @@ BEGIN
                 c.unit,
                 c.budget_window,
                 c.window_start,
-                c.limit_amount - COALESCE(w.used, 0)
+                tokentrack.budget_limit(p_account_id, c.id, c.window_start) - COALESCE(w.used, 0)
                 - COALESCE(CASE WHEN c.unit = 'tokens' THEN hd.tokens ELSE hd.cost END, 0) AS available,
+                COALESCE(w.used, 0)
+                + COALESCE(CASE WHEN c.unit = 'tokens' THEN hd.tokens ELSE hd.cost END, 0) AS before,
                 w.budget_id IS NULL AS new_window,
                 -- As budget_hold builds it (inline: no function call per budget).
                 pg_catalog.jsonb_build_object(
@@ -250,6 +257,12 @@ BEGIN
             v_holds := v_holds || pg_catalog.jsonb_build_array(v_budget.hold);
             IF v_budget.new_window THEN
                 v_new_windows := v_new_windows || pg_catalog.jsonb_build_array(v_budget.hold);
+            END IF;
+            IF v_requested > 0 THEN
+                v_rises := v_rises || pg_catalog.jsonb_build_array(pg_catalog.jsonb_build_object(
+                    'budget_id', v_budget.id, 'window_start', v_budget.window_start,
+                    'before', v_budget.before, 'after', v_budget.before + v_requested
+                ));
             END IF;
             v_budgets := v_budgets || pg_catalog.jsonb_build_array(pg_catalog.jsonb_build_object(
                 'budget_id', v_budget.id,
@@ -296,6 +309,15 @@ BEGIN
         FROM pg_catalog.jsonb_to_recordset(v_new_windows) AS h (budget_id uuid, window_start timestamptz)
         ON CONFLICT ON CONSTRAINT budget_windows_pkey DO NOTHING;
     END IF;
+
+    -- Since version 20261212000000: the thresholds this hold takes its windows across, now that
+    -- it is granted (a refusal above returns before any is recorded), still under the locks.
+    FOR v_rise IN
+        SELECT r.budget_id, r.window_start, r.before, r.after
+        FROM pg_catalog.jsonb_to_recordset(v_rises) AS r (budget_id uuid, window_start timestamptz, before bigint, after bigint)
+    LOOP
+        PERFORM tokentrack.note_crossings(p_account_id, v_rise.budget_id, v_rise.window_start, v_rise.before, v_rise.after);
+    END LOOP;
 
     RETURN pg_catalog.jsonb_build_object(
         'success', true,

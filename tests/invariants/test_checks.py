@@ -140,3 +140,27 @@ async def test_a_change_of_version_1_rows_is_reported(conn: asyncpg.Connection) 
     await conn.execute("UPDATE tokentrack.reports SET mode = 'hybrid' WHERE id = $1", ids["billed"])
     found = await check_invariants(conn, v1_before=before)
     assert found == ["invariant 6: reports changed across the version change"]
+
+
+async def test_a_notification_whose_crossing_did_not_happen_is_reported(
+    conn: asyncpg.Connection,
+) -> None:
+    account = await new_account(conn, 1_000_000)
+    answer = await call(conn, "set_budget", account, None, "tokens", "day", 1_000, "{}")
+    report = uuid.uuid4()
+    raw = await conn.fetchval(
+        "SELECT tokentrack.reserve($1, $2, '{\"tokens\": 850}'::jsonb)::text", account, report
+    )
+    assert '"success": true' in raw
+    assert await check_invariants(conn) == []  # a real crossing of 80 %
+    # A notification of 100 % that no change reached (850 of 1,000).
+    await conn.execute(
+        "INSERT INTO tokentrack.notifications (account_id, budget_id, subject, unit,"
+        " budget_window, window_start, threshold, used, limit_amount)"
+        " SELECT account_id, budget_id, subject, unit, budget_window, window_start, 100, used,"
+        " limit_amount FROM tokentrack.notifications WHERE budget_id = $1",
+        uuid.UUID(answer["budget_id"]),
+    )
+    violations = await check_invariants(conn)
+    assert len(violations) == 1
+    assert violations[0].startswith("invariant 9: notification whose recorded used")

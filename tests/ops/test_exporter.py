@@ -72,8 +72,17 @@ async def test_the_exporter_serves_every_figure_of_a_live_database(
         assert value(samples, "tokentrack_reconcile_ok") == 1
         assert value(samples, "tokentrack_reconcile_up") == 1
         assert value(samples, "tokentrack_report_duration_seconds_avg") >= 0
-        # Without the notifications version, its metrics are absent (not 0).
-        assert "tokentrack_notifications_pending" not in names(samples)
+        # health()'s notifications (version 20261212000000): none crossed yet.
+        assert value(samples, "tokentrack_notifications_pending") == 0
+        assert value(samples, "tokentrack_notifications_claimed") == 0
+        assert value(samples, "tokentrack_notifications_oldest_pending_age_seconds") == 0
+        # 600 more held takes the day budget from 26% to 86%: across its 80% threshold.
+        crossing = await call(
+            conn, "try_reserve_tokens", uuid.UUID(seeded["account"]), uuid.uuid4(), 600
+        )
+        assert crossing["success"] is True
+        crossed = await running.until(lambda s: value(s, "tokentrack_notifications_pending") == 1)
+        assert value(crossed, "tokentrack_budget_held", **window) == 800
         # A refusal after the start shows at the next read: a monotonic counter.
         await call(conn, "try_reserve_tokens", uuid.uuid4(), uuid.uuid4(), 1)
         later = await running.until(

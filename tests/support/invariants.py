@@ -301,6 +301,32 @@ PROBE_CHECKS: list[tuple[int, str, str]] = [
     ),
 ]
 
+# Since version 20261212000000 (applied when tokentrack.notifications exists).
+NOTIFICATION_CHECKS: list[tuple[int, str, str]] = [
+    (
+        9,
+        "notification whose recorded used + held did not reach its threshold of the limit",
+        """
+        SELECT n.id, n.budget_id, n.window_start, n.threshold, n.used, n.limit_amount
+        FROM tokentrack.notifications AS n
+        WHERE n.limit_amount = 0
+            OR n.used::numeric * 100 < n.limit_amount::numeric * n.threshold
+        """,
+    ),
+    (
+        9,
+        "notification of a window no reservation or adjustment ever opened",
+        """
+        SELECT n.id, n.budget_id, n.window_start
+        FROM tokentrack.notifications AS n
+        LEFT JOIN tokentrack.budget_windows AS w
+            ON w.account_id = n.account_id AND w.budget_id = n.budget_id
+            AND w.window_start = n.window_start
+        WHERE w.budget_id IS NULL
+        """,
+    ),
+]
+
 V1_STATE = {
     "usage_periods": "SELECT t::text FROM tokentrack.usage_periods AS t ORDER BY id",
     "reports": "SELECT t::text FROM tokentrack.reports AS t ORDER BY id",
@@ -333,7 +359,8 @@ async def check_invariants(
     grants: Sequence[Mapping[str, Any]] = (),
     v1_before: Mapping[str, list[str]] | None = None,
 ) -> list[str]:
-    """Violations of the six invariants in the whole database (empty list: all hold).
+    """Violations of the six invariants (and, where its table exists, of invariant 9's
+    recorded notifications) in the whole database (empty list: all hold).
 
     ``settled``: every report was finalized or expired and then swept (invariant 2 in full).
     ``swept``: the sweep ran after the last expiry was moved (invariant 4).
@@ -345,6 +372,8 @@ async def check_invariants(
         checks += SETTLED_CHECKS
     if swept:
         checks += SWEPT_CHECKS
+    if await conn.fetchval("SELECT to_regclass('tokentrack.notifications') IS NOT NULL"):
+        checks += NOTIFICATION_CHECKS
     probe = await has_grant_probe(conn)
     if probe:
         checks += PROBE_CHECKS
