@@ -156,13 +156,6 @@ def _listen(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _positive_seconds(text: str) -> float:
-    try:
-        return connection.parse_seconds(text, "SECONDS")
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def _seconds_or_zero(text: str) -> float:
     return 0.0 if text.strip() in ("0", "0.0") else _positive_seconds(text)
 

@@ -267,8 +267,22 @@ def test_the_billing_counters_settle_without_losing_or_repeating_an_entry() -> N
             counters = BillingCounters.start(got)
         else:
             assert counters.arguments() == arguments
-            counters.update(got)
+            counters.update(got, arguments)
         assert counters.totals()["tokens"] == expected
     assert counters is not None
     assert counters.settled_through == 12
     assert counters.candidate == (13, 90)
+
+
+def test_an_answer_read_with_other_arguments_is_ignored() -> None:
+    """A scrape that took its arguments before the counters started (or changed) must not
+    settle with an answer that was not read for that: the counters stay as they were."""
+    counters = BillingCounters.start(answer(10, 50, 60, 100, 0))
+    assert counters.arguments() == (0, 10)
+    # Read with (0, 0): its "settled" part is empty, although xmin has passed 60.
+    counters.update(answer(10, 61, 70, 100, 0), (0, 0))
+    assert (counters.totals()["tokens"], counters.arguments()) == (100, (0, 10))
+    counters.update(answer(10, 61, 70, 100, 100), (0, 10))
+    assert (counters.totals()["tokens"], counters.arguments()) == (100, (10, 0))
+    counters.update(answer(10, 71, 80, 0, 0), (10, 0))
+    assert counters.totals()["tokens"] == 100

@@ -132,15 +132,18 @@ class BillingCounters:
     def start(cls, answer: dict[str, Any]) -> BillingCounters:
         """From ``billing_totals(0, 0)``: everything so far is tentative until settled."""
         counters = cls(settled_through=0, settled=dict.fromkeys(BILLING_KEYS, 0))
-        counters.update(answer)
+        counters.update(answer, (0, 0))
         return counters
 
     def arguments(self) -> tuple[int, int]:
         """``(p_after_entry, p_settle_through)`` of the next read."""
         return self.settled_through, self.candidate[0] if self.candidate else 0
 
-    def update(self, answer: dict[str, Any]) -> None:
-        """Take one billing_totals() answer read with :meth:`arguments`."""
+    def update(self, answer: dict[str, Any], arguments: tuple[int, int]) -> None:
+        """Take one billing_totals() answer read with :meth:`arguments` (the arguments of that
+        read: an answer read with other ones is ignored, never half-applied)."""
+        if arguments != self.arguments():
+            return
         everything = {k: int(answer["all"][k]) for k in BILLING_KEYS}
         xmin, xmax = int(answer["snapshot_xmin"]), int(answer["snapshot_xmax"])
         if self.candidate is not None and xmin >= self.candidate[1]:
@@ -266,7 +269,10 @@ class Exporter:
 
     async def _read(self, conn: asyncpg.Connection) -> Figures:
         s = self.settings
-        after, settle = self.billing.arguments() if self.billing else (0, 0)
+        # The counters and their arguments as they are now: the slow task may start them
+        # while this read waits, and an answer belongs to the arguments it was read with.
+        billing = self.billing
+        arguments = billing.arguments() if billing is not None else (0, 0)
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             await conn.execute(f"SET LOCAL statement_timeout = {int(s.query_timeout * 1000)}")
             row = await conn.fetchrow(
@@ -274,21 +280,20 @@ class Exporter:
                 s.hours,
                 s.top_accounts,
                 s.top_subjects,
-                after,
-                settle,
-                bool(self.billing),
+                *arguments,
+                billing is not None,
             )
         assert row is not None  # one row, always
         health = json.loads(row["health"])
         metrics = json.loads(row["metrics"])
-        billing = None
-        if self.billing is not None and row["billing"] is not None:
-            self.billing.update(json.loads(row["billing"]))
-            billing = self.billing.totals()
+        totals = None
+        if billing is not None and row["billing"] is not None:
+            billing.update(json.loads(row["billing"]), arguments)
+            totals = billing.totals()
         result = monitor.read_answers(
             row["taken_at"], health, NO_RECONCILE, monitor.Thresholds(hours=s.hours)
         )
-        return Figures(row["taken_at"], result, health, metrics, billing)
+        return Figures(row["taken_at"], result, health, metrics, totals)
 
     async def slow_task(self, stop: asyncio.Event) -> None:
         """The billing counters' start, then reconcile() every ``--reconcile-interval``."""
