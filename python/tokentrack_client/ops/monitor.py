@@ -28,8 +28,8 @@ What it measures (``--hours`` is the window, 24 by default):
   (used > limit: billed past it, as billing may), and usage against limit (used, held,
   limit, percent) of the budget windows nearest their limits (health() lists the 10
   nearest). A warning when any window is exhausted, and one when any is over its limit:
-  those budgets refuse reservations now. Refusals themselves are not recorded anywhere (no
-  write on the reservation's path); counting them is the exporter's (issue #15).
+  those budgets refuse reservations now. How many reservations were refused is counted
+  since version 20261213000000 (health()'s "refusals", served by ``tokentrack exporter``).
 
 health() reads every figure by index (the partial index of active reservations, the unique
 (report_id) and (report_id, step_name) indexes, and ``reports_created_at_idx``), so its cost
