@@ -19,7 +19,7 @@ PG_MAJOR := 15
 # Where the PostgreSQL server binaries live: pg_config's answer, else Debian's path.
 PG_BINDIR ?= $(or $(shell pg_config --bindir 2>/dev/null),/usr/lib/postgresql/$(PG_MAJOR)/bin)
 
-.PHONY: help venv runtime postgres pgbouncer pg-cron install-sql rollback-sql install-cron catalog lint test stress demo bench bench-smoke clean
+.PHONY: help venv runtime postgres pgbouncer pg-cron promtool check-rules install-sql rollback-sql install-cron catalog lint test stress demo bench bench-smoke clean
 
 help: ## List the targets
 	@awk -F ':.*## ' '/^[a-zA-Z_-]+:.*## / { printf "  %-14s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
@@ -58,6 +58,16 @@ pgbouncer: ## Make sure Debian's pgbouncer is installed (the client's PgBouncer 
 	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends pgbouncer; \
 	fi
 
+promtool: ## Make sure promtool is installed (Debian's prometheus package ships it; apt-get when missing)
+	@if ! command -v promtool >/dev/null 2>&1; then \
+	    echo "promtool not found: installing Debian's prometheus package with apt-get"; \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; \
+	fi
+
+check-rules: promtool ## promtool check rules and promtool test rules on deploy/prometheus (the tests run them too)
+	promtool check rules deploy/prometheus/alerts.yml
+	promtool test rules deploy/prometheus/alerts_test.yml
+
 install-sql: $(RUNTIME_STAMP) ## Install or upgrade the tokentrack SQL: make install-sql DATABASE_URL=postgresql://...
 	@test -n "$$DATABASE_URL" || { echo "make: DATABASE_URL=postgresql://... is required" >&2; exit 2; }
 	@$(BIN)/tokentrack migrate install
@@ -89,7 +99,7 @@ lint: venv ## sqlfluff on sql/, ruff check + ruff format --check, mypy --strict,
 	@# plpgsql_check on a throwaway server; skipped (said so) without the extension, except with CI=true
 	TOKENTRACK_PG_BINDIR="$(PG_BINDIR)" $(BIN)/python tests/support/plpgsql_lint.py
 
-test: venv postgres pgbouncer pg-cron ## Run the test suite against a throwaway PostgreSQL server it starts
+test: venv postgres pgbouncer pg-cron promtool ## Run the test suite against a throwaway PostgreSQL server it starts
 	TOKENTRACK_PG_BINDIR="$(PG_BINDIR)" $(BIN)/pytest
 
 stress: venv postgres ## Concurrent workload (budgets, subjects, extensions) with faults, then every invariant: make stress DURATION=600 SEED=42 [STRESS_ARGS="--crash-every 30" | "--no-budgets"]

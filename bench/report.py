@@ -20,6 +20,9 @@ LABELS = {
     "reserve": "reserve + release",
     "reserve-budgets": "reserve (3 budgets) + release",
     "reserve-main": "reserve + release, main's SQL",
+    "reserve-before": "reserve + release, before the refusal counters",
+    "refuse": "refused reserve (account_not_found)",
+    "refuse-before": "refused reserve, before the refusal counters",
     "step": "persist step",
     "record-step": "record_step (token classes)",
     "finalize": "finalize (7 steps)",
@@ -123,6 +126,8 @@ def throughput_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "reserve_comparisons": [
             *paired_ratio(runs, "reserve-budgets", "reserve"),
             *paired_ratio(runs, "reserve", "reserve-main"),
+            *paired_ratio(runs, "reserve", "reserve-before"),
+            *paired_ratio(runs, "refuse", "refuse-before"),
         ],
     }
 
@@ -140,6 +145,9 @@ CALLS = {  # the reserving call of each reserve workload's script
     "reserve": "try_reserve_tokens",
     "reserve-budgets": "reserve",
     "reserve-main": "try_reserve_tokens",
+    "reserve-before": "try_reserve_tokens",
+    "refuse": "try_reserve_tokens",
+    "refuse-before": "try_reserve_tokens",
 }
 
 

@@ -37,6 +37,12 @@ MAIN_DATABASE = "bench_main"
 # The budget accounts (bench.seed_budget_accounts): account BUDGET_ACCOUNTS + n, n as the plain
 # accounts (0 hot, 1..--accounts spread), each with three budgets.
 BUDGET_ACCOUNTS = 1_000_000
+# The version before the refusal counters (20261213000000): reserve-before and refuse-before
+# run in database bench_budgets, tokentrack rolled back to it, next to reserve and refuse.
+BEFORE_METRICS_VERSION = "20261210000000"
+BEFORE_METRICS_DATABASE = "bench_budgets"
+# refuse and refuse-before address accounts that do not exist (account_not_found).
+MISSING_ACCOUNTS = 900_000_000
 
 # What one transaction of each workload is: its pgbench script, how many calls it makes, and
 # the database it runs in (bench unless said).
@@ -45,6 +51,9 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     "reserve": {"script": "reserve.sql", "calls": 2},
     "reserve-budgets": {"script": "reserve_budgets.sql", "calls": 2},
     "reserve-main": {"script": "reserve.sql", "calls": 2, "database": MAIN_DATABASE},
+    "reserve-before": {"script": "reserve.sql", "calls": 2, "database": BEFORE_METRICS_DATABASE},
+    "refuse": {"script": "refuse.sql", "calls": 1},
+    "refuse-before": {"script": "refuse.sql", "calls": 1, "database": BEFORE_METRICS_DATABASE},
     "step": {"script": "step.sql", "calls": 1},
     "record-step": {"script": "record_step.sql", "calls": 1},
     "finalize": {"script": "finalize.sql", "calls": 1},
@@ -60,9 +69,15 @@ ORDER = [
     ("reserve", "spread"),
     ("reserve-budgets", "spread"),
     ("reserve-main", "spread"),
+    ("reserve-before", "spread"),
     ("reserve", "hot"),
     ("reserve-budgets", "hot"),
     ("reserve-main", "hot"),
+    ("reserve-before", "hot"),
+    ("refuse", "spread"),
+    ("refuse-before", "spread"),
+    ("refuse", "hot"),
+    ("refuse-before", "hot"),
     ("step", "spread"),
     ("record-step", "spread"),
     ("step", "hot"),
@@ -72,7 +87,11 @@ ORDER = [
     ("finalize", "spread"),
     ("finalize", "hot"),
 ]
-GROUPS = (("step", "record-step"), ("reserve", "reserve-budgets", "reserve-main"))
+GROUPS = (
+    ("step", "record-step"),
+    ("reserve", "reserve-budgets", "reserve-main", "reserve-before"),
+    ("refuse", "refuse-before"),
+)
 
 
 def round_order(round_no: int, only: Collection[str] | None = None) -> list[tuple[str, str]]:
@@ -112,6 +131,7 @@ class Workloads:
         self.bench = bench
         self.main = main
         self.databases = {"bench": bench} | ({MAIN_DATABASE: main} if main else {})
+        self.before: asyncpg.Connection | None = None
         self.finalize_next = 1
         self.tps_seen: dict[tuple[str, str], float] = {}
 
@@ -152,7 +172,20 @@ class Workloads:
             main = await session.create_database(MAIN_DATABASE, rollback_to=MAIN_VERSION)
             await main.execute("SELECT bench.seed_long_lived(0, 0, $1)", session.args.hot_reports)
             await main.execute("VACUUM ANALYZE")
-        return cls(session, bench, main)
+        made = cls(session, bench, main)
+        if selected(session.args, "reserve-before") or selected(session.args, "refuse-before"):
+            log(
+                f"setup: database {BEFORE_METRICS_DATABASE}, tokentrack rolled back to "
+                f"{BEFORE_METRICS_VERSION} (before the refusal counters)"
+            )
+            before = await session.create_database(
+                BEFORE_METRICS_DATABASE, rollback_to=BEFORE_METRICS_VERSION
+            )
+            await before.execute("SELECT bench.seed_long_lived(0, 0, $1)", session.args.hot_reports)
+            await before.execute("VACUUM ANALYZE")
+            made.before = before
+            made.databases[BEFORE_METRICS_DATABASE] = before
+        return made
 
     async def close(self) -> None:
         for conn in self.databases.values():
@@ -160,6 +193,8 @@ class Workloads:
 
     def defines(self, mode: str, workload: str = "") -> dict[str, int]:
         offset = BUDGET_ACCOUNTS if workload == "reserve-budgets" else 0
+        if workload in ("refuse", "refuse-before"):
+            offset = MISSING_ACCOUNTS
         if mode == "hot":
             return {"lo": offset, "hi": offset, "reports": self.args.hot_reports}
         return {"lo": offset + 1, "hi": offset + self.args.accounts, "reports": 1}
@@ -217,6 +252,20 @@ class Workloads:
                 "active": (0, c),
                 "steps": (0, 0),
                 "ledger": (n, n),
+            },
+            "reserve-before": {
+                "reservations": (n, n + c),
+                "active": (0, c),
+                "steps": (0, 0),
+                "ledger": (n, n),
+            },
+            # Refused: nothing written.
+            "refuse": {"reservations": (0, 0), "active": (0, 0), "steps": (0, 0), "ledger": (0, 0)},
+            "refuse-before": {
+                "reservations": (0, 0),
+                "active": (0, 0),
+                "steps": (0, 0),
+                "ledger": (0, 0),
             },
             "finalize": {
                 "reservations": (0, 0),

@@ -10,6 +10,9 @@
     tokentrack audit baseline --out FILE | audit compare FILE
     tokentrack verify [--functional] [--upto VERSION]
     tokentrack monitor [--json | --prometheus]
+    tokentrack exporter [--listen HOST:PORT] [--min-interval S] [--query-timeout S] [--hours N]
+                        [--top-accounts N] [--top-subjects N] [--reconcile-interval S]
+                        [--reconcile-timeout S]
     tokentrack cleanup [--batch-size N]
     tokentrack cron install | remove | status
     tokentrack prices import FILE [--dry-run] [--provider NAME] [--model GLOB] [--json]
@@ -156,6 +159,29 @@ def _ratio(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1 (got {value})")
     return value
+
+
+def _listen(text: str) -> tuple[str, int]:
+    from tokentrack_client.ops.exporter import parse_listen
+
+    try:
+        return parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _seconds_or_zero(text: str) -> float:
+    return 0.0 if text.strip() in ("0", "0.0") else _positive_seconds(text)
+
+
+def _bounded(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = _integer(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high} (got {value})")
+        return value
+
+    return parse
 
 
 def _json(parser: argparse.ArgumentParser, what: str) -> None:
@@ -384,6 +410,80 @@ def build_parser() -> argparse.ArgumentParser:
         help="rates alert only once N reports of the window have an outcome (default 20)",
     )
     _add_database_url(mon)
+
+    # exporter -----------------------------------------------------------------------------
+    exp = commands.add_parser(
+        "exporter",
+        help="serve the monitoring figures on a Prometheus /metrics endpoint until SIGTERM",
+        description=(
+            "A long-running Prometheus endpoint (needs the extra: pip install "
+            "'tokentrack[exporter]'). Reads tokentrack.health(), metrics() and billing_totals() "
+            "in one read-only snapshot at most once per --min-interval, and reconcile() on its "
+            "own connection every --reconcile-interval; serves tokentrack_up 0 while the "
+            "database cannot be read. See docs/API.md for every metric."
+        ),
+    )
+    exp.set_defaults(run=_exporter)
+    exp.add_argument(
+        "--listen",
+        type=_listen,
+        default=("127.0.0.1", 9419),
+        metavar="HOST:PORT",
+        help="address to serve /metrics on (default 127.0.0.1:9419; port 0: any free port)",
+    )
+    exp.add_argument(
+        "--min-interval",
+        type=_positive_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="read the database at most this often; scrapes in between get the last read "
+        "(default 10)",
+    )
+    exp.add_argument(
+        "--query-timeout",
+        type=_positive_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="statement_timeout of a scrape's read (default 5)",
+    )
+    exp.add_argument(
+        "--hours",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="window of the windowed figures: reports, rates, durations (default 1)",
+    )
+    exp.add_argument(
+        "--top-accounts",
+        type=_bounded(0, 1000),
+        default=10,
+        metavar="N",
+        help="budget series for the N accounts nearest their limits, the rest summed under "
+        'account="other" (default 10)',
+    )
+    exp.add_argument(
+        "--top-subjects",
+        type=_bounded(0, 1000),
+        default=5,
+        metavar="N",
+        help="per top account, series for its N fullest subject budgets, the rest summed under "
+        'subject="other" (default 5)',
+    )
+    exp.add_argument(
+        "--reconcile-interval",
+        type=_seconds_or_zero,
+        default=600.0,
+        metavar="SECONDS",
+        help="run reconcile() this often (default 600; 0: never, no reconcile metrics)",
+    )
+    exp.add_argument(
+        "--reconcile-timeout",
+        type=_positive_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="statement_timeout of reconcile() and of the billing counters' first sum (default 60)",
+    )
+    _add_database_url(exp)
 
     # cleanup ------------------------------------------------------------------------------
     clean = commands.add_parser(
@@ -911,6 +1011,25 @@ async def _monitor(args: argparse.Namespace) -> int:
     else:
         print(result.render())
     return EXIT_FAILED if result.firing else EXIT_OK
+
+
+def _exporter(args: argparse.Namespace) -> int:
+    from tokentrack_client.ops import exporter  # prometheus_client is an optional extra
+
+    host, port = args.listen
+    settings = exporter.Settings(
+        dsn=_database_url(args),
+        host=host,
+        port=port,
+        min_interval=args.min_interval,
+        query_timeout=args.query_timeout,
+        hours=args.hours,
+        top_accounts=args.top_accounts,
+        top_subjects=args.top_subjects,
+        reconcile_interval=args.reconcile_interval,
+        reconcile_timeout=args.reconcile_timeout,
+    )
+    return exporter.run(settings)
 
 
 @_in_event_loop

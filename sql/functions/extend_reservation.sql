@@ -29,6 +29,8 @@
 -- Errors: 25000 under REPEATABLE READ or SERIALIZABLE; 22004 a NULL id or p_more, or a NULL
 --   p_more.tokens; 22023 and 22001 as reserve's p_estimate (as p_more.<key>); 22003 an extra
 --   that would take reserved_tokens past the integer range.
+-- Since version 20261213000000 its refusals are counted (count_refusal, operation extend): no
+--   write to the transaction; see sql/schema/20261213000000_metrics.sql.
 CREATE OR REPLACE FUNCTION tokentrack.extend_reservation(p_report_id uuid, p_account_id uuid, p_more jsonb)
 RETURNS jsonb
 LANGUAGE plpgsql
@@ -65,12 +67,12 @@ BEGIN
 
     v_reservation_id := tokentrack.lock_report_reservation(p_report_id, p_account_id);
     IF v_reservation_id IS NULL THEN
-        RETURN tokentrack.reservation_refusal(p_report_id, p_account_id);
+        RETURN tokentrack.count_refusal('extend', tokentrack.reservation_refusal(p_report_id, p_account_id));
     END IF;
     SELECT rr.* INTO STRICT v_reservation FROM tokentrack.report_reservations AS rr
     WHERE rr.id = v_reservation_id;
     IF v_reservation.status <> 'active' OR v_reservation.expires_at <= pg_catalog.now() THEN
-        RETURN pg_catalog.jsonb_build_object(
+        RETURN tokentrack.count_refusal('extend', pg_catalog.jsonb_build_object(
             'success', false, 'error', 'report_finalized',
             'message', pg_catalog.format(
                 'report %s cannot be extended: its reservation is %s', p_report_id,
@@ -78,17 +80,17 @@ BEGIN
                     THEN pg_catalog.format('past its expiry (%s)', v_reservation.expires_at)
                     ELSE v_reservation.status END
             )
-        );
+        ));
     END IF;
 
     -- The account's active period, as reserve checks it (the reservation may have been taken in
     -- one that a period switch closed since).
     v_period := tokentrack.lock_active_period(p_account_id);
     IF v_period.id IS NULL THEN
-        RETURN pg_catalog.jsonb_build_object(
+        RETURN tokentrack.count_refusal('extend', pg_catalog.jsonb_build_object(
             'success', false, 'error', 'no_active_period',
             'message', pg_catalog.format('account %s has no active usage period', p_account_id)
-        );
+        ));
     END IF;
     IF v_reservation.reserved_tokens::bigint + v_more.tokens > 2147483647 THEN
         RAISE EXCEPTION 'p_more.tokens (%) would take the reservation past the integer range (it holds %)',
@@ -106,13 +108,13 @@ BEGIN
     WHERE rr.account_id = p_account_id AND rr.status = 'active' AND rr.expires_at > pg_catalog.now();
     v_available := v_period.tokens_limit - v_period.tokens_used - v_held;
     IF v_more.tokens > v_available THEN
-        RETURN pg_catalog.jsonb_build_object(
+        RETURN tokentrack.count_refusal('extend', pg_catalog.jsonb_build_object(
             'success', false, 'error', 'insufficient_tokens',
             'message', pg_catalog.format('requested %s more tokens, %s available', v_more.tokens, GREATEST(v_available, 0)),
             'available_tokens', GREATEST(v_available, 0),
             'requested_tokens', v_more.tokens,
             'period_id', v_period.id
-        );
+        ));
     END IF;
 
     IF v_reservation.holds IS NOT NULL THEN
@@ -133,7 +135,7 @@ BEGIN
             v_budget_available := tokentrack.budget_limit(p_account_id, v_budget.id, v_hold.window_start)
                 - v_used - v_budget_held;
             IF v_requested > v_budget_available OR v_budget_available <= 0 THEN
-                RETURN pg_catalog.jsonb_build_object(
+                RETURN tokentrack.count_refusal('extend', pg_catalog.jsonb_build_object(
                     'success', false, 'error', 'insufficient_budget',
                     'message', pg_catalog.format(
                         'requested %s more %s, %s available in the %s budget of %s (window from %s)',
@@ -147,7 +149,7 @@ BEGIN
                     'window_start', v_hold.window_start,
                     'available', GREATEST(v_budget_available, 0),
                     'requested', v_requested
-                );
+                ));
             END IF;
             IF v_requested > 0 THEN
                 v_rises := v_rises || pg_catalog.jsonb_build_array(pg_catalog.jsonb_build_object(

@@ -13,6 +13,8 @@
 -- Refusals: report_account_mismatch, reservation_not_found.
 -- Errors: 25000 when run under REPEATABLE READ or SERIALIZABLE (READ COMMITTED only, see
 --   docs/REVIEW.md); 22004 a NULL argument.
+-- Since version 20261213000000 its refusals are counted (count_refusal, operation finalize): no
+--   write to the transaction; see sql/schema/20261213000000_metrics.sql.
 CREATE OR REPLACE FUNCTION tokentrack.finalize_report_usage(p_report_id uuid, p_account_id uuid)
 RETURNS jsonb
 LANGUAGE plpgsql
@@ -33,7 +35,7 @@ BEGIN
 
     v_reservation_id := tokentrack.lock_report_reservation(p_report_id, p_account_id);
     IF v_reservation_id IS NULL THEN
-        RETURN tokentrack.reservation_refusal(p_report_id, p_account_id);
+        RETURN tokentrack.count_refusal('finalize', tokentrack.reservation_refusal(p_report_id, p_account_id));
     END IF;
     RETURN tokentrack.finalize_reservation(v_reservation_id, 'completed');
 END

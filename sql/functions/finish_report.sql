@@ -19,6 +19,8 @@
 -- Errors: 25000 when run under REPEATABLE READ or SERIALIZABLE (READ COMMITTED only, see
 --   docs/REVIEW.md); 22004 a NULL id or status; 22023 a status other than complete, failed, cancelled;
 --   22001 an error message over 10,000 characters.
+-- Since version 20261213000000 its refusals are counted (count_refusal, operation finalize): no
+--   write to the transaction; see sql/schema/20261213000000_metrics.sql.
 CREATE OR REPLACE FUNCTION tokentrack.finish_report(
     p_report_id uuid, p_account_id uuid, p_status text, p_error_message text DEFAULT NULL
 )
@@ -57,7 +59,7 @@ BEGIN
 
     v_reservation_id := tokentrack.lock_report_reservation(p_report_id, p_account_id);
     IF v_reservation_id IS NULL THEN
-        RETURN tokentrack.reservation_refusal(p_report_id, p_account_id);
+        RETURN tokentrack.count_refusal('finalize', tokentrack.reservation_refusal(p_report_id, p_account_id));
     END IF;
     SELECT rr.* INTO STRICT v_reservation FROM tokentrack.report_reservations AS rr
     WHERE rr.id = v_reservation_id;
@@ -72,11 +74,11 @@ BEGIN
 
     IF v_report.status IN ('complete', 'failed', 'cancelled') THEN
         IF v_report.status <> p_status THEN
-            RETURN pg_catalog.jsonb_build_object(
+            RETURN tokentrack.count_refusal('finalize', pg_catalog.jsonb_build_object(
                 'success', false, 'error', 'report_finalized',
                 'message', pg_catalog.format('report %s already ended as %s', p_report_id, v_report.status),
                 'report_status', v_report.status
-            );
+            ));
         END IF;
     ELSE
         UPDATE tokentrack.reports AS r

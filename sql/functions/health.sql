@@ -43,6 +43,12 @@
 --                            once a lease lapses), claimed (under a live lease), and
 --                            oldest_pending_age_seconds (since the oldest pending one was
 --                            recorded; 0 when none is pending)
+--   refusals                 the refusal counters (since version 20261213000000): total, and
+--                            counters: [{operation, code, unit, window, scope, count}], one
+--                            per row of the refusal_counters view (68, fixed; unit, window
+--                            and scope are null unless code is insufficient_budget): every
+--                            refusal since the install (count_refusal; unlogged sequences:
+--                            they start again from 0 after a crash)
 -- Figures, not verdicts: alert thresholds are the reader's (tokentrack monitor compares them).
 -- reconcile() is not part of it: it audits every period, so its cost grows with the history,
 -- while every figure here is read by index and costs what the window's traffic and the active
@@ -51,9 +57,10 @@
 -- Reads, by index: report_reservations (the partial active index; report_reservations_one_per_report
 --   for each report of the window), reports (reports_created_at_idx), report_step_usage
 --   (report_step_usage_one_per_step, for each report of the window), model_prices (its
---   size), notifications (the partial index of the unacknowledged ones). It sees every
---   account (SECURITY DEFINER): EXECUTE is for tokentrack_service only; docs/SECURITY.md
---   shows how to grant it to a monitoring role.
+--   size), notifications (the partial index of the unacknowledged ones), the
+--   refusal_counters view and its 68 sequences (one page each). It sees every account
+--   (SECURITY DEFINER): EXECUTE is for tokentrack_service only; docs/SECURITY.md shows how
+--   to grant it to a monitoring role.
 -- Locks nothing, writes nothing (STABLE: every statement reads the caller's snapshot, so the
 --   figures agree with each other).
 -- Errors: 22004 a NULL p_hours; 22023 a p_hours below 1.
@@ -366,6 +373,34 @@ BEGIN
         ),
         'completion_rate', (
             SELECT t.complete::float8 / NULLIF(t.finished, 0)::float8 FROM totals AS t
+        ),
+        -- The refusal counters (version 20261213000000): the sequences' last values, read
+        -- without nextval (pg_sequence_last_value: NULL while a counter was never bumped).
+        'refusals', (
+            SELECT pg_catalog.jsonb_build_object(
+                'total', COALESCE(pg_catalog.sum(rc.n), 0),
+                'counters', COALESCE(pg_catalog.jsonb_agg(
+                    pg_catalog.jsonb_build_object(
+                        'operation', rc.operation,
+                        'code', rc.code,
+                        'unit', NULLIF(rc.budget_unit, ''),
+                        'window', NULLIF(rc.budget_window, ''),
+                        'scope', NULLIF(rc.budget_scope, ''),
+                        'count', rc.n
+                    )
+                    ORDER BY rc.operation, rc.code, rc.budget_unit, rc.budget_window, rc.budget_scope
+                ), '[]'::jsonb)
+            )
+            FROM (
+                SELECT
+                    c.operation,
+                    c.code,
+                    c.budget_unit,
+                    c.budget_window,
+                    c.budget_scope,
+                    COALESCE(pg_catalog.pg_sequence_last_value(c.counter::regclass), 0) AS n
+                FROM tokentrack.refusal_counters AS c
+            ) AS rc
         )
     ) INTO v_result;
 

@@ -30,6 +30,8 @@
 --   docs/REVIEW.md); 22004 a NULL id, step name or token count; 22023 a negative count, a
 --   total below input + output, a blank step name; 22001 a step name or model over 200
 --   characters; 22003 input + output beyond the integer range.
+-- Since version 20261213000000 its refusals are counted (count_refusal, operation step): no
+--   write to the transaction; see sql/schema/20261213000000_metrics.sql.
 CREATE OR REPLACE FUNCTION tokentrack.persist_step_usage(
     p_report_id uuid,
     p_account_id uuid,
@@ -95,7 +97,7 @@ BEGIN
             )
         );
     END IF;
-    RETURN v_answer;
+    RETURN tokentrack.count_refusal('step', v_answer);
 END
 $function$;
 

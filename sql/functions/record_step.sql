@@ -22,6 +22,8 @@
 --   name or model over 200 characters; 22003 a count beyond the integer range, or input +
 --   output beyond it when total_tokens is absent. The message and the COLUMN field name the
 --   field, as p_usage.<key>.
+-- Since version 20261213000000 its refusals are counted (count_refusal, operation step): no
+--   write to the transaction; see sql/schema/20261213000000_metrics.sql.
 CREATE OR REPLACE FUNCTION tokentrack.record_step(
     p_report_id uuid,
     p_account_id uuid,
@@ -116,10 +118,10 @@ BEGIN
             USING ERRCODE = '22023', COLUMN = 'p_usage.total_tokens';
     END IF;
 
-    RETURN tokentrack.record_step_usage(
+    RETURN tokentrack.count_refusal('step', tokentrack.record_step_usage(
         p_report_id, p_account_id, p_step_name, v_input, v_cached, v_cache_write, v_output,
         v_reasoning, v_total, p_model
-    );
+    ));
 END
 $function$;
 

@@ -27,6 +27,8 @@
 --   tokens not a positive whole number, cost_micros not a whole number >= 0, both cost_micros
 --   and model, model not a string, a blank subject, more than 32 subjects, an unknown mode;
 --   22001 a subject or model over 200 characters; 22003 tokens beyond the integer range.
+-- Since version 20261213000000 its refusals are counted (count_refusal, operation reserve): no
+--   write to the transaction; see sql/schema/20261213000000_metrics.sql.
 CREATE OR REPLACE FUNCTION tokentrack.reserve(
     p_account_id uuid,
     p_report_id uuid,
@@ -77,9 +79,9 @@ BEGIN
             USING ERRCODE = '22023', COLUMN = 'p_mode';
     END IF;
 
-    RETURN tokentrack.reserve_usage(
+    RETURN tokentrack.count_refusal('reserve', tokentrack.reserve_usage(
         p_account_id, p_report_id, v_estimate.tokens, v_estimate.cost_micros, p_subjects, p_mode
-    );
+    ));
 END
 $function$;
 

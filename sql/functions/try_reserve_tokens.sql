@@ -29,6 +29,8 @@
 -- Assumes READ COMMITTED (each statement sees what committed before it): the reservation sum
 --   is read after the period lock is granted, so it includes every reservation committed
 --   before that.
+-- Since version 20261213000000 its refusals are counted (count_refusal, operation reserve): no
+--   write to the transaction; see sql/schema/20261213000000_metrics.sql.
 CREATE OR REPLACE FUNCTION tokentrack.try_reserve_tokens(
     p_account_id uuid, p_report_id uuid, p_estimated_tokens integer
 )
@@ -55,7 +57,9 @@ BEGIN
             USING ERRCODE = '22023', COLUMN = 'p_estimated_tokens';
     END IF;
 
-    RETURN tokentrack.reserve_usage(p_account_id, p_report_id, p_estimated_tokens, NULL, '{}', NULL);
+    RETURN tokentrack.count_refusal(
+        'reserve', tokentrack.reserve_usage(p_account_id, p_report_id, p_estimated_tokens, NULL, '{}', NULL)
+    );
 END
 $function$;
 

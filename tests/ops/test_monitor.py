@@ -743,7 +743,8 @@ HEALTH_KEYS = {
     "steps",
     "model_prices",
     "budgets",
-    "notifications",
+    "notifications",  # version 20261212000000
+    "refusals",  # version 20261213000000
 }
 STATUSES = ("pending", "processing", "complete", "failed", "cancelled")
 

@@ -23,7 +23,7 @@ from tokentrack_client.testing import PostgresServer
 
 V1, V2, V3, V4 = "20251219000000", "20260108000000", "20261201000000", "20261202000000"
 V5, V6 = "20261203000000", "20261210000000"
-V7, V8 = "20261211000000", "20261212000000"
+V7, V8, V9 = "20261211000000", "20261212000000", "20261213000000"
 
 
 async def _verify(dsn: str, *extra: str) -> tuple[int, dict[str, dict[str, object]], str]:
@@ -51,13 +51,16 @@ async def test_the_committed_catalog_is_what_a_clean_install_gives(
         "(python -m tokentrack_client.ops.catalog) and commit the result"
     )
     versions = json.loads(committed)["versions"]
-    assert list(versions) == [V1, V2, V3, V4, V5, V6, V7, V8]
+    assert list(versions) == [V1, V2, V3, V4, V5, V6, V7, V8, V9]
     claim = "tokentrack.claim_notifications(text, integer, interval)"
     assert claim in versions[V8]["catalog"]["routines"]
     assert claim not in versions[V7]["catalog"]["routines"]
     grant = "tokentrack.grant_credits(uuid, uuid, bigint, timestamp with time zone, text, text)"
     assert grant in versions[V7]["catalog"]["routines"]
     assert grant not in versions[V6]["catalog"]["routines"]
+    exporter = "tokentrack.metrics(integer, integer, integer)"
+    assert exporter in versions[V9]["catalog"]["routines"]
+    assert exporter not in versions[V8]["catalog"]["routines"]
     reserve = "tokentrack.reserve(uuid, uuid, jsonb, text[], text)"
     assert reserve in versions[V6]["catalog"]["routines"]
     assert reserve not in versions[V5]["catalog"]["routines"]
@@ -306,9 +309,16 @@ async def test_verify_names_a_function_edited_by_hand(history_dsn: str) -> None:
     assert "edited by hand in the database?" in human.out
 
 
-async def test_verify_after_rolling_back_versions_8_7_6_5_4_3_and_2(db_dsn: str) -> None:
-    # The versions after 6 first (notifications, then credits): each leaves its predecessor's
-    # catalog exactly.
+async def test_verify_after_rolling_back_versions_9_8_7_6_5_4_3_and_2(db_dsn: str) -> None:
+    # The versions after 6 first (metrics, notifications, then credits): each leaves its
+    # predecessor's catalog exactly.
+    rolled = await tokentrack("migrate", "rollback", "--steps", "1", "--database-url", db_dsn)
+    assert rolled.code == 0, rolled
+    code, checks, _ = await _verify(db_dsn)
+    assert code == 1
+    metrics = "function tokentrack.metrics(integer, integer, integer) is missing"
+    assert metrics in checks["routines"]["problems"]  # type: ignore[operator]
+    assert (await tokentrack("verify", "--upto", V8, "--database-url", db_dsn)).code == 0
     rolled = await tokentrack("migrate", "rollback", "--steps", "1", "--database-url", db_dsn)
     assert rolled.code == 0, rolled
     code, checks, _ = await _verify(db_dsn)
@@ -373,6 +383,7 @@ async def test_verify_after_rolling_back_versions_8_7_6_5_4_3_and_2(db_dsn: str)
         "version 20261210000000_budgets is not applied",
         "version 20261211000000_credits is not applied",
         "version 20261212000000_notifications is not applied",
+        "version 20261213000000_metrics is not applied",
     ]
     assert checks["tables"]["problems"] == [
         "table tokentrack.budget_changes is missing",
@@ -381,6 +392,7 @@ async def test_verify_after_rolling_back_versions_8_7_6_5_4_3_and_2(db_dsn: str)
         "table tokentrack.credit_grants is missing",
         "table tokentrack.model_prices is missing",
         "table tokentrack.notifications is missing",
+        "table tokentrack.refusal_counters is missing",  # a view, version 20261213000000
         "table tokentrack.report_refunds is missing",
         "table tokentrack.report_reservations is missing",
         "table tokentrack.report_step_usage is missing",
@@ -404,6 +416,7 @@ async def test_verify_upto_fails_while_the_later_version_is_applied(db_dsn: str)
         f"version {V6}_budgets is applied but --upto {V1} expects it rolled back",
         f"version {V7}_credits is applied but --upto {V1} expects it rolled back",
         f"version {V8}_notifications is applied but --upto {V1} expects it rolled back",
+        f"version {V9}_metrics is applied but --upto {V1} expects it rolled back",
     ]
     assert (
         "tokentrack.health(integer) exists but its version is not applied"

@@ -41,6 +41,10 @@ EXPECTED = {
     "tokentrack.model_prices_are_immutable()",
     "tokentrack.set_budget(uuid,text,text,text,bigint,jsonb)",
     "tokentrack.budget_held(uuid,uuid,text,timestamp with time zone)",
+    # Version 20261213000000 (metrics)
+    "tokentrack.count_refusal(text,jsonb)",
+    "tokentrack.metrics(integer,integer,integer)",
+    "tokentrack.billing_totals(bigint,bigint)",
     "tokentrack.reserve(uuid,uuid,jsonb,text[],text)",
     "tokentrack.reserve_usage(uuid,uuid,integer,bigint,text[],text)",
     "tokentrack.check_estimate(jsonb,text)",

@@ -52,6 +52,9 @@ SERVICE_API = {
     "refund_report",
     "claim_notifications",
     "ack_notification",
+    # version 20261213000000: the exporter's read-only figures, as health()
+    "metrics",
+    "billing_totals",
 }
 # Version 20261210000000's tables: account data under row level security whose reader policy
 # calls the hook without a subquery (Citus refuses subqueries in policies).

@@ -29,6 +29,10 @@ PUBLIC_API = {
     "grant_credits(uuid,uuid,bigint,timestamp with time zone,text,text)",
     "adjust_usage(uuid,uuid,bigint,text,text)",
     "refund_report(uuid,uuid,text,text)",
+    "claim_notifications(text,integer,interval)",
+    "ack_notification(bigint,text)",
+    "metrics(integer,integer,integer)",
+    "billing_totals(bigint,bigint)",
 }
 
 # Functions that run with the caller's rights: the replaceable account hook, the trigger
@@ -41,7 +45,7 @@ INVOKER_RIGHTS = (
     "report_step_usage_billed_is_immutable",
     "model_prices_are_immutable",
     "budget_changes_are_append_only",
-    "credit_records_are_append_only",
+    "credit_records_are_append_only",  # version 20261211000000
     "sweep_expired_reservations",
 )
 

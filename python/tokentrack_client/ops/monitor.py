@@ -28,8 +28,8 @@ What it measures (``--hours`` is the window, 24 by default):
   (used > limit: billed past it, as billing may), and usage against limit (used, held,
   limit, percent) of the budget windows nearest their limits (health() lists the 10
   nearest). A warning when any window is exhausted, and one when any is over its limit:
-  those budgets refuse reservations now. Refusals themselves are not recorded anywhere (no
-  write on the reservation's path); counting them is the exporter's (issue #15).
+  those budgets refuse reservations now. How many reservations were refused is counted
+  since version 20261213000000 (health()'s "refusals", served by ``tokentrack exporter``).
 
 health() reads every figure by index (the partial index of active reservations, the unique
 (report_id) and (report_id, step_name) indexes, and ``reports_created_at_idx``), so its cost
@@ -585,7 +585,9 @@ async def measure(conn: asyncpg.Connection, thresholds: Thresholds) -> MonitorRe
         row = await fetchrow(conn, MEASURE_SQL, thresholds.hours)
     taken_at: datetime = row["taken_at"]
     try:
-        return _read(taken_at, json.loads(row["health"]), json.loads(row["reconcile"]), thresholds)
+        return read_answers(
+            taken_at, json.loads(row["health"]), json.loads(row["reconcile"]), thresholds
+        )
     except (KeyError, TypeError, ValueError) as exc:  # a health() of another tokentrack version
         raise OpsError(
             f"cannot read tokentrack.health(): unexpected answer ({type(exc).__name__}: {exc}); "
@@ -593,10 +595,12 @@ async def measure(conn: asyncpg.Connection, thresholds: Thresholds) -> MonitorRe
         ) from exc
 
 
-def _read(
+def read_answers(
     taken_at: datetime, health: dict[str, Any], reconcile: dict[str, Any], thresholds: Thresholds
 ) -> MonitorResult:
-    """The monitor's figures from the answers of health() and reconcile()."""
+    """The monitor's figures from the answers of health() and reconcile() (the one reader of
+    health()'s answer: ``tokentrack exporter`` uses it too). KeyError, TypeError or ValueError
+    when an answer is not of this tokentrack version's shape."""
     a = health["active_reservations"]
     active = {
         "count": int(a["count"]),

@@ -42,7 +42,15 @@ from tokentrack_client.ops.catalog import (
 
 SCHEMA_MIGRATIONS = "schema_migrations"
 
-MONITORING_FUNCTIONS = frozenset({"tokentrack.health(integer)", "tokentrack.reconcile(uuid)"})
+MONITORING_FUNCTIONS = frozenset(
+    {
+        "tokentrack.health(integer)",
+        "tokentrack.reconcile(uuid)",
+        # version 20261213000000: what tokentrack exporter reads besides those two
+        "tokentrack.metrics(integer,integer,integer)",
+        "tokentrack.billing_totals(bigint,bigint)",
+    }
+)
 """Read-only functions that docs/SECURITY.md lets you grant to a monitoring role: such a grant
 is listed (INFO), not a failure; to PUBLIC or to tokentrack_reader it is one."""
 
