@@ -3,11 +3,13 @@
 Each rule is one concurrent round (several lanes at once, one asyncpg connection per lane),
 a batch of new reports reserved in a race (through try_reserve_tokens, or reserve with
 subjects and cost estimates), extensions racing new reservations, a budget's limit changed
-while reservations race it, a round of the budget mix, steps of one report racing its end, or
-a full settlement (every reservation expired, then one of the sweeps). The accounts start with
-random budgets (their month, teams' days, keys' minutes, ...; tests/support/workload.py).
-After every rule the oracle (tests/support/model.py) must explain every answer and the exact
-database state, and ``invariants_hold`` checks the invariants (7 included); teardown settles
+while reservations race it, a round of the budget mix (grants, adjustments and refunds
+included), a report refunded while it is ended with corrections racing reservations, steps
+of one report racing its end, or a full settlement (every reservation expired, then one of
+the sweeps). The accounts start with random budgets (their month, teams' days, keys'
+minutes, ...; tests/support/workload.py). After every rule the oracle (tests/support/model.py)
+must explain every answer and the exact database state (its notifications included:
+invariant 9), and ``invariants_hold`` checks the invariants (7 and 8 included); teardown settles
 everything and checks invariants 2 and 4 in full. Hypothesis shrinks a failure to the
 shortest sequence of rules that still breaks it.
 
@@ -32,7 +34,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from model import Extend, Finalize, Finish, Op, Reserve
+from model import Extend, Finalize, Finish, Op, RefundReport, Reserve
 from tokentrack_client.testing import PostgresServer
 from tokentrack_client.testing.pytest_plugin import TemplateDatabase
 from workload import (
@@ -41,12 +43,14 @@ from workload import (
     EXTRAS,
     LATE_BUDGET,
     LIMITS,
+    NO_PERIOD,
     STEP_NAMES,
     DatabaseFactory,
     Harness,
     budget_op,
     budget_operations,
     budget_sets,
+    correction_ops,
     database_factory,
     lanes_of,
     persist_op,
@@ -160,6 +164,27 @@ class TokenTrackMachine(RuleBasedStateMachine):
         lanes = data.draw(
             st.lists(st.lists(op, min_size=1, max_size=3), min_size=1, max_size=LANES)
         )
+        self.expect_no_violations(self.run(self.harness.round(lanes, check=False)))
+        self.clean = True
+
+    @rule(report=st.integers(0, 20), data=st.data())
+    def corrections_racing_billing(self, report: int, data: st.DataObject) -> None:
+        """A report ended while it is refunded (twice, under its key: one refund, the other a
+        duplicate or report_not_billed), with grants and adjustments racing new reservations on
+        the same budgets (their limits and used move under the reservations' feet)."""
+        assert self.harness is not None
+        if self.harness.reports == 0:
+            self.harness.add_reports(2)
+        label = f"r{report % self.harness.reports}"
+        owner = self.harness.world.owners[label]
+        accounts = self.harness.accounts
+        other = f"a{(report + 1) % accounts}" if accounts > 1 else NO_PERIOD
+        refund = RefundReport(label, owner, f"refund-{label}")
+        lanes: list[list[Op]] = [[Finalize(label, owner), refund], [refund]]
+        lanes.append([data.draw(correction_ops(owner, label, other))])
+        for new in self.harness.add_reports(2):
+            lanes.append([data.draw(reserve_ops(self.harness.world.owners[new], new))])
+        self.clean = False
         self.expect_no_violations(self.run(self.harness.round(lanes, check=False)))
         self.clean = True
 

@@ -17,6 +17,11 @@ many as fit are granted for every budget at once (the oracle must find one seria
 explains every grant, every refusal and the budget that refused it); then extensions race
 reservations, limits change, reservations expire and are swept, late steps are billed into the
 windows their reservations were granted in, and invariant 7 is checked after every round.
+They also grant credits, adjust windows and periods and refund reports (retried under their
+keys, with conflicting arguments, racing billing): the oracle explains each answer and the
+effective limits, used and tokens_used that follow, and the notifications table must hold
+exactly the crossings of the serial order it found (invariant 9); reconcile() must be ok
+after every round (invariant 8).
 
 The examples run synchronously (``asyncio.run`` per example) with a module-scoped database
 factory, so hypothesis never meets a function-scoped fixture. Profiles: tests/conftest.py.
@@ -25,17 +30,23 @@ factory, so hypothesis never meets a function-scoped fixture. Profiles: tests/co
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 from hypothesis import given
 
+from model import AdjustUsage, BudgetKind, Finalize, GrantCredits, Op, RefundReport, Reserve
 from tokentrack_client.testing import PostgresServer
 from tokentrack_client.testing.pytest_plugin import TemplateDatabase
 from workload import (
+    BUDGET_KINDS,
     DatabaseFactory,
+    Harness,
     Workload,
+    budget_op,
     budget_workloads,
     database_factory,
+    persist_op,
     run_workload,
     workloads,
 )
@@ -86,3 +97,54 @@ def test_reservation_storms_on_shared_budgets_never_overcommit_any(
     """One account, several tight budgets shared by the reports' subjects, six lanes racing
     mostly reservations and extensions (invariants 3 and 7)."""
     run(example_database, workload)
+
+
+def test_corrections_retried_racing_and_conflicting_are_explained(
+    example_database: DatabaseFactory,
+) -> None:
+    """Every answer of the corrections, each raced by its own retry and by billing: grants and
+    adjustments twice at once under one key (one record, one duplicate), the same keys with
+    other arguments (idempotency_conflict), a refund racing its report's end and its retry, a
+    second key for a refunded report (already_refunded), a correction below 0
+    (negative_usage); the oracle explains every answer, the database and its notifications."""
+    month: BudgetKind = (None, "tokens", "month")
+    grant = GrantCredits("a0", month, 40, "grant-a")
+    adjust = AdjustUsage("a0", month, 70, "adjust-a")
+    refund = RefundReport("r0", "a0", "refund-r0")
+    rounds: list[list[list[Op]]] = [
+        [[Reserve("a0", "r0", 60, ("team:red",))], [Reserve("a0", "r1", 40, ())]],
+        [[persist_op("r0", "a0", "plan", 0)], [grant], [grant], [adjust], [adjust]],
+        [[Finalize("r0", "a0"), refund], [refund], [AdjustUsage("a0", None, 10, "adjust-p")]],
+        [
+            [replace(grant, amount=41)],
+            [replace(adjust, delta=71)],
+            [RefundReport("r0", "a0", "again-r0")],
+            [RefundReport("r1", "a0", "refund-r0")],
+            [AdjustUsage("a0", None, -100_000, "adjust-n")],
+        ],
+    ]
+
+    async def example() -> None:
+        async with example_database() as dsn:
+            budgets = [budget_op(BUDGET_KINDS[0], "a0", 120), budget_op(BUDGET_KINDS[1], "a0", 100)]
+            harness = await Harness.create(dsn, [1000], 2, 5, budgets)
+            try:
+                for number, lanes in enumerate(rounds):
+                    violations = await harness.round(lanes)
+                    assert not violations, f"round {number}: " + "\n".join(violations)
+                story = harness.story()
+                for expected in (
+                    "'duplicate': True",
+                    "idempotency_conflict",
+                    "already_refunded",
+                    "negative_usage",
+                ):
+                    assert expected in story, expected
+                # The reservations and the adjustment crossed the month's 80 and 100 % (the
+                # database's notifications are those of the serial order found: invariant 9).
+                assert len(harness.models["a0"].notes) >= 2, harness.models["a0"].notes
+                assert not await harness.settle()
+            finally:
+                await harness.close()
+
+    asyncio.run(example())

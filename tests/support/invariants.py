@@ -22,9 +22,10 @@ Invariant 7 (no overcommit of any budget) is the same kind of property, per budg
 where budgets exist, ``install_grant_probe`` adds a second trigger (after the first) that
 runs when a reservation holding budget windows is inserted (reserve) or raised
 (extend_reservation): it locks the budgets it holds (FOR NO KEY UPDATE, in id order: already
-held by a correct function) and records, for every window it holds, the budget's limit, the
-window's used and what the active unexpired reservations holding that window hold, this one
-included (read from the holds column as timestamps, not through the functions' own helpers).
+held by a correct function) and records, for every window it holds, the budget's limit
+(effective: grants included, since version 20261211000000), the window's used and what the
+active unexpired reservations holding that window hold, this one included (read from the
+holds column as timestamps, not through the functions' own helpers).
 ``check_invariants`` asserts ``used + held <= limit`` for every row, that every held window
 was probed, and that no answer's "budgets" entry promised more than the probe saw. Extensions
 are probed for the account's active period as well (which they are checked against).
@@ -116,6 +117,7 @@ DECLARE
     v_budget record;
     v_period tokentrack.usage_periods%ROWTYPE;
     v_held bigint;
+    v_limit bigint;
 BEGIN
     IF NOT v_new ? 'holds' THEN
         RETURN NULL;
@@ -149,10 +151,16 @@ BEGIN
         JOIN tokentrack.budgets AS b ON b.account_id = NEW.account_id AND b.id = h.budget_id
         ORDER BY b.id
     LOOP
+        -- Since version 20261211000000 the limit is the effective one (grants included).
+        v_limit := v_budget.limit_amount;
+        IF to_regprocedure('tokentrack.budget_limit(uuid, uuid, timestamptz)') IS NOT NULL THEN
+            EXECUTE 'SELECT tokentrack.budget_limit($1, $2, $3)' INTO v_limit
+                USING NEW.account_id, v_budget.id, v_budget.window_start;
+        END IF;
         INSERT INTO tokentrack_probe.holds (reservation_id, kind, reserved_tokens, budget_id,
             window_start, unit, limit_amount, used, held)
         SELECT NEW.id, v_kind, NEW.reserved_tokens, v_budget.id, v_budget.window_start,
-            v_budget.unit, v_budget.limit_amount,
+            v_budget.unit, v_limit,
             COALESCE((SELECT w.used FROM tokentrack.budget_windows AS w
                       WHERE w.account_id = NEW.account_id AND w.budget_id = v_budget.id
                         AND w.window_start = v_budget.window_start), 0),
@@ -301,25 +309,6 @@ CHECKS: list[tuple[int, str, str]] = [
     ),
     (
         2,
-        "period whose tokens_used is not its billed steps plus its increments",
-        """
-        WITH billed AS (
-            SELECT billed_period_id AS id, sum(total_tokens) AS tokens
-            FROM tokentrack.report_step_usage WHERE billed_period_id IS NOT NULL
-            GROUP BY billed_period_id
-        ), added AS (
-            SELECT period_id AS id, sum(tokens) AS tokens FROM tokentrack.usage_ledger
-            WHERE kind IN ('increment', 'adjustment') GROUP BY period_id
-        )
-        SELECT p.id, p.tokens_used, b.tokens AS steps_total, i.tokens AS increments
-        FROM tokentrack.usage_periods AS p
-        LEFT JOIN billed AS b ON b.id = p.id
-        LEFT JOIN added AS i ON i.id = p.id
-        WHERE p.tokens_used <> COALESCE(b.tokens, 0) + COALESCE(i.tokens, 0)
-        """,
-    ),
-    (
-        2,
         "period whose reports_count is not its complete billed reports plus its increments",
         """
         WITH complete AS (
@@ -387,6 +376,50 @@ CHECKS: list[tuple[int, str, str]] = [
         """,
     ),
 ]
+
+
+def period_tokens_check(corrections: bool) -> tuple[int, str, str]:
+    """Invariant 2 for tokens_used: its billed steps plus its increments and, since version
+    20261211000000 (``corrections``), plus its adjustments minus what refunds took out of it."""
+    adjusted, refunded, terms = "", "", ""
+    if corrections:
+        adjusted = """, adjusted AS (
+            SELECT period_id AS id, sum(delta) AS tokens FROM tokentrack.usage_adjustments
+            WHERE period_id IS NOT NULL GROUP BY period_id
+        ), refunded AS (
+            SELECT (e.value ->> 'period_id')::uuid AS id,
+                sum((e.value ->> 'tokens')::bigint) AS tokens
+            FROM tokentrack.report_refunds AS rf
+            CROSS JOIN LATERAL jsonb_array_elements(rf.periods) AS e (value)
+            GROUP BY 1
+        )"""
+        refunded = """
+        LEFT JOIN adjusted AS j ON j.id = p.id
+        LEFT JOIN refunded AS f ON f.id = p.id"""
+        terms = " + COALESCE(j.tokens, 0) - COALESCE(f.tokens, 0)"
+    meaning = "period whose tokens_used is not its billed steps plus its increments"
+    if corrections:
+        meaning += " plus its adjustments minus its refunds"
+    return (
+        2,
+        meaning,
+        f"""
+        WITH billed AS (
+            SELECT billed_period_id AS id, sum(total_tokens) AS tokens
+            FROM tokentrack.report_step_usage WHERE billed_period_id IS NOT NULL
+            GROUP BY billed_period_id
+        ), added AS (
+            SELECT period_id AS id, sum(tokens) AS tokens FROM tokentrack.usage_ledger
+            WHERE kind IN ('increment', 'adjustment') GROUP BY period_id
+        ){adjusted}
+        SELECT p.id, p.tokens_used, b.tokens AS steps_total, i.tokens AS increments
+        FROM tokentrack.usage_periods AS p
+        LEFT JOIN billed AS b ON b.id = p.id
+        LEFT JOIN added AS i ON i.id = p.id{refunded}
+        WHERE p.tokens_used <> COALESCE(b.tokens, 0) + COALESCE(i.tokens, 0){terms}
+        """,
+    )
+
 
 SETTLED_CHECKS: list[tuple[int, str, str]] = [
     (
@@ -478,6 +511,34 @@ NOTIFICATION_CHECKS: list[tuple[int, str, str]] = [
         WHERE w.budget_id IS NULL
         """,
     ),
+    (
+        9,
+        "more than one notification of one (budget, window, threshold) crossing",
+        """
+        SELECT account_id, budget_id, window_start, threshold, count(*)
+        FROM tokentrack.notifications
+        GROUP BY account_id, budget_id, window_start, threshold HAVING count(*) > 1
+        """,
+    ),
+    (
+        9,
+        "notification of a threshold its budget does not have, or of another budget's window",
+        """
+        SELECT n.id, n.budget_id, n.threshold, b.thresholds
+        FROM tokentrack.notifications AS n
+        LEFT JOIN tokentrack.budgets AS b ON b.account_id = n.account_id AND b.id = n.budget_id
+        WHERE b.id IS NULL OR n.unit <> b.unit OR n.budget_window <> b.budget_window
+            OR n.subject IS DISTINCT FROM b.subject
+        """,
+    ),
+    (
+        9,
+        "acknowledged notification never handed out, or handed out without an attempt",
+        """
+        SELECT id, claimed_by, attempts, acked_by FROM tokentrack.notifications
+        WHERE (claimed_by IS NOT NULL AND attempts < 1)
+        """,
+    ),
 ]
 
 V1_STATE = {
@@ -522,7 +583,10 @@ async def check_invariants(
     ``extensions``: answers of granted extensions, checked against the probe (3, 7).
     ``v1_before``: ``v1_state()`` from before a version change (invariant 6).
     """
-    checks = list(CHECKS)
+    corrections = bool(
+        await conn.fetchval("SELECT to_regclass('tokentrack.credit_grants') IS NOT NULL")
+    )
+    checks = [*CHECKS, period_tokens_check(corrections)]
     if settled:
         checks += SETTLED_CHECKS
     if swept:
@@ -552,10 +616,13 @@ async def check_invariants(
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         reconciled = json.loads(await conn.fetchval("SELECT tokentrack.reconcile(NULL)"))
         if budgets:
-            violations += await _check_budget_windows(conn, reconciled)
-    # 6. Existing data intact: every period explained by the append-only ledger...
+            violations += await _check_budget_windows(conn, reconciled, corrections)
+    # 6. Existing data intact: every period explained by the append-only ledger; and 8:
+    # every step's cost, every budget's usage and limit explained by its records.
     if reconciled.get("ok") is not True:
-        violations.append(f"invariant 6: reconcile() is not ok: {reconciled['discrepancies']}")
+        violations.append(
+            f"invariants 6 and 8: reconcile() is not ok: {reconciled['discrepancies']}"
+        )
     # ...and, across a version change, version 1's rows and increment_usage unchanged.
     if v1_before is not None:
         now = await v1_state(conn)
@@ -654,7 +721,7 @@ async def _check_hold_answers(
 
 
 async def _check_budget_windows(
-    conn: asyncpg.Connection, reconciled: Mapping[str, Any]
+    conn: asyncpg.Connection, reconciled: Mapping[str, Any], corrections: bool = False
 ) -> list[str]:
     """Invariant 7's second half, recomputed in Python from the rows (one snapshot): every
     budget window's used is the billed tokens (tokens budgets) or cost (cost budgets) of the
@@ -715,17 +782,37 @@ async def _check_budget_windows(
                 f"invariant 7: reservation {row['id']}'s holds are not one per budget in id"
                 f" order: {holds}"
             )
+    # Since version 20261211000000 (invariant 8): plus the window's adjustments, minus what
+    # refunds took out of it; a window an adjustment opened needs no holder.
+    if corrections:
+        for row in await conn.fetch(
+            "SELECT budget_id::text AS budget_id, window_start, sum(delta)::bigint AS delta"
+            " FROM tokentrack.usage_adjustments WHERE budget_id IS NOT NULL"
+            " GROUP BY budget_id, window_start"
+        ):
+            key = (row["budget_id"], row["window_start"])
+            expected[key] = expected.get(key, 0) + row["delta"]
+        for row in await conn.fetch(
+            "SELECT e.value ->> 'budget_id' AS budget_id,"
+            " (e.value ->> 'window_start')::timestamptz AS window_start,"
+            " sum((e.value ->> 'amount')::bigint)::bigint AS amount"
+            " FROM tokentrack.report_refunds AS rf"
+            " CROSS JOIN LATERAL jsonb_array_elements(rf.windows) AS e (value) GROUP BY 1, 2"
+        ):
+            key = (row["budget_id"], row["window_start"])
+            expected[key] = expected.get(key, 0) - row["amount"]
     for (budget_id, start), used in sorted(windows.items(), key=str):
         budget = budgets[budget_id]
         if (budget_id, start) not in expected:
             violations.append(
                 f"invariant 7: budget window ({budget_id}, {start}) that no reservation holds"
+                " and no adjustment opened"
             )
         elif used != expected[(budget_id, start)]:
             violations.append(
                 f"invariant 7: budget window ({budget_id}, {start}) used {used}, but the billed"
-                f" {budget['unit']} of the reports holding it add up to"
-                f" {expected[(budget_id, start)]}"
+                f" {budget['unit']} of the reports holding it (plus its adjustments, minus its"
+                f" refunds) add up to {expected[(budget_id, start)]}"
             )
         if budget["budget_window"] == "total":
             should = budget["created_at"]

@@ -186,6 +186,55 @@ class OpenPeriod:
     limit: int
 
 
+BudgetKind = tuple[str | None, str, str]  # (subject, unit, window)
+# The one expiry the mixes give a grant that expires: far ahead, so that it counts in every
+# window the tests meet (the model cannot read the clock; an expired grant's only effect,
+# that it stops counting, is a matter of time, which the SQL tests of grant_credits control).
+FAR_EXPIRY = datetime(2100, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class GrantCredits:
+    """``grant_credits`` to the account's budget of ``budget`` (its id, ``budget_id``, is filled
+    in by the harness before the round: an unknown one when the account had no such budget)."""
+
+    account: str
+    budget: BudgetKind
+    amount: int
+    key: str
+    expires: bool = False  # FAR_EXPIRY, else NULL
+    reason: str = "mix"
+    budget_id: str | None = None
+
+    @property
+    def expires_at(self) -> datetime | None:
+        return FAR_EXPIRY if self.expires else None
+
+
+@dataclass(frozen=True)
+class AdjustUsage:
+    """``adjust_usage``: ``delta`` to the current window of the account's budget of ``budget``
+    (resolved to ``budget_id`` as for GrantCredits), or (``budget`` None) to its active
+    period's tokens_used."""
+
+    account: str
+    budget: BudgetKind | None
+    delta: int
+    key: str
+    reason: str = "mix"
+    budget_id: str | None = None
+
+
+@dataclass(frozen=True)
+class RefundReport:
+    """``refund_report`` of ``report`` on behalf of ``account`` under ``key``."""
+
+    report: str
+    account: str
+    key: str
+    reason: str = "mix"
+
+
 Op = (
     Reserve
     | Persist
@@ -197,6 +246,9 @@ Op = (
     | OpenPeriod
     | Extend
     | SetBudget
+    | GrantCredits
+    | AdjustUsage
+    | RefundReport
 )
 
 
@@ -212,7 +264,7 @@ class World:
         """The account whose state decides the answer of ``op`` (None: every account)."""
         if isinstance(op, Sweep):
             return None
-        if isinstance(op, Increment | OpenPeriod | SetBudget):
+        if isinstance(op, Increment | OpenPeriod | SetBudget | GrantCredits | AdjustUsage):
             return op.account
         if isinstance(op, Expire):
             return self.owners.get(op.report, "")
@@ -256,6 +308,21 @@ def window_start(window: str, timezone: str, moment: datetime) -> datetime:
     else:
         raise ValueError(f"not a calendar window: {window}")
     return start.astimezone(UTC)
+
+
+def window_end(window: str, timezone: str, start: datetime) -> datetime | None:
+    """Where the calendar window that starts at ``start`` ends, in UTC: one unit later on the
+    clock of ``timezone``, as budget_limit() computes it (None: a total window never ends)."""
+    if window == "total":
+        return None
+    local = start.astimezone(ZoneInfo(timezone)).replace(tzinfo=None)
+    if window == "month":
+        year, month = (local.year + 1, 1) if local.month == 12 else (local.year, local.month + 1)
+        later = local.replace(year=year, month=month)
+    else:
+        unit = {"minute": "minutes", "hour": "hours", "day": "days", "week": "weeks"}[window]
+        later = local + timedelta(**{unit: 1})
+    return later.replace(tzinfo=ZoneInfo(timezone)).astimezone(UTC)
 
 
 def moments(at: tuple[datetime, datetime] | None) -> list[datetime | None]:
@@ -338,6 +405,48 @@ class BudgetM:
 
 
 Hold = tuple[str, datetime]  # (budget id, window start)
+THRESHOLDS = (80, 100)  # every budget's soft thresholds (set_budget's default; the mixes keep it)
+
+
+@dataclass(frozen=True)
+class GrantM:
+    """A credit_grants row: (budget id, amount, expires_at, reason) are what a retry must
+    repeat; id and granted_at are adopted from the answer."""
+
+    id: str
+    budget_id: str
+    amount: int
+    expires_at: datetime | None
+    reason: str
+    granted_at: datetime
+
+
+@dataclass(frozen=True)
+class AdjustmentM:
+    """A usage_adjustments row: a budget window's (budget_id, window_start) or a period's."""
+
+    id: str
+    budget_id: str | None
+    window_start: datetime | None
+    period_id: str | None
+    delta: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class RefundM:
+    """A report_refunds row (report label, reason, what it took back)."""
+
+    id: str
+    report: str
+    reason: str
+    tokens: int
+    cost: int
+    periods: tuple[tuple[str, int], ...]
+    windows: tuple[tuple[str, datetime, str, int], ...]
+
+
+Note = tuple[str, datetime, int]  # a notification: (budget id, window start, threshold)
 
 
 @dataclass
@@ -440,9 +549,6 @@ def _entries_match(listed: Any, expected: Sequence[Mapping[str, Any]]) -> bool:
     return True
 
 
-BudgetKind = tuple[str | None, str, str]  # (subject, unit, window)
-
-
 @dataclass
 class AccountModel:
     """The contract, sequentially, for one account."""
@@ -453,6 +559,10 @@ class AccountModel:
     reports: dict[str, ReportM] = field(default_factory=dict)
     budgets: dict[BudgetKind, BudgetM] = field(default_factory=dict)
     windows: dict[Hold, int] = field(default_factory=dict)  # budget window -> used
+    grants: dict[str, GrantM] = field(default_factory=dict)  # by idempotency key
+    adjustments: dict[str, AdjustmentM] = field(default_factory=dict)  # by idempotency key
+    refunds: dict[str, RefundM] = field(default_factory=dict)  # by idempotency key
+    notes: dict[Note, tuple[int, int]] = field(default_factory=dict)  # -> (used, limit)
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -494,6 +604,10 @@ class AccountModel:
                 for kind, b in self.budgets.items()
             },
             dict(self.windows),
+            dict(self.grants),
+            dict(self.adjustments),
+            dict(self.refunds),
+            dict(self.notes),
         )
 
     def key(self) -> tuple[Any, ...]:
@@ -503,6 +617,10 @@ class AccountModel:
             tuple(sorted((label, r.key()) for label, r in self.reports.items())),
             tuple(sorted(b.key() for b in self.budgets.values())),
             tuple(sorted(self.windows.items())),
+            tuple(sorted(self.grants.items())),
+            tuple(sorted(self.adjustments.items(), key=str)),
+            tuple(sorted(self.refunds.items())),
+            tuple(sorted(self.notes.items())),
         )
 
     def adopt_starts(self, db: AccountModel) -> None:
@@ -555,10 +673,50 @@ class AccountModel:
             if r.reservation and r.reservation.holding and (budget.id, start) in r.reservation.holds
         )
 
+    def limit_of(self, budget: BudgetM, start: datetime | None) -> int:
+        """The budget's effective limit in its window from ``start`` (budget_limit()): its
+        limit plus its unexpired grants granted before the window ends (a total window: all).
+        The mixes' grants never expire within a test (FAR_EXPIRY or NULL)."""
+        end = window_end(budget.window, budget.timezone, start) if start is not None else None
+        extra = sum(
+            g.amount
+            for g in self.grants.values()
+            if g.budget_id == budget.id and (end is None or g.granted_at < end)
+        )
+        return min(budget.limit + extra, 2**63 - 1)
+
     def available_in(self, budget: BudgetM, start: datetime | None) -> int:
         """limit - used - held in one window (None: a window nothing was granted in yet)."""
         used = self.windows.get((budget.id, start), 0) if start is not None else 0
-        return budget.limit - used - self.held_in(budget, start)
+        return self.limit_of(budget, start) - used - self.held_in(budget, start)
+
+    def levels(self) -> dict[Hold, int]:
+        """Every budget window's used + what active unexpired reservations hold there."""
+        level = dict(self.windows)
+        for r in self.reports.values():
+            res = r.reservation
+            if res is None or not res.holding:
+                continue
+            for hold in res.holds:
+                amount = self.budget(hold[0]).amount(res.reserved, res.cost)
+                level[hold] = level.get(hold, 0) + amount
+        return level
+
+    def note_crossings(self, before: Mapping[Hold, int]) -> None:
+        """note_crossings() for every window whose used + held rose since ``before``: a
+        threshold t is crossed when before < ceil(L * t / 100) <= after (L the window's
+        effective limit now, a bound of 0 never), recorded once per (budget, window, t)."""
+        for hold, after in self.levels().items():
+            was = before.get(hold, 0)
+            if after <= was:
+                continue
+            budget = self.budget(hold[0])
+            limit = self.limit_of(budget, hold[1])
+            for threshold in THRESHOLDS:
+                bound = -(-limit * threshold // 100)
+                note = (hold[0], hold[1], threshold)
+                if bound > 0 and was < bound <= after and note not in self.notes:
+                    self.notes[note] = (after, limit)
 
     def due(self) -> frozenset[str]:
         """Reports whose reservation is active and past its expiry (what the sweep bills)."""
@@ -570,6 +728,8 @@ class AccountModel:
 
     def _ids(self) -> set[str]:
         ids = {p.id for p in self.periods} | {b.id for b in self.budgets.values()}
+        ids |= {g.id for g in self.grants.values()} | {a.id for a in self.adjustments.values()}
+        ids |= {r.id for r in self.refunds.values()}
         for r in self.reports.values():
             if r.reservation:
                 ids.add(r.reservation.id)
@@ -634,9 +794,25 @@ class AccountModel:
     # and, when it fits, applies the call's effect. False: this answer is impossible here.
 
     def apply(self, world: World, call: Call) -> bool:
+        """The call at this point of a serial order (False: its answer is impossible here),
+        and the notifications its change of the budget windows records."""
+        before = self.levels() if self.budgets else {}
+        if not self._apply(world, call):
+            return False
+        if self.budgets:
+            self.note_crossings(before)
+        return True
+
+    def _apply(self, world: World, call: Call) -> bool:
         op, answer = call.op, call.answer
         if answer is None:
             return False
+        if isinstance(op, GrantCredits):
+            return self._grant(world, op, answer, call.at)
+        if isinstance(op, AdjustUsage):
+            return self._adjust(world, op, answer, call.at)
+        if isinstance(op, RefundReport):
+            return self._refund(world, op, answer)
         if isinstance(op, Reserve):
             return self._reserve(world, op, answer, call.at)
         if isinstance(op, Persist):
@@ -1115,9 +1291,286 @@ class AccountModel:
             },
         )
 
+    # -- corrections (version 20261211000000) -----------------------------------------------
+
+    def _budget_by_id(self, budget_id: str | None) -> BudgetM | None:
+        for b in self.budgets.values():
+            if b.id == budget_id:
+                return b
+        return None
+
+    @staticmethod
+    def _current_window(
+        budget: BudgetM, answer: dict[str, Any], at: tuple[datetime, datetime] | None
+    ) -> datetime | None:
+        """The budget's current window as the answer names it, when it is the window of one
+        moment of the call's interval (None: it is not)."""
+        named = parse_time(answer.get("window_start"))
+        if named is None:
+            return None
+        if any(budget.window_at(moment) in (None, named) for moment in moments(at)):
+            return named
+        return None
+
+    def _grant(
+        self,
+        world: World,
+        op: GrantCredits,
+        answer: dict[str, Any],
+        at: tuple[datetime, datetime] | None,
+    ) -> bool:
+        if op.account not in world.accounts:
+            return _matches(answer, _refusal("account_not_found"))
+        first = self.grants.get(op.key)
+        if first is not None:
+            if (first.budget_id, first.amount, first.expires_at, first.reason) != (
+                op.budget_id,
+                op.amount,
+                op.expires_at,
+                op.reason,
+            ):
+                return _matches(answer, _refusal("idempotency_conflict", grant_id=first.id))
+            budget = self._budget_by_id(first.budget_id)
+            assert budget is not None
+            start = self._current_window(budget, answer, at)
+            return start is not None and self._grant_answer(answer, budget, first, start, True)
+        budget = self._budget_by_id(op.budget_id)
+        if budget is None:
+            return _matches(answer, _refusal("budget_not_found"))
+        start = self._current_window(budget, answer, at)
+        grant_id, granted_at = answer.get("grant_id"), parse_time(answer.get("granted_at"))
+        if start is None or not isinstance(grant_id, str) or grant_id in self._ids():
+            return False
+        if granted_at is None or (at is not None and not at[0] <= granted_at <= at[1]):
+            return False
+        grant = GrantM(grant_id, budget.id, op.amount, op.expires_at, op.reason, granted_at)
+        self.grants[op.key] = grant
+        if budget.window == "total" and budget.start is None:
+            budget.start = start
+        return self._grant_answer(answer, budget, grant, start, False)
+
+    def _grant_answer(
+        self,
+        answer: dict[str, Any],
+        budget: BudgetM,
+        grant: GrantM,
+        start: datetime,
+        duplicate: bool,
+    ) -> bool:
+        return (
+            _matches(
+                answer,
+                {
+                    "success": True,
+                    "grant_id": grant.id,
+                    "budget_id": budget.id,
+                    "unit": budget.unit,
+                    "amount": grant.amount,
+                    "limit": self.limit_of(budget, start),
+                    "duplicate": duplicate,
+                },
+            )
+            and parse_time(answer.get("expires_at")) == grant.expires_at
+            and parse_time(answer.get("granted_at")) == grant.granted_at
+        )
+
+    def _adjust(
+        self,
+        world: World,
+        op: AdjustUsage,
+        answer: dict[str, Any],
+        at: tuple[datetime, datetime] | None,
+    ) -> bool:
+        if op.account not in world.accounts:
+            return _matches(answer, _refusal("account_not_found"))
+        budget_id = op.budget_id if op.budget is not None else None
+        first = self.adjustments.get(op.key)
+        if first is not None:
+            if (first.budget_id, first.delta, first.reason) != (budget_id, op.delta, op.reason):
+                return _matches(answer, _refusal("idempotency_conflict", adjustment_id=first.id))
+            return self._adjust_answer(answer, first, True)
+        if op.budget is None:
+            period = self.active_period()
+            if period is None:
+                return _matches(answer, _refusal("no_active_period"))
+            if period.used + op.delta < 0:
+                return _matches(
+                    answer,
+                    _refusal(
+                        "negative_usage",
+                        used=period.used,
+                        delta=op.delta,
+                        period_id=period.id,
+                        budget_id=None,
+                        window_start=None,
+                    ),
+                )
+            period.used += op.delta
+            target: tuple[str | None, datetime | None, str | None] = (None, None, period.id)
+        else:
+            budget = self._budget_by_id(budget_id)
+            if budget is None:
+                return _matches(answer, _refusal("budget_not_found"))
+            start = self._current_window(budget, answer, at)
+            if start is None:
+                return False
+            if budget.window == "total" and budget.start is None:
+                budget.start = start
+            used = self.windows.get((budget.id, start), 0)
+            if used + op.delta < 0:
+                return _matches(
+                    answer,
+                    _refusal(
+                        "negative_usage",
+                        used=used,
+                        delta=op.delta,
+                        period_id=None,
+                        budget_id=budget.id,
+                    ),
+                )
+            self.windows[(budget.id, start)] = used + op.delta
+            target = (budget.id, start, None)
+        adjustment_id = answer.get("adjustment_id")
+        if not isinstance(adjustment_id, str) or adjustment_id in self._ids():
+            return False
+        record = AdjustmentM(adjustment_id, *target, op.delta, op.reason)
+        self.adjustments[op.key] = record
+        return self._adjust_answer(answer, record, False)
+
+    def _adjust_answer(self, answer: dict[str, Any], record: AdjustmentM, duplicate: bool) -> bool:
+        if record.budget_id is None:
+            assert record.period_id is not None
+            unit, used = "tokens", self.period(record.period_id).used
+        else:
+            assert record.window_start is not None
+            unit = self.budget(record.budget_id).unit
+            used = self.windows[(record.budget_id, record.window_start)]
+        return (
+            _matches(
+                answer,
+                {
+                    "success": True,
+                    "adjustment_id": record.id,
+                    "budget_id": record.budget_id,
+                    "period_id": record.period_id,
+                    "unit": unit,
+                    "delta": record.delta,
+                    "used": used,
+                    "duplicate": duplicate,
+                },
+            )
+            and parse_time(answer.get("window_start")) == record.window_start
+        )
+
+    def _refund(self, world: World, op: RefundReport, answer: dict[str, Any]) -> bool:
+        if op.account not in world.accounts:
+            return _matches(answer, _refusal("account_not_found"))
+        report = self.reports.get(op.report)
+        if op.account != self.label:
+            # The report's owner's projection: the caller's keys are not here, and the mixes
+            # send such calls only with keys that account never uses for a refund.
+            if report is None:
+                return _matches(answer, _refusal("report_not_found"))
+            return _matches(answer, _refusal("report_account_mismatch"))
+        first = self.refunds.get(op.key)
+        if first is not None:
+            if (first.report, first.reason) != (op.report, op.reason):
+                return _matches(answer, _refusal("idempotency_conflict", refund_id=first.id))
+            return self._refund_answer(answer, first, True)
+        if report is None:
+            return _matches(answer, _refusal("report_not_found"))
+        res = report.reservation
+        if res is None or res.status == "active":
+            return _matches(answer, _refusal("report_not_billed"))
+        for other in self.refunds.values():
+            if other.report == op.report:
+                return _matches(answer, _refusal("already_refunded", refund_id=other.id))
+        billed = [s for s in report.steps.values() if s.billed_period is not None]
+        tokens = sum(s.total for s in billed)
+        cost = sum(s.cost or 0 for s in billed)
+        by_period: dict[str, int] = {}
+        for s in billed:
+            assert s.billed_period is not None
+            by_period[s.billed_period] = by_period.get(s.billed_period, 0) + s.total
+        periods = tuple(sorted(by_period.items()))
+        windows = tuple(
+            (
+                budget_id,
+                start,
+                self.budget(budget_id).unit,
+                self.budget(budget_id).amount(tokens, cost),
+            )
+            for budget_id, start in res.holds
+        )
+        for period_id, amount in periods:
+            used = self.period(period_id).used
+            if used < amount:
+                return _matches(
+                    answer,
+                    _refusal(
+                        "negative_usage",
+                        used=used,
+                        amount=amount,
+                        period_id=period_id,
+                        budget_id=None,
+                    ),
+                )
+        for budget_id, start, _, amount in windows:
+            used = self.windows[(budget_id, start)]
+            if used < amount:
+                return parse_time(answer.get("window_start")) == start and _matches(
+                    answer,
+                    _refusal(
+                        "negative_usage",
+                        used=used,
+                        amount=amount,
+                        period_id=None,
+                        budget_id=budget_id,
+                    ),
+                )
+        refund_id = answer.get("refund_id")
+        if not isinstance(refund_id, str) or refund_id in self._ids():
+            return False
+        for period_id, amount in periods:
+            self.period(period_id).used -= amount
+        for budget_id, start, _, amount in windows:
+            self.windows[(budget_id, start)] -= amount
+        record = RefundM(refund_id, op.report, op.reason, tokens, cost, periods, windows)
+        self.refunds[op.key] = record
+        return self._refund_answer(answer, record, False)
+
+    @staticmethod
+    def _refund_answer(answer: dict[str, Any], record: RefundM, duplicate: bool) -> bool:
+        periods = answer.get("periods")
+        return (
+            _matches(
+                answer,
+                {
+                    "success": True,
+                    "refund_id": record.id,
+                    "tokens": record.tokens,
+                    "cost_micros": record.cost,
+                    "duplicate": duplicate,
+                },
+            )
+            and isinstance(periods, list)
+            and [(str(e.get("period_id")), e.get("tokens")) for e in periods if isinstance(e, dict)]
+            == list(record.periods)
+            and _entries_match(
+                answer.get("windows"),
+                [
+                    {"budget_id": b, "window_start": w, "unit": u, "amount": a}
+                    for b, w, u, a in record.windows
+                ],
+            )
+        )
+
     def sweep_one(self, report_label: str) -> tuple[int, int]:
         """The sweep bills one due reservation: (tokens, steps) billed."""
+        before = self.levels() if self.budgets else {}
         _, tokens, steps = self.settle(self.reports[report_label], "expired")
+        if self.budgets:
+            self.note_crossings(before)
         return tokens, steps
 
 
@@ -1255,6 +1708,16 @@ def _diff(model: AccountModel, db: AccountModel) -> str:
     for hold in sorted(set(mw) | set(dw)):
         if mw.get(hold) != dw.get(hold):
             out.append(f"budget window {hold}: used model {mw.get(hold)} db {dw.get(hold)}")
+    for number, what in ((5, "grants"), (6, "adjustments"), (7, "refunds")):
+        if m[number] != d[number]:
+            out.append(f"{what}: model {m[number]} db {d[number]}")
+    mn, dn = dict(m[8]), dict(d[8])
+    for note in sorted(set(mn) | set(dn)):
+        if mn.get(note) != dn.get(note):
+            out.append(
+                f"invariant 9: notification {note} (used, limit): model {mn.get(note)}"
+                f" db {dn.get(note)}"
+            )
     return "; ".join(out)
 
 

@@ -26,7 +26,24 @@ for ``--duration`` seconds:
   locker that holds a random account's period lock while half the workers run with
   ``lock_timeout`` and the sweeper with ``statement_timeout``; with ``--crash-every N``, the
   whole server killed with SIGKILL every N seconds and restarted (crash recovery);
-- a checker that runs the invariant checks every few seconds while all this goes on.
+- corrections (``--no-corrections`` leaves them out; they need the budgets): a worker refused
+  by a budget sometimes grants credits to it instead of raising its limit (NULL expiry or a
+  few minutes ahead), now and then adjusts a budget's current window or the period (signed;
+  a negative one may be refused: negative_usage), and refunds some billed reports (checking
+  that the refund takes back what the report billed, that a second key is already_refunded);
+  each is retried through faults under its key (the answer after an interruption may be the
+  first call's duplicate, never a second record), sometimes sent again on purpose (the
+  duplicate of the first answer) and sometimes with the same key and another amount
+  (idempotency_conflict naming the first record);
+- notification consumers (three), claiming with a one-second lease and acknowledging; now
+  and then one dies right after a claim (its connection dropped) and the killer also
+  terminates their backends mid-claim: no notification may be handed to a second consumer
+  while a lease on it is live, or handed out again once acknowledged, and none acknowledged
+  twice; at the end consumers drain what is left and every notification must be
+  acknowledged, exactly once, by the consumer whose answer said so;
+- a checker that runs the invariant checks every few seconds while all this goes on
+  (reconcile included, which explains every budget's usage and limit by its records:
+  invariant 8; and invariant 9's checks of the notifications table).
 
 An interrupted call is retried when it is idempotent (reserve, persist, finalize, finish;
 the retry may then find that the first attempt committed: existing, duplicate,
@@ -55,6 +72,7 @@ import uuid
 from collections.abc import Awaitable
 from contextlib import suppress
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -84,6 +102,8 @@ EXTRAS = (25, 100, 300)
 BUDGET_ESTIMATES = (300, 800, 1_500)  # reserve()'s: overrun stays the exception
 STATUSES = ("complete", "failed", "cancelled")
 CHECK_EVERY = 4.0
+CONSUMERS = 3  # notification consumers claiming and acknowledging at once
+LEASE = timedelta(seconds=1)  # short, so that a killed consumer's claims come back soon
 
 
 def transient(exc: BaseException) -> bool:
@@ -113,6 +133,7 @@ class Config:
     kill_backends: bool = True
     lock_faults: bool = True
     budgets: bool = True
+    corrections: bool = True  # grants, adjustments, refunds and notification consumers
 
 
 @dataclass
@@ -140,6 +161,15 @@ class Stats:
     extensions: int = 0
     extensions_refused: int = 0
     over_reservations: int = 0
+    grants: int = 0
+    adjustments: int = 0
+    refunds: int = 0
+    correction_duplicates: int = 0
+    correction_refusals: int = 0
+    notifications_recorded: int = 0
+    notifications_claimed: int = 0
+    notifications_acked: int = 0
+    consumer_kills: int = 0
 
     @property
     def faults(self) -> int:
@@ -170,6 +200,12 @@ class Summary:
             + f") budget_raises={s.budget_raises}"
             f" extensions={s.extensions} extensions_refused={s.extensions_refused}"
             f" over_reservation_answers={s.over_reservations}"
+            f" grants={s.grants} adjustments={s.adjustments} refunds={s.refunds}"
+            f" correction_duplicates={s.correction_duplicates}"
+            f" correction_refusals={s.correction_refusals}"
+            f" notifications_recorded={s.notifications_recorded}"
+            f" notifications_claimed={s.notifications_claimed}"
+            f" notifications_acked={s.notifications_acked} consumer_kills={s.consumer_kills}"
             f" calls={s.calls} calls_per_s={s.calls / max(self.duration, 1e-9):.0f}"
             f" reports_per_s={s.reports / max(self.duration, 1e-9):.1f}"
             f" invariant_violations={len(self.violations)}"
@@ -197,6 +233,13 @@ class Run:
     increments: list[int] = field(default_factory=list)  # acknowledged tokens
     unknown_increments: list[int] = field(default_factory=list)
     abandoned: list[tuple[uuid.UUID, uuid.UUID]] = field(default_factory=list)
+    budget_ids: dict[tuple[uuid.UUID, str | None, str, str], uuid.UUID] = field(
+        default_factory=dict
+    )
+    # Notification deliveries: the live claim of each id (consumer, lease_until), the
+    # acknowledged ids (when the acknowledgement was answered) and who acknowledged each first.
+    claims: dict[int, tuple[str, datetime]] = field(default_factory=dict)
+    acked: dict[int, str] = field(default_factory=dict)
 
     def violation(self, text: str) -> None:
         self.violations.append(text)
@@ -352,6 +395,9 @@ class Worker:
         if self.rng.random() >= 0.3:
             return
         kind = (account, answer["subject"], answer["unit"], answer["window"])
+        if run.config.corrections and self.rng.random() < 0.5:
+            await self.grant(kind)
+            return
         run.limits[kind] += RAISE[answer["unit"]]
         raised, _ = await self.main.call(
             "set_budget", account, kind[1], kind[2], kind[3], run.limits[kind], "{}"
@@ -399,10 +445,107 @@ class Worker:
         if ending < 0.25:
             run.abandoned.append((report, account))
         else:
-            await self.end(report, account, totals, use_finish=ending > 0.4)
+            billed = await self.end(report, account, totals, use_finish=ending > 0.4)
+            if run.config.corrections and rng.random() < 0.15:
+                await self.refund(report, account, billed)
             if rng.random() < 0.2:
                 await self.persist(report, account, "late-step", late=True)
+        if run.config.corrections and rng.random() < 0.05:
+            await self.adjust(account)
         await self.maybe_increment(account)
+
+    async def correction(
+        self, function: str, args: tuple[Any, ...], what: str, refusals: tuple[str, ...]
+    ) -> dict[str, Any] | None:
+        """A grant, an adjustment or a refund, retried through faults under its key: the answer
+        after an interruption may be the first call's (duplicate), never a second record; a
+        deliberate retry (now and then) must be the duplicate of the first answer, and the same
+        key with other arguments (now and then) idempotency_conflict."""
+        run = self.run
+        answer, uncertain = await self.main.call(function, *args)
+        assert answer is not None
+        if not answer["success"]:
+            self.expect(answer["error"] in refusals, what, answer)
+            run.stats.correction_refusals += 1
+            return None
+        self.expect(uncertain or answer["duplicate"] is False, f"first {what}", answer)
+        if answer["duplicate"]:
+            run.stats.correction_duplicates += 1
+        ident = {"grant_credits": "grant_id", "adjust_usage": "adjustment_id"}.get(
+            function, "refund_id"
+        )
+        if self.rng.random() < 0.15:
+            again, _ = await self.side.call(function, *args)
+            ok = bool(again and again["success"] and again["duplicate"])
+            self.expect(ok and again is not None and again[ident] == answer[ident], what, again)
+            run.stats.correction_duplicates += 1
+        if self.rng.random() < 0.05 and function != "refund_report":
+            other = (*args[:2], args[2] + 1, *args[3:])  # another amount or delta
+            clash, _ = await self.side.call(function, *other)
+            ok = bool(clash and clash.get("error") == "idempotency_conflict")
+            self.expect(ok and clash is not None and clash[ident] == answer[ident], what, clash)
+        return answer
+
+    async def grant(self, kind: tuple[uuid.UUID, str | None, str, str]) -> None:
+        """Credits for the budget that refused (instead of raising its limit): NULL expiry or
+        one a few minutes ahead (it stops counting then; what it let in stays billed)."""
+        run = self.run
+        expires = None
+        if self.rng.random() < 0.5:
+            # The server runs on this machine: its clock is this one.
+            expires = datetime.now(UTC) + timedelta(seconds=self.rng.uniform(20, 300))
+        answer = await self.correction(
+            "grant_credits",
+            (kind[0], run.budget_ids[kind], RAISE[kind[2]], expires, self.key("grant"), "stress"),
+            "grant_credits",
+            (),
+        )
+        if answer is not None:
+            run.stats.grants += 1
+
+    async def adjust(self, account: uuid.UUID) -> None:
+        """A signed correction of one of the account's budgets' current window or of its
+        period (a negative one may be refused: negative_usage)."""
+        run, rng = self.run, self.rng
+        kinds = [k for k in run.budget_ids if k[0] == account]
+        budget = run.budget_ids[rng.choice(kinds)] if rng.random() < 0.7 else None
+        delta = rng.choice((-300, -50, 40, 150, 600))
+        answer = await self.correction(
+            "adjust_usage",
+            (account, budget, delta, self.key("adjust"), "stress"),
+            "adjust_usage",
+            ("negative_usage",),
+        )
+        if answer is not None:
+            run.stats.adjustments += 1
+
+    async def refund(self, report: uuid.UUID, account: uuid.UUID, billed: int) -> None:
+        """Refund a billed report: its billed tokens come back out, once (a refund under
+        another key is already_refunded); an adjustment may have taken a window below what
+        the report billed there (negative_usage)."""
+        answer = await self.correction(
+            "refund_report",
+            (report, account, f"refund-{report}", "stress"),
+            "refund_report",
+            ("negative_usage",),
+        )
+        if answer is None:
+            return
+        self.expect(answer["tokens"] == billed, f"refund of a report that billed {billed}", answer)
+        self.run.stats.refunds += 1
+        if self.rng.random() < 0.1:
+            again, _ = await self.side.call(
+                "refund_report", report, account, f"again-{report}", "stress"
+            )
+            ok = bool(again and again.get("error") == "already_refunded")
+            self.expect(
+                ok and again is not None and again["refund_id"] == answer["refund_id"],
+                "second refund",
+                again,
+            )
+
+    def key(self, what: str) -> str:
+        return f"{what}-{new_uuid(self.rng)}"
 
     async def extend(self, report: uuid.UUID, account: uuid.UUID) -> None:
         """Raise the running report's reservation (not retried: not idempotent)."""
@@ -476,9 +619,10 @@ class Worker:
 
     async def end(
         self, report: uuid.UUID, account: uuid.UUID, totals: int, use_finish: bool
-    ) -> None:
+    ) -> int:
         """End the report (finish_report or finalize), sometimes twice at once, sometimes while
-        one more step is still being recorded (it is then billed with the report or late)."""
+        one more step is still being recorded (it is then billed with the report or late).
+        What the report billed in all (its late step included)."""
         run, rng = self.run, self.rng
         status = rng.choice(STATUSES)
         calls: list[Awaitable[tuple[dict[str, Any] | None, bool]]] = []
@@ -487,6 +631,7 @@ class Worker:
         else:
             calls.append(self.main.call("finalize_report_usage", report, account))
         racing_step = None
+        late_tokens = 0
         dice = rng.random()
         if dice < 0.25:  # a step in flight while the report is ended (a cancel button)
             inp, out = rng.randint(0, 400), rng.randint(0, 200)
@@ -507,6 +652,8 @@ class Worker:
                 self.check_overrun(step)
                 if not step["late"]:  # recorded before the billing: billed with the report
                     totals += inp + out
+                else:
+                    late_tokens = inp + out
         if rng.random() < 0.15:  # a plain retry of the end
             results.append(await self.main.call("finalize_report_usage", report, account))
         firsts = 0
@@ -517,6 +664,7 @@ class Worker:
         if not any(uncertain for _, uncertain in results):
             self.expect(firsts == 1, "billed by exactly one call", results)
         run.acked_billing[report] = totals
+        return totals + late_tokens
 
     async def maybe_increment(self, account: uuid.UUID) -> None:
         if self.rng.random() < 0.1:
@@ -571,6 +719,87 @@ async def sweeper(run: Run) -> None:
         await finisher.close()
 
 
+class Consumer:
+    """Claims notifications and acknowledges them (claim_notifications, ack_notification with
+    a short lease); now and then it dies mid-delivery (its connection dropped after a claim,
+    before acknowledging), so its claims lapse and another consumer gets them."""
+
+    def __init__(self, run: Run, number: int) -> None:
+        self.run = run
+        self.name = f"consumer-{number}"
+        self.rng = random.Random(run.config.seed * 7 + 100 + number)
+        self.link = Link(run, f"tt-stress-consumer-{number}")
+
+    async def loop(self, until_drained: bool = False) -> None:
+        """Until the run stops (``until_drained``: until nothing is left to claim)."""
+        try:
+            while until_drained or not self.run.stop.is_set():
+                handed = await self.claim()
+                if handed is None:
+                    continue
+                if not handed:
+                    if until_drained:
+                        return
+                    await asyncio.sleep(self.rng.uniform(0.02, 0.2))
+                    continue
+                if not until_drained and self.rng.random() < 0.05:
+                    self.run.stats.consumer_kills += 1  # dies holding its claims
+                    if self.link.conn is not None:
+                        self.link.conn.terminate()
+                        self.link.conn = None
+                    continue
+                for notification in handed:
+                    await self.ack(notification["id"])
+        finally:
+            await self.link.close()
+
+    async def claim(self) -> list[dict[str, Any]] | None:
+        run = self.run
+        acked_before = set(run.acked)
+        answer, _ = await self.link.call(
+            "claim_notifications", self.name, self.rng.randint(1, 5), LEASE, retry=False
+        )
+        if answer is None:
+            return None  # interrupted: whatever it claimed lapses
+        handed: list[dict[str, Any]] = answer["notifications"]
+        for notification in handed:
+            ident = notification["id"]
+            lease_until = datetime.fromisoformat(notification["lease_until"])
+            claimed_at = lease_until - LEASE
+            if ident in acked_before:
+                run.violation(f"acknowledged notification handed out again: {notification}")
+            held = run.claims.get(ident)
+            if held is not None and held[1] > claimed_at and ident not in run.acked:
+                run.violation(
+                    f"notification {ident} handed to {self.name} at {claimed_at} while"
+                    f" {held[0]}'s lease ran until {held[1]}"
+                )
+            run.claims[ident] = (self.name, lease_until)
+            run.stats.notifications_claimed += 1
+        return handed
+
+    async def ack(self, ident: int) -> None:
+        run = self.run
+        answer, uncertain = await self.link.call("ack_notification", ident, self.name)
+        assert answer is not None
+        if not answer["success"]:
+            # Its lease lapsed and another consumer claimed it: that one acknowledges it.
+            if answer["error"] != "notification_claimed":
+                run.violation(f"ack_notification: {answer}")
+            return
+        if answer["duplicate"]:
+            # Acknowledged already: by another consumer, or by this one when a fault lost the
+            # answer of its first attempt (the retry then names it).
+            if uncertain and answer["acked_by"] == self.name and ident not in run.acked:
+                run.acked[ident] = self.name
+                run.stats.notifications_acked += 1
+            return
+        if ident in run.acked:
+            run.violation(f"notification {ident} acknowledged twice: {run.acked[ident]}, {answer}")
+        run.acked[ident] = self.name
+        run.stats.notifications_acked += 1
+
+
 async def killer(run: Run) -> None:
     rng = random.Random(run.config.seed * 7 + 2)
     link = Link(run, "tt-stress-killer")
@@ -583,14 +812,20 @@ async def killer(run: Run) -> None:
                     "SELECT pid FROM pg_stat_activity"
                     " WHERE application_name LIKE 'tt-stress-worker%'"
                     "    OR application_name = 'tt-stress-sweeper'"
+                    "    OR application_name LIKE 'tt-stress-consumer%'"
                     " ORDER BY state = 'active' DESC, pid"
                 )
                 if not pids:
                     continue
                 busy = pids[: max(1, len(pids) // 2)]
                 pid = rng.choice(busy)["pid"]
+                name = await conn.fetchval(
+                    "SELECT application_name FROM pg_stat_activity WHERE pid = $1", pid
+                )
                 if await conn.fetchval("SELECT pg_terminate_backend($1)", pid):
                     run.stats.backends_killed += 1
+                    if str(name).startswith("tt-stress-consumer"):
+                        run.stats.consumer_kills += 1
             except Exception as exc:
                 if not transient(exc):
                     raise
@@ -729,12 +964,40 @@ async def settle_and_verify(run: Run) -> None:
         if not low_t <= total <= low_t + sum(run.unknown_increments):
             run.violation(f"increment_usage tokens {total} not within the acknowledged range")
 
+        if run.config.corrections:
+            await drain_notifications(run, conn)
+
         for text in await check_invariants(
             conn, settled=True, swept=True, grants=run.grants, extensions=run.extensions
         ):
             run.violation(text)
     finally:
         await conn.close()
+
+
+async def drain_notifications(run: Run, conn: asyncpg.Connection) -> None:
+    """After the workload (and the final sweep, which may cross thresholds too): consumers
+    claim and acknowledge until nothing is left (a killed consumer's leases lapse first);
+    then every notification is acknowledged, exactly once, by the consumer we saw do it."""
+    for _ in range(60):
+        await asyncio.gather(
+            *(Consumer(run, 100 + n).loop(until_drained=True) for n in range(CONSUMERS))
+        )
+        left = await conn.fetchval(
+            "SELECT count(*) FROM tokentrack.notifications WHERE acked_at IS NULL"
+        )
+        if left == 0:
+            break
+        await asyncio.sleep(LEASE.total_seconds() / 2)  # leases of dead consumers lapse
+    rows = await conn.fetch("SELECT id, acked_at, acked_by FROM tokentrack.notifications")
+    run.stats.notifications_recorded = len(rows)
+    unacked = [r["id"] for r in rows if r["acked_at"] is None]
+    if unacked:
+        run.violation(f"{len(unacked)} notification(s) never acknowledged: {unacked[:5]}")
+    stored = {r["id"]: r["acked_by"] for r in rows if r["acked_at"] is not None}
+    if stored != run.acked:
+        wrong = sorted(set(stored.items()) ^ set(run.acked.items()))[:5]
+        run.violation(f"acknowledgements differ from those answered (id, consumer): {wrong}")
 
 
 async def run_stress(config: Config, server: PostgresServer) -> Summary:
@@ -755,6 +1018,7 @@ async def run_stress(config: Config, server: PostgresServer) -> Summary:
         for account in accounts:
             await conn.fetchval("SELECT tokentrack.open_usage_period($1, $2, NULL)", account, LIMIT)
         limits: dict[tuple[uuid.UUID, str | None, str, str], int] = {}
+        budget_ids: dict[tuple[uuid.UUID, str | None, str, str], uuid.UUID] = {}
         if config.budgets:
             await conn.fetchval(
                 "SELECT tokentrack.set_model_price($1, $2)",
@@ -763,7 +1027,7 @@ async def run_stress(config: Config, server: PostgresServer) -> Summary:
             )
             for account in accounts:
                 for subject, unit, window, limit in BUDGETS:
-                    await conn.fetchval(
+                    answer = await conn.fetchval(
                         "SELECT tokentrack.set_budget($1, $2, $3, $4, $5, '{}')",
                         account,
                         subject,
@@ -772,14 +1036,20 @@ async def run_stress(config: Config, server: PostgresServer) -> Summary:
                         limit,
                     )
                     limits[(account, subject, unit, window)] = limit
+                    budget_ids[(account, subject, unit, window)] = uuid.UUID(
+                        json.loads(answer)["budget_id"]
+                    )
     finally:
         await conn.close()
 
-    run = Run(config, server, dsn, accounts, limits=limits)
+    config.corrections = config.corrections and config.budgets
+    run = Run(config, server, dsn, accounts, limits=limits, budget_ids=budget_ids)
     run.server_up.set()
     started = time.monotonic()
     workers = [asyncio.create_task(Worker(run, n).loop()) for n in range(config.workers)]
     helpers = [asyncio.create_task(sweeper(run)), asyncio.create_task(checker(run))]
+    if config.corrections:
+        helpers += [asyncio.create_task(Consumer(run, n).loop()) for n in range(CONSUMERS)]
     faults: list[asyncio.Task[None]] = []
     if config.kill_backends:
         faults.append(asyncio.create_task(killer(run)))
@@ -823,6 +1093,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-backend-kills", action="store_true")
     parser.add_argument("--no-lock-faults", action="store_true")
     parser.add_argument("--no-budgets", action="store_true", help="Part 1's workload alone")
+    parser.add_argument(
+        "--no-corrections",
+        action="store_true",
+        help="without grants, adjustments, refunds and notification consumers",
+    )
     args = parser.parse_args(argv)
     config = Config(
         duration=args.duration,
@@ -833,6 +1108,7 @@ def main(argv: list[str] | None = None) -> int:
         kill_backends=not args.no_backend_kills,
         lock_faults=not args.no_lock_faults,
         budgets=not args.no_budgets,
+        corrections=not args.no_corrections,
     )
     summary = run_with_own_server(config)
     print(summary.line(), flush=True)

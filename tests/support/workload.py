@@ -29,7 +29,7 @@ import uuid
 import zlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -41,17 +41,24 @@ from model import (
     PRICED_MODEL,
     PRICES,
     AccountModel,
+    AdjustmentM,
+    AdjustUsage,
+    BudgetKind,
     BudgetM,
     Call,
     Expire,
     Extend,
     Finalize,
     Finish,
+    GrantCredits,
+    GrantM,
     Increment,
     Op,
     OpenPeriod,
     PeriodM,
     Persist,
+    RefundM,
+    RefundReport,
     ReportM,
     ReservationM,
     Reserve,
@@ -243,6 +250,27 @@ async def execute(
         return await call_batched_sweep(conn, op.batch)
     if isinstance(op, OpenPeriod):
         return await call(conn, "open_usage_period", names[op.account], op.limit, None)
+    if isinstance(op, GrantCredits):
+        assert op.budget_id is not None, "the harness resolves the budget first"
+        return await call(
+            conn,
+            "grant_credits",
+            names[op.account],
+            uuid.UUID(op.budget_id),
+            op.amount,
+            op.expires_at,
+            op.key,
+            op.reason,
+        )
+    if isinstance(op, AdjustUsage):
+        budget = None if op.budget is None else uuid.UUID(str(op.budget_id))
+        return await call(
+            conn, "adjust_usage", names[op.account], budget, op.delta, op.key, op.reason
+        )
+    if isinstance(op, RefundReport):
+        return await call(
+            conn, "refund_report", names[op.report], names[op.account], op.key, op.reason
+        )
     raise TypeError(op)
 
 
@@ -343,7 +371,82 @@ async def read_models(
         )
     if budgets:
         await _read_budgets(conn, models, by_id, ids)
+        if await conn.fetchval("SELECT to_regclass('tokentrack.credit_grants') IS NOT NULL"):
+            await _read_corrections(conn, names, models, by_id, ids)
+        if await conn.fetchval("SELECT to_regclass('tokentrack.notifications') IS NOT NULL"):
+            for row in await conn.fetch(
+                "SELECT account_id, budget_id::text AS budget_id, window_start, threshold, used,"
+                " limit_amount FROM tokentrack.notifications WHERE account_id = ANY($1)",
+                ids,
+            ):
+                start = parse_time(row["window_start"])
+                assert start is not None
+                note = (row["budget_id"], start, row["threshold"])
+                models[by_id[row["account_id"]]].notes[note] = (row["used"], row["limit_amount"])
     return models
+
+
+async def _read_corrections(
+    conn: asyncpg.Connection,
+    names: Names,
+    models: dict[str, AccountModel],
+    by_id: dict[uuid.UUID, str],
+    ids: list[uuid.UUID],
+) -> None:
+    """The credits version's records (grants, adjustments, refunds), by idempotency key."""
+    for row in await conn.fetch(
+        "SELECT account_id, idempotency_key, id::text AS id, budget_id::text AS budget_id,"
+        " amount, expires_at, reason, granted_at FROM tokentrack.credit_grants"
+        " WHERE account_id = ANY($1)",
+        ids,
+    ):
+        granted_at = parse_time(row["granted_at"])
+        assert granted_at is not None
+        models[by_id[row["account_id"]]].grants[row["idempotency_key"]] = GrantM(
+            row["id"],
+            row["budget_id"],
+            row["amount"],
+            parse_time(row["expires_at"]),
+            row["reason"],
+            granted_at,
+        )
+    for row in await conn.fetch(
+        "SELECT account_id, idempotency_key, id::text AS id, budget_id::text AS budget_id,"
+        " window_start, period_id::text AS period_id, delta, reason"
+        " FROM tokentrack.usage_adjustments WHERE account_id = ANY($1)",
+        ids,
+    ):
+        models[by_id[row["account_id"]]].adjustments[row["idempotency_key"]] = AdjustmentM(
+            row["id"],
+            row["budget_id"],
+            parse_time(row["window_start"]),
+            row["period_id"],
+            row["delta"],
+            row["reason"],
+        )
+    for row in await conn.fetch(
+        "SELECT account_id, idempotency_key, id::text AS id, report_id, reason, tokens,"
+        " cost_micros, periods::text AS periods, windows::text AS windows"
+        " FROM tokentrack.report_refunds WHERE account_id = ANY($1)",
+        ids,
+    ):
+        windows = []
+        for entry in json.loads(row["windows"]):
+            start = parse_time(entry["window_start"])
+            assert start is not None
+            windows.append((str(entry["budget_id"]), start, entry["unit"], entry["amount"]))
+        periods = sorted(
+            (str(e["period_id"]), int(e["tokens"])) for e in json.loads(row["periods"])
+        )
+        models[by_id[row["account_id"]]].refunds[row["idempotency_key"]] = RefundM(
+            row["id"],
+            names.label(row["report_id"]),
+            row["reason"],
+            row["tokens"],
+            row["cost_micros"],
+            tuple(periods),
+            tuple(windows),
+        )
 
 
 def _holds(text: str | None) -> tuple[tuple[str, datetime], ...]:
@@ -482,6 +585,16 @@ class Harness:
             if not conn.is_closed():
                 await conn.close()
 
+    def resolve(self, op: Op) -> Op:
+        """A grant's or an adjustment's budget, as the id the account's budget of that kind
+        has when the round starts (a stable id of no budget when it has none yet)."""
+        if isinstance(op, GrantCredits | AdjustUsage) and op.budget is not None:
+            model = self.models.get(op.account)
+            budget = model.budgets.get(op.budget) if model is not None else None
+            budget_id = budget.id if budget else str(self.names[f"no-budget:{op.budget}"])
+            return replace(op, budget_id=budget_id)
+        return op
+
     def _allowed(self, op: Op) -> bool:
         """A reservation for another account's report is sent only once that report exists
         (before, it would create the report for the wrong account: a different story)."""
@@ -493,7 +606,7 @@ class Harness:
 
     async def round(self, lanes: Sequence[Sequence[Op]], check: bool = True) -> list[str]:
         """Run the lanes concurrently, then explain and check everything."""
-        todo = [[op for op in lane if self._allowed(op)] for lane in lanes]
+        todo = [[self.resolve(op) for op in lane if self._allowed(op)] for lane in lanes]
         todo = [lane for lane in todo if lane][: len(self.conns)]
         if not todo:
             return []
@@ -766,6 +879,54 @@ def reserve_ops(draw: st.DrawFn, account: str, report: str) -> Reserve:
     )
 
 
+# Corrections (version 20261211000000): a few idempotency keys per account, each with its
+# canonical arguments (so that a key drawn again is a retry: duplicate) and, now and then,
+# other ones (idempotency_conflict). A grant raises a limit (NULL or a far expiry), an
+# adjustment corrects a window or the period (negative ones may be refused: negative_usage),
+# a refund takes a billed report back out of its period and windows.
+CREDIT_KINDS: tuple[BudgetKind, ...] = tuple(
+    (k[0], k[1], k[2]) for k in (BUDGET_KINDS[0], BUDGET_KINDS[1], BUDGET_KINDS[3], BUDGET_KINDS[6])
+)
+GRANT_AMOUNTS = (20, 50, 100, 35)
+ADJUSTMENTS: tuple[tuple[BudgetKind | None, int], ...] = (
+    (None, 15),
+    (CREDIT_KINDS[0], 25),
+    (CREDIT_KINDS[1], 30),
+    (CREDIT_KINDS[2], -5),
+    (CREDIT_KINDS[3], 40),
+    (None, -30),
+    (CREDIT_KINDS[0], -10),
+)
+
+
+@st.composite
+def correction_ops(draw: st.DrawFn, account: str, report: str, other: str) -> Op:
+    """A grant, an adjustment or a refund (``other``: an account that does not own ``report``)."""
+    which = draw(st.sampled_from(("grant", "adjust", "adjust", "refund", "refund")))
+    variant = draw(st.sampled_from((0, 1, 0, 0)))
+    if which == "grant":
+        k = draw(st.integers(0, len(GRANT_AMOUNTS) - 1))
+        return GrantCredits(
+            account,
+            CREDIT_KINDS[k % len(CREDIT_KINDS)],
+            GRANT_AMOUNTS[k] + 5 * variant,
+            f"grant-{k}",
+            expires=k % 2 == 1,
+        )
+    if which == "adjust":
+        k = draw(st.integers(0, len(ADJUSTMENTS) - 1))
+        budget, delta = ADJUSTMENTS[k]
+        return AdjustUsage(account, budget, delta + variant, f"adjust-{k}")
+    dice = draw(st.integers(0, 7))
+    if dice == 0:  # on behalf of an account that does not own it (a key it never refunds by)
+        return RefundReport(report, draw(st.sampled_from((other, GHOST))), f"foreign-{dice}")
+    if dice == 1:  # another key for the same report: already_refunded once it is
+        return RefundReport(report, account, f"again-{report}")
+    if dice == 2:  # another report's key: idempotency_conflict once that one is refunded
+        return RefundReport(report, account, f"refund-r{draw(st.integers(0, 5))}")
+    return RefundReport(report, account, f"refund-{report}", "mix" if variant == 0 else "other")
+
+
 @st.composite
 def budget_operations(draw: st.DrawFn, accounts: int, reports: int, storm: bool = False) -> Op:
     """One operation of a budget mix (``storm``: mostly reservations, extensions and what
@@ -780,10 +941,14 @@ def budget_operations(draw: st.DrawFn, accounts: int, reports: int, storm: bool 
         + ["persist"] * 4
         + ["finalize", "finish", "expire", "sweep", "set_budget", "increment", "foreign"]
         + ["open_period"]
+        + ["correction"] * 4
     )
     kind = draw(st.sampled_from(kinds))
     if kind == "reserve":
         return draw(reserve_ops(owner, report))
+    if kind == "correction":
+        other = f"a{(r + 1) % accounts}" if accounts > 1 else NO_PERIOD
+        return draw(correction_ops(owner, report, other))
     if kind == "open_period":  # reservations of the old period stay (and may be extended)
         return OpenPeriod(owner, draw(st.sampled_from(BUDGET_LIMITS)))
     if kind == "extend":
