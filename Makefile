@@ -35,6 +35,9 @@ PG_BUILD := $(CURDIR)/build/pg/$(PG)
 # What pytest runs: all of tests/ unless TESTS says which paths (make test TESTS="tests/sql").
 TESTS ?=
 PYTEST_ARGS ?=
+# `make test-matrix`: these majors, these tests, all at once (what CI runs besides 15's suite).
+MATRIX_PG ?= 17 18
+MATRIX_TESTS ?= tests/sql tests/installer tests/security
 ifeq ($(PG),$(PG_MAJOR))
 TEST_BINDIR := $(PG_BINDIR)
 TEST_PREREQS := postgres pg-cron
@@ -46,7 +49,7 @@ TEST_FLAGS := --missing-extension 'pg_cron=the PostgreSQL $(PG) build from npm h
     --missing-extension 'plpgsql_check=the PostgreSQL $(PG) build from npm has no plpgsql_check'
 endif
 
-.PHONY: help venv runtime postgres pg pgbouncer pg-cron install-sql rollback-sql install-cron catalog lint test stress demo bench bench-smoke clean
+.PHONY: help venv runtime postgres pg pgbouncer pg-cron install-sql rollback-sql install-cron catalog lint test test-matrix stress demo bench bench-smoke clean
 
 help: ## List the targets
 	@awk -F ':.*## ' '/^[a-zA-Z_-]+:.*## / { printf "  %-14s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
@@ -122,6 +125,22 @@ lint: venv ## sqlfluff on sql/, ruff check + ruff format --check, mypy --strict,
 
 test: venv pgbouncer $(TEST_PREREQS) ## Run the test suite against a throwaway PostgreSQL server it starts: make test [PG=16|17|18] [TESTS="tests/sql ..."]
 	TOKENTRACK_PG_BINDIR="$(TEST_BINDIR)" $(BIN)/pytest $(TEST_FLAGS) $(PYTEST_ARGS) $(TESTS)
+
+test-matrix: venv postgres pgbouncer ## MATRIX_TESTS (sql, installer, security) on each of MATRIX_PG (17 18) at once, one log each: build/test-pgN.log
+	@for major in $(MATRIX_PG); do $(MAKE) --no-print-directory pg PG=$$major || exit 2; done
+	@# Concurrently: on 2 cores two sessions take about 2/3 of the time of one after the
+	@# other (each waits on its server and its subprocesses part of the time).
+	@pids=(); for major in $(MATRIX_PG); do \
+	    echo "test-matrix: PostgreSQL $$major: $(MATRIX_TESTS) (build/test-pg$$major.log)"; \
+	    $(MAKE) --no-print-directory test PG=$$major TESTS="$(MATRIX_TESTS)" \
+	        PYTEST_ARGS="-p no:cacheprovider $(PYTEST_ARGS)" >build/test-pg$$major.log 2>&1 & pids+=($$!); \
+	done; \
+	failed=(); i=0; for major in $(MATRIX_PG); do \
+	    wait $${pids[$$i]} || failed+=($$major); i=$$((i + 1)); \
+	done; \
+	for major in $(MATRIX_PG); do echo "=== PostgreSQL $$major"; cat build/test-pg$$major.log; done; \
+	if [ $${#failed[@]} -gt 0 ]; then echo "test-matrix: FAILED on PostgreSQL $${failed[*]}" >&2; exit 1; fi; \
+	echo "test-matrix: passed on PostgreSQL $(MATRIX_PG)"
 
 stress: venv postgres ## Concurrent workload with faults, then every invariant: make stress DURATION=600 SEED=42 [STRESS_ARGS="--crash-every 30"]
 	TOKENTRACK_PG_BINDIR="$(PG_BINDIR)" $(BIN)/python tests/support/stress.py --duration "$(DURATION)" --seed "$(SEED)" $(STRESS_ARGS)

@@ -71,6 +71,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # is run with ``--missing-extension 'pg_cron=<why>'``: its tests are deselected, and the
 # session's header and summary name each one with the reason, never counted as passed.
 EXTENSIONS = ("pg_cron", "plpgsql_check")
+_MISSING = pytest.StashKey[dict[str, str]]()  # name -> reason, from --missing-extension
+_DESELECTED = pytest.StashKey[list[tuple[str, str]]]()  # (nodeid, reason) for the summary
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -102,10 +104,6 @@ def pytest_configure(config: pytest.Config) -> None:
         missing[name] = reason or f"the server has no {name}"
     config.stash[_MISSING] = missing
     config.stash[_DESELECTED] = []
-
-
-_MISSING = pytest.StashKey[dict[str, str]]()
-_DESELECTED = pytest.StashKey[list[tuple[str, str]]]()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
