@@ -19,6 +19,11 @@ frame
 pytest_plugins
 pytest_report_header
 pytestmark
+# tests/conftest.py: --missing-extension and the requires_extension marker (make test PG=N).
+pytest_addoption
+pytest_configure
+pytest_collection_modifyitems
+pytest_terminal_summary
 
 # Hypothesis calls RuleBasedStateMachine.teardown after each run (tests/invariants/test_machine.py).
 _.teardown

@@ -138,6 +138,7 @@ async def _billed_once(conn: asyncpg.Connection) -> None:
     )
 
 
+@pytest.mark.requires_extension("pg_cron")
 async def test_the_runbook_as_written(cron_server: PostgresServer, tmp_path: Path) -> None:
     admin = await asyncpg.connect(cron_server.dsn("postgres"))
     try:

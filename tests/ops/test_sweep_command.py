@@ -17,6 +17,7 @@ import uuid
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import pytest
 
 from ops_history import CliResult, call, tokentrack
 from sqlkit import race_a_short_batch
@@ -177,6 +178,7 @@ async def _cron_rows(dsn: str) -> list[asyncpg.Record]:
         await conn.close()
 
 
+@pytest.mark.requires_extension("pg_cron")
 async def test_cron_install_is_idempotent_and_pg_cron_runs_the_sweep(
     cron_server: PostgresServer,
 ) -> None:
@@ -271,6 +273,7 @@ async def test_cron_install_is_idempotent_and_pg_cron_runs_the_sweep(
     assert [r["jobname"] for r in await _cron_rows(home)] == ["tokentrack-sweep-home"]
 
 
+@pytest.mark.requires_extension("pg_cron")
 async def test_cron_install_refuses_a_database_without_tokentrack(
     cron_server: PostgresServer,
 ) -> None:
@@ -309,6 +312,7 @@ def _one_line(result: CliResult, prefix: str) -> None:
     assert "pg_read_all_settings" not in result.err, result
 
 
+@pytest.mark.requires_extension("pg_cron")
 async def test_cron_as_a_non_superuser_where_pg_cron_is_not_loaded(db_dsn: str) -> None:
     """Point 3 of issue #11: a role that may not read shared_preload_libraries got that
     error from every cron command (exit 2), `cron remove --if-available` (the first line of
@@ -328,6 +332,7 @@ async def test_cron_as_a_non_superuser_where_pg_cron_is_not_loaded(db_dsn: str) 
         await _admin(db_dsn, f"DROP OWNED BY {role}", f"DROP ROLE {role}")
 
 
+@pytest.mark.requires_extension("pg_cron")
 async def test_cron_works_for_a_non_superuser_database_owner(
     cron_server: PostgresServer,
 ) -> None:

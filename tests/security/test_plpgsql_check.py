@@ -15,6 +15,8 @@ import pytest
 
 from plpgsql_lint import PACKAGE, check_functions, extension_available
 
+pytestmark = pytest.mark.requires_extension("plpgsql_check")
+
 # Every PL/pgSQL routine of every version: the API, the helpers, the triggers, the sweep and
 # the monitoring figures.
 EXPECTED = {

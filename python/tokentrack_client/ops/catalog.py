@@ -11,7 +11,9 @@ and fails, naming ``make catalog``, when the committed file is not what the file
 What a catalog holds (JSON, keyed by object name, so that two catalogs compare key by key):
 the schema's grants and comment; each table (kind, row level security enabled and forced,
 grants, comment) with its columns (type, NOT NULL, default, identity, generated, comment) and
-its named constraints (type and definition); indexes (table and definition); sequences
+its named constraints (type and definition; not the NOT NULL constraints that PostgreSQL 18
+lists in pg_constraint as contype 'n', named by the server, not by the SQL: NOT NULL is the
+column's, read from attnotnull on every major); indexes (table and definition); sequences
 (grants); policies (command, permissive, roles, USING and WITH CHECK); triggers (definition,
 enabled); routines by signature (kind, md5 of ``pg_get_functiondef``, SECURITY DEFINER,
 ``proconfig``, grants, comment). Grants are ``aclexplode`` entries with role names, ``PUBLIC``
@@ -111,6 +113,7 @@ SELECT c.relname, k.conname, k.contype::text AS type, pg_get_constraintdef(k.oid
        obj_description(k.oid, 'pg_constraint') IS NOT NULL AS comment
 FROM pg_constraint AS k JOIN pg_class AS c ON c.oid = k.conrelid
 WHERE c.relnamespace = 'tokentrack'::regnamespace
+  AND k.contype <> 'n'
 ORDER BY c.relname, k.conname
 """
 
