@@ -142,7 +142,7 @@ test-matrix: venv postgres pgbouncer ## MATRIX_TESTS (sql, installer, security) 
 	if [ $${#failed[@]} -gt 0 ]; then echo "test-matrix: FAILED on PostgreSQL $${failed[*]}" >&2; exit 1; fi; \
 	echo "test-matrix: passed on PostgreSQL $(MATRIX_PG)"
 
-stress: venv postgres ## Concurrent workload with faults, then every invariant: make stress DURATION=600 SEED=42 [STRESS_ARGS="--crash-every 30"]
+stress: venv postgres ## Concurrent workload (budgets, subjects, extensions) with faults, then every invariant: make stress DURATION=600 SEED=42 [STRESS_ARGS="--crash-every 30" | "--no-budgets"]
 	TOKENTRACK_PG_BINDIR="$(PG_BINDIR)" $(BIN)/python tests/support/stress.py --duration "$(DURATION)" --seed "$(SEED)" $(STRESS_ARGS)
 
 demo: venv postgres ## Four report types on a throwaway PostgreSQL (DATABASE_URL is ignored), then reconcile

@@ -18,6 +18,11 @@
                            [--timezone TZ] [--threshold P ...] [--json]
     tokentrack budgets list --account ID [--json]
     tokentrack budgets show --account ID --budget BUDGET_ID [--windows N] [--json]
+    tokentrack credits grant --account ID --budget BUDGET_ID --amount N [--expires-at T]
+                             --key KEY --reason TEXT [--json]
+    tokentrack credits list --account ID [--budget BUDGET_ID] [--json]
+    tokentrack adjust --account ID [--budget BUDGET_ID] --delta N --key KEY --reason TEXT [--json]
+    tokentrack refund --account ID --report REPORT_ID --key KEY --reason TEXT [--json]
 
 The database comes from ``--database-url`` or the ``DATABASE_URL`` environment variable
 (``tokentrack demo`` ignores the variable: it takes a database only on its command line). A
@@ -53,7 +58,7 @@ from tokentrack_client.connection import (
     failure_line,
 )
 from tokentrack_client.contract import BUDGET_UNITS, BUDGET_WINDOWS
-from tokentrack_client.ops import audit, budgets, monitor, prices, sweep, verify
+from tokentrack_client.ops import audit, budgets, credits, monitor, prices, sweep, verify
 from tokentrack_client.ops._common import EXIT_FAILED, EXIT_OK
 
 Handler = Callable[[argparse.Namespace], int]
@@ -598,7 +603,94 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _json(budget_show, "the budget")
     _add_database_url(budget_show)
+    _add_correction_commands(commands)
     return parser
+
+
+def _add_correction_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--key",
+        required=True,
+        metavar="KEY",
+        help=(
+            "the idempotency key (per account and command): running the command again with "
+            "the same key and arguments is a retry and writes nothing more"
+        ),
+    )
+    parser.add_argument("--reason", required=True, metavar="TEXT", help="why (kept in the record)")
+    _json(parser, what)
+    _add_database_url(parser)
+
+
+def _add_correction_commands(commands: Any) -> None:
+    """``credits grant|list``, ``adjust`` and ``refund``: the only way to correct billing."""
+    credits_parser = commands.add_parser(
+        "credits",
+        help="grant credits to a budget, or list an account's grants",
+        description=(
+            "Credits raise a budget's limit by an amount until an expiry, in every window of "
+            "the budget they overlap; an expired grant stops counting, usage billed stays "
+            "billed. Each grant is one append-only record (tokentrack.credit_grants)."
+        ),
+    )
+    credits_parser.set_defaults(run=_credits)
+    actions = credits_parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    grant = actions.add_parser(
+        "grant",
+        help="grant credits to a budget (tokentrack.grant_credits)",
+        description="Raise a budget's limit with tokentrack.grant_credits (one record).",
+    )
+    grant.add_argument("--account", required=True, metavar="ID", help="the account's uuid")
+    grant.add_argument("--budget", required=True, metavar="BUDGET_ID", help="the budget's uuid")
+    grant.add_argument(
+        "--amount", required=True, type=_positive, metavar="N", help="in the budget's unit"
+    )
+    grant.add_argument(
+        "--expires-at",
+        metavar="T",
+        help="when the grant stops counting, ISO 8601 with offset (default: never)",
+    )
+    _add_correction_arguments(grant, "grant_credits' answer")
+    listing = actions.add_parser(
+        "list",
+        help="an account's grants, newest first, and whether each still counts",
+        description="Read an account's grants (tokentrack.credit_grants), newest first.",
+    )
+    listing.add_argument("--account", required=True, metavar="ID", help="the account's uuid")
+    listing.add_argument("--budget", metavar="BUDGET_ID", help="only this budget's grants")
+    _json(listing, "the grants")
+    _add_database_url(listing)
+
+    adjust = commands.add_parser(
+        "adjust",
+        help="add a signed correction to a budget's current window or the active period",
+        description=(
+            "Correct usage with tokentrack.adjust_usage (one record): --delta is added to the "
+            "used amount of the budget's current window (--budget, in its unit) or, without "
+            "--budget, to tokens_used of the account's active usage period. Never below 0."
+        ),
+    )
+    adjust.set_defaults(run=_adjust)
+    adjust.add_argument("--account", required=True, metavar="ID", help="the account's uuid")
+    adjust.add_argument("--budget", metavar="BUDGET_ID", help="the budget (default: the period)")
+    adjust.add_argument(
+        "--delta", required=True, type=_integer, metavar="N", help="signed, not 0 (e.g. -500)"
+    )
+    _add_correction_arguments(adjust, "adjust_usage's answer")
+
+    refund = commands.add_parser(
+        "refund",
+        help="take a billed report's usage back out of every period and budget it was billed into",
+        description=(
+            "Refund a billed report with tokentrack.refund_report (one record, once per "
+            "report): its billed tokens (and cost, in cost budgets) come back out of every "
+            "usage period and budget window it was billed into."
+        ),
+    )
+    refund.set_defaults(run=_refund)
+    refund.add_argument("--account", required=True, metavar="ID", help="the account's uuid")
+    refund.add_argument("--report", required=True, metavar="REPORT_ID", help="the report's uuid")
+    _add_correction_arguments(refund, "refund_report's answer")
 
 
 # --------------------------------------------------------------------------------------------
@@ -834,6 +926,58 @@ async def _budgets(args: argparse.Namespace) -> int:
         result = await budgets.list_budgets(dsn, args.account)
     else:
         result = await budgets.show_budget(dsn, args.account, args.budget, windows=args.windows)
+    if args.json:
+        _print_json(result.as_json())
+    else:
+        print(result.render())
+    return EXIT_OK
+
+
+@_in_event_loop
+async def _credits(args: argparse.Namespace) -> int:
+    dsn = _database_url(args)
+    result: credits.GrantResult | credits.CreditList
+    if args.action == "grant":
+        result = await credits.grant_credits(
+            dsn,
+            args.account,
+            args.budget,
+            args.amount,
+            expires_at=credits.parse_expiry(args.expires_at),
+            idempotency_key=args.key,
+            reason=args.reason,
+        )
+    else:
+        result = await credits.list_credits(dsn, args.account, args.budget)
+    if args.json:
+        _print_json(result.as_json())
+    else:
+        print(result.render())
+    return EXIT_OK
+
+
+@_in_event_loop
+async def _adjust(args: argparse.Namespace) -> int:
+    result = await credits.adjust_usage(
+        _database_url(args),
+        args.account,
+        args.delta,
+        budget_id=args.budget,
+        idempotency_key=args.key,
+        reason=args.reason,
+    )
+    if args.json:
+        _print_json(result.as_json())
+    else:
+        print(result.render())
+    return EXIT_OK
+
+
+@_in_event_loop
+async def _refund(args: argparse.Namespace) -> int:
+    result = await credits.refund_report(
+        _database_url(args), args.report, args.account, idempotency_key=args.key, reason=args.reason
+    )
     if args.json:
         _print_json(result.as_json())
     else:

@@ -51,13 +51,16 @@ from tokentrack_client.errors import (
 )
 from tokentrack_client.results import (
     BudgetSet,
+    CreditGrant,
     Extension,
     PeriodOpened,
     Reconciliation,
+    Refund,
     Reservation,
     Settlement,
     StepRecord,
     SweepResult,
+    UsageAdjustment,
     UsageIncrement,
 )
 from tokentrack_client.retry import (
@@ -106,6 +109,18 @@ _SQL_SET_BUDGET: Final = (
     "SELECT tokentrack.set_budget("
     "$1::uuid, $2::text, $3::text, $4::text, $5::bigint, $6::jsonb)::text"
 )
+_SQL_GRANT_CREDITS: Final = (
+    "SELECT tokentrack.grant_credits("
+    "$1::uuid, $2::uuid, $3::bigint, $4::timestamptz, $5::text, $6::text)::text"
+)
+_SQL_ADJUST_USAGE: Final = (
+    "SELECT tokentrack.adjust_usage($1::uuid, $2::uuid, $3::bigint, $4::text, $5::text)::text"
+)
+_SQL_REFUND_REPORT: Final = (
+    "SELECT tokentrack.refund_report($1::uuid, $2::uuid, $3::text, $4::text)::text"
+)
+_IDEMPOTENCY_KEY_MAX: Final = 200
+_REASON_MAX: Final = 1000
 _SQL_RECORD_STEP: Final = (
     "SELECT tokentrack.persist_step_usage("
     "$1::uuid, $2::uuid, $3::text, $4::integer, $5::integer, $6::integer, $7::text)::text"
@@ -354,6 +369,98 @@ class TokenTracker:
         )
         answer = await self._call("set_budget", _SQL_SET_BUDGET, args)
         return BudgetSet.from_answer(answer)
+
+    async def grant_credits(
+        self,
+        account_id: IdLike,
+        budget_id: IdLike,
+        amount: int,
+        *,
+        idempotency_key: str,
+        reason: str,
+        expires_at: datetime | None = None,
+    ) -> CreditGrant:
+        """Raise the budget's limit by ``amount`` (> 0, in its unit) until ``expires_at``
+        (``None``: never; else in the future): the grant counts in every window of the
+        budget it overlaps while unexpired; usage billed under it stays billed after it expires.
+
+        Idempotent by ``idempotency_key`` (per account, among grants): the same key with the
+        same arguments returns the first grant with ``duplicate`` true, so the call is retried
+        safely. Raises :class:`AccountNotFound`, :class:`BudgetNotFound` and
+        :class:`IdempotencyConflict` (the key was used with other arguments).
+        """
+        args = (
+            check_id("account_id", account_id),
+            check_id("budget_id", budget_id),
+            check_count("amount", amount, minimum=1, maximum=BIGINT_MAX),
+            check_optional_datetime("expires_at", expires_at),
+            check_text(
+                "idempotency_key", idempotency_key, required=True, limit=_IDEMPOTENCY_KEY_MAX
+            ),
+            check_text("reason", reason, required=True, limit=_REASON_MAX),
+        )
+        answer = await self._call("grant_credits", _SQL_GRANT_CREDITS, args)
+        return CreditGrant.from_answer(answer)
+
+    async def adjust_usage(
+        self,
+        account_id: IdLike,
+        delta: int,
+        *,
+        idempotency_key: str,
+        reason: str,
+        budget_id: IdLike | None = None,
+    ) -> UsageAdjustment:
+        """Add a signed correction ``delta`` (not 0) to the used amount of the budget's current
+        window (``budget_id``, in its unit) or, without ``budget_id``, to the account's active
+        usage period's ``tokens_used``. Never below 0: raises :class:`NegativeUsage` instead.
+
+        Idempotent by ``idempotency_key`` (per account, among adjustments), as
+        :meth:`grant_credits`. Raises :class:`AccountNotFound`, :class:`BudgetNotFound`,
+        :class:`NoActivePeriod`, :class:`NegativeUsage` and :class:`IdempotencyConflict`.
+        """
+        if isinstance(delta, bool) or not isinstance(delta, int) or delta == 0:
+            raise InvalidArgument("delta", f"delta must be a non-zero integer (got {delta!r})")
+        check_count("delta", abs(delta), minimum=1, maximum=BIGINT_MAX)
+        args = (
+            check_id("account_id", account_id),
+            None if budget_id is None else check_id("budget_id", budget_id),
+            delta,
+            check_text(
+                "idempotency_key", idempotency_key, required=True, limit=_IDEMPOTENCY_KEY_MAX
+            ),
+            check_text("reason", reason, required=True, limit=_REASON_MAX),
+        )
+        answer = await self._call("adjust_usage", _SQL_ADJUST_USAGE, args)
+        return UsageAdjustment.from_answer(answer)
+
+    async def refund_report(
+        self,
+        report_id: IdLike,
+        account_id: IdLike,
+        *,
+        idempotency_key: str,
+        reason: str,
+    ) -> Refund:
+        """Take a billed report's usage (its billed steps' tokens, and their cost in cost
+        budgets) back out of every usage period and budget window it was billed into, once.
+
+        Idempotent by ``idempotency_key`` (per account, among refunds), as
+        :meth:`grant_credits`. Raises :class:`AccountNotFound`, :class:`ReportNotFound`,
+        :class:`ReportAccountMismatch`, :class:`ReportNotBilled` (not billed yet),
+        :class:`AlreadyRefunded` (refunded under another key), :class:`NegativeUsage` and
+        :class:`IdempotencyConflict`.
+        """
+        args = (
+            check_id("report_id", report_id),
+            check_id("account_id", account_id),
+            check_text(
+                "idempotency_key", idempotency_key, required=True, limit=_IDEMPOTENCY_KEY_MAX
+            ),
+            check_text("reason", reason, required=True, limit=_REASON_MAX),
+        )
+        answer = await self._call("refund_report", _SQL_REFUND_REPORT, args)
+        return Refund.from_answer(answer)
 
     async def persist_step(
         self,

@@ -48,18 +48,24 @@ from typing import Any
 
 __all__ = [
     "AccountNotFound",
+    "AlreadyRefunded",
+    "BudgetNotFound",
     "CallTimeout",
     "ConnectionLost",
     "DatabaseError",
+    "IdempotencyConflict",
     "InsufficientBudget",
     "InsufficientTokens",
     "InvalidArgument",
+    "NegativeUsage",
     "NoActivePeriod",
     "NotInstalled",
     "PermissionDenied",
     "Refusal",
     "ReportAccountMismatch",
     "ReportFinalized",
+    "ReportNotBilled",
+    "ReportNotFound",
     "ReservationNotFound",
     "StepConflict",
     "TokenTrackError",
@@ -136,6 +142,66 @@ class InsufficientBudget(Refusal):
         self.requested: int | None = _int_or_none(answer.get("requested"))
 
 
+class BudgetNotFound(Refusal):
+    """``budget_not_found``: the account has no such budget."""
+
+    code = "budget_not_found"
+
+
+class IdempotencyConflict(Refusal):
+    """``idempotency_conflict``: the idempotency key was already used, for this account and
+    operation, with other arguments; the first record stands. ``record_id`` is its id (a
+    grant, an adjustment or a refund)."""
+
+    code = "idempotency_conflict"
+
+    def __init__(self, code: str, message: str, answer: Mapping[str, Any]) -> None:
+        super().__init__(code, message, answer)
+        self.record_id: uuid.UUID | None = _uuid_or_none(
+            answer.get("grant_id") or answer.get("adjustment_id") or answer.get("refund_id")
+        )
+
+
+class ReportNotFound(Refusal):
+    """``report_not_found``: there is no such report."""
+
+    code = "report_not_found"
+
+
+class ReportNotBilled(Refusal):
+    """``report_not_billed``: the report has no reservation, or it is still active (finish,
+    finalize or the expiry sweep bills it first)."""
+
+    code = "report_not_billed"
+
+
+class AlreadyRefunded(Refusal):
+    """``already_refunded``: the report was already refunded under another key;
+    ``refund_id`` is that refund."""
+
+    code = "already_refunded"
+
+    def __init__(self, code: str, message: str, answer: Mapping[str, Any]) -> None:
+        super().__init__(code, message, answer)
+        self.refund_id: uuid.UUID | None = _uuid_or_none(answer.get("refund_id"))
+
+
+class NegativeUsage(Refusal):
+    """``negative_usage``: the correction would take a used amount below 0 (an adjustment
+    larger than what is there; a refund of a report whose usage an adjustment already took
+    out). ``used`` is the amount now; ``period_id`` or ``budget_id`` and ``window_start`` name
+    it."""
+
+    code = "negative_usage"
+
+    def __init__(self, code: str, message: str, answer: Mapping[str, Any]) -> None:
+        super().__init__(code, message, answer)
+        self.used: int | None = _int_or_none(answer.get("used"))
+        self.period_id: uuid.UUID | None = _uuid_or_none(answer.get("period_id"))
+        self.budget_id: uuid.UUID | None = _uuid_or_none(answer.get("budget_id"))
+        self.window_start: datetime | None = _datetime_or_none(answer.get("window_start"))
+
+
 class NoActivePeriod(Refusal):
     """``no_active_period``: the account exists but has no active usage period."""
 
@@ -203,6 +269,12 @@ _REFUSALS: dict[str, type[Refusal]] = {
         StepConflict,
         ReservationNotFound,
         ReportFinalized,
+        BudgetNotFound,
+        IdempotencyConflict,
+        ReportNotFound,
+        ReportNotBilled,
+        AlreadyRefunded,
+        NegativeUsage,
     )
 }
 

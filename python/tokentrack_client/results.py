@@ -31,14 +31,19 @@ from tokentrack_client.answers import (
 __all__ = [
     "BudgetHold",
     "BudgetSet",
+    "CreditGrant",
     "Discrepancy",
     "Extension",
     "PeriodOpened",
     "Reconciliation",
+    "Refund",
+    "RefundPeriod",
+    "RefundWindow",
     "Reservation",
     "Settlement",
     "StepRecord",
     "SweepResult",
+    "UsageAdjustment",
     "UsageIncrement",
 ]
 
@@ -387,5 +392,153 @@ class PeriodOpened:
             period_start=get_datetime(answer, "period_start"),
             period_end=get_datetime(answer, "period_end"),
             previous_period_id=get_optional_uuid(answer, "previous_period_id"),
+            answer=answer,
+        )
+
+
+@dataclass(frozen=True)
+class CreditGrant:
+    """A grant of credits to a budget (``grant_credits``).
+
+    ``amount`` (in the budget's ``unit``) raises the budget's limit in every window the grant
+    overlaps until ``expires_at`` (``None``: never). ``limit`` is the budget's effective limit
+    in its current window (from ``window_start``) at the time of the answer, this grant
+    included while unexpired. ``duplicate``: the same key with the same arguments was already
+    granted (a retry; nothing was written, the fields are the first grant's).
+    """
+
+    grant_id: uuid.UUID
+    budget_id: uuid.UUID
+    unit: str
+    amount: int
+    expires_at: datetime | None
+    granted_at: datetime
+    window_start: datetime
+    limit: int
+    duplicate: bool
+    answer: Mapping[str, Any] = _answer_field()
+
+    @classmethod
+    def from_answer(cls, answer: Mapping[str, Any]) -> CreditGrant:
+        """Build from a ``"success": true`` answer of ``grant_credits``."""
+        return cls(
+            grant_id=get_uuid(answer, "grant_id"),
+            budget_id=get_uuid(answer, "budget_id"),
+            unit=get_str(answer, "unit"),
+            amount=get_int(answer, "amount"),
+            expires_at=None
+            if answer.get("expires_at") is None
+            else get_datetime(answer, "expires_at"),
+            granted_at=get_datetime(answer, "granted_at"),
+            window_start=get_datetime(answer, "window_start"),
+            limit=get_int(answer, "limit"),
+            duplicate=get_bool(answer, "duplicate"),
+            answer=answer,
+        )
+
+
+@dataclass(frozen=True)
+class UsageAdjustment:
+    """A signed correction (``adjust_usage``) of a budget window's used amount (``budget_id``
+    and ``window_start`` set, ``period_id`` ``None``) or of the account's active usage
+    period's ``tokens_used`` (``period_id`` set, the others ``None``).
+
+    ``delta`` is in ``unit`` (``tokens`` for a period); ``used`` is the window's used amount
+    or the period's ``tokens_used`` after the adjustment (for a ``duplicate``: now).
+    """
+
+    adjustment_id: uuid.UUID
+    budget_id: uuid.UUID | None
+    window_start: datetime | None
+    period_id: uuid.UUID | None
+    unit: str
+    delta: int
+    used: int
+    duplicate: bool
+    answer: Mapping[str, Any] = _answer_field()
+
+    @classmethod
+    def from_answer(cls, answer: Mapping[str, Any]) -> UsageAdjustment:
+        """Build from a ``"success": true`` answer of ``adjust_usage``."""
+        return cls(
+            adjustment_id=get_uuid(answer, "adjustment_id"),
+            budget_id=get_optional_uuid(answer, "budget_id"),
+            window_start=(
+                None if answer.get("window_start") is None else get_datetime(answer, "window_start")
+            ),
+            period_id=get_optional_uuid(answer, "period_id"),
+            unit=get_str(answer, "unit"),
+            delta=get_int(answer, "delta"),
+            used=get_int(answer, "used"),
+            duplicate=get_bool(answer, "duplicate"),
+            answer=answer,
+        )
+
+
+@dataclass(frozen=True)
+class RefundPeriod:
+    """What a refund took out of one usage period's ``tokens_used``."""
+
+    period_id: uuid.UUID
+    tokens: int
+
+    @classmethod
+    def from_answer(cls, answer: Mapping[str, Any]) -> RefundPeriod:
+        """Build from one element of a refund's ``periods``."""
+        return cls(period_id=get_uuid(answer, "period_id"), tokens=get_int(answer, "tokens"))
+
+
+@dataclass(frozen=True)
+class RefundWindow:
+    """What a refund took out of one budget window's used amount, in the budget's ``unit``."""
+
+    budget_id: uuid.UUID
+    window_start: datetime
+    unit: str
+    amount: int
+
+    @classmethod
+    def from_answer(cls, answer: Mapping[str, Any]) -> RefundWindow:
+        """Build from one element of a refund's ``windows``."""
+        return cls(
+            budget_id=get_uuid(answer, "budget_id"),
+            window_start=get_datetime(answer, "window_start"),
+            unit=get_str(answer, "unit"),
+            amount=get_int(answer, "amount"),
+        )
+
+
+@dataclass(frozen=True)
+class Refund:
+    """A refund of a billed report (``refund_report``): ``tokens`` (its billed steps'
+    total_tokens) and ``cost_micros`` (their cost) taken back out of every usage period
+    (``periods``) and budget window (``windows``) the report was billed into.
+
+    ``duplicate``: the same key for the same report was already refunded (a retry; nothing was
+    written, the fields are the first refund's).
+    """
+
+    refund_id: uuid.UUID
+    report_id: uuid.UUID
+    tokens: int
+    cost_micros: int
+    periods: tuple[RefundPeriod, ...]
+    windows: tuple[RefundWindow, ...]
+    refunded_at: datetime
+    duplicate: bool
+    answer: Mapping[str, Any] = _answer_field()
+
+    @classmethod
+    def from_answer(cls, answer: Mapping[str, Any]) -> Refund:
+        """Build from a ``"success": true`` answer of ``refund_report``."""
+        return cls(
+            refund_id=get_uuid(answer, "refund_id"),
+            report_id=get_uuid(answer, "report_id"),
+            tokens=get_int(answer, "tokens"),
+            cost_micros=get_int(answer, "cost_micros"),
+            periods=tuple(RefundPeriod.from_answer(p) for p in get_list(answer, "periods")),
+            windows=tuple(RefundWindow.from_answer(w) for w in get_list(answer, "windows")),
+            refunded_at=get_datetime(answer, "refunded_at"),
+            duplicate=get_bool(answer, "duplicate"),
             answer=answer,
         )

@@ -9,6 +9,8 @@
 --   period: tokens_limit - tokens_used - every active, unexpired reservation of the account
 --           (its own included), as try_reserve_tokens counts them
 --   budget: limit - used - every active, unexpired hold in that window (its own included)
+--           with limit the budget's effective limit in that window (budget_limit: limit_amount
+--           plus the unexpired credit grants overlapping it; since version 20261211000000)
 -- A cost extra without a cost estimate adds 0 to cost budgets (and is refused by an exhausted
 -- one, as reserve is). The expiry time does not move.
 -- Answer: granted {"success": true, "reservation_id", "reserved_tokens", "reserved_cost_micros",
@@ -19,8 +21,9 @@
 --   period_id),
 --   insufficient_budget (as reserve).
 -- Locks, in order: the reservation row (FOR UPDATE: rank 2; the report's steps, which take it
---   FOR SHARE, wait), the account's active period row (FOR UPDATE: rank 3), the budgets it
---   holds (lock_budgets: rank 4). Writes: the reservation's reserved_tokens and reserved_cost_micros.
+--   FOR NO KEY UPDATE, wait), the account's active period row (FOR UPDATE: rank 3), the budgets it
+--   holds (lock_reservation_budgets: rank 4), all before the sums are read. Writes: the
+--   reservation's reserved_tokens and reserved_cost_micros.
 -- Errors: 25000 under REPEATABLE READ or SERIALIZABLE; 22004 a NULL id or p_more, or a NULL
 --   p_more.tokens; 22023 and 22001 as reserve's p_estimate (as p_more.<key>); 22003 an extra
 --   that would take reserved_tokens past the integer range.
@@ -88,6 +91,12 @@ BEGIN
             v_more.tokens, v_reservation.reserved_tokens
             USING ERRCODE = '22003', COLUMN = 'p_more.tokens';
     END IF;
+    -- The budgets it holds (rank 4), before anything is summed: a finish or sweep of a report
+    -- of an earlier period holds those budgets but not the active period, and has committed
+    -- by the time the sums below are read, so the period's sum and the budgets' see it alike.
+    IF v_reservation.holds IS NOT NULL THEN
+        PERFORM tokentrack.lock_reservation_budgets(p_account_id, v_reservation.holds);
+    END IF;
     SELECT COALESCE(pg_catalog.sum(rr.reserved_tokens), 0) INTO v_held
     FROM tokentrack.report_reservations AS rr
     WHERE rr.account_id = p_account_id AND rr.status = 'active' AND rr.expires_at > pg_catalog.now();
@@ -103,7 +112,6 @@ BEGIN
     END IF;
 
     IF v_reservation.holds IS NOT NULL THEN
-        PERFORM tokentrack.lock_reservation_budgets(p_account_id, v_reservation.holds);
         FOR v_hold IN
             SELECT h.budget_id, h.window_start
             FROM pg_catalog.jsonb_to_recordset(v_reservation.holds) AS h (budget_id uuid, window_start timestamptz)
@@ -118,7 +126,8 @@ BEGIN
             v_own := CASE WHEN v_budget.unit = 'tokens' THEN v_reservation.reserved_tokens::bigint
                 ELSE COALESCE(v_reservation.reserved_cost_micros, 0) END;
             -- budget_held counts this reservation's own hold too.
-            v_budget_available := v_budget.limit_amount - v_used - v_budget_held;
+            v_budget_available := tokentrack.budget_limit(p_account_id, v_budget.id, v_hold.window_start)
+                - v_used - v_budget_held;
             IF v_requested > v_budget_available OR v_budget_available <= 0 THEN
                 RETURN pg_catalog.jsonb_build_object(
                     'success', false, 'error', 'insufficient_budget',

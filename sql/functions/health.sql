@@ -34,7 +34,10 @@
 --                            reservation that needs it), over_limit (used > limit: billed past
 --                            it, which billing may do), and nearest: the 10 nearest their
 --                            limits, [{account_id, budget_id, subject, unit, window,
---                            window_start, used, held, limit}], by (used + held) / limit
+--                            window_start, used, held, limit}], by (used + held) / limit;
+--                            limit is the effective limit (budget_limit: limit_amount plus the
+--                            unexpired credit grants overlapping the window; since version
+--                            20261211000000)
 -- Figures, not verdicts: alert thresholds are the reader's (tokentrack monitor compares them).
 -- reconcile() is not part of it: it audits every period, so its cost grows with the history,
 -- while every figure here is read by index and costs what the window's traffic and the active
@@ -153,6 +156,8 @@ BEGIN
     budget_state AS (
         SELECT
             c.*,
+            -- The effective limit: limit_amount plus unexpired grants (since version 20261211000000).
+            tokentrack.budget_limit(c.account_id, c.id, c.window_start) AS limit_amount,
             COALESCE(w.used, 0) AS used,
             tokentrack.budget_held(c.account_id, c.id, c.unit, c.window_start) AS held
         FROM (
@@ -162,7 +167,6 @@ BEGIN
                 b.subject,
                 b.unit,
                 b.budget_window,
-                b.limit_amount,
                 tokentrack.budget_window_start(
                     b.budget_window, b.timezone, b.created_at, pg_catalog.now()
                 ) AS window_start

@@ -10,9 +10,9 @@
 -- as record_step prices it, and the answer stays Part 1's (no cost_micros).
 -- Two paths (record_step_usage):
 --   * the report's reservation is active: the step is recorded unbilled; finalize or the
---     sweep bills it. Locks the reservation row FOR SHARE (many steps of one report run
---     together; finalize and the sweep, which lock it FOR UPDATE, wait for them), so no step
---     can slip in unbilled behind a finalize.
+--     sweep bills it. Locks the reservation row FOR NO KEY UPDATE (the steps of one report
+--     are recorded one after the other; finalize and the sweep, which lock it FOR UPDATE,
+--     wait for them), so no step can slip in unbilled behind a finalize.
 --   * the reservation is completed or expired (the report was billed): the step is billed at
 --     once into the reservation's period ("late": true). Locks, in order: the period row
 --     (FOR UPDATE), then the report row (its token_usage is updated). The period lock also

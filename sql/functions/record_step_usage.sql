@@ -10,9 +10,12 @@
 -- shape the answer. Checks the model's length itself.
 -- Two paths:
 --   * the report's reservation is active: the step is recorded unbilled; finalize or the
---     sweep bills it. Locks the reservation row FOR SHARE (many steps of one report run
---     together; finalize and the sweep, which lock it FOR UPDATE, wait for them), so no step
---     can slip in unbilled behind a finalize.
+--     sweep bills it. Locks the reservation row FOR NO KEY UPDATE (finalize and the sweep,
+--     which lock it FOR UPDATE, wait for the steps being recorded, so no step can slip in
+--     unbilled behind a finalize; the steps of one report are recorded one after the other,
+--     so each one's overrun sum counts the steps committed before it; under FOR SHARE, as
+--     before, two steps recorded at once each summed without the other and neither answer
+--     carried over_reservation).
 --   * the reservation is completed or expired (the report was billed): the step is billed at
 --     once into the reservation's period ("late": true). Locks, in order: the period row
 --     (FOR UPDATE), then the report row (its token_usage gains the step's total in
@@ -110,7 +113,7 @@ BEGIN
         IF v_reservation.status = 'active' THEN
             SELECT rr.status, rr.reserved_tokens INTO v_reservation.status, v_reservation.reserved_tokens
             FROM tokentrack.report_reservations AS rr WHERE rr.id = v_reservation.id
-            FOR SHARE;
+            FOR NO KEY UPDATE;
         END IF;
 
         IF v_reservation.status = 'active' THEN
@@ -227,6 +230,8 @@ BEGIN
         v_answer := v_answer || pg_catalog.jsonb_build_object('report_status', v_report_status);
     END IF;
     -- Overrun (version 20261210000000): the report's recorded tokens past what it reserved.
+    -- A statement of its own, after the reservation lock: its snapshot has every step of the
+    -- report committed before this one.
     IF (v_answer ->> 'success')::boolean THEN
         SELECT pg_catalog.sum(s.total_tokens) INTO v_recorded
         FROM tokentrack.report_step_usage AS s WHERE s.report_id = p_report_id;

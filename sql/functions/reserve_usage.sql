@@ -13,6 +13,8 @@
 -- and every budget that applies (the account's budgets, subject NULL, and those of each subject
 -- in p_subjects), each in its current window:
 --   available = limit - used in the window - what active, unexpired reservations hold there
+-- where limit is the budget's effective limit in that window (budget_limit: its limit_amount
+-- plus its unexpired credit grants that overlap the window; since version 20261211000000)
 -- with p_tokens against a tokens budget and p_cost_micros (NULL: 0) against a cost budget; a
 -- budget whose window has nothing left refuses even an estimate of 0.
 -- The report row is created (status processing, mode p_mode, or standard when p_mode is NULL)
@@ -20,8 +22,10 @@
 -- p_mode is NULL (try_reserve_tokens: the report keeps its mode, as in Part 1).
 -- Locks, in order: the account's active usage_periods row (FOR UPDATE, rank 3 of the global
 --   order, docs/REVIEW.md), then every budget that applies (lock_budgets: FOR UPDATE in id
---   order, rank 4). A budget created after its ids were read does not apply to this reservation (as
---   if it had been created after it).
+--   order, rank 4), both before any sum is read, so the period's holds and the budgets' use
+--   and holds come from one moment (a finish committing while this call waits for a budget
+--   shows as billed in both). A budget created after its ids were read does not apply to
+--   this reservation (as if it had been created after it).
 --   Every reserver of an account takes the period first, so reservation checks of one
 --   account run one at a time and never grant together more than is available, for every
 --   budget at once; billing (finalize, the sweep, a late step) and extend_reservation take the
@@ -87,7 +91,18 @@ BEGIN
         );
     END IF;
 
-    -- Under the period lock: what the account's active, unexpired reservations hold.
+    -- Every budget that applies (the account's own and those of p_subjects), locked now (rank
+    -- 4, after the period: lock_budgets), before anything is read under the period lock: each
+    -- statement below then sees what a finish or sweep holding those budgets committed, for
+    -- the period as for the budgets (one serial order; reading the period's holds first, a
+    -- report billed meanwhile showed as held in the period and billed in its budget).
+    SELECT pg_catalog.array_agg(b.id) INTO v_budget_ids FROM tokentrack.budgets AS b
+    WHERE b.account_id = p_account_id AND (b.subject IS NULL OR b.subject = ANY (p_subjects));
+    IF v_budget_ids IS NOT NULL THEN
+        PERFORM tokentrack.lock_budgets(p_account_id, v_budget_ids);
+    END IF;
+
+    -- Under the period and budget locks: what the account's active, unexpired reservations hold.
     SELECT COALESCE(pg_catalog.sum(rr.reserved_tokens), 0) INTO v_held
     FROM tokentrack.report_reservations AS rr
     WHERE rr.account_id = p_account_id AND rr.status = 'active' AND rr.expires_at > pg_catalog.now();
@@ -167,14 +182,10 @@ BEGIN
     END IF;
 
 
-    -- Every budget that applies (the account's own and those of p_subjects), locked (rank 4,
-    -- after the period: lock_budgets); then, under those locks, each one's limit, current
+    -- Under the budget locks (taken above), each budget's limit, current
     -- window, what it has used there and what active, unexpired reservations hold there, read
     -- in one more (the holds from one scan of the account's active reservations).
-    SELECT pg_catalog.array_agg(b.id) INTO v_budget_ids FROM tokentrack.budgets AS b
-    WHERE b.account_id = p_account_id AND (b.subject IS NULL OR b.subject = ANY (p_subjects));
     IF v_budget_ids IS NOT NULL THEN
-        PERFORM tokentrack.lock_budgets(p_account_id, v_budget_ids);
         FOR v_budget IN
             WITH current_windows AS (
                 SELECT
@@ -182,7 +193,6 @@ BEGIN
                     b.subject,
                     b.unit,
                     b.budget_window,
-                    b.limit_amount,
                     CASE
                         WHEN b.budget_window = 'total' THEN b.created_at
                         ELSE pg_catalog.date_trunc(b.budget_window, pg_catalog.now(), b.timezone)
@@ -211,7 +221,7 @@ BEGIN
                 c.unit,
                 c.budget_window,
                 c.window_start,
-                c.limit_amount - COALESCE(w.used, 0)
+                tokentrack.budget_limit(p_account_id, c.id, c.window_start) - COALESCE(w.used, 0)
                 - COALESCE(CASE WHEN c.unit = 'tokens' THEN hd.tokens ELSE hd.cost END, 0) AS available,
                 w.budget_id IS NULL AS new_window,
                 -- As budget_hold builds it (inline: no function call per budget).

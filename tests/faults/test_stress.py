@@ -1,7 +1,8 @@
 """`make stress`, short: the stress runner's command line for 15 seconds (CI's share of it).
 
-Backend kills, lock_timeout and statement_timeout faults against the concurrent workload,
-then every invariant; the runner exits 1 on any violation. Long runs:
+Backend kills, lock_timeout and statement_timeout faults against the concurrent workload
+(budgets, subjects and extensions included), then every invariant; the runner exits 1 on any
+violation. Long runs:
 ``make stress DURATION=600 SEED=42``.
 """
 
@@ -32,3 +33,5 @@ def test_short_stress_run_reports_zero_violations() -> None:
     assert numbers["faults_injected"] > 0, line
     assert numbers["reports"] > 0, line
     assert numbers["steps"] > 0, line
+    assert numbers["budget_refusals"] > 0, line
+    assert numbers["extensions"] > 0, line

@@ -19,6 +19,9 @@ async def healthy(conn: asyncpg.Connection) -> dict[str, Any]:
     await install_grant_probe(conn)
     account = await new_account(conn, 1_000)
     other = await new_account(conn, 1_000)
+    # A budget of the account's own: its reservations hold its month's window.
+    budget = await call(conn, "set_budget", account, None, "tokens", "month", 300, "{}")
+    assert budget["success"] is True
     billed, grant = await reserve(conn, account, 100)
     await step(conn, billed, account, "AN0", 10, 5)
     await call(conn, "finish_report", billed, account, "complete", None)
@@ -53,7 +56,7 @@ DAMAGE = [
         "UPDATE tokentrack.report_step_usage SET billed_at = NULL, billed_period_id = NULL,"
         " billing_entry_id = NULL WHERE report_id = $1 AND step_name = 'AN0'",
         "billed",
-        {1, 2, 6},
+        {1, 2, 6, 7},  # 7: the budget window was billed the step
     ),
     (
         "a reservation granted beyond the limit",
@@ -78,6 +81,31 @@ DAMAGE = [
         " WHERE account_id = $1)",
         "account",
         {5},
+    ),
+    (
+        "a budget window's used raised",
+        "UPDATE tokentrack.budget_windows SET used = used + 5 WHERE account_id = $1",
+        "account",
+        {6, 7},
+    ),
+    (
+        "a reservation granted beyond a budget",
+        "INSERT INTO tokentrack.report_reservations (report_id, account_id, period_id,"
+        " reserved_tokens, holds) SELECT r.id, r.account_id, p.id, 250, ("
+        "   SELECT rr.holds FROM tokentrack.report_reservations AS rr"
+        "   WHERE rr.account_id = r.account_id AND rr.holds IS NOT NULL LIMIT 1)"
+        " FROM tokentrack.reports AS r JOIN tokentrack.usage_periods AS p"
+        "   ON p.account_id = r.account_id AND p.status = 'active' WHERE r.id = $1",
+        "new_report",
+        {7},
+    ),
+    (
+        "a reservation's hold moved to another window",
+        "UPDATE tokentrack.report_reservations SET holds = jsonb_build_array(jsonb_build_object("
+        " 'budget_id', holds -> 0 ->> 'budget_id', 'window_start', '2020-01-01T00:00:00Z'))"
+        " WHERE report_id = $1",
+        "billed",
+        {6, 7},
     ),
     (
         "reports_count raised",
@@ -140,3 +168,13 @@ async def test_a_change_of_version_1_rows_is_reported(conn: asyncpg.Connection) 
     await conn.execute("UPDATE tokentrack.reports SET mode = 'hybrid' WHERE id = $1", ids["billed"])
     found = await check_invariants(conn, v1_before=before)
     assert found == ["invariant 6: reports changed across the version change"]
+
+
+async def test_an_answer_promising_more_of_a_budget_than_was_available_is_reported(
+    conn: asyncpg.Connection,
+) -> None:
+    ids = await healthy(conn)
+    entries = [{**b, "available": b["available"] + 1} for b in ids["grant"]["budgets"]]
+    found = await check_invariants(conn, grants=[{**ids["grant"], "budgets": entries}])
+    assert len(found) == 1, found
+    assert found[0].startswith("invariant 7: a reserve answered more available"), found

@@ -3,12 +3,15 @@ the illegal ones the property tests rely on it to catch."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from model import (
     AccountModel,
+    BudgetM,
     Call,
     Expire,
+    Extend,
     Finalize,
     PeriodM,
     Persist,
@@ -34,6 +37,7 @@ def grant(rid: str, reserved: int, available: int) -> dict[str, Any]:
         "reserved_tokens": reserved,
         "available_tokens": available,
         "period_id": "p0",
+        "budgets": [],
     }
 
 
@@ -167,3 +171,144 @@ def test_a_sweep_racing_a_finalize_may_find_it_billed() -> None:
     ]
     leaves = explore(WORLD, state, lanes)
     assert [leaf.state.reports["r0"].reservation.status for leaf in leaves] == ["completed"]  # type: ignore[union-attr]
+
+
+# -- budgets ----------------------------------------------------------------------------------
+
+T0 = datetime(2026, 12, 1, 12, 0, 10, tzinfo=UTC)
+AT = (T0, T0 + timedelta(milliseconds=80))
+MONTH, MINUTE = datetime(2026, 12, 1, tzinfo=UTC), datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+
+
+def budgeted() -> AccountModel:
+    """Period 1000; the account's month of 100 tokens (b1) and key:k's minute of 50 (b2)."""
+    state = account(1000)
+    state.budgets[(None, "tokens", "month")] = BudgetM("b1", None, "tokens", "month", 100)
+    state.budgets[("key:k", "tokens", "minute")] = BudgetM("b2", "key:k", "tokens", "minute", 50)
+    return state
+
+
+def entry(budget: str, start: datetime, held: int, available: int) -> dict[str, Any]:
+    subject, window = (None, "month") if budget == "b1" else ("key:k", "minute")
+    return {
+        "budget_id": budget,
+        "subject": subject,
+        "window": window,
+        "unit": "tokens",
+        "window_start": start.isoformat(),
+        "held": held,
+        "available": available,
+    }
+
+
+def budget_grant(rid: str, reserved: int, left: int, b1: int, b2: int | None) -> dict[str, Any]:
+    """A grant whose windows have b1 / b2 available after it (b2 None: key:k not applying)."""
+    entries = [entry("b1", MONTH, reserved, b1)]
+    if b2 is not None:
+        entries.append(entry("b2", MINUTE, reserved, b2))
+    return {**grant(rid, reserved, left), "budgets": entries}
+
+
+def refused_by(budget: str, start: datetime, available: int, requested: int) -> dict[str, Any]:
+    subject, window = (None, "month") if budget == "b1" else ("key:k", "minute")
+    return {
+        "success": False,
+        "error": "insufficient_budget",
+        "budget_id": budget,
+        "subject": subject,
+        "window": window,
+        "unit": "tokens",
+        "window_start": start.isoformat(),
+        "available": available,
+        "requested": requested,
+    }
+
+
+def key_reserve(report: str, tokens: int) -> Reserve:
+    return Reserve("a0", report, tokens, ("key:k",))
+
+
+def test_grants_that_fit_the_month_but_overcommit_a_shared_minute_are_rejected() -> None:
+    ok = [
+        [Call(key_reserve("r0", 30), budget_grant("x0", 30, 970, 70, 20), 0, 0, at=AT)],
+        [Call(key_reserve("r1", 20), budget_grant("x1", 20, 950, 50, 0), 1, 1, at=AT)],
+    ]
+    assert len(explore(WORLD, budgeted(), ok)) == 1
+    both = [
+        [Call(key_reserve("r0", 30), budget_grant("x0", 30, 970, 70, 20), 0, 0, at=AT)],
+        [Call(key_reserve("r1", 30), budget_grant("x1", 30, 940, 40, -10), 1, 1, at=AT)],
+    ]
+    assert explore(WORLD, budgeted(), both) == []
+
+
+def test_a_refusal_names_the_first_budget_in_id_order_that_cannot_hold_it() -> None:
+    state = budgeted()
+    assert state.apply(
+        WORLD, Call(key_reserve("r0", 45), budget_grant("x0", 45, 955, 55, 5), at=AT)
+    )
+    # 60 fits neither the month (55 left) nor the minute (5 left): b1 comes first.
+    first = Call(key_reserve("r1", 60), refused_by("b1", MONTH, 55, 60), at=AT)
+    assert state.clone().apply(WORLD, first)
+    second = Call(key_reserve("r1", 60), refused_by("b2", MINUTE, 5, 60), at=AT)
+    assert not state.clone().apply(WORLD, second)
+    # Without the key, only the month applies and 50 fits it.
+    plain = Call(Reserve("a0", "r1", 50, ()), budget_grant("x1", 50, 905, 5, None), at=AT)
+    assert state.clone().apply(WORLD, plain)
+
+
+def test_a_window_outside_the_calls_clock_interval_is_rejected() -> None:
+    later = MINUTE + timedelta(minutes=1)
+    answer = budget_grant("x0", 30, 970, 70, 20)
+    answer["budgets"][1]["window_start"] = later.isoformat()
+    assert not budgeted().apply(WORLD, Call(key_reserve("r0", 30), answer, at=AT))
+    # The same answer from a call whose round spans the turn of the minute is possible.
+    turn = (T0 + timedelta(seconds=49), T0 + timedelta(seconds=51))
+    assert budgeted().apply(WORLD, Call(key_reserve("r0", 30), answer, at=turn))
+
+
+def test_billing_goes_into_the_windows_the_reservation_holds() -> None:
+    state = budgeted()
+    assert state.apply(
+        WORLD, Call(key_reserve("r0", 30), budget_grant("x0", 30, 970, 70, 20), at=AT)
+    )
+    assert state.apply(WORLD, Call(Persist("r0", "a0", "s", 20, 10), step_answer("s0", 30)))
+    assert state.windows == {("b1", MONTH): 0, ("b2", MINUTE): 0}
+    assert state.apply(
+        WORLD, Call(Finalize("r0", "a0"), {**settled(30, 1, 30), "tokens_limit": 1000})
+    )
+    assert state.windows == {("b1", MONTH): 30, ("b2", MINUTE): 30}
+    late = {**step_answer("s1", 5, late=True), "over_reservation": True, "over_by": 5}
+    late.update(reserved_tokens=30, recorded_tokens=35)
+    assert state.apply(WORLD, Call(Persist("r0", "a0", "t", 5, 0), late))
+    assert state.windows == {("b1", MONTH): 35, ("b2", MINUTE): 35}
+
+
+def test_an_extension_past_a_held_window_is_refused_by_it() -> None:
+    state = budgeted()
+    assert state.apply(
+        WORLD, Call(key_reserve("r0", 30), budget_grant("x0", 30, 970, 70, 20), at=AT)
+    )
+    extend = Extend("r0", "a0", 25)
+    granted = {
+        "success": True,
+        "reservation_id": "x0",
+        "reserved_tokens": 55,
+        "reserved_cost_micros": None,
+        "available_tokens": 945,
+        "period_id": "p0",
+        "budgets": [entry("b1", MONTH, 55, 45), entry("b2", MINUTE, 55, -5)],
+    }
+    assert not state.clone().apply(WORLD, Call(extend, granted))
+    assert state.clone().apply(WORLD, Call(extend, refused_by("b2", MINUTE, 20, 25)))
+
+
+def test_a_step_past_the_reservation_must_say_so() -> None:
+    state = budgeted()
+    assert state.apply(
+        WORLD, Call(key_reserve("r0", 10), budget_grant("x0", 10, 990, 90, 40), at=AT)
+    )
+    silent = Call(Persist("r0", "a0", "s", 8, 4), step_answer("s0", 12))
+    assert not state.clone().apply(WORLD, silent)
+    flagged = {**step_answer("s0", 12), "over_reservation": True, "over_by": 2}
+    flagged.update(reserved_tokens=10, recorded_tokens=12)
+    assert state.clone().apply(WORLD, Call(Persist("r0", "a0", "s", 8, 4), flagged))

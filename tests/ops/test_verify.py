@@ -22,7 +22,7 @@ from tokentrack_client.ops.verify import verify
 from tokentrack_client.testing import PostgresServer
 
 V1, V2, V3, V4 = "20251219000000", "20260108000000", "20261201000000", "20261202000000"
-V5, V6 = "20261203000000", "20261210000000"
+V5, V6, V7 = "20261203000000", "20261210000000", "20261211000000"
 
 
 async def _verify(dsn: str, *extra: str) -> tuple[int, dict[str, dict[str, object]], str]:
@@ -50,7 +50,10 @@ async def test_the_committed_catalog_is_what_a_clean_install_gives(
         "(python -m tokentrack_client.ops.catalog) and commit the result"
     )
     versions = json.loads(committed)["versions"]
-    assert list(versions) == [V1, V2, V3, V4, V5, V6]
+    assert list(versions) == [V1, V2, V3, V4, V5, V6, V7]
+    grant = "tokentrack.grant_credits(uuid, uuid, bigint, timestamp with time zone, text, text)"
+    assert grant in versions[V7]["catalog"]["routines"]
+    assert grant not in versions[V6]["catalog"]["routines"]
     reserve = "tokentrack.reserve(uuid, uuid, jsonb, text[], text)"
     assert reserve in versions[V6]["catalog"]["routines"]
     assert reserve not in versions[V5]["catalog"]["routines"]
@@ -299,7 +302,18 @@ async def test_verify_names_a_function_edited_by_hand(history_dsn: str) -> None:
     assert "edited by hand in the database?" in human.out
 
 
-async def test_verify_after_rolling_back_versions_6_5_4_3_and_2(db_dsn: str) -> None:
+async def test_verify_after_rolling_back_versions_7_6_5_4_3_and_2(db_dsn: str) -> None:
+    rolled = await tokentrack("migrate", "rollback", "--steps", "1", "--database-url", db_dsn)
+    assert rolled.code == 0, rolled
+    code, checks, _ = await _verify(db_dsn)
+    assert code == 1
+    grant = (
+        "function tokentrack.grant_credits(uuid, uuid, bigint, timestamp with time zone, text,"
+        " text) is missing"
+    )
+    assert grant in checks["routines"]["problems"]  # type: ignore[operator]
+    # The functions version 7 reworked are their earlier texts again: as version 6 had them.
+    assert (await tokentrack("verify", "--upto", V6, "--database-url", db_dsn)).code == 0
     rolled = await tokentrack("migrate", "rollback", "--steps", "1", "--database-url", db_dsn)
     assert rolled.code == 0, rolled
     code, checks, _ = await _verify(db_dsn)
@@ -340,14 +354,18 @@ async def test_verify_after_rolling_back_versions_6_5_4_3_and_2(db_dsn: str) -> 
         "version 20261202000000_immutable_billed_steps is not applied",
         "version 20261203000000_token_classes_and_cost is not applied",
         "version 20261210000000_budgets is not applied",
+        "version 20261211000000_credits is not applied",
     ]
     assert checks["tables"]["problems"] == [
         "table tokentrack.budget_changes is missing",
         "table tokentrack.budget_windows is missing",
         "table tokentrack.budgets is missing",
+        "table tokentrack.credit_grants is missing",
         "table tokentrack.model_prices is missing",
+        "table tokentrack.report_refunds is missing",
         "table tokentrack.report_reservations is missing",
         "table tokentrack.report_step_usage is missing",
+        "table tokentrack.usage_adjustments is missing",
     ]
     result = await tokentrack("verify", "--upto", V1, "--database-url", db_dsn)
     assert result.code == 0, result.out
@@ -365,6 +383,7 @@ async def test_verify_upto_fails_while_the_later_version_is_applied(db_dsn: str)
         f"version {V4}_immutable_billed_steps is applied but --upto {V1} expects it rolled back",
         f"version {V5}_token_classes_and_cost is applied but --upto {V1} expects it rolled back",
         f"version {V6}_budgets is applied but --upto {V1} expects it rolled back",
+        f"version {V7}_credits is applied but --upto {V1} expects it rolled back",
     ]
     assert (
         "tokentrack.health(integer) exists but its version is not applied"

@@ -53,6 +53,13 @@ EXPECTED = {
     "tokentrack.budget_window_start(text,text,timestamp with time zone,timestamp with time zone)",
     "tokentrack.bill_budget_windows(uuid,jsonb,bigint,bigint)",
     "tokentrack.lock_budgets(uuid,uuid[])",
+    "tokentrack.budget_limit(uuid,uuid,timestamp with time zone)",
+    "tokentrack.check_correction_text(text,text,integer)",
+    "tokentrack.grant_credits(uuid,uuid,bigint,timestamp with time zone,text,text)",
+    "tokentrack.adjust_usage(uuid,uuid,bigint,text,text)",
+    "tokentrack.refund_report(uuid,uuid,text,text)",
+    "tokentrack.refund_answer(tokentrack.report_refunds,boolean)",
+    "tokentrack.credit_records_are_append_only()",
 }
 
 

@@ -47,10 +47,15 @@ SERVICE_API = {
     "reserve",
     "extend_reservation",
     "set_budget",
+    "grant_credits",
+    "adjust_usage",
+    "refund_report",
 }
 # Version 20261210000000's tables: account data under row level security whose reader policy
 # calls the hook without a subquery (Citus refuses subqueries in policies).
 BUDGET_TABLES = ("budgets", "budget_changes", "budget_windows")
+# Version 20261211000000's correction records, the same way.
+CREDIT_TABLES = ("credit_grants", "usage_adjustments", "report_refunds")
 ACCOUNT_HOOK = "current_account_id"
 
 
@@ -338,7 +343,12 @@ async def test_privileges_are_exactly_the_documented_ones(conn: asyncpg.Connecti
         everything.add("MAINTAIN")
     for name, grantees in relations.items():
         # model_prices holds no account data: readable by both roles, without row level security.
-        if name in TABLES or name in BUDGET_TABLES or name == "model_prices":
+        if (
+            name in TABLES
+            or name in BUDGET_TABLES
+            or name in CREDIT_TABLES
+            or name == "model_prices"
+        ):
             assert grantees == {
                 owner: everything,
                 "tokentrack_reader": {"SELECT"},
@@ -399,7 +409,7 @@ async def test_row_level_security_is_select_only_and_keyed_on_the_hook(
         " WHERE relnamespace = 'tokentrack'::regnamespace AND relkind = 'r'"
         " AND relname NOT IN ('schema_migrations', 'schema_functions', 'model_prices')"
     )
-    assert {r["relname"] for r in tables} == set(TABLES) | set(BUDGET_TABLES)
+    assert {r["relname"] for r in tables} == set(TABLES) | set(BUDGET_TABLES) | set(CREDIT_TABLES)
     for r in tables:
         # Enabled; not forced, so the SECURITY DEFINER functions (run as the owner) can write.
         assert r["relrowsecurity"], r["relname"]
@@ -421,7 +431,7 @@ async def test_row_level_security_is_select_only_and_keyed_on_the_hook(
             "tokentrack_reader": f"({column} = {hook})",
             "tokentrack_service": "true",
         }, table
-    for table in BUDGET_TABLES:
+    for table in (*BUDGET_TABLES, *CREDIT_TABLES):
         assert by_table[table] == {
             "tokentrack_reader": "(account_id = tokentrack.current_account_id())",
             "tokentrack_service": "true",

@@ -26,6 +26,9 @@ PUBLIC_API = {
     "reserve(uuid,uuid,jsonb,text[],text)",
     "extend_reservation(uuid,uuid,jsonb)",
     "set_budget(uuid,text,text,text,bigint,jsonb)",
+    "grant_credits(uuid,uuid,bigint,timestamp with time zone,text,text)",
+    "adjust_usage(uuid,uuid,bigint,text,text)",
+    "refund_report(uuid,uuid,text,text)",
 }
 
 # Functions that run with the caller's rights: the replaceable account hook, the trigger
@@ -38,6 +41,7 @@ INVOKER_RIGHTS = (
     "report_step_usage_billed_is_immutable",
     "model_prices_are_immutable",
     "budget_changes_are_append_only",
+    "credit_records_are_append_only",
     "sweep_expired_reservations",
 )
 
@@ -192,7 +196,8 @@ async def test_every_table_has_row_level_security_and_a_comment(conn: asyncpg.Co
     bookkeeping = {"schema_migrations", "schema_functions"}
     no_account_data = bookkeeping | {"model_prices"}
     budgets = {"budgets", "budget_changes", "budget_windows"}  # version 20261210000000
-    assert {r["relname"] for r in rows} == set(TABLES) | no_account_data | budgets
+    credits = {"credit_grants", "usage_adjustments", "report_refunds"}  # version 20261211000000
+    assert {r["relname"] for r in rows} == set(TABLES) | no_account_data | budgets | credits
     for r in rows:
         assert r["comment"], r["relname"]
         if r["relname"] not in no_account_data:

@@ -178,6 +178,8 @@ async def test_reconcile_is_ok_on_a_healthy_database(conn: asyncpg.Connection) -
         "periods_checked": 2,
         "costs_checked": 0,  # no step has a cost: no price is set
         "budget_windows_checked": 0,  # no budget is set
+        "budgets_checked": 0,
+        "corrections_checked": 0,  # no grant, adjustment or refund
         "discrepancies": [],
     }
     one = await call(conn, "reconcile", a)

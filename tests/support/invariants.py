@@ -1,4 +1,5 @@
-"""The six guarantees of docs/API.md, checked against a database: ``check_invariants``.
+"""The guarantees of docs/API.md (Part 1's six and Part 2's invariant 7), checked against a
+database: ``check_invariants``.
 
 Each check is one SQL query that lists offending rows; ``check_invariants`` returns one line
 per violation (empty list: all hold). The checks recompute everything from the rows
@@ -16,15 +17,32 @@ account's active unexpired reservations hold, this one included. ``check_invaria
 asserts ``tokens_used + held <= tokens_limit`` for every grant, and, given the grant answers,
 that no answer's ``available_tokens`` exceeds ``limit - used - held`` (the oracle of
 tests/support/model.py checks the exact arithmetic).
+
+Invariant 7 (no overcommit of any budget) is the same kind of property, per budget window:
+where budgets exist, ``install_grant_probe`` adds a second trigger (after the first) that
+runs when a reservation holding budget windows is inserted (reserve) or raised
+(extend_reservation): it locks the budgets it holds (FOR NO KEY UPDATE, in id order: already
+held by a correct function) and records, for every window it holds, the budget's limit, the
+window's used and what the active unexpired reservations holding that window hold, this one
+included (read from the holds column as timestamps, not through the functions' own helpers).
+``check_invariants`` asserts ``used + held <= limit`` for every row, that every held window
+was probed, and that no answer's "budgets" entry promised more than the probe saw. Extensions
+are probed for the account's active period as well (which they are checked against).
+Invariant 7's second half, every window's used equals the billed tokens (tokens budgets) or
+cost (cost budgets) of the steps of the reports whose reservations hold it, is computed here
+in Python from the rows, and reconcile()'s own "budget_used" check must agree.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 import asyncpg
+
+from model import parse_time, window_start
 
 BILLING_KINDS = ("report_billed", "report_expired", "late_step")
 
@@ -64,13 +82,121 @@ FOR EACH ROW EXECUTE FUNCTION tokentrack_probe.record_grant();
 """
 
 
+# Invariant 7's probe (installed where the budgets exist): every granted or raised hold.
+HOLD_PROBE_SQL = """
+CREATE TABLE IF NOT EXISTS tokentrack_probe.holds (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    reservation_id uuid NOT NULL,
+    kind text NOT NULL,
+    reserved_tokens bigint NOT NULL,
+    budget_id uuid NOT NULL,
+    window_start timestamptz NOT NULL,
+    unit text NOT NULL,
+    limit_amount bigint NOT NULL,
+    used bigint NOT NULL,
+    held bigint NOT NULL,
+    recorded_at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE TABLE IF NOT EXISTS tokentrack_probe.extensions (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    reservation_id uuid NOT NULL,
+    reserved_tokens bigint NOT NULL,
+    period_id uuid NOT NULL,
+    tokens_limit bigint NOT NULL,
+    tokens_used bigint NOT NULL,
+    held bigint NOT NULL
+);
+CREATE OR REPLACE FUNCTION tokentrack_probe.record_hold() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $probe$
+DECLARE
+    -- Read as JSON: no dependency on the budgets version's columns (its rollback drops them).
+    v_new jsonb := to_jsonb(NEW);
+    v_holds jsonb := to_jsonb(NEW) -> 'holds';
+    v_kind text := CASE WHEN TG_OP = 'INSERT' THEN 'reserve' ELSE 'extend' END;
+    v_budget record;
+    v_period tokentrack.usage_periods%ROWTYPE;
+    v_held bigint;
+BEGIN
+    IF NOT v_new ? 'holds' THEN
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'UPDATE' THEN
+        IF NEW.reserved_tokens = OLD.reserved_tokens
+           AND (v_new -> 'reserved_cost_micros') = (to_jsonb(OLD) -> 'reserved_cost_micros') THEN
+            RETURN NULL;  -- not an extension (billing, expiry)
+        END IF;
+        -- The account's active period, which an extension is checked against.
+        SELECT p.* INTO v_period FROM tokentrack.usage_periods AS p
+        WHERE p.account_id = NEW.account_id AND p.status = 'active' FOR NO KEY UPDATE;
+        SELECT COALESCE(sum(rr.reserved_tokens), 0) INTO v_held
+        FROM tokentrack.report_reservations AS rr
+        WHERE rr.account_id = NEW.account_id AND rr.status = 'active' AND rr.expires_at > now();
+        INSERT INTO tokentrack_probe.extensions
+            (reservation_id, reserved_tokens, period_id, tokens_limit, tokens_used, held)
+        VALUES (NEW.id, NEW.reserved_tokens, v_period.id, v_period.tokens_limit,
+                v_period.tokens_used, v_held);
+    END IF;
+    IF jsonb_typeof(v_holds) IS DISTINCT FROM 'array' THEN
+        RETURN NULL;
+    END IF;
+    PERFORM FROM tokentrack.budgets AS b
+    WHERE b.account_id = NEW.account_id
+      AND b.id IN (SELECT h.budget_id FROM jsonb_to_recordset(v_holds) AS h (budget_id uuid))
+    ORDER BY b.id FOR NO KEY UPDATE;
+    FOR v_budget IN
+        SELECT b.id, b.unit, b.limit_amount, h.window_start
+        FROM jsonb_to_recordset(v_holds) AS h (budget_id uuid, window_start timestamptz)
+        JOIN tokentrack.budgets AS b ON b.account_id = NEW.account_id AND b.id = h.budget_id
+        ORDER BY b.id
+    LOOP
+        INSERT INTO tokentrack_probe.holds (reservation_id, kind, reserved_tokens, budget_id,
+            window_start, unit, limit_amount, used, held)
+        SELECT NEW.id, v_kind, NEW.reserved_tokens, v_budget.id, v_budget.window_start,
+            v_budget.unit, v_budget.limit_amount,
+            COALESCE((SELECT w.used FROM tokentrack.budget_windows AS w
+                      WHERE w.account_id = NEW.account_id AND w.budget_id = v_budget.id
+                        AND w.window_start = v_budget.window_start), 0),
+            COALESCE((SELECT sum(CASE WHEN v_budget.unit = 'tokens' THEN rr.reserved_tokens
+                                      ELSE COALESCE(rr.reserved_cost_micros, 0) END)
+                      FROM tokentrack.report_reservations AS rr
+                      WHERE rr.account_id = NEW.account_id AND rr.status = 'active'
+                        AND rr.expires_at > now()
+                        AND EXISTS (SELECT FROM jsonb_to_recordset(rr.holds)
+                                        AS x (budget_id uuid, window_start timestamptz)
+                                    WHERE x.budget_id = v_budget.id
+                                      AND x.window_start = v_budget.window_start)), 0);
+    END LOOP;
+    RETURN NULL;
+END
+$probe$;
+DROP TRIGGER IF EXISTS zz_probe_hold ON tokentrack.report_reservations;
+CREATE TRIGGER zz_probe_hold AFTER INSERT ON tokentrack.report_reservations
+FOR EACH ROW EXECUTE FUNCTION tokentrack_probe.record_hold();
+DROP TRIGGER IF EXISTS zz_probe_raise ON tokentrack.report_reservations;
+CREATE TRIGGER zz_probe_raise AFTER UPDATE ON tokentrack.report_reservations
+FOR EACH ROW EXECUTE FUNCTION tokentrack_probe.record_hold();
+"""
+
+
+async def has_budgets(conn: asyncpg.Connection) -> bool:
+    """The database has the budgets version (20261210000000)."""
+    return bool(await conn.fetchval("SELECT to_regclass('tokentrack.budgets') IS NOT NULL"))
+
+
 async def install_grant_probe(conn: asyncpg.Connection) -> None:
-    """Record, inside every granting transaction, what the account held (invariant 3)."""
+    """Record, inside every granting transaction, what the account held (invariant 3) and,
+    where budgets exist, what every budget window it holds had (invariant 7)."""
     await conn.execute(PROBE_SQL)
+    if await has_budgets(conn):
+        await conn.execute(HOLD_PROBE_SQL)
 
 
 async def has_grant_probe(conn: asyncpg.Connection) -> bool:
     return bool(await conn.fetchval("SELECT to_regclass('tokentrack_probe.grants') IS NOT NULL"))
+
+
+async def has_hold_probe(conn: asyncpg.Connection) -> bool:
+    return bool(await conn.fetchval("SELECT to_regclass('tokentrack_probe.holds') IS NOT NULL"))
 
 
 # Each entry: invariant number, what a returned row means, the query listing offending rows.
@@ -301,6 +427,33 @@ PROBE_CHECKS: list[tuple[int, str, str]] = [
     ),
 ]
 
+# Invariant 7, where the budgets exist (the Python half is _check_budget_windows).
+BUDGET_PROBE_CHECKS: list[tuple[int, str, str]] = [
+    (
+        7,
+        "grant or extension that took a budget window's used plus active holds above its limit",
+        "SELECT reservation_id, kind, budget_id, window_start, limit_amount, used, held"
+        " FROM tokentrack_probe.holds WHERE used + held > limit_amount",
+    ),
+    (
+        7,
+        "budget window held by a reservation whose grant did not pass the probe",
+        "SELECT rr.id, h.budget_id, h.window_start FROM tokentrack.report_reservations AS rr"
+        " CROSS JOIN LATERAL jsonb_to_recordset(rr.holds)"
+        "   AS h (budget_id uuid, window_start timestamptz)"
+        " WHERE rr.holds IS NOT NULL AND NOT EXISTS (SELECT FROM tokentrack_probe.holds AS p"
+        "   WHERE p.reservation_id = rr.id AND p.kind = 'reserve'"
+        "   AND p.budget_id = h.budget_id AND p.window_start = h.window_start)",
+    ),
+    (
+        3,
+        "extension that took the active period's tokens_used plus active reservations above its"
+        " limit",
+        "SELECT reservation_id, reserved_tokens, tokens_limit, tokens_used, held"
+        " FROM tokentrack_probe.extensions WHERE tokens_used + held > tokens_limit",
+    ),
+]
+
 V1_STATE = {
     "usage_periods": "SELECT t::text FROM tokentrack.usage_periods AS t ORDER BY id",
     "reports": "SELECT t::text FROM tokentrack.reports AS t ORDER BY id",
@@ -331,13 +484,15 @@ async def check_invariants(
     settled: bool = False,
     swept: bool = False,
     grants: Sequence[Mapping[str, Any]] = (),
+    extensions: Sequence[Mapping[str, Any]] = (),
     v1_before: Mapping[str, list[str]] | None = None,
 ) -> list[str]:
     """Violations of the six invariants in the whole database (empty list: all hold).
 
     ``settled``: every report was finalized or expired and then swept (invariant 2 in full).
     ``swept``: the sweep ran after the last expiry was moved (invariant 4).
-    ``grants``: answers of granted reservations, checked against the probe (invariant 3).
+    ``grants``: answers of granted reservations, checked against the probe (invariants 3, 7).
+    ``extensions``: answers of granted extensions, checked against the probe (3, 7).
     ``v1_before``: ``v1_state()`` from before a version change (invariant 6).
     """
     checks = list(CHECKS)
@@ -348,6 +503,10 @@ async def check_invariants(
     probe = await has_grant_probe(conn)
     if probe:
         checks += PROBE_CHECKS
+    budgets = await has_budgets(conn)
+    hold_probe = budgets and await has_hold_probe(conn)
+    if hold_probe:
+        checks += BUDGET_PROBE_CHECKS
     violations: list[str] = []
     for number, meaning, query in checks:
         rows = await conn.fetch(query)
@@ -356,9 +515,16 @@ async def check_invariants(
 
     if grants:
         violations += await _check_grant_answers(conn, grants, probe)
+    if hold_probe and (grants or extensions):
+        violations += await _check_hold_answers(conn, grants, extensions)
 
+    # One snapshot for reconcile() and the rows the budget windows are recomputed from (the
+    # stress checker runs while the workload writes).
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        reconciled = json.loads(await conn.fetchval("SELECT tokentrack.reconcile(NULL)"))
+        if budgets:
+            violations += await _check_budget_windows(conn, reconciled)
     # 6. Existing data intact: every period explained by the append-only ledger...
-    reconciled = json.loads(await conn.fetchval("SELECT tokentrack.reconcile(NULL)"))
     if reconciled.get("ok") is not True:
         violations.append(f"invariant 6: reconcile() is not ok: {reconciled['discrepancies']}")
     # ...and, across a version change, version 1's rows and increment_usage unchanged.
@@ -397,4 +563,153 @@ async def _check_grant_answers(
                 f"held at grant time: answer {available}, probe limit {row['tokens_limit']} "
                 f"used {row['tokens_used']} held {row['held']}"
             )
+    return violations
+
+
+async def _check_hold_answers(
+    conn: asyncpg.Connection,
+    grants: Sequence[Mapping[str, Any]],
+    extensions: Sequence[Mapping[str, Any]],
+) -> list[str]:
+    """Invariant 7 for the answers: no "budgets" entry of a grant or an extension promised
+    more than limit - used - held in that window when the probe looked (the same argument as
+    invariant 3: only a hold that left in between can make the probe see less held)."""
+    violations = []
+    rows = await conn.fetch(
+        "SELECT reservation_id::text AS id, kind, reserved_tokens, budget_id::text AS budget,"
+        " window_start, limit_amount, used, held FROM tokentrack_probe.holds"
+    )
+    probed = {
+        (r["id"], r["kind"], r["reserved_tokens"], r["budget"], r["window_start"]): r for r in rows
+    }
+    periods = {
+        (r["id"], r["reserved_tokens"]): r
+        for r in await conn.fetch(
+            "SELECT reservation_id::text AS id, reserved_tokens, tokens_limit, tokens_used, held"
+            " FROM tokentrack_probe.extensions"
+        )
+    }
+    answers = [("reserve", a) for a in grants] + [("extend", a) for a in extensions]
+    for kind, answer in answers:
+        reservation, reserved = str(answer.get("reservation_id")), answer.get("reserved_tokens")
+        if kind == "extend":
+            row = periods.get((reservation, reserved))
+            available = answer.get("available_tokens")
+            if row is None:
+                violations.append(f"invariant 3: extension not in the probe: {answer}")
+            elif not isinstance(available, int) or not (
+                0 <= available <= row["tokens_limit"] - row["tokens_used"] - row["held"]
+            ):
+                violations.append(
+                    f"invariant 3: the extension answered available_tokens {available!r}, the"
+                    f" probe saw limit {row['tokens_limit']} used {row['tokens_used']}"
+                    f" held {row['held']}"
+                )
+        for entry in answer.get("budgets") or ():
+            start = parse_time(entry.get("window_start"))
+            row = probed.get((reservation, kind, reserved, str(entry.get("budget_id")), start))
+            available = entry.get("available")
+            if not isinstance(available, int) or available < 0:
+                violations.append(f"invariant 7: a {kind} answered available {available!r}")
+            elif row is None:
+                violations.append(
+                    f"invariant 7: a {kind}'s budget window not in the probe: {entry}"
+                )
+            elif available > row["limit_amount"] - row["used"] - row["held"]:
+                violations.append(
+                    f"invariant 7: a {kind} answered more available than limit - used - held"
+                    f" at grant time: answer {entry}, probe limit {row['limit_amount']}"
+                    f" used {row['used']} held {row['held']}"
+                )
+    return violations
+
+
+async def _check_budget_windows(
+    conn: asyncpg.Connection, reconciled: Mapping[str, Any]
+) -> list[str]:
+    """Invariant 7's second half, recomputed in Python from the rows (one snapshot): every
+    budget window's used is the billed tokens (tokens budgets) or cost (cost budgets) of the
+    steps of the reports whose reservations hold it, late steps included; every held window has
+    its row and every row a holder; each starts where its budget's windows start; and
+    reconcile() checked every window."""
+    violations: list[str] = []
+    budgets = {
+        str(r["id"]): r
+        for r in await conn.fetch(
+            "SELECT account_id, id, unit, budget_window, timezone, created_at"
+            " FROM tokentrack.budgets"
+        )
+    }
+    windows: dict[tuple[str, datetime], int] = {
+        (str(r["budget_id"]), r["window_start"]): r["used"]
+        for r in await conn.fetch(
+            "SELECT budget_id, window_start, used FROM tokentrack.budget_windows"
+        )
+    }
+    billed = {
+        r["report_id"]: (r["tokens"], r["cost"])
+        for r in await conn.fetch(
+            "SELECT s.report_id, sum(s.total_tokens)::bigint AS tokens,"
+            " sum(COALESCE(s.cost_micros, 0))::bigint AS cost"
+            " FROM tokentrack.report_step_usage AS s"
+            " JOIN tokentrack.report_reservations AS rr ON rr.report_id = s.report_id"
+            " WHERE s.billed_at IS NOT NULL AND rr.holds IS NOT NULL GROUP BY s.report_id"
+        )
+    }
+    expected: dict[tuple[str, datetime], int] = {}
+    for row in await conn.fetch(
+        "SELECT id, report_id, account_id, holds::text AS holds"
+        " FROM tokentrack.report_reservations WHERE holds IS NOT NULL"
+    ):
+        holds = json.loads(row["holds"])
+        tokens, cost = billed.get(row["report_id"], (0, 0))
+        ids = []
+        for hold in holds:
+            budget_id, start = hold.get("budget_id"), parse_time(hold.get("window_start"))
+            budget = budgets.get(str(budget_id))
+            if budget is None or start is None or budget["account_id"] != row["account_id"]:
+                violations.append(
+                    f"invariant 7: reservation {row['id']} holds {hold}: not a window of a"
+                    " budget of its account"
+                )
+                continue
+            ids.append(budget_id)
+            key = (str(budget_id), start)
+            if key not in windows:
+                violations.append(
+                    f"invariant 7: reservation {row['id']} holds {hold}, which has no row"
+                )
+            amount = tokens if budget["unit"] == "tokens" else cost
+            expected[key] = expected.get(key, 0) + amount
+        if ids != sorted(set(ids)):
+            violations.append(
+                f"invariant 7: reservation {row['id']}'s holds are not one per budget in id"
+                f" order: {holds}"
+            )
+    for (budget_id, start), used in sorted(windows.items(), key=str):
+        budget = budgets[budget_id]
+        if (budget_id, start) not in expected:
+            violations.append(
+                f"invariant 7: budget window ({budget_id}, {start}) that no reservation holds"
+            )
+        elif used != expected[(budget_id, start)]:
+            violations.append(
+                f"invariant 7: budget window ({budget_id}, {start}) used {used}, but the billed"
+                f" {budget['unit']} of the reports holding it add up to"
+                f" {expected[(budget_id, start)]}"
+            )
+        if budget["budget_window"] == "total":
+            should = budget["created_at"]
+        else:
+            should = window_start(budget["budget_window"], budget["timezone"], start)
+        if start != should:
+            violations.append(
+                f"invariant 7: budget window ({budget_id}, {start}) does not start where the"
+                f" {budget['budget_window']} windows of {budget['timezone']} start ({should})"
+            )
+    checked = reconciled.get("budget_windows_checked")
+    if checked != len(windows):
+        violations.append(
+            f"invariant 7: reconcile() checked {checked} budget windows of {len(windows)}"
+        )
     return violations

@@ -13,6 +13,12 @@ for ``--duration`` seconds:
   record steps (some retried, some sent twice at once, some with conflicting numbers),
   end reports with finish_report or finalize (sometimes both at once, sometimes twice),
   record late steps, call increment_usage, and abandon a quarter of their reports;
+- budgets (``--no-budgets`` leaves them out): every account has a month, teams' days, keys'
+  minutes, users' hours and a total in cost; most reservations go through reserve() with a
+  team, a key and sometimes a user, and a cost estimate (explicit or priced by a model); a
+  running report is sometimes extended (extend_reservation, racing the others' reservations);
+  steps sometimes name a priced model; a worker refused by a budget sometimes raises its limit
+  (set_budget, racing the others);
 - a sweeper that moves the abandoned reservations into the past and runs
   ``cleanup_expired_reservations()`` or ``CALL sweep_expired_reservations(n)``, sometimes
   racing a finalize of the same report;
@@ -26,10 +32,15 @@ An interrupted call is retried when it is idempotent (reserve, persist, finalize
 the retry may then find that the first attempt committed: existing, duplicate,
 already_finalized) and counted as an unknown outcome otherwise (increment_usage). Every
 answer is checked on the spot (codes, duplicate flags, billed_tokens = the report's
-acknowledged steps). At the end every reservation is expired and swept, and: every step
-whose persist call was acknowledged is there with its numbers, every acknowledged billing
-matches its reservation, increments are between the acknowledged and the possible, and the
-six invariants hold. One summary line; exit status 1 on any violation.
+acknowledged steps; a grant's and an extension's budgets each hold what was asked and leave
+nothing negative; an over_reservation answer's numbers add up). An interrupted extension is
+not retried (it is not idempotent): an unknown outcome. At the end every reservation is
+expired and swept, and: every step whose persist call was acknowledged is there with its
+numbers, every acknowledged billing matches its reservation, increments are between the
+acknowledged and the possible, and every invariant holds (7 included: the grant probe saw
+every grant and extension within every budget window it holds, and every window's used is what
+its reports were billed). One summary line, with the throughput; exit status 1 on any
+violation.
 """
 
 from __future__ import annotations
@@ -55,6 +66,22 @@ from tokentrack_client.testing import DURABLE_SETTINGS, PostgresServer
 TRANSIENT_SQLSTATES = {"57P01", "57P02", "57P03", "55P03", "57014"}
 LIMIT = 3_000  # per period: a few reports fit, then reservations are refused
 ESTIMATES = (50, 100, 200, 400)
+# Every account's budgets: (subject, unit, window, limit). A refused worker raises a limit by
+# RAISE (the day's, month's and total's fill up for good otherwise).
+TEAMS = ("team:t0", "team:t1")
+KEYS = ("key:k0", "key:k1", "key:k2")
+USERS = ("user:u0", "user:u1")
+BUDGETS: tuple[tuple[str | None, str, str, int], ...] = (
+    (None, "tokens", "month", 15_000),
+    (None, "cost_micros", "total", 60_000),
+    *((team, "tokens", "day", 8_000) for team in TEAMS),
+    *((key, "tokens", "minute", 4_000) for key in KEYS),
+    *((user, "tokens", "hour", 6_000) for user in USERS),
+)
+RAISE = {"tokens": 5_000, "cost_micros": 20_000}
+PRICED_MODEL = "model-x"  # 1 micro per input token, 3 per output token
+EXTRAS = (25, 100, 300)
+BUDGET_ESTIMATES = (300, 800, 1_500)  # reserve()'s: overrun stays the exception
 STATUSES = ("complete", "failed", "cancelled")
 CHECK_EVERY = 4.0
 
@@ -85,6 +112,7 @@ class Config:
     crash_after_steps: int = 150
     kill_backends: bool = True
     lock_faults: bool = True
+    budgets: bool = True
 
 
 @dataclass
@@ -105,6 +133,13 @@ class Stats:
     crashes: int = 0
     sweeps: int = 0
     checks: int = 0
+    calls: int = 0
+    budget_refused: int = 0
+    refused_by_window: dict[str, int] = field(default_factory=dict)
+    budget_raises: int = 0
+    extensions: int = 0
+    extensions_refused: int = 0
+    over_reservations: int = 0
 
     @property
     def faults(self) -> int:
@@ -130,6 +165,13 @@ class Summary:
             f" (backends_killed={s.backends_killed} lock_timeouts={s.lock_timeouts}"
             f" statement_timeouts={s.statement_timeouts} server_crashes={s.crashes})"
             f" sweeps={s.sweeps} checks={s.checks}"
+            f" budget_refusals={s.budget_refused} ("
+            + " ".join(f"{w}={n}" for w, n in sorted(s.refused_by_window.items()))
+            + f") budget_raises={s.budget_raises}"
+            f" extensions={s.extensions} extensions_refused={s.extensions_refused}"
+            f" over_reservation_answers={s.over_reservations}"
+            f" calls={s.calls} calls_per_s={s.calls / max(self.duration, 1e-9):.0f}"
+            f" reports_per_s={s.reports / max(self.duration, 1e-9):.1f}"
             f" invariant_violations={len(self.violations)}"
         )
 
@@ -150,6 +192,8 @@ class Run:
     acked_steps: dict[tuple[uuid.UUID, str], tuple[int, int, int]] = field(default_factory=dict)
     acked_billing: dict[uuid.UUID, int] = field(default_factory=dict)
     grants: list[dict[str, Any]] = field(default_factory=list)
+    extensions: list[dict[str, Any]] = field(default_factory=list)  # granted extensions
+    limits: dict[tuple[uuid.UUID, str | None, str, str], int] = field(default_factory=dict)
     increments: list[int] = field(default_factory=list)  # acknowledged tokens
     unknown_increments: list[int] = field(default_factory=list)
     abandoned: list[tuple[uuid.UUID, uuid.UUID]] = field(default_factory=list)
@@ -206,7 +250,9 @@ class Link:
         while True:
             try:
                 conn = await self.get()
-                return json.loads(await conn.fetchval(sql, *args)), uncertain
+                answer = json.loads(await conn.fetchval(sql, *args))
+                self.run.stats.calls += 1
+                return answer, uncertain
             except Exception as exc:
                 if not transient(exc):
                     raise
@@ -258,18 +304,76 @@ class Worker:
             await self.main.close()
             await self.side.close()
 
+    async def reserve(
+        self, account: uuid.UUID, report: uuid.UUID, estimate: int
+    ) -> tuple[dict[str, Any] | None, bool]:
+        """try_reserve_tokens, or (with budgets, mostly) reserve with subjects, a cost
+        estimate and a mode."""
+        rng = self.rng
+        if not self.run.config.budgets or rng.random() < 0.2:
+            return await self.main.call("try_reserve_tokens", account, report, estimate)
+        estimate = rng.choice(BUDGET_ESTIMATES)
+        subjects = [rng.choice(TEAMS), rng.choice(KEYS)]
+        if rng.random() < 0.3:
+            subjects.append(rng.choice(USERS))
+        return await self.main.call(
+            "reserve",
+            account,
+            report,
+            json.dumps({"tokens": estimate, **self.cost_estimate()}),
+            subjects,
+            rng.choice(("standard", "dd", "discovery", "hybrid")),
+        )
+
+    def cost_estimate(self) -> dict[str, Any]:
+        dice = self.rng.random()
+        if dice < 0.3:
+            return {}
+        if dice < 0.6:
+            return {"model": PRICED_MODEL}
+        return {"cost_micros": self.rng.randint(0, 900)}
+
+    def check_budgets(self, what: str, answer: dict[str, Any]) -> None:
+        """A grant's or an extension's budgets: each keeps something, none overcommitted."""
+        for entry in answer.get("budgets") or ():
+            self.expect(entry["available"] >= 0 and entry["held"] >= 0, what, answer)
+
+    async def refused_by_budget(self, account: uuid.UUID, answer: dict[str, Any]) -> None:
+        """Sometimes raise the budget that refused (racing the other workers)."""
+        run = self.run
+        run.stats.budget_refused += 1
+        window = run.stats.refused_by_window
+        window[answer["window"]] = window.get(answer["window"], 0) + 1
+        self.expect(
+            answer["available"] < answer["requested"] or answer["available"] == 0,
+            "budget refusal",
+            answer,
+        )
+        if self.rng.random() >= 0.3:
+            return
+        kind = (account, answer["subject"], answer["unit"], answer["window"])
+        run.limits[kind] += RAISE[answer["unit"]]
+        raised, _ = await self.main.call(
+            "set_budget", account, kind[1], kind[2], kind[3], run.limits[kind], "{}"
+        )
+        self.expect(bool(raised and raised["success"]), "set_budget", raised)
+        run.stats.budget_raises += 1
+
     async def one_report(self) -> None:
         run, rng = self.run, self.rng
         account = rng.choice(run.accounts)
         report = new_uuid(rng)
         estimate = rng.choice(ESTIMATES)
-        answer, uncertain = await self.main.call("try_reserve_tokens", account, report, estimate)
+        answer, uncertain = await self.reserve(account, report, estimate)
         assert answer is not None
         if not answer["success"]:
-            # Every account always has an active period: only the budget may refuse.
-            self.expect(answer["error"] == "insufficient_tokens", "reserve refused", answer)
+            # Every account always has an active period: only a budget may refuse.
+            error = answer["error"]
+            self.expect(error in ("insufficient_tokens", "insufficient_budget"), "refused", answer)
             run.stats.refused += 1
-            if rng.random() < 0.3:
+            if error == "insufficient_budget":
+                await self.refused_by_budget(account, answer)
+            elif rng.random() < 0.3:
                 opened, _ = await self.main.call("open_usage_period", account, LIMIT, None)
                 self.expect(bool(opened and opened["success"]), "open_usage_period", opened)
                 run.stats.periods_opened += 1
@@ -279,12 +383,18 @@ class Worker:
         self.expect(uncertain or not answer["existing"], "new report answered existing", answer)
         if not answer["existing"]:
             run.grants.append(answer)
+            self.check_budgets("grant", answer)
         run.stats.granted += 1
         run.stats.reports += 1
 
         totals = 0
-        for n in range(rng.randint(0, 4)):
-            totals += await self.persist(report, account, f"step-{n}", late=False)
+        steps = rng.randint(0, 4)
+        extend_after = rng.randint(0, steps) if run.config.budgets and rng.random() < 0.3 else -1
+        for n in range(steps + 1):
+            if n == extend_after:
+                await self.extend(report, account)
+            if n < steps:
+                totals += await self.persist(report, account, f"step-{n}", late=False)
         ending = rng.random()
         if ending < 0.25:
             run.abandoned.append((report, account))
@@ -294,12 +404,34 @@ class Worker:
                 await self.persist(report, account, "late-step", late=True)
         await self.maybe_increment(account)
 
+    async def extend(self, report: uuid.UUID, account: uuid.UUID) -> None:
+        """Raise the running report's reservation (not retried: not idempotent)."""
+        run = self.run
+        more = {"tokens": self.rng.choice(EXTRAS), **self.cost_estimate()}
+        answer, _ = await self.main.call(
+            "extend_reservation", report, account, json.dumps(more), retry=False
+        )
+        if answer is None:
+            run.stats.unknown += 1
+        elif answer["success"]:
+            self.expect(answer["available_tokens"] >= 0, "extension overcommits", answer)
+            self.check_budgets("extension", answer)
+            run.extensions.append(answer)
+            run.stats.extensions += 1
+        else:
+            error = answer["error"]
+            self.expect(error in ("insufficient_tokens", "insufficient_budget"), "extend", answer)
+            run.stats.extensions_refused += 1
+            if error == "insufficient_budget":
+                await self.refused_by_budget(account, answer)
+
     async def persist(self, report: uuid.UUID, account: uuid.UUID, name: str, late: bool) -> int:
         run, rng = self.run, self.rng
         inp, out = rng.randint(0, 400), rng.randint(0, 200)
         total = None if rng.random() < 0.7 else inp + out + rng.randint(0, 50)
         numbers = (inp, out, inp + out if total is None else total)
-        args = (report, account, name, inp, out, total, None)
+        model = PRICED_MODEL if run.config.budgets and rng.random() < 0.5 else None
+        args = (report, account, name, inp, out, total, model)
         if rng.random() < 0.15:  # the same step sent twice at once (a racing retry)
             (first, u1), (second, u2) = await asyncio.gather(
                 self.main.call("persist_step_usage", *args),
@@ -317,6 +449,7 @@ class Worker:
         for answer in answers:
             ok = bool(answer and answer["success"] and answer["total_tokens"] == numbers[2])
             self.expect(ok and answer is not None and answer["late"] is late, "persist", answer)
+            self.check_overrun(answer)
         run.acked_steps[(report, name)] = numbers
         run.stats.steps += 1
         run.step_done.set()
@@ -332,6 +465,14 @@ class Worker:
             self.expect(bool(clash and clash.get("error") == "step_conflict"), "conflict", clash)
             run.stats.conflicts += 1
         return numbers[2]
+
+    def check_overrun(self, answer: dict[str, Any] | None) -> None:
+        """An over_reservation answer's numbers add up."""
+        if answer and answer.get("over_reservation"):
+            self.run.stats.over_reservations += 1
+            over, recorded = answer["over_by"], answer["recorded_tokens"]
+            ok = over > 0 and over == recorded - answer["reserved_tokens"]
+            self.expect(ok, "over_reservation", answer)
 
     async def end(
         self, report: uuid.UUID, account: uuid.UUID, totals: int, use_finish: bool
@@ -363,6 +504,7 @@ class Worker:
                 run.stats.steps += 1
                 run.step_done.set()
                 run.stats.late_steps += int(step["late"])
+                self.check_overrun(step)
                 if not step["late"]:  # recorded before the billing: billed with the report
                     totals += inp + out
         if rng.random() < 0.15:  # a plain retry of the end
@@ -527,7 +669,9 @@ async def checker(run: Run) -> None:
             with suppress(TimeoutError):
                 await asyncio.wait_for(run.stop.wait(), CHECK_EVERY)
             try:
-                found = await check_invariants(await link.get(), grants=list(run.grants))
+                found = await check_invariants(
+                    await link.get(), grants=list(run.grants), extensions=list(run.extensions)
+                )
             except Exception as exc:
                 if not transient(exc):
                     raise
@@ -585,7 +729,9 @@ async def settle_and_verify(run: Run) -> None:
         if not low_t <= total <= low_t + sum(run.unknown_increments):
             run.violation(f"increment_usage tokens {total} not within the acknowledged range")
 
-        for text in await check_invariants(conn, settled=True, swept=True, grants=run.grants):
+        for text in await check_invariants(
+            conn, settled=True, swept=True, grants=run.grants, extensions=run.extensions
+        ):
             run.violation(text)
     finally:
         await conn.close()
@@ -608,10 +754,28 @@ async def run_stress(config: Config, server: PostgresServer) -> Summary:
         )
         for account in accounts:
             await conn.fetchval("SELECT tokentrack.open_usage_period($1, $2, NULL)", account, LIMIT)
+        limits: dict[tuple[uuid.UUID, str | None, str, str], int] = {}
+        if config.budgets:
+            await conn.fetchval(
+                "SELECT tokentrack.set_model_price($1, $2)",
+                PRICED_MODEL,
+                json.dumps({"input": 1_000_000, "output": 3_000_000}),
+            )
+            for account in accounts:
+                for subject, unit, window, limit in BUDGETS:
+                    await conn.fetchval(
+                        "SELECT tokentrack.set_budget($1, $2, $3, $4, $5, '{}')",
+                        account,
+                        subject,
+                        unit,
+                        window,
+                        limit,
+                    )
+                    limits[(account, subject, unit, window)] = limit
     finally:
         await conn.close()
 
-    run = Run(config, server, dsn, accounts)
+    run = Run(config, server, dsn, accounts, limits=limits)
     run.server_up.set()
     started = time.monotonic()
     workers = [asyncio.create_task(Worker(run, n).loop()) for n in range(config.workers)]
@@ -658,6 +822,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-backend-kills", action="store_true")
     parser.add_argument("--no-lock-faults", action="store_true")
+    parser.add_argument("--no-budgets", action="store_true", help="Part 1's workload alone")
     args = parser.parse_args(argv)
     config = Config(
         duration=args.duration,
@@ -667,6 +832,7 @@ def main(argv: list[str] | None = None) -> int:
         crash_every=args.crash_every,
         kill_backends=not args.no_backend_kills,
         lock_faults=not args.no_lock_faults,
+        budgets=not args.no_budgets,
     )
     summary = run_with_own_server(config)
     print(summary.line(), flush=True)

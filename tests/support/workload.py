@@ -4,8 +4,16 @@
 mapping, the oracle's per-account models (tests/support/model.py) and the grant answers. ``round()``
 runs the lanes of one round at once (``asyncio.gather``, one connection per lane, each lane
 in order), reads the database back, asks the oracle to explain the answers and the state,
-and checks the six invariants (tests/support/invariants.py). ``settle()`` moves every active
+and checks the invariants (tests/support/invariants.py). ``settle()`` moves every active
 reservation into the past and runs the sweep, after which invariants 2 and 4 hold in full.
+
+With budgets (``Harness.create(..., budgets=[SetBudget(...), ...])``), the harness also
+installs PRICED_MODEL's price, creates the budgets in a first round the oracle checks, and
+gives every call the database clock's interval around its round (the oracle's windows).
+Moving a reservation that holds budget windows into the past takes the locks a reservation
+check reads it under (the account's periods, then the budgets it holds, as a reservation of
+the same account would): expiry is a moment in time, so no reservation check may see it
+half-way (the period's sum before it, a budget's sum after it).
 
 ``fresh_database()`` clones the tokentrack template database for one example (about 40 ms
 on the test server) and drops it afterwards. The hypothesis strategies for workloads are at
@@ -15,12 +23,14 @@ the end of this module.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import uuid
 import zlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -28,9 +38,13 @@ from hypothesis import strategies as st
 
 from invariants import check_invariants, install_grant_probe
 from model import (
+    PRICED_MODEL,
+    PRICES,
     AccountModel,
+    BudgetM,
     Call,
     Expire,
+    Extend,
     Finalize,
     Finish,
     Increment,
@@ -41,10 +55,12 @@ from model import (
     ReportM,
     ReservationM,
     Reserve,
+    SetBudget,
     StepM,
     Sweep,
     World,
     check_round,
+    parse_time,
 )
 from sqlkit import call
 from tokentrack_client.testing import PostgresServer
@@ -96,11 +112,101 @@ class Names:
         return self._labels.get(value, str(value))
 
 
-async def execute(conn: asyncpg.Connection, names: Names, op: Op) -> dict[str, Any]:
+def estimate_json(tokens: int, cost: int | None, priced: bool) -> str:
+    """reserve's p_estimate (extend_reservation's p_more)."""
+    estimate: dict[str, Any] = {"tokens": tokens}
+    if priced:
+        estimate["model"] = PRICED_MODEL
+    elif cost is not None:
+        estimate["cost_micros"] = cost
+    return json.dumps(estimate)
+
+
+async def expire(conn: asyncpg.Connection, report_id: uuid.UUID, budgets: bool) -> int:
+    """Move a report's reservation into the past; how many rows moved (0 or 1). With
+    ``budgets``, a reservation that holds windows is moved under the locks a reservation check
+    reads it under (see the module docstring): its row, the account's periods (ascending),
+    then the budgets it holds (in id order), the global lock order."""
+    move = (
+        "UPDATE tokentrack.report_reservations"
+        " SET created_at = now() - interval '3 hours', expires_at = now() - interval '1 hour'"
+        " WHERE report_id = $1"
+    )
+    if not budgets:
+        return int((await conn.execute(move, report_id)).split()[-1])
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            "SELECT account_id, holds::text AS holds FROM tokentrack.report_reservations"
+            " WHERE report_id = $1 FOR UPDATE",
+            report_id,
+        )
+        if row is None:
+            return 0
+        if row["holds"] is not None:
+            await conn.execute(
+                "SELECT FROM tokentrack.usage_periods WHERE account_id = $1 ORDER BY id FOR UPDATE",
+                row["account_id"],
+            )
+            await conn.execute(
+                "SELECT FROM tokentrack.budgets WHERE account_id = $1 AND id IN"
+                " (SELECT h.budget_id FROM jsonb_to_recordset($2::jsonb) AS h (budget_id uuid))"
+                " ORDER BY id FOR UPDATE",
+                row["account_id"],
+                row["holds"],
+            )
+        return int((await conn.execute(move, report_id)).split()[-1])
+
+
+async def execute(
+    conn: asyncpg.Connection, names: Names, op: Op, budgets: bool = False
+) -> dict[str, Any]:
     """Run one operation; its answer as a dict (the jsonb answer, or what a statement said)."""
     if isinstance(op, Reserve):
+        if op.subjects is None:
+            return await call(
+                conn, "try_reserve_tokens", names[op.account], names[op.report], op.estimate
+            )
         return await call(
-            conn, "try_reserve_tokens", names[op.account], names[op.report], op.estimate
+            conn,
+            "reserve",
+            names[op.account],
+            names[op.report],
+            estimate_json(op.estimate, op.cost, op.priced),
+            list(op.subjects),
+            op.mode,
+        )
+    if isinstance(op, Extend):
+        return await call(
+            conn,
+            "extend_reservation",
+            names[op.report],
+            names[op.account],
+            estimate_json(op.tokens, op.cost, op.priced),
+        )
+    if isinstance(op, SetBudget):
+        options = {} if op.timezone is None else {"timezone": op.timezone}
+        return await call(
+            conn,
+            "set_budget",
+            names[op.account],
+            op.subject,
+            op.unit,
+            op.window,
+            op.limit,
+            json.dumps(options),
+        )
+    if isinstance(op, Persist) and op.record:
+        usage: dict[str, int] = {"input_tokens": op.input_tokens, "output_tokens": op.output_tokens}
+        if op.total_tokens is not None:
+            usage["total_tokens"] = op.total_tokens
+        return await call(
+            conn,
+            "record_step",
+            names[op.report],
+            names[op.account],
+            op.step,
+            json.dumps(usage),
+            op.model,
         )
     if isinstance(op, Persist):
         return await call(
@@ -130,13 +236,7 @@ async def execute(conn: asyncpg.Connection, names: Names, op: Op) -> dict[str, A
             conn, "increment_usage", names[op.account], op.tokens, op.is_report, op.is_chat
         )
     if isinstance(op, Expire):
-        status = await conn.execute(
-            "UPDATE tokentrack.report_reservations"
-            " SET created_at = now() - interval '3 hours', expires_at = now() - interval '1 hour'"
-            " WHERE report_id = $1",
-            names[op.report],
-        )
-        return {"updated": int(status.split()[-1])}
+        return {"updated": await expire(conn, names[op.report], budgets)}
     if isinstance(op, Sweep):
         if op.batch is None:
             return await call(conn, "cleanup_expired_reservations")
@@ -170,9 +270,10 @@ async def call_batched_sweep(conn: asyncpg.Connection, batch: int) -> dict[str, 
 
 
 async def read_models(
-    conn: asyncpg.Connection, names: Names, labels: Sequence[str]
+    conn: asyncpg.Connection, names: Names, labels: Sequence[str], budgets: bool = False
 ) -> dict[str, AccountModel]:
-    """The database's state of the given accounts, in the oracle's terms."""
+    """The database's state of the given accounts, in the oracle's terms (``budgets``: the
+    database has the budgets version, whose rows are read too)."""
     ids = [names[label] for label in labels]
     by_id = {names[label]: label for label in labels}
     models = {label: AccountModel(label, exists=False) for label in labels}
@@ -192,10 +293,15 @@ async def read_models(
                 row["status"] == "active",
             )
         )
+    holds = "rr.holds::text" if budgets else "NULL::text"
+    reserved_cost = "rr.reserved_cost_micros" if budgets else "NULL::bigint"
     for row in await conn.fetch(
-        "SELECT r.id, r.account_id, r.status, (r.token_usage ->> 'totalTokens')::bigint AS total,"
+        "SELECT r.id, r.account_id, r.status, r.mode,"
+        " (r.token_usage ->> 'totalTokens')::bigint AS total,"
+        " (r.token_usage ->> 'costMicros')::bigint AS cost_total,"
         " rr.id::text AS rid, rr.reserved_tokens, rr.period_id::text AS period,"
-        " rr.status AS rstatus, rr.expires_at <= now() AS expired, rr.billed_tokens"
+        " rr.status AS rstatus, rr.expires_at <= now() AS expired, rr.billed_tokens,"
+        f" {holds} AS holds, {reserved_cost} AS reserved_cost"
         " FROM tokentrack.reports AS r"
         " LEFT JOIN tokentrack.report_reservations AS rr ON rr.report_id = r.id"
         " WHERE r.account_id = ANY($1)",
@@ -210,13 +316,16 @@ async def read_models(
                 row["rstatus"],
                 row["expired"],
                 row["billed_tokens"],
+                _holds(row["holds"]),
+                row["reserved_cost"],
             )
         models[by_id[row["account_id"]]].reports[names.label(row["id"])] = ReportM(
-            row["status"], reservation, {}, row["total"]
+            row["status"], reservation, {}, row["total"], row["mode"], row["cost_total"]
         )
     for row in await conn.fetch(
         "SELECT r.account_id, s.report_id, s.step_name, s.id::text AS id, s.input_tokens,"
-        " s.output_tokens, s.total_tokens, s.late, s.billed_period_id::text AS billed"
+        " s.output_tokens, s.total_tokens, s.late, s.billed_period_id::text AS billed,"
+        " s.cost_micros"
         " FROM tokentrack.report_step_usage AS s"
         " JOIN tokentrack.reports AS r ON r.id = s.report_id"
         " WHERE r.account_id = ANY($1)",
@@ -230,8 +339,56 @@ async def read_models(
             row["total_tokens"],
             row["late"],
             row["billed"],
+            row["cost_micros"],
         )
+    if budgets:
+        await _read_budgets(conn, models, by_id, ids)
     return models
+
+
+def _holds(text: str | None) -> tuple[tuple[str, datetime], ...]:
+    """report_reservations.holds as the oracle's (budget id, window start) pairs, in its order."""
+    found = []
+    for hold in json.loads(text or "[]"):
+        start = parse_time(hold["window_start"])
+        assert start is not None, hold
+        found.append((str(hold["budget_id"]), start))
+    return tuple(found)
+
+
+async def _read_budgets(
+    conn: asyncpg.Connection,
+    models: dict[str, AccountModel],
+    by_id: dict[uuid.UUID, str],
+    ids: list[uuid.UUID],
+) -> None:
+    for row in await conn.fetch(
+        "SELECT b.account_id, b.id::text AS id, b.subject, b.unit, b.budget_window,"
+        " b.limit_amount, b.timezone, b.created_at,"
+        " (SELECT count(*) FROM tokentrack.budget_changes AS c"
+        "  WHERE c.account_id = b.account_id AND c.budget_id = b.id) AS changes"
+        " FROM tokentrack.budgets AS b WHERE b.account_id = ANY($1)",
+        ids,
+    ):
+        window = row["budget_window"]
+        models[by_id[row["account_id"]]].budgets[(row["subject"], row["unit"], window)] = BudgetM(
+            row["id"],
+            row["subject"],
+            row["unit"],
+            window,
+            row["limit_amount"],
+            row["timezone"],
+            row["changes"],
+            parse_time(row["created_at"]) if window == "total" else None,
+        )
+    for row in await conn.fetch(
+        "SELECT account_id, budget_id::text AS budget_id, window_start, used"
+        " FROM tokentrack.budget_windows WHERE account_id = ANY($1)",
+        ids,
+    ):
+        start = parse_time(row["window_start"])
+        assert start is not None
+        models[by_id[row["account_id"]]].windows[(row["budget_id"], start)] = row["used"]
 
 
 @dataclass
@@ -242,6 +399,7 @@ class Workload:
     reports: int
     rounds: list[list[list[Op]]]
     final_sweep: int | None = None  # the settling sweep: None cleanup(), else CALL (batch)
+    budgets: list[SetBudget] = field(default_factory=list)  # created before the first round
 
 
 @dataclass
@@ -251,14 +409,29 @@ class Harness:
     names: Names
     models: dict[str, AccountModel]
     grants: list[dict[str, Any]] = field(default_factory=list)
+    extensions: list[dict[str, Any]] = field(default_factory=list)
     calls: int = 0
     history: list[str] = field(default_factory=list)
+    budgets: bool = False  # the database has the budgets version
 
     @classmethod
-    async def create(cls, dsn: str, limits: Sequence[int], reports: int, lanes: int) -> Harness:
+    async def create(
+        cls,
+        dsn: str,
+        limits: Sequence[int],
+        reports: int,
+        lanes: int,
+        budgets: Sequence[SetBudget] = (),
+    ) -> Harness:
+        """Accounts a0, a1, ... with these period limits, ``reports`` report labels, ``lanes``
+        connections; with ``budgets``, PRICED_MODEL's price and these budgets (created in a
+        first round, checked by the oracle)."""
         conns = [await asyncpg.connect(dsn) for _ in range(max(lanes, 1))]
         conn = conns[0]
         await install_grant_probe(conn)
+        has_budgets = bool(
+            await conn.fetchval("SELECT to_regclass('tokentrack.budgets') IS NOT NULL")
+        )
         names = Names()
         accounts = [f"a{i}" for i in range(len(limits))]
         for label, limit in zip(accounts, limits, strict=True):
@@ -266,10 +439,24 @@ class Harness:
             assert answer["success"] is True, answer
         await conn.execute("INSERT INTO tokentrack.accounts (id) VALUES ($1)", names[NO_PERIOD])
         _ = names[GHOST]  # a stable id that never becomes an account
-        world = World(accounts=frozenset([*accounts, NO_PERIOD]), owners={})
-        models = await read_models(conn, names, [*accounts, NO_PERIOD, GHOST])
-        harness = cls(conns, world, names, models)
+        prices: dict[str, tuple[int, int]] = {}
+        if budgets:
+            for model, (per_input, per_output) in PRICES.items():
+                answer = await call(
+                    conn,
+                    "set_model_price",
+                    model,
+                    json.dumps({"input": per_input * 1_000_000, "output": per_output * 1_000_000}),
+                )
+                assert answer["success"] is True, answer
+            prices = dict(PRICES)
+        world = World(accounts=frozenset([*accounts, NO_PERIOD]), owners={}, prices=prices)
+        models = await read_models(conn, names, [*accounts, NO_PERIOD, GHOST], has_budgets)
+        harness = cls(conns, world, names, models, budgets=has_budgets)
         harness.add_reports(reports)
+        if budgets:
+            violations = await harness.round([list(budgets)])
+            assert not violations, "\n".join(violations)
         return harness
 
     @property
@@ -287,7 +474,7 @@ class Harness:
         for number in range(self.reports, self.reports + count):
             owners[f"r{number}"] = f"a{number % self.accounts}"
             added.append(f"r{number}")
-        self.world = World(self.world.accounts, owners)
+        self.world = World(self.world.accounts, owners, self.world.prices)
         return added
 
     async def close(self) -> None:
@@ -315,7 +502,7 @@ class Harness:
             done = []
             for offset, op in enumerate(ops):
                 try:
-                    answer = await execute(self.conns[number], self.names, op)
+                    answer = await execute(self.conns[number], self.names, op, self.budgets)
                     done.append(Call(op, answer, number, first + offset))
                 except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                     error = f"{type(exc).__name__} {getattr(exc, 'sqlstate', '')}: {exc}"
@@ -326,26 +513,35 @@ class Harness:
         for lane in todo:
             firsts.append(self.calls)
             self.calls += len(lane)
+        clock = "SELECT clock_timestamp()"
+        started = await self.conns[0].fetchval(clock)
         calls = await asyncio.gather(*(run_lane(i, lane, firsts[i]) for i, lane in enumerate(todo)))
-        db = await read_models(self.conns[0], self.names, list(self.models))
+        ended = await self.conns[0].fetchval(clock)
+        for done in calls:
+            for c in done:
+                c.at = (started, ended)
+        db = await read_models(self.conns[0], self.names, list(self.models), self.budgets)
         self.models, violations = check_round(self.world, self.models, calls, db)
         for done in calls:
             for c in done:
                 self.history.append(f"lane {c.lane} #{c.index}: {c.op!r} -> {c.answer or c.error}")
-                if (
-                    isinstance(c.op, Reserve)
-                    and c.answer
-                    and c.answer.get("success")
-                    and not c.answer.get("existing")
-                ):
+                if not (c.answer and c.answer.get("success")):
+                    continue
+                if isinstance(c.op, Reserve) and not c.answer.get("existing"):
                     self.grants.append(c.answer)
+                elif isinstance(c.op, Extend):
+                    self.extensions.append(c.answer)
         if check:
             violations += await self.invariants()
         return violations
 
     async def invariants(self, *, settled: bool = False, swept: bool = False) -> list[str]:
         return await check_invariants(
-            self.conns[0], settled=settled, swept=swept, grants=self.grants
+            self.conns[0],
+            settled=settled,
+            swept=swept,
+            grants=self.grants,
+            extensions=self.extensions,
         )
 
     async def settle(self, batch: int | None = None) -> list[str]:
@@ -369,7 +565,7 @@ class Harness:
 async def run_workload(dsn: str, workload: Workload) -> None:
     """One hypothesis example: every round, then the settling sweep; fails on a violation."""
     lanes = max((len(r) for r in workload.rounds), default=1)
-    harness = await Harness.create(dsn, workload.limits, workload.reports, lanes)
+    harness = await Harness.create(dsn, workload.limits, workload.reports, lanes, workload.budgets)
     try:
         for number, lanes_of_round in enumerate(workload.rounds):
             violations = await harness.round(lanes_of_round)
@@ -410,9 +606,12 @@ def step_numbers(report: str, step: str, variant: int) -> tuple[int, int, int | 
     return inp, out, total
 
 
-def persist_op(report: str, account: str, step: str, variant: int) -> Persist:
+def persist_op(report: str, account: str, step: str, variant: int, record: bool = False) -> Persist:
+    """A step of ``report`` (see step_numbers); ``record``: through record_step."""
     inp, out, total = step_numbers(report, step, variant)
-    return Persist(report, account, step, inp, out, total, "model-x" if variant else None)
+    return Persist(
+        report, account, step, inp, out, total, PRICED_MODEL if variant else None, record
+    )
 
 
 @st.composite
@@ -498,3 +697,147 @@ def workloads(draw: st.DrawFn, storm: bool = False, max_rounds: int = 6) -> Work
         st.lists(lanes_of(accounts, reports, storm, lanes), min_size=1, max_size=max_rounds)
     )
     return Workload(limits, reports, [opening, *rounds], draw(st.sampled_from((None, 1, 3))))
+
+
+# Budget mixes: every account has some of these budgets (limits drawn per example), reports
+# reserve with subjects that share them, so that racing reservations meet several tight budgets
+# at once, in minute, hour, day, week, month and total windows, in tokens and in cost.
+BUDGET_KINDS: tuple[tuple[str | None, str, str, str | None, tuple[int, ...]], ...] = (
+    (None, "tokens", "month", None, (120, 200, 320)),
+    ("team:red", "tokens", "day", None, (60, 100, 150)),
+    ("team:blue", "tokens", "day", None, (50, 90)),
+    ("key:k1", "tokens", "minute", None, (40, 60, 90)),
+    ("key:k2", "tokens", "minute", None, (30, 70)),
+    ("user:u1", "tokens", "hour", None, (50, 100)),
+    (None, "cost_micros", "total", None, (150, 300)),
+    ("team:red", "cost_micros", "week", "Europe/Berlin", (80, 200)),
+)
+# Created only by a set_budget of a round, racing the reservations that it then applies to.
+LATE_BUDGET = ("key:k3", "tokens", "minute", None, (25, 60))
+SUBJECT_SETS: tuple[tuple[str, ...], ...] = (
+    (),
+    ("team:red",),
+    ("team:red", "key:k1"),
+    ("team:red", "key:k2"),
+    ("team:blue", "key:k1", "user:u1"),
+    ("team:blue", "key:k3"),
+    ("key:k2", "user:u1"),
+    ("team:red", "key:k1", "key:k3", "user:u1"),
+)
+BUDGET_LIMITS = (150, 250, 400, 1000)  # the periods': budgets bind first, mostly
+COSTS = (None, None, 0, 15, 40)  # explicit cost estimates (None: none)
+EXTRAS = (5, 15, 30, 60)
+MODES = ("standard", "dd", "discovery", "hybrid")
+
+
+def budget_op(
+    kind: tuple[str | None, str, str, str | None, tuple[int, ...]], account: str, limit: int
+) -> SetBudget:
+    subject, unit, window, timezone, _ = kind
+    return SetBudget(account, subject, unit, window, limit, timezone)
+
+
+@st.composite
+def budget_sets(draw: st.DrawFn, accounts: int) -> list[SetBudget]:
+    """Every account's budgets: the account's month and a random choice of the others."""
+    chosen = []
+    for a in range(accounts):
+        kinds = [BUDGET_KINDS[0]] + [k for k in BUDGET_KINDS[1:] if draw(st.booleans())]
+        for kind in kinds:
+            chosen.append(budget_op(kind, f"a{a}", draw(st.sampled_from(kind[4]))))
+    return chosen
+
+
+@st.composite
+def reserve_ops(draw: st.DrawFn, account: str, report: str) -> Reserve:
+    """A reservation with subjects and a cost estimate (or, a sixth of them, try_reserve_tokens)."""
+    estimate = draw(st.sampled_from(ESTIMATES))
+    if draw(st.integers(0, 5)) == 0:
+        return Reserve(account, report, estimate)
+    priced = draw(st.integers(0, 3)) == 0
+    return Reserve(
+        account,
+        report,
+        estimate,
+        draw(st.sampled_from(SUBJECT_SETS)),
+        None if priced else draw(st.sampled_from(COSTS)),
+        priced,
+        draw(st.sampled_from(MODES)),
+    )
+
+
+@st.composite
+def budget_operations(draw: st.DrawFn, accounts: int, reports: int, storm: bool = False) -> Op:
+    """One operation of a budget mix (``storm``: mostly reservations, extensions and what
+    frees them)."""
+    r = draw(st.integers(0, reports - 1))
+    report, owner = f"r{r}", f"a{r % accounts}"
+    kinds = (
+        ["reserve"] * 6 + ["extend"] * 3 + ["finalize", "expire", "sweep", "set_budget", "persist"]
+        if storm
+        else ["reserve"] * 4
+        + ["extend"] * 3
+        + ["persist"] * 4
+        + ["finalize", "finish", "expire", "sweep", "set_budget", "increment", "foreign"]
+        + ["open_period"]
+    )
+    kind = draw(st.sampled_from(kinds))
+    if kind == "reserve":
+        return draw(reserve_ops(owner, report))
+    if kind == "open_period":  # reservations of the old period stay (and may be extended)
+        return OpenPeriod(owner, draw(st.sampled_from(BUDGET_LIMITS)))
+    if kind == "extend":
+        priced = draw(st.integers(0, 3)) == 0
+        cost = None if priced else draw(st.sampled_from(COSTS))
+        return Extend(report, owner, draw(st.sampled_from(EXTRAS)), cost, priced)
+    if kind == "persist":
+        step = draw(st.sampled_from(STEP_NAMES))
+        return persist_op(
+            report, owner, step, draw(st.sampled_from((0, 0, 1, 1, 2))), draw(st.booleans())
+        )
+    if kind == "finalize":
+        return Finalize(report, owner)
+    if kind == "finish":
+        status = draw(st.sampled_from(STATUSES))
+        return Finish(report, owner, status, "boom" if status == "failed" else None)
+    if kind == "expire":
+        return Expire(report)
+    if kind == "sweep":
+        return Sweep(draw(st.sampled_from((None, 1, 2))))
+    if kind == "set_budget":
+        budget = draw(st.sampled_from((*BUDGET_KINDS, LATE_BUDGET)))
+        limit = draw(st.sampled_from((0, *budget[4], 10 * budget[4][-1])))
+        return budget_op(budget, f"a{draw(st.integers(0, accounts - 1))}", limit)
+    if kind == "increment":
+        return Increment(owner, draw(st.sampled_from(INCREMENTS)))
+    # foreign: the right report, the wrong account, or a report nobody reserved
+    other = f"a{(r + 1) % accounts}" if accounts > 1 else NO_PERIOD
+    if draw(st.booleans()):
+        return Extend(report, other, 5)
+    return Extend(f"x{draw(st.integers(0, 3))}", owner, 5)
+
+
+@st.composite
+def budget_workloads(draw: st.DrawFn, storm: bool = False, max_rounds: int = 5) -> Workload:
+    """Accounts with several tight budgets each; the first round reserves every report at
+    once with its subjects (a race on budgets they share), the random rounds after it mix
+    reservations, extensions, steps (late ones too), endings, expiry, sweeps and limit
+    changes."""
+    accounts = 1 if storm else draw(st.integers(1, 2))
+    reports = 8 if storm else draw(st.integers(3, 6))
+    lanes = 6 if storm else 5
+    limits = [draw(st.sampled_from(BUDGET_LIMITS)) for _ in range(accounts)]
+    budgets = draw(budget_sets(accounts))
+    opening: list[list[Op]] = [[] for _ in range(min(lanes, reports))]
+    for r in range(reports):
+        opening[r % len(opening)].append(draw(reserve_ops(f"a{r % accounts}", f"r{r}")))
+    op = budget_operations(accounts, reports, storm)
+    # Storms: two calls a lane, so that six lanes' interleavings stay within the oracle's search.
+    per_lane = 2 if storm else 3
+    lanes_of_round = st.lists(
+        st.lists(op, min_size=1, max_size=per_lane), min_size=1, max_size=lanes
+    )
+    rounds = draw(st.lists(lanes_of_round, min_size=1, max_size=max_rounds))
+    return Workload(
+        limits, reports, [opening, *rounds], draw(st.sampled_from((None, 1, 3))), budgets
+    )

@@ -8,7 +8,8 @@ client's rules first, and the answer is the client's
 ``list`` shows every budget of an account with its current window (the window that contains
 the server's ``now()``): what its reports were billed there (``used``, from
 ``budget_windows``), what active, unexpired reservations hold there (``held``) and what is left
-of the limit. ``show`` adds a budget's change history (``budget_changes``) and its newest
+of the limit (the effective limit: limit_amount plus the unexpired credit grants, since
+version 20261211000000). ``show`` adds a budget's change history (``budget_changes``) and its newest
 windows, each with its ``used`` and ``held``. Both read in one read-only transaction, with one
 query that asks the SQL itself where the current window starts
 (``tokentrack.budget_window_start``: calendar windows in the budget's time zone, daylight
@@ -367,10 +368,13 @@ async def set_budget(
     return SetBudgetResult(account, budget)
 
 
-# Every budget of the account (or one), with its current window: where it starts, what was
-# billed there and what active reservations hold there, as reserve computes them.
+# Every budget of the account (or one), with its current window: where it starts, its
+# effective limit there (limit_amount plus unexpired grants: budget_limit, since version
+# 20261211000000), what was billed there and what active reservations hold there, as reserve
+# computes them.
 _BUDGETS: Final = """
-SELECT b.id, b.subject, b.unit, b.budget_window, b.timezone, b.limit_amount, b.thresholds,
+SELECT b.id, b.subject, b.unit, b.budget_window, b.timezone,
+       tokentrack.budget_limit(b.account_id, b.id, w.window_start) AS limit_amount, b.thresholds,
        b.created_at, w.window_start, COALESCE(bw.used, 0) AS used,
        tokentrack.budget_held(b.account_id, b.id, b.unit, w.window_start) AS held
 FROM tokentrack.budgets AS b
