@@ -89,28 +89,37 @@ async def insert_grant(
 async def test_budget_limit_counts_unexpired_grants_that_overlap_the_window(
     conn: asyncpg.Connection,
 ) -> None:
-    account = await new_account(conn)
-    day = await budget(conn, account, None, "day", 100)
-    assert await effective_limit(conn, account, day) == 100
-    await insert_grant(conn, account, day, 10, "-1 minute", None)  # counts
-    await insert_grant(conn, account, day, 20, "-3 days", "-2 days")  # expired
-    await insert_grant(conn, account, day, 40, "-3 days", "+1 day")  # overlaps, unexpired
-    # Granted tomorrow (a row written ahead): today's window ends before it starts.
-    await insert_grant(conn, account, day, 80, "+2 days", "+3 days")
-    assert await effective_limit(conn, account, day) == 150
-    # Yesterday's window: of the unexpired grants only the 3-day-old one overlaps it (the
-    # 10 was granted after it ended).
-    yesterday = await conn.fetchval(
-        "SELECT tokentrack.budget_limit($1, $2,"
-        " date_trunc('day', now(), 'UTC') - interval '1 day')",
-        account,
-        day,
-    )
-    assert yesterday == 140
-    assert (
-        await conn.fetchval("SELECT tokentrack.budget_limit($1, $2, now())", account, uuid.uuid4())
-        is None
-    )
+    # One transaction: now() stays put, so the windows cannot turn under the test. The grant
+    # that counts only today is given at the start of today's window (a minute ago is
+    # yesterday in the first minute after midnight UTC).
+    async with conn.transaction():
+        account = await new_account(conn)
+        day = await budget(conn, account, None, "day", 100)
+        assert await effective_limit(conn, account, day) == 100
+        start_of_today = await conn.fetchval(
+            "SELECT (date_trunc('day', now(), 'UTC') - now())::text"
+        )
+        await insert_grant(conn, account, day, 10, start_of_today, None)  # counts
+        await insert_grant(conn, account, day, 20, "-3 days", "-2 days")  # expired
+        await insert_grant(conn, account, day, 40, "-3 days", "+1 day")  # overlaps, unexpired
+        # Granted after tomorrow (a row written ahead): today's window ends before it starts.
+        await insert_grant(conn, account, day, 80, "+2 days", "+3 days")
+        assert await effective_limit(conn, account, day) == 150
+        # Yesterday's window: of the unexpired grants only the 3-day-old one overlaps it (the
+        # 10 was granted when it ended).
+        yesterday = await conn.fetchval(
+            "SELECT tokentrack.budget_limit($1, $2,"
+            " date_trunc('day', now(), 'UTC') - interval '1 day')",
+            account,
+            day,
+        )
+        assert yesterday == 140
+        assert (
+            await conn.fetchval(
+                "SELECT tokentrack.budget_limit($1, $2, now())", account, uuid.uuid4()
+            )
+            is None
+        )
 
 
 async def test_budget_limit_total_budget_counts_every_unexpired_grant(
