@@ -16,6 +16,7 @@ from tokentrack_client import migrate
 
 NOTIFICATIONS = "20261212000000"
 METRICS = "20261213000000"
+WRITE_PATH = "20261214000000"
 BEFORE = max(v.version for v in migrate.load_versions() if v.version < NOTIFICATIONS)
 REWORKED = (
     "bill_budget_windows",
@@ -75,8 +76,9 @@ async def test_rollback_refuses_then_archives_and_reinstall_restores_the_notific
         assert await _rows(conn) == kept  # nothing changed
 
         rolled = await migrate.rollback(db_dsn, to=BEFORE, archive=True)
-        # The metrics version (no billing data) goes first, then notifications.
-        assert [v.version for v in rolled.versions] == [METRICS, NOTIFICATIONS]
+        # The write path and metrics versions (no billing data of their own) go first, then
+        # notifications.
+        assert [v.version for v in rolled.versions] == [WRITE_PATH, METRICS, NOTIFICATIONS]
         assert await conn.fetchval("SELECT to_regclass('tokentrack.notifications')") is None
         archived = await conn.fetch(
             "SELECT id, threshold, claimed_by, archived_version"

@@ -24,6 +24,7 @@ from tokentrack_client.testing import PostgresServer
 V1, V2, V3, V4 = "20251219000000", "20260108000000", "20261201000000", "20261202000000"
 V5, V6 = "20261203000000", "20261210000000"
 V7, V8, V9 = "20261211000000", "20261212000000", "20261213000000"
+V10 = "20261214000000"
 
 
 async def _verify(dsn: str, *extra: str) -> tuple[int, dict[str, dict[str, object]], str]:
@@ -51,7 +52,7 @@ async def test_the_committed_catalog_is_what_a_clean_install_gives(
         "(python -m tokentrack_client.ops.catalog) and commit the result"
     )
     versions = json.loads(committed)["versions"]
-    assert list(versions) == [V1, V2, V3, V4, V5, V6, V7, V8, V9]
+    assert list(versions) == [V1, V2, V3, V4, V5, V6, V7, V8, V9, V10]
     claim = "tokentrack.claim_notifications(text, integer, interval)"
     assert claim in versions[V8]["catalog"]["routines"]
     assert claim not in versions[V7]["catalog"]["routines"]
@@ -309,9 +310,15 @@ async def test_verify_names_a_function_edited_by_hand(history_dsn: str) -> None:
     assert "edited by hand in the database?" in human.out
 
 
-async def test_verify_after_rolling_back_versions_9_8_7_6_5_4_3_and_2(db_dsn: str) -> None:
-    # The versions after 6 first (metrics, notifications, then credits): each leaves its
-    # predecessor's catalog exactly.
+async def test_verify_after_rolling_back_versions_10_9_8_7_6_5_4_3_and_2(db_dsn: str) -> None:
+    # The versions after 6 first (write path, metrics, notifications, then credits): each
+    # leaves its predecessor's catalog exactly.
+    rolled = await tokentrack("migrate", "rollback", "--steps", "1", "--database-url", db_dsn)
+    assert rolled.code == 0, rolled
+    code, checks, _ = await _verify(db_dsn)
+    assert code == 1
+    assert checks["versions"]["problems"] == [f"version {V10}_write_path is not applied"]
+    assert (await tokentrack("verify", "--upto", V9, "--database-url", db_dsn)).code == 0
     rolled = await tokentrack("migrate", "rollback", "--steps", "1", "--database-url", db_dsn)
     assert rolled.code == 0, rolled
     code, checks, _ = await _verify(db_dsn)
@@ -384,6 +391,7 @@ async def test_verify_after_rolling_back_versions_9_8_7_6_5_4_3_and_2(db_dsn: st
         "version 20261211000000_credits is not applied",
         "version 20261212000000_notifications is not applied",
         "version 20261213000000_metrics is not applied",
+        "version 20261214000000_write_path is not applied",
     ]
     assert checks["tables"]["problems"] == [
         "table tokentrack.budget_changes is missing",
@@ -417,6 +425,7 @@ async def test_verify_upto_fails_while_the_later_version_is_applied(db_dsn: str)
         f"version {V7}_credits is applied but --upto {V1} expects it rolled back",
         f"version {V8}_notifications is applied but --upto {V1} expects it rolled back",
         f"version {V9}_metrics is applied but --upto {V1} expects it rolled back",
+        f"version {V10}_write_path is applied but --upto {V1} expects it rolled back",
     ]
     assert (
         "tokentrack.health(integer) exists but its version is not applied"
