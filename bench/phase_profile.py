@@ -6,13 +6,15 @@ from __future__ import annotations
 from typing import Any
 
 from server import log
-from workloads import Workloads, round_order
+from workloads import BASELINE, Workloads, round_order
 
 
 async def profile(workloads: Workloads) -> dict[str, Any]:
     duration = workloads.args.profile_duration
     profiles: dict[str, Any] = {}
     for workload, mode in round_order(1, workloads.args.workloads):
+        if workload.endswith(BASELINE):  # where the time goes now, not at the baseline
+            continue
         log(f"profile: {workload} {mode} ({duration} s)")
         run = await workloads.run_pgbench(workload, mode, duration=duration, track_all=True)
         profiles[f"{workload}/{mode}"] = {

@@ -6,6 +6,8 @@ import statistics
 from collections import Counter
 from typing import Any
 
+from workloads import BASELINE, BASELINED
+
 TARGET_FUNCTION = 0.8  # each function and the lifecycle (calls/s) vs simple-update
 TARGET_HOT = 0.8  # hot account vs spread accounts
 TARGET_GROWTH = 1.2  # 1 million rows vs 10 thousand
@@ -27,7 +29,10 @@ LABELS = {
     "record-step": "record_step (token classes)",
     "finalize": "finalize (7 steps)",
     "lifecycle": "lifecycle: reserve, 7 steps, finish",
+    "extend": "reserve + extend + release",
 }
+# "<workload>@baseline": the same workload at the version before this round (--baseline).
+LABELS |= {f"{w}{BASELINE}": f"{LABELS[w]}, baseline" for w in BASELINED}
 
 
 def _median(values: list[float]) -> float:
@@ -105,6 +110,7 @@ def throughput_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "step",
         "record-step",
         "finalize",
+        "extend",
         "lifecycle",
     ):
         spread, heavy = by_key.get((workload, "spread")), by_key.get((workload, "hot"))
@@ -129,7 +135,30 @@ def throughput_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
             *paired_ratio(runs, "reserve", "reserve-before"),
             *paired_ratio(runs, "refuse", "refuse-before"),
         ],
+        "baseline_comparisons": baseline_comparisons(runs, by_key),
     }
+
+
+def baseline_comparisons(
+    runs: list[dict[str, Any]], by_key: dict[tuple[str, str], dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Each baselined workload now against its "@baseline" run (the version before this
+    round, in database bench_baseline), per accounts mode: paired_ratio's figures plus both
+    sides' ratio to simple-update and WAL per call (medians of the rounds)."""
+    found = []
+    for workload in BASELINED:
+        for c in paired_ratio(runs, workload, workload + BASELINE):
+            now, then = by_key[(workload, c["accounts"])], by_key[(c["base"], c["accounts"])]
+            c |= {
+                "x_simple_update": now["ratio_to_simple_update"],
+                "base_x_simple_update": then["ratio_to_simple_update"],
+                "wal_bytes_per_call": now["wal_bytes_per_call"],
+                "base_wal_bytes_per_call": then["wal_bytes_per_call"],
+                "top_waits": now["top_waits"],
+                "base_top_waits": then["top_waits"],
+            }
+            found.append(c)
+    return found
 
 
 def _statement_latency(run: dict[str, Any], function: str) -> float | None:
@@ -148,6 +177,8 @@ CALLS = {  # the reserving call of each reserve workload's script
     "reserve-before": "try_reserve_tokens",
     "refuse": "try_reserve_tokens",
     "refuse-before": "try_reserve_tokens",
+    "reserve@baseline": "try_reserve_tokens",
+    "reserve-budgets@baseline": "reserve",
 }
 
 
@@ -173,6 +204,8 @@ def paired_ratio(runs: list[dict[str, Any]], workload: str, base: str) -> list[d
         ]
         call_per_round = []
         for n in rounds:
+            if workload not in CALLS:  # a workload of several calls: no one call to time
+                break
             mine_ms = _statement_latency(mine[n], CALLS[workload])
             theirs_ms = _statement_latency(theirs[n], CALLS[base])
             if mine_ms and theirs_ms:
@@ -193,10 +226,18 @@ def paired_ratio(runs: list[dict[str, Any]], workload: str, base: str) -> list[d
                 "call_ratio": _median(call_per_round) if call_per_round else None,
                 "call_ratio_per_round": call_per_round,
                 "call_latency_ms": _median(
-                    [x for n in rounds if (x := _statement_latency(mine[n], CALLS[workload]))]
+                    [
+                        x
+                        for n in rounds
+                        if workload in CALLS and (x := _statement_latency(mine[n], CALLS[workload]))
+                    ]
                 ),
                 "base_call_latency_ms": _median(
-                    [x for n in rounds if (x := _statement_latency(theirs[n], CALLS[base]))]
+                    [
+                        x
+                        for n in rounds
+                        if base in CALLS and (x := _statement_latency(theirs[n], CALLS[base]))
+                    ]
                 ),
                 "cpu_ms_per_call": _median([mine[n]["server_cpu_ms_per_call"] for n in rounds]),
                 "base_cpu_ms_per_call": _median(
@@ -475,6 +516,39 @@ def render(results: dict[str, Any]) -> str:
                     f"{c['ratio']:.2f} ({rounds}) | ≥ {target:.1f}: "
                     f"{_ok(c['ratio'] >= target)} | {c['ratio_of_medians']:.2f} | {call} | "
                     f"{c['cpu_ms_per_call']:.3f} vs {c['base_cpu_ms_per_call']:.3f} |"
+                )
+            add("")
+
+        if t.get("baseline_comparisons"):
+            add(
+                f"### This round's change: now vs version {cfg.get('baseline')} (before and "
+                "after, side by side)\n"
+            )
+            add(
+                "Each workload in database bench (this tree's SQL) and in database "
+                "bench_baseline (tokentrack installed, then rolled back by the migrator to the "
+                "version before this round, which restores that version's function texts and "
+                "schema), the two runs next to each other in every round (each first in turn). "
+                "Ratios are medians of the rounds' ratios; x simple-update as in the table "
+                "above.\n"
+            )
+            add(
+                "| workload | accounts | baseline calls/s (x s-u) | now calls/s (x s-u) | "
+                "now / baseline (per round) | now ≥ 0.8 s-u | WAL B/call baseline -> now | "
+                "server CPU ms/call baseline -> now | now: main waits |"
+            )
+            add("|---|---|---|---|---|---|---|---|---|")
+            for c in t["baseline_comparisons"]:
+                rounds = ", ".join(f"{x:.2f}" for x in c["ratio_per_round"])
+                add(
+                    f"| {LABELS[c['workload']]} | {c['accounts']} | "
+                    f"{_n(c['base_calls_per_s'])} ({c['base_x_simple_update']:.2f}) | "
+                    f"{_n(c['calls_per_s'])} ({c['x_simple_update']:.2f}) | "
+                    f"{c['ratio']:.2f} ({rounds}) | "
+                    f"{_ok(c['x_simple_update'] >= TARGET_FUNCTION)} | "
+                    f"{_n(c['base_wal_bytes_per_call'])} -> {_n(c['wal_bytes_per_call'])} | "
+                    f"{c['base_cpu_ms_per_call']:.3f} -> {c['cpu_ms_per_call']:.3f} | "
+                    f"{c['top_waits']} |"
                 )
             add("")
 

@@ -23,7 +23,11 @@ throughput  pgbench at the same clients, threads and duration for simple-update 
             budgets (the account's month, a team's day, a key's minute, on accounts of their
             own) against try_reserve_tokens, and try_reserve_tokens against main's (database
             bench_main, tokentrack rolled back to the version before budgets), the three
-            next to each other in every round. --workloads picks some.
+            next to each other in every round; reserve + extend_reservation + release; and
+            before/after: each of reserve, reserve with budgets, extend, step, record_step,
+            finalize and the lifecycle also as "<workload>@baseline" in database
+            bench_baseline (tokentrack rolled back to --baseline, the version before this
+            round's write path), next to the workload in every round. --workloads picks some.
 profile     each workload once more with pg_stat_statements.track = all: the statements inside
             the functions, where the time goes.
 client      the lifecycle through tokentrack_client (TokenTracker.track_report) with N asyncio
@@ -67,7 +71,7 @@ import phase_sweep
 import phase_throughput
 import report
 from server import BENCH_DIR, Session, benchmark_server, reconcile_ok
-from workloads import WORKLOADS, Workloads
+from workloads import BASELINE_VERSION, WORKLOADS, Workloads
 
 from tokentrack_client.testing import PostgresServer
 
@@ -177,6 +181,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="throughput and profile: only these workloads (comma separated, of "
         f"{','.join(w for w in WORKLOADS if w != 'simple-update')}; simple-update always runs)",
+    )
+    parser.add_argument(
+        "--baseline",
+        default=BASELINE_VERSION,
+        help="the version the <workload>@baseline runs roll tokentrack back to (database "
+        "bench_baseline): before and after, side by side",
     )
     parser.add_argument(
         "--data-root",

@@ -44,6 +44,15 @@ BEFORE_METRICS_DATABASE = "bench_budgets"
 # refuse and refuse-before address accounts that do not exist (account_not_found).
 MISSING_ACCOUNTS = 900_000_000
 
+# The version before this round's write path (issue #16): each workload of BASELINED also
+# runs as "<workload>@baseline" in database bench_baseline, tokentrack rolled back to
+# --baseline (this version by default), next to the workload itself in every round, so that
+# the table of before and after compares runs seconds apart on one server.
+BASELINE_VERSION = "20261213000000"
+BASELINE_DATABASE = "bench_baseline"
+BASELINE = "@baseline"
+BASELINED = ("reserve", "reserve-budgets", "extend", "step", "record-step", "finalize", "lifecycle")
+
 # What one transaction of each workload is: its pgbench script, how many calls it makes, and
 # the database it runs in (bench unless said).
 WORKLOADS: dict[str, dict[str, Any]] = {
@@ -57,8 +66,18 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     "step": {"script": "step.sql", "calls": 1},
     "record-step": {"script": "record_step.sql", "calls": 1},
     "finalize": {"script": "finalize.sql", "calls": 1},
+    "extend": {"script": "extend.sql", "calls": 3},
     "lifecycle": {"script": "lifecycle.sql", "calls": 9},
 }
+for _name in BASELINED:
+    WORKLOADS[_name + BASELINE] = {**WORKLOADS[_name], "database": BASELINE_DATABASE}
+
+
+def base_name(workload: str) -> str:
+    """The workload a "<workload>@baseline" runs (the name itself for the others)."""
+    return workload.removesuffix(BASELINE)
+
+
 # One round: each workload on the spread accounts and on the hot one, after simple-update.
 # The workloads of a group run next to each other, so that their ratios compare runs seconds
 # apart: step (persist_step_usage) and record-step (record_step); reserve (try_reserve_tokens),
@@ -82,15 +101,37 @@ ORDER = [
     ("record-step", "spread"),
     ("step", "hot"),
     ("record-step", "hot"),
+    ("extend", "spread"),
+    ("extend", "hot"),
     ("lifecycle", "spread"),
     ("lifecycle", "hot"),
     ("finalize", "spread"),
     ("finalize", "hot"),
 ]
+# Each baselined workload's "@baseline" run right after it (round_order() turns them).
+ORDER = [
+    entry
+    for workload, mode in ORDER
+    for entry in (
+        [(workload, mode), (workload + BASELINE, mode)]
+        if workload in BASELINED
+        else [(workload, mode)]
+    )
+]
 GROUPS = (
-    ("step", "record-step"),
-    ("reserve", "reserve-budgets", "reserve-main", "reserve-before"),
+    ("step", "record-step", "step" + BASELINE, "record-step" + BASELINE),
+    (
+        "reserve",
+        "reserve-budgets",
+        "reserve-main",
+        "reserve-before",
+        "reserve" + BASELINE,
+        "reserve-budgets" + BASELINE,
+    ),
     ("refuse", "refuse-before"),
+    ("extend", "extend" + BASELINE),
+    ("lifecycle", "lifecycle" + BASELINE),
+    ("finalize", "finalize" + BASELINE),
 )
 
 
@@ -153,19 +194,7 @@ class Workloads:
         _, err = await init.communicate()
         if init.returncode != 0:
             raise RuntimeError(f"pgbench -i failed: {err.decode()}")
-        await bench.execute("SELECT bench.seed_long_lived(0, 0, $1)", session.args.hot_reports)
-        # As the schema owner (the server's superuser): set_model_price is the owner's.
-        await bench.execute("SELECT tokentrack.set_model_price($1, $2::jsonb)", MODEL, PRICE)
-        if selected(session.args, "reserve-budgets"):
-            log(f"setup: {session.args.accounts + 1:,} budget accounts, three budgets each")
-            await bench.execute(
-                "SELECT bench.seed_budget_accounts($1, $2, $3, $4)",
-                BUDGET_ACCOUNTS,
-                session.args.accounts,
-                LIMIT,
-                session.args.hot_reports,
-            )
-        await bench.execute("VACUUM ANALYZE")
+        await cls.seed(session, bench, budgets=selected(session.args, "reserve-budgets"))
         main = None
         if selected(session.args, "reserve-main"):
             log(f"setup: database {MAIN_DATABASE}, tokentrack rolled back to {MAIN_VERSION}")
@@ -173,6 +202,13 @@ class Workloads:
             await main.execute("SELECT bench.seed_long_lived(0, 0, $1)", session.args.hot_reports)
             await main.execute("VACUUM ANALYZE")
         made = cls(session, bench, main)
+        if any(selected(session.args, w + BASELINE) for w in BASELINED):
+            version = session.args.baseline
+            log(f"setup: database {BASELINE_DATABASE}, tokentrack rolled back to {version}")
+            baseline = await session.create_database(BASELINE_DATABASE, rollback_to=version)
+            budgets = selected(session.args, "reserve-budgets" + BASELINE)
+            await cls.seed(session, baseline, budgets=budgets)
+            made.databases[BASELINE_DATABASE] = baseline
         if selected(session.args, "reserve-before") or selected(session.args, "refuse-before"):
             log(
                 f"setup: database {BEFORE_METRICS_DATABASE}, tokentrack rolled back to "
@@ -187,11 +223,31 @@ class Workloads:
             made.databases[BEFORE_METRICS_DATABASE] = before
         return made
 
+    @staticmethod
+    async def seed(session: Session, conn: asyncpg.Connection, *, budgets: bool) -> None:
+        """The hot account's long-lived reports, the model's price and (``budgets``) the
+        budget accounts, in database bench or one that runs its workloads at another
+        version (bench_baseline)."""
+        await conn.execute("SELECT bench.seed_long_lived(0, 0, $1)", session.args.hot_reports)
+        # As the schema owner (the server's superuser): set_model_price is the owner's.
+        await conn.execute("SELECT tokentrack.set_model_price($1, $2::jsonb)", MODEL, PRICE)
+        if budgets:
+            log(f"setup: {session.args.accounts + 1:,} budget accounts, three budgets each")
+            await conn.execute(
+                "SELECT bench.seed_budget_accounts($1, $2, $3, $4)",
+                BUDGET_ACCOUNTS,
+                session.args.accounts,
+                LIMIT,
+                session.args.hot_reports,
+            )
+        await conn.execute("VACUUM ANALYZE")
+
     async def close(self) -> None:
         for conn in self.databases.values():
             await conn.close()
 
     def defines(self, mode: str, workload: str = "") -> dict[str, int]:
+        workload = base_name(workload)
         offset = BUDGET_ACCOUNTS if workload == "reserve-budgets" else 0
         if workload in ("refuse", "refuse-before"):
             offset = MISSING_ACCOUNTS
@@ -279,7 +335,13 @@ class Workloads:
                 "steps": (7 * n, 7 * n + 7 * c),
                 "ledger": (n, n + c),
             },
-        }[workload]
+            "extend": {
+                "reservations": (n, n + c),
+                "active": (0, c),
+                "steps": (0, 0),
+                "ledger": (n, n + c),
+            },
+        }[base_name(workload)]
         problems = [
             f"{key} changed by {after[key] - before[key]} (expected {low}..{high})"
             for key, (low, high) in expected.items()
@@ -288,19 +350,23 @@ class Workloads:
         if problems:
             raise RuntimeError(f"{workload}: {n} transactions but " + "; ".join(problems))
 
-    async def seed_finalize(self, mode: str, factor: float = 1.0) -> tuple[int, int]:
-        """Seed enough reports for a finalize run; returns their number range."""
+    async def seed_finalize(
+        self, mode: str, factor: float = 1.0, database: str = "bench"
+    ) -> tuple[int, int]:
+        """Seed enough reports for a finalize run in ``database``; returns their number range
+        (one range of numbers over all databases)."""
+        conn = self.databases[database]
         guess = max(self.tps_seen.get(("finalize", mode), 0.0), self.tps_seen.get(("su", "-"), 0))
         count = int((guess or 3000) * self.args.duration * 1.3 * factor) + 200
         first, last = self.finalize_next, self.finalize_next + count - 1
         d = self.defines(mode)
-        async with self.bench.transaction():
+        async with conn.transaction():
             # Consistent by construction (unbilled rows): skip the per-row foreign key checks.
-            await self.bench.execute("SET LOCAL session_replication_role = replica")
-            await self.bench.execute(
+            await conn.execute("SET LOCAL session_replication_role = replica")
+            await conn.execute(
                 "SELECT bench.seed_finalize($1, $2, $3, $4)", first, last, d["lo"], d["hi"]
             )
-        await self.bench.execute("SELECT setval('bench.finalize_seq', $1, false)", first)
+        await conn.execute("SELECT setval('bench.finalize_seq', $1, false)", first)
         self.finalize_next = last + 1
         return first, last
 
@@ -334,8 +400,8 @@ class Workloads:
 
         for attempt in (1, 2):
             seeded = None
-            if workload == "finalize":
-                seeded = await self.seed_finalize(mode, factor=attempt)
+            if base_name(workload) == "finalize":
+                seeded = await self.seed_finalize(mode, factor=attempt, database=database)
             before = await self.state(database) if workload != "simple-update" else {}
             measured = await self.measurement("pgbench", database).start()
             try:
@@ -345,7 +411,7 @@ class Workloads:
             await measured.finish(driver="pgbench", statements=25 if track_all else 8)
             after = await self.state(database) if workload != "simple-update" else {}
             if seeded is not None:
-                row = await self.bench.fetchrow(
+                row = await self.databases[database].fetchrow(
                     "SELECT last_value, is_called FROM bench.finalize_seq"
                 )
                 assert row is not None
@@ -356,7 +422,7 @@ class Workloads:
                         " again with more"
                     )
                     continue
-                await self.bench.execute(
+                await self.databases[database].execute(
                     "SELECT bench.drop_unused_finalize($1, $2)", used_to + 1, seeded[1]
                 )
             if workload != "simple-update":
@@ -392,7 +458,7 @@ class Workloads:
         log(f"round {round_no}: {workload} {mode} ({self.args.duration} s)")
         run = await self.run_pgbench(workload, mode, duration=self.args.duration)
         run["round"] = round_no
-        key = ("su", "-") if workload == "simple-update" else (workload, mode)
+        key = ("su", "-") if workload == "simple-update" else (base_name(workload), mode)
         self.tps_seen[key] = max(self.tps_seen.get(key, 0.0), run["tps"])
         log(
             f"  {run['tps']:.0f} tps, {run['calls_per_s']:.0f} calls/s,"
