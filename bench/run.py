@@ -71,7 +71,7 @@ import phase_sweep
 import phase_throughput
 import report
 from server import BENCH_DIR, Session, benchmark_server, reconcile_ok
-from workloads import BASELINE_VERSION, WORKLOADS, Workloads
+from workloads import BASELINE_VERSION, OPT_IN, WORKLOADS, Workloads
 
 from tokentrack_client.testing import PostgresServer
 
@@ -180,7 +180,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--workloads",
         default=None,
         help="throughput and profile: only these workloads (comma separated, of "
-        f"{','.join(w for w in WORKLOADS if w != 'simple-update')}; simple-update always runs)",
+        f"{','.join(w for w in WORKLOADS if w != 'simple-update')}; simple-update always runs;"
+        f" default: all but {','.join(OPT_IN)})",
     )
     parser.add_argument(
         "--baseline",
@@ -210,6 +211,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         unknown = set(args.workloads) - set(WORKLOADS)
         if unknown:
             parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
+    else:  # every workload but the opt-in ones
+        args.workloads = sorted(set(WORKLOADS) - {"simple-update", *OPT_IN})
     args.name = args.name or ("smoke" if args.smoke else "latest")
     return args
 

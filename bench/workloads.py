@@ -53,6 +53,10 @@ BASELINE_DATABASE = "bench_baseline"
 BASELINE = "@baseline"
 BASELINED = ("reserve", "reserve-budgets", "extend", "step", "record-step", "finalize", "lifecycle")
 
+# Run only when --workloads names them: the comparisons with the version before the refusal
+# counters (issue #15's question, answered in bench/results/metrics.md).
+OPT_IN = ("reserve-before", "refuse-before")
+
 # What one transaction of each workload is: its pgbench script, how many calls it makes, and
 # the database it runs in (bench unless said).
 WORKLOADS: dict[str, dict[str, Any]] = {
