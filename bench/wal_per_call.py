@@ -59,6 +59,14 @@ SELECT rr.report_id, rr.account_id, 'S' || k, 1, 1, 2 FROM rr, generate_series(1
 """
 
 
+# Updates and HOT updates per table (read after the backend, idle for a second, has flushed
+# its statistics).
+HOT = """
+SELECT relname, n_tup_upd AS upd, n_tup_hot_upd AS hot
+FROM pg_stat_user_tables WHERE schemaname = 'tokentrack'
+"""
+
+
 def account(n: int) -> uuid.UUID:
     return uuid.UUID(f"00000000-0000-0000-0000-{n:012d}")
 
@@ -108,14 +116,27 @@ async def measure(
 ) -> dict[str, Any]:
     await conn.execute("CHECKPOINT")
     start = await conn.fetchval("SELECT pg_current_wal_lsn()::text")
+    await asyncio.sleep(1.5)
+    before = await conn.fetch(HOT)
     await body()
+    await asyncio.sleep(1.5)
+    await conn.execute("SELECT pg_stat_clear_snapshot()")
+    after = {r["relname"]: r for r in await conn.fetch(HOT)}
+    hot = {
+        r["relname"]: (
+            after[r["relname"]]["upd"] - r["upd"],
+            after[r["relname"]]["hot"] - r["hot"],
+        )
+        for r in before
+        if after[r["relname"]]["upd"] > r["upd"]
+    }
     end = await conn.fetchval("SELECT pg_current_wal_lsn()::text")
     lsn_bytes = await conn.fetchval(
         "SELECT pg_wal_lsn_diff($1::text::pg_lsn, $2::text::pg_lsn)", end, start
     )
     await conn.execute("SELECT pg_switch_wal()")  # pg_waldump reads complete segments safely
     stats = waldump_stats(server, datadir, start, end)
-    return {"calls": calls, "per_call": float(lsn_bytes) / calls, **stats}
+    return {"calls": calls, "per_call": float(lsn_bytes) / calls, "hot": hot, **stats}
 
 
 async def run_database(
@@ -194,6 +215,8 @@ def render(all_results: dict[str, dict[str, dict[str, Any]]], top: int) -> str:
         for db, res in all_results.items():
             r = res[call]
             n = r["calls"]
+            hot = ", ".join(f"{t} {u} ({h} HOT)" for t, (u, h) in sorted(r["hot"].items()))
+            lines.append(f"{call} in {db}: updates {hot or 'none'}")
             lines.append(f"{call} in {db}, biggest records per call (count, bytes, FPI bytes):")
             for name, count, rec, fp in r["records"][:top]:
                 lines.append(f"  {name:32} {count / n:6.2f} {rec / n:8.0f} {fp / n:8.0f}")

@@ -6,3 +6,65 @@
 -- definitions back from the migrator after this file runs.
 
 SET LOCAL search_path = pg_catalog, pg_temp;
+
+-- Part wpath: step billing and persist WAL. Undoes it exactly: the trigger function's text of
+-- version 20261202000000, the id defaults, the guard triggers, the five foreign keys (each
+-- validated by a scan of its table), fillfactor and the two indexes (a scan of
+-- report_step_usage each).
+
+CREATE OR REPLACE FUNCTION tokentrack.report_step_usage_billed_is_immutable()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $function$
+BEGIN
+    IF tg_op = 'TRUNCATE' THEN
+        -- Served by report_step_usage_billed_period_idx (billed_period_id is set exactly when
+        -- billed_at is: report_step_usage_billed_consistently).
+        IF EXISTS (SELECT FROM tokentrack.report_step_usage AS s WHERE s.billed_period_id IS NOT NULL) THEN
+            RAISE EXCEPTION 'tokentrack.report_step_usage holds billed steps: TRUNCATE is not allowed'
+                USING ERRCODE = '55000',
+                HINT = 'Billed steps are billing records and stay; record a correction as a new usage_ledger row.';
+        END IF;
+        RETURN NULL;
+    END IF;
+    RAISE EXCEPTION 'step % of report % was billed at %: % of a billed step is not allowed',
+        pg_catalog.quote_literal(old.step_name), old.report_id, old.billed_at, tg_op
+        USING ERRCODE = '55000',
+        HINT = 'Billed steps are billing records and stay; record a correction as a new usage_ledger row.';
+END
+$function$;
+
+DROP TRIGGER report_step_usage_billed_immutable ON tokentrack.report_step_usage;
+CREATE TRIGGER report_step_usage_billed_immutable
+BEFORE UPDATE OR DELETE ON tokentrack.report_step_usage
+FOR EACH ROW WHEN (old.billed_at IS NOT NULL)
+EXECUTE FUNCTION tokentrack.report_step_usage_billed_is_immutable();
+
+ALTER TABLE tokentrack.report_step_usage ALTER COLUMN id SET DEFAULT gen_random_uuid();
+ALTER TABLE tokentrack.report_reservations ALTER COLUMN id SET DEFAULT gen_random_uuid();
+DROP FUNCTION tokentrack.uuid_v7();
+
+DROP TRIGGER accounts_keep_billing_rows ON tokentrack.accounts;
+DROP FUNCTION tokentrack.accounts_keep_billing_rows();
+DROP TRIGGER reports_keep_steps ON tokentrack.reports;
+DROP FUNCTION tokentrack.reports_keep_steps();
+
+ALTER TABLE tokentrack.usage_ledger
+ADD CONSTRAINT usage_ledger_account_fk FOREIGN KEY (account_id)
+REFERENCES tokentrack.accounts (id) ON DELETE RESTRICT;
+ALTER TABLE tokentrack.report_step_usage
+ADD CONSTRAINT report_step_usage_report_fk FOREIGN KEY (report_id)
+REFERENCES tokentrack.reports (id) ON DELETE RESTRICT,
+ADD CONSTRAINT report_step_usage_account_fk FOREIGN KEY (account_id)
+REFERENCES tokentrack.accounts (id) ON DELETE RESTRICT,
+ADD CONSTRAINT report_step_usage_billed_period_fk FOREIGN KEY (billed_period_id)
+REFERENCES tokentrack.usage_periods (id) ON DELETE RESTRICT,
+ADD CONSTRAINT report_step_usage_billing_entry_fk FOREIGN KEY (billing_entry_id)
+REFERENCES tokentrack.usage_ledger (id) ON DELETE RESTRICT;
+
+ALTER TABLE tokentrack.report_step_usage RESET (fillfactor);
+CREATE INDEX report_step_usage_billing_entry_idx
+ON tokentrack.report_step_usage (billing_entry_id) WHERE billing_entry_id IS NOT NULL;
+CREATE INDEX report_step_usage_billed_period_idx
+ON tokentrack.report_step_usage (billed_period_id) WHERE billed_period_id IS NOT NULL;

@@ -6,3 +6,212 @@
 
 -- Pin name resolution for this version's transaction (see version 20251219000000).
 SET LOCAL search_path = pg_catalog, pg_temp;
+
+-- Part wpath: step billing and persist WAL (issue #16)
+--
+-- What it changes, and why (bench/wal_per_call.py measures each; docs/REVIEW.md has the
+-- figures):
+--   * report_step_usage loses report_step_usage_billing_entry_idx and
+--     report_step_usage_billed_period_idx, and gets fillfactor 80 (in bench/wal_per_call.py 85
+--     left 12 % of the billing updates non-HOT, 80 about 10 %: the first updates on a page that
+--     filled up). Billing sets billed_at,
+--     billed_period_id and billing_entry_id on every step; while indexes covered two of them no
+--     billing UPDATE was HOT, so each billed step got a new heap tuple on another page and a new
+--     entry in every index of the table (5). Without them (the steps of a report are found by
+--     report_step_usage_one_per_step (report_id, step_name); billing_totals, refund_report,
+--     reconcile and the TRUNCATE guard below read them so) and with room left on each page,
+--     billing is a HOT update on the same page with prefix/suffix-compressed WAL.
+--   * The foreign keys report_step_usage_billed_period_fk and report_step_usage_billing_entry_fk
+--     go: their RI query ran once per billed step, for a row billing itself holds (the period,
+--     FOR UPDATE) or has just written (the ledger row). Every billed step's billing_entry_id is
+--     the usage_ledger row written in the same transaction, and its billed_period_id that row's
+--     period_id; usage_ledger is append-only (never deleted, never truncated) and
+--     usage_ledger_period_fk keeps refusing the DELETE of that period.
+--   * The foreign keys report_step_usage_report_fk, report_step_usage_account_fk and
+--     usage_ledger_account_fk go: on every step recorded and every report billed they locked the
+--     report and the account row FOR KEY SHARE, which for many clients of one account become
+--     multixacts on the account row. Deleting a report or an account that has such rows stays
+--     refused, with the same SQLSTATE (23503), constraint name and message as the foreign key
+--     gave, by the AFTER DELETE row triggers reports_keep_steps and accounts_keep_billing_rows
+--     (named so that they fire after the RI triggers of the foreign keys that remain, whose
+--     refusals therefore come first as before). Inserts stay consistent: only the SECURITY
+--     DEFINER functions (and the schema owner) insert these rows, and each does so while it
+--     holds a row whose own foreign keys keep the parents (docs/REVIEW.md, "Foreign keys of
+--     the write path").
+--   * report_step_usage.id and report_reservations.id default to tokentrack.uuid_v7(), a
+--     time-ordered uuid (UUIDv7 layout: 48 bits of Unix milliseconds, version 7, variant,
+--     random bits; PostgreSQL before 18 has no uuidv7()): new keys go to the right edge of the
+--     primary key instead of a random page of it, so a checkpoint is followed by one full-page
+--     image of the rightmost leaf rather than one per insert. Existing ids are kept.
+--   * report_step_usage_billed_is_immutable() (version 20261202000000) finds a billed step for
+--     the TRUNCATE guard without the dropped index.
+-- Locks while it runs: ACCESS EXCLUSIVE on report_step_usage, SHARE ROW EXCLUSIVE on
+--   usage_ledger, reports, accounts, usage_periods (dropping constraints, creating triggers),
+--   ACCESS EXCLUSIVE on report_reservations (the new default); no table is rewritten or
+--   scanned: fillfactor applies to pages written from now on (a VACUUM FULL or pg_repack
+--   would apply it to old pages; not needed: old steps are billed already, or are billed once).
+-- Rollback: recreates the two indexes (a scan of report_step_usage), re-adds the five foreign
+--   keys (each validates by a scan of its table), resets fillfactor and the id defaults,
+--   drops the guard triggers and their functions, uuid_v7() and puts the trigger function's
+--   text of version 20261202000000 back.
+
+DROP INDEX tokentrack.report_step_usage_billing_entry_idx;
+DROP INDEX tokentrack.report_step_usage_billed_period_idx;
+ALTER TABLE tokentrack.report_step_usage SET (fillfactor = 80);
+
+ALTER TABLE tokentrack.report_step_usage
+DROP CONSTRAINT report_step_usage_billed_period_fk,
+DROP CONSTRAINT report_step_usage_billing_entry_fk,
+DROP CONSTRAINT report_step_usage_report_fk,
+DROP CONSTRAINT report_step_usage_account_fk;
+ALTER TABLE tokentrack.usage_ledger DROP CONSTRAINT usage_ledger_account_fk;
+
+CREATE FUNCTION tokentrack.reports_keep_steps()
+RETURNS trigger
+LANGUAGE plpgsql
+-- SECURITY DEFINER: it must see every row of the child tables, whatever row level security
+-- shows the role that deletes.
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $function$
+BEGIN
+    -- Served by report_step_usage_one_per_step (report_id, step_name).
+    IF EXISTS (SELECT FROM tokentrack.report_step_usage AS s WHERE s.report_id = old.id) THEN
+        RAISE EXCEPTION 'update or delete on table "reports" violates foreign key constraint '
+            '"report_step_usage_report_fk" on table "report_step_usage"'
+            USING ERRCODE = '23503', CONSTRAINT = 'report_step_usage_report_fk',
+            SCHEMA = 'tokentrack', TABLE = 'report_step_usage',
+            DETAIL = pg_catalog.format('Key (id)=(%s) is still referenced from table "report_step_usage".', old.id),
+            HINT = 'Billing data is never deleted: a report with recorded steps stays.';
+    END IF;
+    RETURN NULL;
+END
+$function$;
+
+COMMENT ON FUNCTION tokentrack.reports_keep_steps() IS
+'Trigger function refusing the DELETE of a tokentrack.reports row that has steps (SQLSTATE 23503, '
+'as the foreign key report_step_usage_report_fk did).';
+
+REVOKE ALL ON FUNCTION tokentrack.reports_keep_steps() FROM PUBLIC;
+
+CREATE TRIGGER reports_keep_steps
+AFTER DELETE ON tokentrack.reports
+FOR EACH ROW EXECUTE FUNCTION tokentrack.reports_keep_steps();
+
+CREATE FUNCTION tokentrack.accounts_keep_billing_rows()
+RETURNS trigger
+LANGUAGE plpgsql
+-- SECURITY DEFINER: it must see every row of the child tables, whatever row level security
+-- shows the role that deletes.
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $function$
+BEGIN
+    -- Served by usage_ledger_account_idx and report_step_usage_account_idx.
+    IF EXISTS (SELECT FROM tokentrack.usage_ledger AS l WHERE l.account_id = old.id) THEN
+        RAISE EXCEPTION 'update or delete on table "accounts" violates foreign key constraint '
+            '"usage_ledger_account_fk" on table "usage_ledger"'
+            USING ERRCODE = '23503', CONSTRAINT = 'usage_ledger_account_fk',
+            SCHEMA = 'tokentrack', TABLE = 'usage_ledger',
+            DETAIL = pg_catalog.format('Key (id)=(%s) is still referenced from table "usage_ledger".', old.id),
+            HINT = 'Billing data is never deleted: an account with billing rows stays.';
+    END IF;
+    IF EXISTS (SELECT FROM tokentrack.report_step_usage AS s WHERE s.account_id = old.id) THEN
+        RAISE EXCEPTION 'update or delete on table "accounts" violates foreign key constraint '
+            '"report_step_usage_account_fk" on table "report_step_usage"'
+            USING ERRCODE = '23503', CONSTRAINT = 'report_step_usage_account_fk',
+            SCHEMA = 'tokentrack', TABLE = 'report_step_usage',
+            DETAIL = pg_catalog.format('Key (id)=(%s) is still referenced from table "report_step_usage".', old.id),
+            HINT = 'Billing data is never deleted: an account with billing rows stays.';
+    END IF;
+    RETURN NULL;
+END
+$function$;
+
+COMMENT ON FUNCTION tokentrack.accounts_keep_billing_rows() IS
+'Trigger function refusing the DELETE of a tokentrack.accounts row that has ledger rows or steps '
+'(SQLSTATE 23503, as the foreign keys usage_ledger_account_fk and report_step_usage_account_fk did).';
+
+REVOKE ALL ON FUNCTION tokentrack.accounts_keep_billing_rows() FROM PUBLIC;
+
+CREATE TRIGGER accounts_keep_billing_rows
+AFTER DELETE ON tokentrack.accounts
+FOR EACH ROW EXECUTE FUNCTION tokentrack.accounts_keep_billing_rows();
+
+CREATE FUNCTION tokentrack.uuid_v7()
+RETURNS uuid
+LANGUAGE sql
+VOLATILE
+PARALLEL SAFE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $function$
+    -- A random (version 4) uuid whose first 6 bytes become the Unix time in milliseconds and
+    -- whose version nibble becomes 7 (0100 -> 0111: bits 52 and 53 set); the variant bits of
+    -- gen_random_uuid() stay.
+    SELECT pg_catalog.encode(
+        pg_catalog.set_bit(
+            pg_catalog.set_bit(
+                pg_catalog.overlay(
+                    pg_catalog.uuid_send(pg_catalog.gen_random_uuid()),
+                    pg_catalog.substr(
+                        pg_catalog.int8send(
+                            pg_catalog.floor(
+                                pg_catalog.date_part('epoch', pg_catalog.clock_timestamp()) * 1000
+                            )::bigint
+                        ),
+                        3
+                    ),
+                    1,
+                    6
+                ),
+                52, 1
+            ),
+            53, 1
+        ),
+        'hex'
+    )::uuid
+$function$;
+
+COMMENT ON FUNCTION tokentrack.uuid_v7() IS
+'A time-ordered uuid (UUIDv7 layout: Unix milliseconds, version 7, random bits): the id default '
+'of report_step_usage and report_reservations, so new keys fill the right edge of their index.';
+
+REVOKE ALL ON FUNCTION tokentrack.uuid_v7() FROM PUBLIC;
+
+ALTER TABLE tokentrack.report_step_usage ALTER COLUMN id SET DEFAULT tokentrack.uuid_v7();
+ALTER TABLE tokentrack.report_reservations ALTER COLUMN id SET DEFAULT tokentrack.uuid_v7();
+
+-- AFTER, not BEFORE: a BEFORE row trigger makes every UPDATE lock the old row first (one Heap
+-- LOCK record per billed step, before its WHEN is even evaluated); an AFTER row trigger with
+-- the same WHEN refuses the same statements with the same error, and the transaction that
+-- tried rolls back.
+DROP TRIGGER report_step_usage_billed_immutable ON tokentrack.report_step_usage;
+CREATE TRIGGER report_step_usage_billed_immutable
+AFTER UPDATE OR DELETE ON tokentrack.report_step_usage
+FOR EACH ROW WHEN (old.billed_at IS NOT NULL)
+EXECUTE FUNCTION tokentrack.report_step_usage_billed_is_immutable();
+
+CREATE OR REPLACE FUNCTION tokentrack.report_step_usage_billed_is_immutable()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $function$
+BEGIN
+    IF tg_op = 'TRUNCATE' THEN
+        -- TRUNCATE holds the table ACCESS EXCLUSIVE: a scan that stops at the first billed
+        -- row (since version 20261214000000 no index covers billed rows; the table's oldest
+        -- rows, read first, are the billed ones).
+        IF EXISTS (SELECT FROM tokentrack.report_step_usage AS s WHERE s.billed_at IS NOT NULL) THEN
+            RAISE EXCEPTION 'tokentrack.report_step_usage holds billed steps: TRUNCATE is not allowed'
+                USING ERRCODE = '55000',
+                HINT = 'Billed steps are billing records and stay; record a correction as a new usage_ledger row.';
+        END IF;
+        RETURN NULL;
+    END IF;
+    RAISE EXCEPTION 'step % of report % was billed at %: % of a billed step is not allowed',
+        pg_catalog.quote_literal(old.step_name), old.report_id, old.billed_at, tg_op
+        USING ERRCODE = '55000',
+        HINT = 'Billed steps are billing records and stay; record a correction as a new usage_ledger row.';
+END
+$function$;
