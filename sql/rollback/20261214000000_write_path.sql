@@ -7,33 +7,9 @@
 
 SET LOCAL search_path = pg_catalog, pg_temp;
 
--- Part wpath: step billing and persist WAL. Undoes it exactly: the trigger function's text of
--- version 20261202000000, the id defaults, the guard triggers, the five foreign keys (each
--- validated by a scan of its table), fillfactor and the two indexes (a scan of
--- report_step_usage each).
-
-CREATE OR REPLACE FUNCTION tokentrack.report_step_usage_billed_is_immutable()
-RETURNS trigger
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $function$
-BEGIN
-    IF tg_op = 'TRUNCATE' THEN
-        -- Served by report_step_usage_billed_period_idx (billed_period_id is set exactly when
-        -- billed_at is: report_step_usage_billed_consistently).
-        IF EXISTS (SELECT FROM tokentrack.report_step_usage AS s WHERE s.billed_period_id IS NOT NULL) THEN
-            RAISE EXCEPTION 'tokentrack.report_step_usage holds billed steps: TRUNCATE is not allowed'
-                USING ERRCODE = '55000',
-                HINT = 'Billed steps are billing records and stay; record a correction as a new usage_ledger row.';
-        END IF;
-        RETURN NULL;
-    END IF;
-    RAISE EXCEPTION 'step % of report % was billed at %: % of a billed step is not allowed',
-        pg_catalog.quote_literal(old.step_name), old.report_id, old.billed_at, tg_op
-        USING ERRCODE = '55000',
-        HINT = 'Billed steps are billing records and stay; record a correction as a new usage_ledger row.';
-END
-$function$;
+-- Part wpath: step billing and persist WAL. Undoes it exactly: the immutability row trigger
+-- BEFORE again, the id defaults, the guard triggers, the five foreign keys (each validated by
+-- a scan of its table), fillfactor and the two indexes (a scan of report_step_usage each).
 
 DROP TRIGGER report_step_usage_billed_immutable ON tokentrack.report_step_usage;
 CREATE TRIGGER report_step_usage_billed_immutable

@@ -12,9 +12,9 @@ SET LOCAL search_path = pg_catalog, pg_temp;
 -- What it changes, and why (bench/wal_per_call.py measures each; docs/REVIEW.md has the
 -- figures):
 --   * report_step_usage loses report_step_usage_billing_entry_idx and
---     report_step_usage_billed_period_idx, and gets fillfactor 80 (in bench/wal_per_call.py 85
---     left 12 % of the billing updates non-HOT, 80 about 10 %: the first updates on a page that
---     filled up). Billing sets billed_at,
+--     report_step_usage_billed_period_idx, and gets fillfactor 70 (in bench/wal_per_call.py 85
+--     left 12 % of the billing updates non-HOT, 80 11 %, 70 none: a page must hold the new
+--     versions of its rows until the old ones are pruned; the table's new pages are 30 % empty). Billing sets billed_at,
 --     billed_period_id and billing_entry_id on every step; while indexes covered two of them no
 --     billing UPDATE was HOT, so each billed step got a new heap tuple on another page and a new
 --     entry in every index of the table (5). Without them (the steps of a report are found by
@@ -43,8 +43,13 @@ SET LOCAL search_path = pg_catalog, pg_temp;
 --     random bits; PostgreSQL before 18 has no uuidv7()): new keys go to the right edge of the
 --     primary key instead of a random page of it, so a checkpoint is followed by one full-page
 --     image of the rightmost leaf rather than one per insert. Existing ids are kept.
---   * report_step_usage_billed_is_immutable() (version 20261202000000) finds a billed step for
---     the TRUNCATE guard without the dropped index.
+--   * report_step_usage_billed_immutable (the row trigger of version 20261202000000) fires
+--     AFTER instead of BEFORE (below). Its function is not replaced: its TRUNCATE guard,
+--     EXISTS (... WHERE billed_period_id IS NOT NULL), stays exact without the dropped index
+--     (a scan that stops at the first billed row, under the ACCESS EXCLUSIVE lock TRUNCATE
+--     holds; its comment naming the index is out of date), and a function that a schema file
+--     defines must come back byte for byte when this version is rolled back
+--     (tests/installer/test_functions.py).
 -- Locks while it runs: ACCESS EXCLUSIVE on report_step_usage, SHARE ROW EXCLUSIVE on
 --   usage_ledger, reports, accounts, usage_periods (dropping constraints, creating triggers),
 --   ACCESS EXCLUSIVE on report_reservations (the new default); no table is rewritten or
@@ -52,12 +57,12 @@ SET LOCAL search_path = pg_catalog, pg_temp;
 --   would apply it to old pages; not needed: old steps are billed already, or are billed once).
 -- Rollback: recreates the two indexes (a scan of report_step_usage), re-adds the five foreign
 --   keys (each validates by a scan of its table), resets fillfactor and the id defaults,
---   drops the guard triggers and their functions, uuid_v7() and puts the trigger function's
---   text of version 20261202000000 back.
+--   drops the guard triggers and their functions and uuid_v7(), and makes the immutability
+--   row trigger BEFORE again.
 
 DROP INDEX tokentrack.report_step_usage_billing_entry_idx;
 DROP INDEX tokentrack.report_step_usage_billed_period_idx;
-ALTER TABLE tokentrack.report_step_usage SET (fillfactor = 80);
+ALTER TABLE tokentrack.report_step_usage SET (fillfactor = 70);
 
 ALTER TABLE tokentrack.report_step_usage
 DROP CONSTRAINT report_step_usage_billed_period_fk,
@@ -191,27 +196,3 @@ CREATE TRIGGER report_step_usage_billed_immutable
 AFTER UPDATE OR DELETE ON tokentrack.report_step_usage
 FOR EACH ROW WHEN (old.billed_at IS NOT NULL)
 EXECUTE FUNCTION tokentrack.report_step_usage_billed_is_immutable();
-
-CREATE OR REPLACE FUNCTION tokentrack.report_step_usage_billed_is_immutable()
-RETURNS trigger
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $function$
-BEGIN
-    IF tg_op = 'TRUNCATE' THEN
-        -- TRUNCATE holds the table ACCESS EXCLUSIVE: a scan that stops at the first billed
-        -- row (since version 20261214000000 no index covers billed rows; the table's oldest
-        -- rows, read first, are the billed ones).
-        IF EXISTS (SELECT FROM tokentrack.report_step_usage AS s WHERE s.billed_at IS NOT NULL) THEN
-            RAISE EXCEPTION 'tokentrack.report_step_usage holds billed steps: TRUNCATE is not allowed'
-                USING ERRCODE = '55000',
-                HINT = 'Billed steps are billing records and stay; record a correction as a new usage_ledger row.';
-        END IF;
-        RETURN NULL;
-    END IF;
-    RAISE EXCEPTION 'step % of report % was billed at %: % of a billed step is not allowed',
-        pg_catalog.quote_literal(old.step_name), old.report_id, old.billed_at, tg_op
-        USING ERRCODE = '55000',
-        HINT = 'Billed steps are billing records and stay; record a correction as a new usage_ledger row.';
-END
-$function$;

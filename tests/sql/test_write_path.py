@@ -100,7 +100,7 @@ async def test_billing_leaves_the_steps_on_their_page_and_in_no_new_index_entry(
 ) -> None:
     assert await conn.fetchval(
         "SELECT reloptions FROM pg_class WHERE oid = 'tokentrack.report_step_usage'::regclass"
-    ) == ["fillfactor=80"]
+    ) == ["fillfactor=70"]
     covered = await conn.fetch(
         "SELECT a.attname FROM pg_index AS i"
         " INNER JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)"
