@@ -14,8 +14,8 @@ SET LOCAL search_path = pg_catalog, pg_temp;
 --   * report_step_usage loses report_step_usage_billing_entry_idx and
 --     report_step_usage_billed_period_idx, and gets fillfactor 70 (in bench/wal_per_call.py 85
 --     left 12 % of the billing updates non-HOT, 80 11 %, 70 none: a page must hold the new
---     versions of its rows until the old ones are pruned; the table's new pages are 30 % empty). Billing sets billed_at,
---     billed_period_id and billing_entry_id on every step; while indexes covered two of them no
+--     versions of its rows until the old ones are pruned; the table's new pages are 30 % empty).
+--     Billing sets billed_at, billed_period_id and billing_entry_id on every step; while indexes covered two of them no
 --     billing UPDATE was HOT, so each billed step got a new heap tuple on another page and a new
 --     entry in every index of the table (5). Without them (the steps of a report are found by
 --     report_step_usage_one_per_step (report_id, step_name); billing_totals, refund_report,
