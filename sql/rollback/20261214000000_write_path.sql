@@ -8,8 +8,8 @@
 SET LOCAL search_path = pg_catalog, pg_temp;
 
 -- Part wpath: step billing and persist WAL. Undoes it exactly: the immutability row trigger
--- BEFORE again, the id defaults, the guard triggers, the five foreign keys (each validated by
--- a scan of its table), fillfactor and the two indexes (a scan of report_step_usage each).
+-- BEFORE again, the id defaults, the guard trigger, the three foreign keys (each validated by
+-- a scan of the table), fillfactor and the two indexes (a scan of report_step_usage each).
 
 DROP TRIGGER report_step_usage_billed_immutable ON tokentrack.report_step_usage;
 CREATE TRIGGER report_step_usage_billed_immutable
@@ -23,15 +23,8 @@ DROP FUNCTION tokentrack.uuid_v7();
 
 DROP TRIGGER accounts_keep_billing_rows ON tokentrack.accounts;
 DROP FUNCTION tokentrack.accounts_keep_billing_rows();
-DROP TRIGGER reports_keep_steps ON tokentrack.reports;
-DROP FUNCTION tokentrack.reports_keep_steps();
 
-ALTER TABLE tokentrack.usage_ledger
-ADD CONSTRAINT usage_ledger_account_fk FOREIGN KEY (account_id)
-REFERENCES tokentrack.accounts (id) ON DELETE RESTRICT;
 ALTER TABLE tokentrack.report_step_usage
-ADD CONSTRAINT report_step_usage_report_fk FOREIGN KEY (report_id)
-REFERENCES tokentrack.reports (id) ON DELETE RESTRICT,
 ADD CONSTRAINT report_step_usage_account_fk FOREIGN KEY (account_id)
 REFERENCES tokentrack.accounts (id) ON DELETE RESTRICT,
 ADD CONSTRAINT report_step_usage_billed_period_fk FOREIGN KEY (billed_period_id)

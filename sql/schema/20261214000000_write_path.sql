@@ -27,17 +27,22 @@ SET LOCAL search_path = pg_catalog, pg_temp;
 --     the usage_ledger row written in the same transaction, and its billed_period_id that row's
 --     period_id; usage_ledger is append-only (never deleted, never truncated) and
 --     usage_ledger_period_fk keeps refusing the DELETE of that period.
---   * The foreign keys report_step_usage_report_fk, report_step_usage_account_fk and
---     usage_ledger_account_fk go: on every step recorded and every report billed they locked the
---     report and the account row FOR KEY SHARE, which for many clients of one account become
---     multixacts on the account row. Deleting a report or an account that has such rows stays
---     refused, with the same SQLSTATE (23503), constraint name and message as the foreign key
---     gave, by the AFTER DELETE row triggers reports_keep_steps and accounts_keep_billing_rows
---     (named so that they fire after the RI triggers of the foreign keys that remain, whose
---     refusals therefore come first as before). Inserts stay consistent: only the SECURITY
---     DEFINER functions (and the schema owner) insert these rows, and each does so while it
---     holds a row whose own foreign keys keep the parents (docs/REVIEW.md, "Foreign keys of
---     the write path").
+--   * The foreign key report_step_usage_account_fk goes: on every step recorded it locked the
+--     account row FOR KEY SHARE, which for many clients of one account become multixacts on
+--     the account row (the other writers that lock the account row, reserve's report and
+--     reservation and every ledger row, hold the account's period FOR UPDATE, so they take it
+--     one after the other). Deleting an account that has steps stays refused, with the same
+--     SQLSTATE (23503), constraint name and message as the foreign key gave, by the AFTER
+--     DELETE row trigger accounts_keep_billing_rows (named so that it fires after the RI
+--     triggers of the foreign keys that remain, whose refusals therefore come first as
+--     before). Inserts stay consistent: only record_step_usage (SECURITY DEFINER) and the
+--     schema owner insert steps, and record_step_usage does so while it holds the report's
+--     reservation (or, late, the period), whose own foreign keys keep the account
+--     (docs/REVIEW.md, "Foreign keys of the write path"). report_step_usage_report_fk and
+--     usage_ledger_account_fk stay: each costs one Heap LOCK record per call and no multixact
+--     (the report's steps are recorded one at a time under its reservation lock; ledger rows
+--     under the period lock), and tests/faults/test_interrupted.py interrupts persist and
+--     increment_usage while they wait on those very locks.
 --   * report_step_usage.id and report_reservations.id default to tokentrack.uuid_v7(), a
 --     time-ordered uuid (UUIDv7 layout: 48 bits of Unix milliseconds, version 7, variant,
 --     random bits; PostgreSQL before 18 has no uuidv7()): new keys go to the right edge of the
@@ -51,14 +56,14 @@ SET LOCAL search_path = pg_catalog, pg_temp;
 --     defines must come back byte for byte when this version is rolled back
 --     (tests/installer/test_functions.py).
 -- Locks while it runs: ACCESS EXCLUSIVE on report_step_usage, SHARE ROW EXCLUSIVE on
---   usage_ledger, reports, accounts, usage_periods (dropping constraints, creating triggers),
+--   usage_ledger, accounts, usage_periods (dropping constraints, creating the trigger),
 --   ACCESS EXCLUSIVE on report_reservations (the new default); no table is rewritten or
 --   scanned: fillfactor applies to pages written from now on (a VACUUM FULL or pg_repack
 --   would apply it to old pages; not needed: old steps are billed already, or are billed once).
--- Rollback: recreates the two indexes (a scan of report_step_usage), re-adds the five foreign
---   keys (each validates by a scan of its table), resets fillfactor and the id defaults,
---   drops the guard triggers and their functions and uuid_v7(), and makes the immutability
---   row trigger BEFORE again.
+-- Rollback: recreates the two indexes (a scan of report_step_usage), re-adds the three foreign
+--   keys (each validates by a scan of the table), resets fillfactor and the id defaults,
+--   drops the guard trigger, its function and uuid_v7(), and makes the immutability row
+--   trigger BEFORE again.
 
 DROP INDEX tokentrack.report_step_usage_billing_entry_idx;
 DROP INDEX tokentrack.report_step_usage_billed_period_idx;
@@ -67,41 +72,7 @@ ALTER TABLE tokentrack.report_step_usage SET (fillfactor = 70);
 ALTER TABLE tokentrack.report_step_usage
 DROP CONSTRAINT report_step_usage_billed_period_fk,
 DROP CONSTRAINT report_step_usage_billing_entry_fk,
-DROP CONSTRAINT report_step_usage_report_fk,
 DROP CONSTRAINT report_step_usage_account_fk;
-ALTER TABLE tokentrack.usage_ledger DROP CONSTRAINT usage_ledger_account_fk;
-
-CREATE FUNCTION tokentrack.reports_keep_steps()
-RETURNS trigger
-LANGUAGE plpgsql
--- SECURITY DEFINER: it must see every row of the child tables, whatever row level security
--- shows the role that deletes.
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $function$
-BEGIN
-    -- Served by report_step_usage_one_per_step (report_id, step_name).
-    IF EXISTS (SELECT FROM tokentrack.report_step_usage AS s WHERE s.report_id = old.id) THEN
-        RAISE EXCEPTION 'update or delete on table "reports" violates foreign key constraint '
-            '"report_step_usage_report_fk" on table "report_step_usage"'
-            USING ERRCODE = '23503', CONSTRAINT = 'report_step_usage_report_fk',
-            SCHEMA = 'tokentrack', TABLE = 'report_step_usage',
-            DETAIL = pg_catalog.format('Key (id)=(%s) is still referenced from table "report_step_usage".', old.id),
-            HINT = 'Billing data is never deleted: a report with recorded steps stays.';
-    END IF;
-    RETURN NULL;
-END
-$function$;
-
-COMMENT ON FUNCTION tokentrack.reports_keep_steps() IS
-'Trigger function refusing the DELETE of a tokentrack.reports row that has steps (SQLSTATE 23503, '
-'as the foreign key report_step_usage_report_fk did).';
-
-REVOKE ALL ON FUNCTION tokentrack.reports_keep_steps() FROM PUBLIC;
-
-CREATE TRIGGER reports_keep_steps
-AFTER DELETE ON tokentrack.reports
-FOR EACH ROW EXECUTE FUNCTION tokentrack.reports_keep_steps();
 
 CREATE FUNCTION tokentrack.accounts_keep_billing_rows()
 RETURNS trigger
@@ -112,30 +83,22 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $function$
 BEGIN
-    -- Served by usage_ledger_account_idx and report_step_usage_account_idx.
-    IF EXISTS (SELECT FROM tokentrack.usage_ledger AS l WHERE l.account_id = old.id) THEN
-        RAISE EXCEPTION 'update or delete on table "accounts" violates foreign key constraint '
-            '"usage_ledger_account_fk" on table "usage_ledger"'
-            USING ERRCODE = '23503', CONSTRAINT = 'usage_ledger_account_fk',
-            SCHEMA = 'tokentrack', TABLE = 'usage_ledger',
-            DETAIL = pg_catalog.format('Key (id)=(%s) is still referenced from table "usage_ledger".', old.id),
-            HINT = 'Billing data is never deleted: an account with billing rows stays.';
-    END IF;
+    -- Served by report_step_usage_account_idx.
     IF EXISTS (SELECT FROM tokentrack.report_step_usage AS s WHERE s.account_id = old.id) THEN
         RAISE EXCEPTION 'update or delete on table "accounts" violates foreign key constraint '
             '"report_step_usage_account_fk" on table "report_step_usage"'
             USING ERRCODE = '23503', CONSTRAINT = 'report_step_usage_account_fk',
             SCHEMA = 'tokentrack', TABLE = 'report_step_usage',
             DETAIL = pg_catalog.format('Key (id)=(%s) is still referenced from table "report_step_usage".', old.id),
-            HINT = 'Billing data is never deleted: an account with billing rows stays.';
+            HINT = 'Billing data is never deleted: an account with recorded steps stays.';
     END IF;
     RETURN NULL;
 END
 $function$;
 
 COMMENT ON FUNCTION tokentrack.accounts_keep_billing_rows() IS
-'Trigger function refusing the DELETE of a tokentrack.accounts row that has ledger rows or steps '
-'(SQLSTATE 23503, as the foreign keys usage_ledger_account_fk and report_step_usage_account_fk did).';
+'Trigger function refusing the DELETE of a tokentrack.accounts row that has steps (SQLSTATE 23503, '
+'as the foreign key report_step_usage_account_fk did).';
 
 REVOKE ALL ON FUNCTION tokentrack.accounts_keep_billing_rows() FROM PUBLIC;
 

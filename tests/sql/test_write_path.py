@@ -1,8 +1,9 @@
-"""Version 20261214000000, part wpath: the write path without the per-step foreign keys, the
-billing indexes and the BEFORE row trigger keeps what they guaranteed (issue #16).
+"""Version 20261214000000, part wpath: the write path without the steps' foreign keys to
+their account, period and ledger row, the billing indexes and the BEFORE row trigger keeps what
+they guaranteed (issue #16).
 
-- deleting a report or an account that has billing rows is refused with 23503 even where no
-  remaining foreign key refuses (rows written by the schema owner directly);
+- deleting an account that has steps is refused with 23503 even where no remaining foreign
+  key refuses (rows written by the schema owner directly);
 - billing is a HOT update (no index covers the billing columns; fillfactor leaves room);
 - a billed step stays immutable under the AFTER trigger, and the failed statement leaves the
   row as it was;
@@ -19,8 +20,16 @@ import pytest
 from sqlkit import call, counts, new_account, reserve, step
 
 
-async def _orphan_step(conn: asyncpg.Connection, report: uuid.UUID, account: uuid.UUID) -> None:
-    """A step that only the trigger keeps: its report has no reservation and no ledger row."""
+async def _step_of_another_accounts_report(conn: asyncpg.Connection, account: uuid.UUID) -> None:
+    """A step naming ``account`` whose report is another account's (the schema owner writing
+    directly): no remaining foreign key ties it to ``account``, only the trigger."""
+    other = await new_account(conn)
+    report = uuid.uuid4()
+    await conn.execute(
+        "INSERT INTO tokentrack.reports (id, account_id, status) VALUES ($1, $2, 'processing')",
+        report,
+        other,
+    )
     await conn.execute(
         "INSERT INTO tokentrack.report_step_usage"
         " (report_id, account_id, step_name, input_tokens, output_tokens, total_tokens)"
@@ -30,59 +39,22 @@ async def _orphan_step(conn: asyncpg.Connection, report: uuid.UUID, account: uui
     )
 
 
-async def test_deleting_a_report_with_steps_is_refused_by_the_guard(
-    conn: asyncpg.Connection,
-) -> None:
-    account = await new_account(conn)
-    report = uuid.uuid4()
-    await conn.execute(
-        "INSERT INTO tokentrack.reports (id, account_id, status) VALUES ($1, $2, 'processing')",
-        report,
-        account,
-    )
-    await _orphan_step(conn, report, account)
-    before = await counts(conn)
-    with pytest.raises(asyncpg.ForeignKeyViolationError) as caught:
-        await conn.execute("DELETE FROM tokentrack.reports WHERE id = $1", report)
-    assert caught.value.constraint_name == "report_step_usage_report_fk"
-    assert caught.value.table_name == "report_step_usage"
-    assert str(report) in (caught.value.detail or "")
-    assert await counts(conn) == before
-    # Without steps the report goes, as before.
-    await conn.execute("DELETE FROM tokentrack.report_step_usage WHERE report_id = $1", report)
-    assert await conn.execute("DELETE FROM tokentrack.reports WHERE id = $1", report) == "DELETE 1"
-
-
 async def test_deleting_an_account_with_steps_is_refused_by_the_guard(
     conn: asyncpg.Connection,
 ) -> None:
     account = uuid.uuid4()
     await conn.execute("INSERT INTO tokentrack.accounts (id) VALUES ($1)", account)
-    await _orphan_step(conn, uuid.uuid4(), account)
+    await _step_of_another_accounts_report(conn, account)
+    before = await counts(conn)
     with pytest.raises(asyncpg.ForeignKeyViolationError) as caught:
         await conn.execute("DELETE FROM tokentrack.accounts WHERE id = $1", account)
     assert caught.value.constraint_name == "report_step_usage_account_fk"
+    assert caught.value.table_name == "report_step_usage"
+    assert str(account) in (caught.value.detail or "")
+    assert await counts(conn) == before
     assert (
         await conn.fetchval("SELECT count(*) FROM tokentrack.accounts WHERE id = $1", account) == 1
     )
-
-
-async def test_deleting_an_account_with_ledger_rows_is_refused_by_the_guard(
-    conn: asyncpg.Connection,
-) -> None:
-    account, other = uuid.uuid4(), await new_account(conn)
-    await conn.execute("INSERT INTO tokentrack.accounts (id) VALUES ($1)", account)
-    # A ledger row whose period is another account's: only the guard names this account.
-    await conn.execute(
-        "INSERT INTO tokentrack.usage_ledger (account_id, period_id, kind, tokens)"
-        " SELECT $1, p.id, 'increment', 1 FROM tokentrack.usage_periods AS p"
-        " WHERE p.account_id = $2",
-        account,
-        other,
-    )
-    with pytest.raises(asyncpg.ForeignKeyViolationError) as caught:
-        await conn.execute("DELETE FROM tokentrack.accounts WHERE id = $1", account)
-    assert caught.value.constraint_name == "usage_ledger_account_fk"
 
 
 async def test_an_account_without_billing_rows_can_still_be_deleted(
