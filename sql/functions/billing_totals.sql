@@ -18,7 +18,9 @@
 -- read once snapshot_xmin has passed that read's snapshot_xmax (every transaction that could
 -- still insert an entry with a lower id has ended).
 -- Reads: usage_ledger by its primary key (id > p_after_entry), each entry's steps by
---   report_step_usage_billing_entry_idx. Locks nothing, writes nothing (STABLE). Sees every
+--   report_step_usage_one_per_step (the entry's report_id; the steps an entry billed are of
+--   its report, and since version 20261214000000 no index covers billing_entry_id, so that
+--   billing is a HOT update). Locks nothing, writes nothing (STABLE). Sees every
 --   account (SECURITY DEFINER): EXECUTE for tokentrack_service only, as health().
 -- Errors: 22004 a NULL argument; 22023 a negative argument.
 CREATE OR REPLACE FUNCTION tokentrack.billing_totals(
@@ -56,7 +58,7 @@ BEGIN
             COALESCE((
                 SELECT pg_catalog.sum(s.cost_micros)
                 FROM tokentrack.report_step_usage AS s
-                WHERE s.billing_entry_id = l.id
+                WHERE s.report_id = l.report_id AND s.billing_entry_id = l.id
             ), 0) AS cost
         FROM tokentrack.usage_ledger AS l
         WHERE l.id > p_after_entry AND l.kind IN ('report_billed', 'report_expired', 'late_step')

@@ -15,7 +15,9 @@
 --     unbilled behind a finalize; the steps of one report are recorded one after the other,
 --     so each one's overrun sum counts the steps committed before it; under FOR SHARE, as
 --     before, two steps recorded at once each summed without the other and neither answer
---     carried over_reservation).
+--     carried over_reservation). Since version 20261214000000 it looks the step up again
+--     under that lock and inserts it with a plain INSERT (no ON CONFLICT: one WAL record less
+--     per step): a retry that raced the first call sees its committed row there.
 --   * the reservation is completed or expired (the report was billed): the step is billed at
 --     once into the reservation's period ("late": true). Locks, in order: the period row
 --     (FOR UPDATE), then the report row (its token_usage gains the step's total in
@@ -117,6 +119,16 @@ BEGIN
         END IF;
 
         IF v_reservation.status = 'active' THEN
+            -- Every unbilled step of the report is written under this lock, so an identical
+            -- call that wrote the step first has committed by now, and this statement's new
+            -- snapshot (READ COMMITTED) sees it. Since version 20261214000000 a look-up, then
+            -- a plain INSERT: no ON CONFLICT speculative insertion (its confirm record).
+            SELECT s.* INTO v_step FROM tokentrack.report_step_usage AS s
+            WHERE s.report_id = p_report_id AND s.step_name = p_step_name;
+            v_inserted := NOT FOUND;
+        END IF;
+
+        IF v_reservation.status = 'active' AND v_inserted THEN
             INSERT INTO tokentrack.report_step_usage (
                 report_id, account_id, step_name, input_tokens, cached_input_tokens,
                 cache_write_tokens, output_tokens, reasoning_tokens, total_tokens, model,
@@ -127,10 +139,8 @@ BEGIN
                 p_cache_write_tokens, p_output_tokens, p_reasoning_tokens, p_total_tokens, p_model,
                 pg_catalog.now(), v_cost
             )
-            ON CONFLICT ON CONSTRAINT report_step_usage_one_per_step DO NOTHING
             RETURNING * INTO v_step;
-            v_inserted := FOUND;
-        ELSE
+        ELSIF v_reservation.status <> 'active' THEN
             -- Late: the report was billed. Bill this step at once, into the same period.
             PERFORM FROM tokentrack.usage_periods AS p WHERE p.id = v_reservation.period_id FOR UPDATE;
             IF v_reservation.holds IS NOT NULL THEN

@@ -6,3 +6,34 @@
 -- definitions back from the migrator after this file runs.
 
 SET LOCAL search_path = pg_catalog, pg_temp;
+
+-- Part wpath: step billing and persist WAL. Undoes it exactly: the immutability row trigger
+-- BEFORE again, the id defaults, the guard trigger, the three foreign keys (each validated by
+-- a scan of the table), fillfactor and the two indexes (a scan of report_step_usage each).
+
+DROP TRIGGER report_step_usage_billed_immutable ON tokentrack.report_step_usage;
+CREATE TRIGGER report_step_usage_billed_immutable
+BEFORE UPDATE OR DELETE ON tokentrack.report_step_usage
+FOR EACH ROW WHEN (old.billed_at IS NOT NULL)
+EXECUTE FUNCTION tokentrack.report_step_usage_billed_is_immutable();
+
+ALTER TABLE tokentrack.report_step_usage ALTER COLUMN id SET DEFAULT gen_random_uuid();
+ALTER TABLE tokentrack.report_reservations ALTER COLUMN id SET DEFAULT gen_random_uuid();
+DROP FUNCTION tokentrack.uuid_v7();
+
+DROP TRIGGER accounts_keep_billing_rows ON tokentrack.accounts;
+DROP FUNCTION tokentrack.accounts_keep_billing_rows();
+
+ALTER TABLE tokentrack.report_step_usage
+ADD CONSTRAINT report_step_usage_account_fk FOREIGN KEY (account_id)
+REFERENCES tokentrack.accounts (id) ON DELETE RESTRICT,
+ADD CONSTRAINT report_step_usage_billed_period_fk FOREIGN KEY (billed_period_id)
+REFERENCES tokentrack.usage_periods (id) ON DELETE RESTRICT,
+ADD CONSTRAINT report_step_usage_billing_entry_fk FOREIGN KEY (billing_entry_id)
+REFERENCES tokentrack.usage_ledger (id) ON DELETE RESTRICT;
+
+ALTER TABLE tokentrack.report_step_usage RESET (fillfactor);
+CREATE INDEX report_step_usage_billing_entry_idx
+ON tokentrack.report_step_usage (billing_entry_id) WHERE billing_entry_id IS NOT NULL;
+CREATE INDEX report_step_usage_billed_period_idx
+ON tokentrack.report_step_usage (billed_period_id) WHERE billed_period_id IS NOT NULL;

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.requires_extension("plpgsql_check")
 # Every PL/pgSQL routine of every version: the API, the helpers, the triggers, the sweep and
 # the monitoring figures.
 EXPECTED = {
+    "tokentrack.accounts_keep_billing_rows()",  # version 20261214000000
     "tokentrack.increment_usage(uuid,integer,boolean,boolean)",
     "tokentrack.lock_active_period(uuid)",
     "tokentrack.open_usage_period(uuid,bigint,timestamp with time zone)",
