@@ -117,7 +117,7 @@ from tokentrack_client.validation import (
     check_total_tokens,
 )
 
-__all__ = ["ConnectionLike", "IdLike", "TokenTracker"]
+__all__ = ["ConnectionLike", "IdLike", "TokenTracker", "create_pool", "reset_nothing"]
 
 logger = logging.getLogger("tokentrack_client")
 
@@ -193,6 +193,28 @@ def _begin_statement(timeout: float | None) -> str:
         return _BEGIN
     ms = max(1, math.ceil(round(timeout * 1000, 3)))  # 0.57 s is 570 ms, not 571
     return f"{_BEGIN}; SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}"
+
+
+async def reset_nothing(connection: asyncpg.Connection[Any]) -> None:
+    """A pool ``reset`` that sends nothing: asyncpg still rolls back a transaction left open
+    and drops the connection's listener callbacks, but skips its reset query (``SELECT
+    pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL``), one round trip on every
+    release, which a pool that only a :class:`TokenTracker` uses does not need: the tracker
+    leaves no session state (its settings are ``SET LOCAL``, a notification stream UNLISTENs
+    when it stops)."""
+
+
+async def create_pool(dsn: str | None = None, **kwargs: Any) -> asyncpg.Pool[Any]:
+    """``asyncpg.create_pool(dsn, **kwargs)`` for a pool that only :class:`TokenTracker`
+    uses: ``reset`` is :func:`reset_nothing` unless given (asyncpg's own reset query costs a
+    round trip on each release, as much as a call). Connections your own code also uses with
+    session state (``SET``, ``LISTEN``, advisory locks, held cursors) need asyncpg's default:
+    pass ``reset=None`` or use ``asyncpg.create_pool``. Behind PgBouncer in transaction
+    pooling mode, pass ``statement_cache_size=0`` as with any pool."""
+    kwargs.setdefault("reset", reset_nothing)
+    pool = await asyncpg.create_pool(dsn, **kwargs)
+    assert pool is not None  # asyncpg's stubs allow None; create_pool never returns it
+    return pool
 
 
 class _AttemptFailed(Exception):
