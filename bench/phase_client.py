@@ -31,7 +31,7 @@ import report
 from server import log
 from workloads import STEPS, Workloads, account
 
-from tokentrack_client import InsufficientTokens, TokenTracker
+from tokentrack_client import InsufficientTokens, TokenTracker, create_pool
 
 APPLICATION = "tokentrack-bench-client"
 
@@ -41,6 +41,7 @@ LOW_LIMIT = 1_000  # below every report's estimate: each reserve on them is refu
 LOW_SHARE = 0.05  # one report in twenty goes to a low-budget account
 ZIPF_S = 1.1
 REPLAY_MODES = ("reports", "bare")
+POOLS = ("create_pool", "asyncpg")  # tokentrack_client.create_pool; asyncpg's default reset
 
 
 async def client(workloads: Workloads) -> dict[str, Any]:
@@ -58,15 +59,17 @@ async def client(workloads: Workloads) -> dict[str, Any]:
         pg = await workloads.one("lifecycle", "spread", round_no)
         pg["driver"] = "pgbench"
         runs.append(pg)
-        log(f"round {round_no}: client lifecycle ({args.duration} s)")
-        run = await client_run(workloads)
-        run["round"] = round_no
-        runs.append(run)
-        log(
-            f"  {run['calls_per_s']:.0f} calls/s,"
-            f" client {run['cpu']['driver_cores']:.2f} cores,"
-            f" server {run['cpu']['server_cores']:.2f} cores"
-        )
+        for pool in POOLS:
+            log(f"round {round_no}: client lifecycle, {pool} pool ({args.duration} s)")
+            run = await client_run(workloads, pool)
+            run["round"] = round_no
+            runs.append(run)
+            log(
+                f"  {run['calls_per_s']:.0f} calls/s,"
+                f" client {run['cpu']['driver_cores']:.2f} cores,"
+                f" {run['client_cpu_ms_per_call']:.3f} ms/call,"
+                f" server {run['cpu']['server_cores']:.2f} cores"
+            )
         plans = make_plans(args.client_tasks, args.accounts, seed=round_no)
         order = REPLAY_MODES if round_no % 2 else REPLAY_MODES[::-1]
         for mode in order:
@@ -129,13 +132,12 @@ async def replay_run(
     """One run of the replay, ``reports`` (track_report) or ``bare`` (increment_usage)."""
     args = workloads.args
     tasks = len(plans)
-    pool = await asyncpg.create_pool(
+    pool = await create_pool(
         workloads.session.dsn("bench"),
         min_size=tasks,
         max_size=tasks,
         server_settings={"application_name": APPLICATION},
     )
-    assert pool is not None
     try:
         tracker = TokenTracker(pool)
         measured = await workloads.measurement(APPLICATION).start()
@@ -207,10 +209,12 @@ async def replay_run(
     }
 
 
-async def client_run(workloads: Workloads) -> dict[str, Any]:
+async def client_run(workloads: Workloads, kind: str) -> dict[str, Any]:
+    """The lifecycle through the client on a pool of ``kind`` (one of POOLS)."""
     args = workloads.args
     tasks = args.client_tasks
-    pool = await asyncpg.create_pool(
+    make = create_pool if kind == "create_pool" else asyncpg.create_pool
+    pool = await make(
         workloads.session.dsn("bench"),
         min_size=tasks,
         max_size=tasks,
@@ -251,6 +255,7 @@ async def client_run(workloads: Workloads) -> dict[str, Any]:
     calls = lifecycles * 9
     return {
         "driver": "tokentrack_client",
+        "pool": kind,
         "workload": "lifecycle",
         "accounts": "spread",
         "tasks": tasks,
