@@ -5,7 +5,7 @@ One method per function; each call is one short transaction of its own. The idem
 ``claim_notifications``) are one statement, one round trip, that the server commits as it
 ends::
 
-    SELECT CASE WHEN current_setting('transaction_isolation') = 'read committed'
+    SELECT CASE WHEN pg_catalog.current_setting('transaction_isolation') = 'read committed'
                 THEN tokentrack.<function>($1::uuid, ...)::text END
 
 (a session whose default isolation is not READ COMMITTED answers NULL, having done nothing,
@@ -980,8 +980,8 @@ def _guarded(sql: str) -> str:
     if text is None:
         body = sql.removeprefix("SELECT ")
         text = _GUARDED[sql] = (
-            "SELECT CASE WHEN current_setting('transaction_isolation') = 'read committed'"
-            f" THEN {body} END"
+            "SELECT CASE WHEN pg_catalog.current_setting('transaction_isolation')"
+            f" = 'read committed' THEN {body} END"
         )
     return text
 

@@ -18,7 +18,9 @@ from sqlkit import assert_reconciled, new_account, period
 from tokentrack_client import TokenTracker, create_pool, reset_nothing
 
 BEGIN = "BEGIN ISOLATION LEVEL READ COMMITTED"
-GUARD = "SELECT CASE WHEN current_setting('transaction_isolation') = 'read committed' THEN "
+GUARD = (
+    "SELECT CASE WHEN pg_catalog.current_setting('transaction_isolation') = 'read committed' THEN "
+)
 
 
 def logged(connection: asyncpg.Connection) -> list[str]:
