@@ -31,7 +31,10 @@ throughput  pgbench at the same clients, threads and duration for simple-update 
 profile     each workload once more with pg_stat_statements.track = all: the statements inside
             the functions, where the time goes.
 client      the lifecycle through tokentrack_client (TokenTracker.track_report) with N asyncio
-            tasks on a pool of N connections, interleaved with the pgbench lifecycle.
+            tasks on a pool of N connections (tokentrack_client.create_pool, and asyncpg's
+            default pool), interleaved with the pgbench lifecycle; then a replayed workload
+            (reports of 1 to 7 steps, Zipf-skewed accounts, some refusals) through
+            track_report and as the same steps as bare increment_usage calls, side by side.
 growth      each function and the queries of `tokentrack monitor` timed with 10 thousand and
             with 1 million existing reservations and steps.
 sweep       100 thousand expired reservations with steps, swept by expire_reservations(500) one

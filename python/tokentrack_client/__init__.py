@@ -6,7 +6,7 @@ the migrator (:mod:`tokentrack_client.migrate`) and the ``tokentrack`` CLI.
 
 __version__ = "0.1.0"
 
-from tokentrack_client.client import TokenTracker
+from tokentrack_client.client import TokenTracker, create_pool, reset_nothing
 from tokentrack_client.errors import (
     AccountNotFound,
     AlreadyRefunded,
@@ -123,4 +123,6 @@ __all__ = [
     "UsageAdjustment",
     "UsageIncrement",
     "__version__",
+    "create_pool",
+    "reset_nothing",
 ]

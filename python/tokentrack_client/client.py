@@ -1,6 +1,17 @@
 """``TokenTracker``: the thin asyncpg client of the tokentrack SQL functions.
 
-One method per function; each call is one short transaction of its own::
+One method per function; each call is one short transaction of its own. The idempotent calls
+(all but ``increment_usage``, ``extend_reservation``, ``open_usage_period`` and
+``claim_notifications``) are one statement, one round trip, that the server commits as it
+ends::
+
+    SELECT CASE WHEN pg_catalog.current_setting('transaction_isolation') = 'read committed'
+                THEN tokentrack.<function>($1::uuid, ...)::text END
+
+(a session whose default isolation is not READ COMMITTED answers NULL, having done nothing,
+and the call is made as below). The others, every call when the tracker has a ``timeout``,
+and every call on a connection whose asyncpg statement cache is off or that has a
+``command_timeout``, are an explicit transaction::
 
     BEGIN ISOLATION LEVEL READ COMMITTED
     SELECT tokentrack.<function>($1::uuid, ...)::text
@@ -9,9 +20,15 @@ One method per function; each call is one short transaction of its own::
 It sets no session state and prepares no named statement of its own, so it works behind
 PgBouncer in transaction pooling mode as long as the caller's pool or connection was created
 with ``statement_cache_size=0`` (asyncpg's cache of named prepared statements is the one thing
-the client cannot switch off for the caller). The explicit transaction also keeps asyncpg's
-unnamed Parse and Bind on the same server connection behind PgBouncer, and tells the client
-whether a failed call may have committed (see :mod:`tokentrack_client.retry`).
+the client cannot switch off for the caller). Without the cache, asyncpg's unnamed Parse and
+Bind are two round trips, which only the explicit transaction keeps on one server connection
+behind PgBouncer; with it, a call is one Bind, Execute and Sync. The explicit transaction
+tells the client whether a failed call may have committed: a failure before ``COMMIT`` was
+sent did not. For the one-statement calls, an error the server answered means it rolled back,
+and a connection that broke (or the driver's ``command_timeout``, hence the explicit
+transaction there) while the statement was in flight leaves the outcome unknown; they are
+idempotent, so a retry answers the first result either way (see
+:mod:`tokentrack_client.retry`).
 
 With a ``timeout``, the transaction starts with ``SET LOCAL statement_timeout`` and ``SET LOCAL
 lock_timeout`` in the same round trip as ``BEGIN`` (one simple query): the settings end with
@@ -100,7 +117,7 @@ from tokentrack_client.validation import (
     check_total_tokens,
 )
 
-__all__ = ["ConnectionLike", "IdLike", "TokenTracker"]
+__all__ = ["ConnectionLike", "IdLike", "TokenTracker", "create_pool", "reset_nothing"]
 
 logger = logging.getLogger("tokentrack_client")
 
@@ -176,6 +193,28 @@ def _begin_statement(timeout: float | None) -> str:
         return _BEGIN
     ms = max(1, math.ceil(round(timeout * 1000, 3)))  # 0.57 s is 570 ms, not 571
     return f"{_BEGIN}; SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}"
+
+
+async def reset_nothing(connection: asyncpg.Connection[Any]) -> None:
+    """A pool ``reset`` that sends nothing: asyncpg still rolls back a transaction left open
+    and drops the connection's listener callbacks, but skips its reset query (``SELECT
+    pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL``), one round trip on every
+    release, which a pool that only a :class:`TokenTracker` uses does not need: the tracker
+    leaves no session state (its settings are ``SET LOCAL``, a notification stream UNLISTENs
+    when it stops)."""
+
+
+async def create_pool(dsn: str | None = None, **kwargs: Any) -> asyncpg.Pool[Any]:
+    """``asyncpg.create_pool(dsn, **kwargs)`` for a pool that only :class:`TokenTracker`
+    uses: ``reset`` is :func:`reset_nothing` unless given (asyncpg's own reset query costs a
+    round trip on each release, as much as a call). Connections your own code also uses with
+    session state (``SET``, ``LISTEN``, advisory locks, held cursors) need asyncpg's default:
+    pass ``reset=None`` or use ``asyncpg.create_pool``. Behind PgBouncer in transaction
+    pooling mode, pass ``statement_cache_size=0`` as with any pool."""
+    kwargs.setdefault("reset", reset_nothing)
+    pool = await asyncpg.create_pool(dsn, **kwargs)
+    assert pool is not None  # asyncpg's stubs allow None; create_pool never returns it
+    return pool
 
 
 class _AttemptFailed(Exception):
@@ -809,7 +848,7 @@ class TokenTracker:
         while True:
             attempt += 1
             try:
-                raw = await self._attempt(sql, args)
+                raw = await self._attempt(sql, args, idempotent)
             except _AttemptFailed as failed:
                 elapsed = time.monotonic() - started
                 pause = (
@@ -848,25 +887,53 @@ class TokenTracker:
             return idempotent or failed.phase is not Phase.COMMIT
         return is_rolled_back(error)
 
-    async def _attempt(self, sql: str, args: tuple[Any, ...]) -> object:
+    async def _attempt(self, sql: str, args: tuple[Any, ...], idempotent: bool) -> object:
         if self._pool is None:
             assert self._connection is not None
             async with self._lock:
-                return await self._in_transaction(self._connection, sql, args)
+                return await self._in_transaction(self._connection, sql, args, idempotent)
         try:
             connection = await self._pool.acquire()
         except Exception as exc:
             raise _AttemptFailed(exc, Phase.ACQUIRE, connection_closed=False, joined=False) from exc
         try:
-            return await self._in_transaction(connection, sql, args)
+            return await self._in_transaction(connection, sql, args, idempotent)
         finally:
             try:
                 await self._pool.release(connection)
             except Exception as exc:  # the answer (if any) stands; the pool drops the connection
                 logger.debug("tokentrack: releasing a connection failed: %s", _describe(exc))
 
-    async def _in_transaction(
+    async def _in_implicit_transaction(
         self, connection: ConnectionLike, sql: str, args: tuple[Any, ...]
+    ) -> object:
+        """One round trip: the call as a statement of its own, which the server commits when
+        it ends (asyncpg's Bind, Execute and Sync of its cached prepared statement). The
+        statement runs the function only in a READ COMMITTED transaction, and answers
+        :data:`_NOT_READ_COMMITTED` (having done nothing) in any other: the caller then makes
+        the call in an explicit transaction.
+
+        Which failures leave the outcome known: an error the server answered (any SQLSTATE,
+        57P01 included) rolled the statement's transaction back, as in the call phase of an
+        explicit transaction; a connection that broke, or the driver's timeout, while the
+        statement was in flight may have come after its commit, as in the commit phase."""
+        try:
+            raw = await connection.fetchval(_guarded(sql), *args)
+        except BaseException as exc:
+            if isinstance(exc, Exception):
+                phase = Phase.CALL if sqlstate_of(exc) is not None else Phase.COMMIT
+                raise _AttemptFailed(
+                    exc, phase, connection_closed=_closed(connection), joined=False
+                ) from exc
+            raise
+        return _NOT_READ_COMMITTED if raw is None else raw
+
+    async def _in_transaction(
+        self,
+        connection: ConnectionLike,
+        sql: str,
+        args: tuple[Any, ...],
+        idempotent: bool,
     ) -> object:
         if connection.is_in_transaction():
             # The caller's transaction: join it; it commits (or not) with the caller.
@@ -877,6 +944,10 @@ class TokenTracker:
                     exc, Phase.CALL, connection_closed=_closed(connection), joined=True
                 ) from exc
             return raw
+        if self._timeout is None and idempotent and _autocommit_safe(connection):
+            raw = await self._in_implicit_transaction(connection, sql, args)
+            if raw is not _NOT_READ_COMMITTED:
+                return raw
         phase = Phase.BEGIN
         try:
             await connection.execute(self._begin)
@@ -892,6 +963,42 @@ class TokenTracker:
                 ) from exc
             raise
         return raw
+
+
+_NOT_READ_COMMITTED: Final = object()
+"""What :meth:`TokenTracker._in_implicit_transaction` answers when the session's default
+isolation is not READ COMMITTED (the function was not called)."""
+
+_GUARDED: dict[str, str] = {}
+
+
+def _guarded(sql: str) -> str:
+    """``SELECT tokentrack.f(...)::text`` as a statement that calls ``f`` only in a READ
+    COMMITTED transaction (NULL otherwise); the same text for every call of ``f``, so that
+    asyncpg's statement cache keeps hitting."""
+    text = _GUARDED.get(sql)
+    if text is None:
+        body = sql.removeprefix("SELECT ")
+        text = _GUARDED[sql] = (
+            "SELECT CASE WHEN pg_catalog.current_setting('transaction_isolation')"
+            f" = 'read committed' THEN {body} END"
+        )
+    return text
+
+
+def _autocommit_safe(connection: ConnectionLike) -> bool:
+    """Whether a call on ``connection`` may be a single statement of its own: asyncpg caches
+    its prepared statements (so the call is one Bind, Execute and Sync, which PgBouncer's
+    transaction pooling keeps on one server connection; without the cache the Parse and the
+    Bind are two round trips that only an explicit transaction keeps together) and has no
+    ``command_timeout`` (whose expiry mid-statement could not tell whether the statement
+    committed; in an explicit transaction it can). asyncpg keeps both in the connection's
+    ``_config`` (a named tuple, stable since asyncpg 0.18); without it, no."""
+    config = getattr(connection, "_config", None)
+    return (
+        getattr(config, "statement_cache_size", 0) > 0
+        and getattr(config, "command_timeout", 0) is None
+    )
 
 
 def _closed(connection: ConnectionLike) -> bool:

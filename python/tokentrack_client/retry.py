@@ -1,7 +1,7 @@
 """Retries of transient failures: the policy, and which failures are transient.
 
-A call is one transaction that the client opens itself (``BEGIN``, ``SELECT
-tokentrack.<function>(...)``, ``COMMIT``), so the client knows how far it got when it fails:
+A call in an explicit transaction that the client opens itself (``BEGIN``, ``SELECT
+tokentrack.<function>(...)``, ``COMMIT``) tells the client how far it got when it fails:
 
 * before ``COMMIT`` was sent (acquiring a connection, ``BEGIN``, the function call): the
   transaction certainly did not commit. A transient failure here is retried for every call,
@@ -12,6 +12,10 @@ tokentrack.<function>(...)``, ``COMMIT``), so the client knows how far it got wh
   ``already_finalized``); the others raise :class:`~tokentrack_client.ConnectionLost` with
   ``outcome_unknown=True``.
 * an error answered to ``COMMIT`` itself (40001, 40P01) means it rolled back: retried.
+
+An idempotent call made as one statement of its own (see :mod:`tokentrack_client.client`)
+counts as the call phase when the server answered an error (its transaction rolled back), and
+as the commit phase when the connection broke while it was in flight (the outcome unknown).
 
 Transient: a broken connection (asyncpg's connection errors, ``OSError``, SQLSTATE class 08),
 the server shutting down or restarting (57P01 admin_shutdown, which is also what

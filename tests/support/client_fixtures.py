@@ -217,12 +217,18 @@ async def bouncer_pool(pgbouncer: PgBouncer, db_dsn: str) -> AsyncIterator[async
 
 # CommandComplete for COMMIT: 'C', int32 length (4 + len("COMMIT\0") = 11), "COMMIT\0".
 COMMIT_COMPLETE = b"C\x00\x00\x00\x0bCOMMIT\x00"
+# A call made as a statement of its own (no BEGIN): asyncpg's Execute asks for one row, so the
+# call's answer ends with PortalSuspended ('s', length 4), and its transaction commits at the
+# Sync that follows, before the server answers ReadyForQuery, idle ('Z', length 5, 'I').
+# (Inside BEGIN the ReadyForQuery says 'T'; the pool's reset query ends with CommandComplete.)
+IMPLICIT_COMMIT_COMPLETE = b"s\x00\x00\x00\x04Z\x00\x00\x00\x05I"
 
 
 class FaultProxy:
     """Forwards TCP connections to PostgreSQL; ``cut_after_commit()`` arms it to drop the next
-    connection whose server answers a COMMIT, without passing the answer on: the transaction
-    committed, the client sees a broken connection."""
+    connection whose server answers a COMMIT (or a call that committed as a statement of its
+    own), without passing the answer on: the transaction committed, the client sees a broken
+    connection."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
@@ -270,7 +276,11 @@ class FaultProxy:
     ) -> None:
         try:
             while data := await source.read(65536):
-                if inspect and self._armed and COMMIT_COMPLETE in data:
+                if (
+                    inspect
+                    and self._armed
+                    and (COMMIT_COMPLETE in data or IMPLICIT_COMMIT_COMPLETE in data)
+                ):
                     self._armed = False
                     self.cuts += 1
                     break
