@@ -6,3 +6,7 @@
 -- definitions back from the migrator after this file runs.
 
 SET LOCAL search_path = pg_catalog, pg_temp;
+
+-- Part sweep: nothing to undo here (no schema change); the migrator restores
+-- expire_reservations, cleanup_expired_reservations and sweep_expired_reservations from their
+-- version-13 texts (sql/history/20261213000000).
