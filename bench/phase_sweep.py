@@ -108,8 +108,9 @@ async def sweep_batches(
 
 
 async def side_by_side(conn: asyncpg.Connection, rows: int, batch: int) -> dict[str, Any]:
-    """Batches of the current sweep and of the previous one, taking turns on one backlog, each
-    in its own transaction: milliseconds (COMMIT included), WAL bytes and server time."""
+    """Batches of the current sweep and of the previous one, taking turns on one backlog (in
+    the order ABBA), each in its own transaction: milliseconds (COMMIT included), WAL bytes and
+    server time."""
     await conn.execute(
         PREVIOUS.read_text().replace("tokentrack.expire_reservations(", f"{PREVIOUS_NAME}(")
     )
@@ -123,7 +124,9 @@ async def side_by_side(conn: asyncpg.Connection, rows: int, batch: int) -> dict[
     await conn.execute("SELECT pg_stat_statements_reset()")
     turn = 0
     while True:
-        which = ("current", "previous")[turn % 2]
+        # current, previous, previous, current, ...: neither always comes first to the pages
+        # that the batch before it left (or to the full-page images after a checkpoint).
+        which = ("current", "previous", "previous", "current")[turn % 4]
         turn += 1
         before = await conn.fetchval("SELECT pg_current_wal_insert_lsn()::text")
         t0 = time.perf_counter()

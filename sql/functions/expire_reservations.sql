@@ -62,7 +62,8 @@ AS $function$
 DECLARE
     -- The reservations chosen and locked.
     v_chosen uuid[];
-    -- One element per reservation billed, every array in (period_id, id) order.
+    -- One element per reservation billed, the arrays aligned with each other (aggregated in one
+    -- pass over the same rows, in no particular order).
     v_ids uuid[];
     v_accounts uuid[];
     v_periods uuid[];
@@ -137,20 +138,20 @@ BEGIN
     -- What finalize_reservation reads, for the whole batch: each report's status and the sums
     -- of its unbilled steps.
     SELECT
-        pg_catalog.array_agg(x.id ORDER BY x.period_id, x.id),
-        pg_catalog.array_agg(x.account_id ORDER BY x.period_id, x.id),
-        pg_catalog.array_agg(x.period_id ORDER BY x.period_id, x.id),
-        pg_catalog.array_agg(x.report_id ORDER BY x.period_id, x.id),
-        pg_catalog.array_agg(x.reports ORDER BY x.period_id, x.id),
-        pg_catalog.array_agg(x.steps ORDER BY x.period_id, x.id),
-        pg_catalog.array_agg(x.tokens ORDER BY x.period_id, x.id),
-        pg_catalog.array_agg(x.input ORDER BY x.period_id, x.id),
-        pg_catalog.array_agg(x.output ORDER BY x.period_id, x.id),
-        pg_catalog.array_agg(x.cached ORDER BY x.period_id, x.id),
-        pg_catalog.array_agg(x.cache_write ORDER BY x.period_id, x.id),
-        pg_catalog.array_agg(x.reasoning ORDER BY x.period_id, x.id),
-        pg_catalog.array_agg(x.cost ORDER BY x.period_id, x.id),
-        pg_catalog.array_agg(x.unpriced ORDER BY x.period_id, x.id),
+        pg_catalog.array_agg(x.id),
+        pg_catalog.array_agg(x.account_id),
+        pg_catalog.array_agg(x.period_id),
+        pg_catalog.array_agg(x.report_id),
+        pg_catalog.array_agg(x.reports),
+        pg_catalog.array_agg(x.steps),
+        pg_catalog.array_agg(x.tokens),
+        pg_catalog.array_agg(x.input),
+        pg_catalog.array_agg(x.output),
+        pg_catalog.array_agg(x.cached),
+        pg_catalog.array_agg(x.cache_write),
+        pg_catalog.array_agg(x.reasoning),
+        pg_catalog.array_agg(x.cost),
+        pg_catalog.array_agg(x.unpriced),
         COALESCE(pg_catalog.bool_or(x.held), false)
     INTO
         v_ids, v_accounts, v_periods, v_report_ids, v_reports, v_steps, v_tokens, v_input,
@@ -196,19 +197,20 @@ BEGIN
         RETURN pg_catalog.jsonb_build_object('success', true, 'expired', 0, 'billed_tokens', 0, 'steps', 0);
     END IF;
 
-    -- The ledger rows, in (period_id, id) order.
+    -- The ledger rows, in (period_id, id) order: the order in which the per-reservation sweep
+    -- wrote them.
     WITH entries AS (
         INSERT INTO tokentrack.usage_ledger (account_id, period_id, kind, tokens, reports, report_id)
         SELECT b.account_id, b.period_id, 'report_expired', b.tokens, b.reports, b.report_id
-        FROM
-            ROWS FROM (
-                pg_catalog.unnest(v_accounts),
-                pg_catalog.unnest(v_periods),
-                pg_catalog.unnest(v_tokens),
-                pg_catalog.unnest(v_reports),
-                pg_catalog.unnest(v_report_ids)
-            ) WITH ORDINALITY AS b (account_id, period_id, tokens, reports, report_id, n)
-        ORDER BY b.n
+        FROM ROWS FROM (
+            pg_catalog.unnest(v_ids),
+            pg_catalog.unnest(v_accounts),
+            pg_catalog.unnest(v_periods),
+            pg_catalog.unnest(v_tokens),
+            pg_catalog.unnest(v_reports),
+            pg_catalog.unnest(v_report_ids)
+        ) AS b (id, account_id, period_id, tokens, reports, report_id)
+        ORDER BY b.period_id, b.id
         RETURNING id, report_id, period_id
     )
     SELECT pg_catalog.array_agg(e.id), pg_catalog.array_agg(e.report_id), pg_catalog.array_agg(e.period_id)
@@ -259,10 +261,10 @@ BEGIN
                     pg_catalog.unnest(v_ids),
                     pg_catalog.unnest(v_tokens),
                     pg_catalog.unnest(v_cost)
-                ) WITH ORDINALITY AS b (id, tokens, cost, n)
+                ) AS b (id, tokens, cost)
             INNER JOIN tokentrack.report_reservations AS rr ON rr.id = b.id
             WHERE rr.holds IS NOT NULL AND (b.tokens <> 0 OR b.cost <> 0)
-            ORDER BY b.n
+            ORDER BY rr.period_id, rr.id
         LOOP
             PERFORM tokentrack.bill_budget_windows(
                 v_hold.account_id, v_hold.holds, v_hold.tokens, v_hold.cost,
