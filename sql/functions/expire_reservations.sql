@@ -21,16 +21,17 @@
 -- (releasing nothing: past expiry a reservation holds nothing), so each sees the windows as
 -- the one before left them and records the notifications the per-reservation sweep recorded.
 -- Returns {"success", "expired", "billed_tokens", "steps"}.
--- Locks, in the global order (docs/REVIEW.md), each rank in one statement: every chosen
+-- Locks, in the global order (docs/REVIEW.md), ranks 2 to 5 each in one statement: every chosen
 --   reservation row (FOR UPDATE, in (expires_at, id) order, rank 2; a reservation that a
 --   concurrent finalize or sweep billed meanwhile drops out when its lock is granted), then
 --   every period of the batch (FOR UPDATE, ascending id, rank 3), every budget the batch
 --   holds, of every account (FOR UPDATE, (account_id, id) order, rank 4), every report of the
 --   batch (FOR UPDATE, ascending id, rank 5), then the reports' unbilled step rows (one
 --   UPDATE) and the held budget windows (bill_budget_windows, rank 6), then the notifications
---   of the crossings (rank 7). The UPDATEs of periods, reservations and reports after that
---   touch only rows it holds already. Taking all reservation locks before any period lock
---   keeps the global order, so the sweep cannot deadlock with finalize, finish_report or
+--   of the crossings (rank 7). The UPDATEs of periods, reservations and reports touch only
+--   rows it holds already (periods and reservations are written right after the ledger rows,
+--   before the steps). Taking all reservation locks before any period lock keeps the global
+--   order, so the sweep cannot deadlock with finalize, finish_report or
 --   persist_step_usage. A sweep is the only caller that holds several period rows at once; it
 --   takes them in ascending order, so two sweeps cannot deadlock on periods either (in the
 --   order its batch was chosen, sweep A could hold period 1 and wait for period 2 while sweep
@@ -217,16 +218,6 @@ BEGIN
     INTO v_entry_ids, v_entry_reports, v_entry_periods
     FROM entries AS e;
 
-    -- Rank 6: the steps, each marked billed by its reservation's ledger row.
-    UPDATE tokentrack.report_step_usage AS s
-    SET billed_at = pg_catalog.now(), billed_period_id = e.period_id, billing_entry_id = e.id
-    FROM ROWS FROM (
-        pg_catalog.unnest(v_entry_ids),
-        pg_catalog.unnest(v_entry_reports),
-        pg_catalog.unnest(v_entry_periods)
-    ) AS e (id, report_id, period_id)
-    WHERE s.report_id = e.report_id AND s.billed_at IS NULL;
-
     -- Each period once, by the sums of the batch's reservations in it (held since rank 3), by
     -- its primary key: one UPDATE per period, not one join of the batch's sums with the
     -- periods, which the planner serves by reading the whole table once a batch's periods are
@@ -248,6 +239,25 @@ BEGIN
         SET tokens_used = p.tokens_used + v_period.tokens, reports_count = p.reports_count + v_period.reports
         WHERE p.id = v_period.period_id;
     END LOOP;
+
+    -- Rank 2 (held by the caller): the reservations leave 'active'. Like the periods above, rows
+    -- it holds already: writing them before the steps takes no lock out of order. (budget_held,
+    -- which the windows below read, counts only unexpired reservations: none of the batch,
+    -- whatever its status.)
+    UPDATE tokentrack.report_reservations AS rr
+    SET status = 'expired', billed_tokens = b.tokens, finalized_at = pg_catalog.now()
+    FROM ROWS FROM (pg_catalog.unnest(v_ids), pg_catalog.unnest(v_tokens)) AS b (id, tokens)
+    WHERE rr.id = b.id;
+
+    -- Rank 6: the steps, each marked billed by its reservation's ledger row.
+    UPDATE tokentrack.report_step_usage AS s
+    SET billed_at = pg_catalog.now(), billed_period_id = e.period_id, billing_entry_id = e.id
+    FROM ROWS FROM (
+        pg_catalog.unnest(v_entry_ids),
+        pg_catalog.unnest(v_entry_reports),
+        pg_catalog.unnest(v_entry_periods)
+    ) AS e (id, report_id, period_id)
+    WHERE s.report_id = e.report_id AND s.billed_at IS NULL;
 
     -- Rank 6 and 7: the held windows and their notifications, one reservation after the other
     -- in (period_id, id) order, with what finalize_reservation passes (past expiry a
@@ -274,12 +284,6 @@ BEGIN
             );
         END LOOP;
     END IF;
-
-    -- Rank 2 (held by the caller): the reservations leave 'active'.
-    UPDATE tokentrack.report_reservations AS rr
-    SET status = 'expired', billed_tokens = b.tokens, finalized_at = pg_catalog.now()
-    FROM ROWS FROM (pg_catalog.unnest(v_ids), pg_catalog.unnest(v_tokens)) AS b (id, tokens)
-    WHERE rr.id = b.id;
 
     -- Rank 5 (held): the reports' token_usage, as finalize_reservation writes it.
     UPDATE tokentrack.reports AS r
