@@ -1,7 +1,11 @@
 """Phase sweep: a backlog of expired reservations with steps, swept by
 expire_reservations(--sweep-batch) one transaction per batch (each batch timed, commit
 included: the bound of how long it held its locks); then CALL sweep_expired_reservations on
-as many; then a profile (track = all) and smaller backlogs with smaller batches."""
+as many; then a profile (track = all) and smaller backlogs with smaller batches; then, on one
+more backlog, the previous sweep side by side (--sweep-compare-batch): batches of the current
+expire_reservations and of version 20261213000000's text of it (billing one reservation after
+the other through finalize_reservation) taking turns, each timed with its COMMIT and measured
+in WAL, so that their ratio does not depend on what else the machine runs."""
 
 from __future__ import annotations
 
@@ -19,6 +23,10 @@ DUE = (
     "SELECT count(*) FROM tokentrack.report_reservations"
     " WHERE status = 'active' AND expires_at <= now()"
 )
+
+
+PREVIOUS = BENCH_DIR.parent / "sql" / "history" / "20261213000000" / "expire_reservations.sql"
+PREVIOUS_NAME = "bench.expire_reservations_previous"
 
 
 def sweep_batch_query() -> str | None:
@@ -99,6 +107,71 @@ async def sweep_batches(
     }
 
 
+async def side_by_side(conn: asyncpg.Connection, rows: int, batch: int) -> dict[str, Any]:
+    """Batches of the current sweep and of the previous one, taking turns on one backlog (in
+    the order ABBA), each in its own transaction: milliseconds (COMMIT included), WAL bytes and
+    server time."""
+    await conn.execute(
+        PREVIOUS.read_text().replace("tokentrack.expire_reservations(", f"{PREVIOUS_NAME}(")
+    )
+    calls = {
+        "current": "SELECT tokentrack.expire_reservations($1)::text",
+        "previous": f"SELECT {PREVIOUS_NAME}($1)::text",
+    }
+    runs: dict[str, dict[str, list[float]]] = {
+        k: {"ms": [], "wal": [], "expired": []} for k in calls
+    }
+    await conn.execute("SELECT pg_stat_statements_reset()")
+    turn = 0
+    while True:
+        # current, previous, previous, current, ...: neither always comes first to the pages
+        # that the batch before it left (or to the full-page images after a checkpoint).
+        which = ("current", "previous", "previous", "current")[turn % 4]
+        turn += 1
+        before = await conn.fetchval("SELECT pg_current_wal_insert_lsn()::text")
+        t0 = time.perf_counter()
+        async with conn.transaction():
+            answer = json.loads(await conn.fetchval(calls[which], batch))
+        ms = (time.perf_counter() - t0) * 1000
+        wal = await conn.fetchval(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), $1::text::pg_lsn)::float8", before
+        )
+        if answer["expired"] < batch:
+            break  # the last, short batch is left out of both
+        runs[which]["ms"].append(ms)
+        runs[which]["wal"].append(float(wal))
+        runs[which]["expired"].append(answer["expired"])
+    server = {
+        r["query"]: r["total_exec_time"]
+        for r in await conn.fetch(
+            "SELECT s.query, s.total_exec_time FROM pg_stat_statements AS s"
+            " WHERE s.toplevel AND s.dbid = (SELECT oid FROM pg_database"
+            " WHERE datname = current_database())"
+        )
+    }
+    await conn.execute(f"DROP FUNCTION {PREVIOUS_NAME}(integer)")
+    result: dict[str, Any] = {"backlog": rows, "batch": batch}
+    for which, run in runs.items():
+        expired = sum(run["expired"]) or 1
+        median = statistics.median(run["ms"]) if run["ms"] else 0.0
+        server_ms = next((v for q, v in server.items() if calls[which].split("(")[0] in q), 0.0)
+        result[which] = {
+            "batches": len(run["ms"]),
+            "median_batch_ms": median,
+            "longest_batch_ms": max(run["ms"], default=0.0),
+            "median_ms_per_reservation": median / batch,
+            "server_ms_per_reservation": server_ms / expired,
+            "wal_bytes_per_reservation": sum(run["wal"]) / expired,
+        }
+    previous, current = result["previous"], result["current"]
+    result["ratio_ms"] = (
+        current["median_ms_per_reservation"] / previous["median_ms_per_reservation"]
+        if previous["median_ms_per_reservation"]
+        else 0.0
+    )
+    return result
+
+
 async def sweep(session: Session, conn: asyncpg.Connection) -> dict[str, Any]:
     args = session.args
     rows, batch = args.sweep_rows, args.sweep_batch
@@ -145,4 +218,15 @@ async def sweep(session: Session, conn: asyncpg.Connection) -> dict[str, Any]:
         run = await sweep_batches(session, conn, small_rows, size)
         result["smaller_batches"].append(run)
         log(f"  {run['total_s']:.1f} s, longest batch {run['longest_batch_ms']:.0f} ms")
+    compare = args.sweep_compare_batch
+    if small_rows and compare:
+        log(f"sweep: {small_rows:,} more, the current and the previous sweep ({compare}) in turns")
+        await seed_expired(session, conn, n + 1, n + small_rows)
+        n += small_rows
+        result["side_by_side"] = await side_by_side(conn, small_rows, compare)
+        cur, prev = result["side_by_side"]["current"], result["side_by_side"]["previous"]
+        log(
+            f"  {cur['median_ms_per_reservation']:.3f} against"
+            f" {prev['median_ms_per_reservation']:.3f} ms per reservation"
+        )
     return result

@@ -738,6 +738,28 @@ def render(results: dict[str, Any]) -> str:
             f"{p['total_s']:.1f} | {_n(p['rows_per_s'])} | | | | | | | |"
         )
         add("")
+        if "side_by_side" in s:
+            sbs = s["side_by_side"]
+            add(
+                f"Side by side, batches of {sbs['batch']} taking turns on one backlog of "
+                f"{_n(sbs['backlog'])}: the current sweep (set-based) and the previous one "
+                f"(version 20261213000000, finalize_reservation per reservation); full batches "
+                f"only. Current / previous ms per reservation: {sbs['ratio_ms']:.2f}.\n"
+            )
+            add(
+                "| sweep | batches | median batch ms | longest | ms per reservation | "
+                "server ms per reservation | WAL B per reservation |"
+            )
+            add("|---|---|---|---|---|---|---|")
+            for which in ("current", "previous"):
+                r = sbs[which]
+                add(
+                    f"| {which} | {r['batches']} | {r['median_batch_ms']:.1f} | "
+                    f"{r['longest_batch_ms']:.1f} | {r['median_ms_per_reservation']:.3f} | "
+                    f"{r['server_ms_per_reservation']:.3f} | "
+                    f"{_n(r['wal_bytes_per_reservation'])} |"
+                )
+            add("")
 
     if "profile" in results:
         add("## Where the time goes (pg_stat_statements, track = all)\n")

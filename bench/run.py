@@ -40,7 +40,8 @@ growth      each function and the queries of `tokentrack monitor` timed with 10 
 sweep       100 thousand expired reservations with steps, swept by expire_reservations(500) one
             transaction per batch (each batch timed, commit included: the bound of how long it
             held its locks); then CALL sweep_expired_reservations(500) on as many; then a
-            smaller backlog with smaller batches.
+            smaller backlog with smaller batches; then the current and the previous sweep
+            (version 20261213000000's, one reservation at a time) in turns on one more.
 
 This file parses the options, runs the phases in order and writes the results. Each phase
 is a module of its own (phase_*.py), on shared machinery: server.py (the server, its
@@ -170,6 +171,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--sweep-steps", type=int, default=3, help="steps per expired reservation")
     parser.add_argument("--sweep-batch", type=int, default=500)
     parser.add_argument("--sweep-small-rows", type=int, default=10_000)
+    parser.add_argument(
+        "--sweep-compare-batch",
+        type=int,
+        default=50,
+        help="batch of the current and the previous sweep taking turns on one more backlog of"
+        " --sweep-small-rows (0: not run)",
+    )
     parser.add_argument(
         "--sweep-small-batches",
         type=_sizes,

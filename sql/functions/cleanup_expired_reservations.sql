@@ -5,8 +5,10 @@
 -- The expiry sweep, in one transaction: every active reservation past expires_at is billed
 -- (its recorded steps, exactly as finalize would) and marked expired. Afterwards no
 -- reservation is active past its expiry. Returns {"success", "expired", "billed_tokens", "steps"}.
--- Locks: see expire_reservations (all due reservation rows first, then per reservation its
---   period, report and step rows), held until the caller's transaction ends. For a large
+-- Locks: see expire_reservations (all due reservation rows first, then their periods, the
+--   budgets they hold, their reports, then their steps and held budget windows; since version
+--   20261214000000 each rank for the whole batch at once), held until the caller's
+--   transaction ends. For a large
 --   backlog, CALL tokentrack.sweep_expired_reservations() instead: it commits per batch so no
 --   period stays locked for long.
 -- Safe to run concurrently with itself and with finalize: a reservation billed by one is

@@ -5,8 +5,10 @@
 -- The expiry sweep in bounded batches, for pg_cron and large backlogs:
 --   CALL tokentrack.sweep_expired_reservations();
 -- Each batch bills and expires at most p_batch_size reservations (expire_reservations) and
--- commits, so the locks of a batch are held only for that batch (about 1 ms per reservation
--- in `make bench`: the default of 50 keeps a batch well under 100 ms; 500 took ~550 ms). It
+-- commits, so the locks of a batch are held only for that batch (the default of 50 keeps a
+-- batch well under 100 ms: about 1 ms per reservation in `make bench` when the sweep billed
+-- one reservation after the other, when 500 took ~550 ms; since version 20261214000000,
+-- which bills a batch set-based, see bench/results/latest.md). It
 -- goes on until a batch finds nothing due (that last, empty batch locks nothing), so no
 -- reservation that was due when that batch began is left active; a short batch alone does not
 -- stop it. Must be called outside an explicit transaction block (it commits). Reports the

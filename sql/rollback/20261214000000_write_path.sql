@@ -37,3 +37,7 @@ CREATE INDEX report_step_usage_billing_entry_idx
 ON tokentrack.report_step_usage (billing_entry_id) WHERE billing_entry_id IS NOT NULL;
 CREATE INDEX report_step_usage_billed_period_idx
 ON tokentrack.report_step_usage (billed_period_id) WHERE billed_period_id IS NOT NULL;
+
+-- Part sweep: nothing to undo here (no schema change); the migrator restores
+-- expire_reservations, cleanup_expired_reservations and sweep_expired_reservations from their
+-- version-13 texts (sql/history/20261213000000).

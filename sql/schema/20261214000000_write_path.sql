@@ -159,3 +159,12 @@ CREATE TRIGGER report_step_usage_billed_immutable
 AFTER UPDATE OR DELETE ON tokentrack.report_step_usage
 FOR EACH ROW WHEN (old.billed_at IS NOT NULL)
 EXECUTE FUNCTION tokentrack.report_step_usage_billed_is_immutable();
+
+-- Part sweep: the set-based expiry sweep (no schema change)
+--
+-- expire_reservations bills a whole batch in one statement per kind of write (the periods one
+-- UPDATE each) instead of finalize_reservation per reservation; cleanup_expired_reservations
+-- and sweep_expired_reservations only have their headers brought up to date. Function files
+-- only: their version-13 texts are in sql/history/20261213000000, which the rollback of this
+-- version re-executes. No table, index or data is touched, so the upgrade costs nothing on a
+-- big table and takes no lock beyond replacing the three routines.
