@@ -312,3 +312,27 @@ async def test_lock_reservation_budgets_locks_the_held_budgets_and_none_without_
         assert [await locked(b) for b in (month, team, other)] == [False, False, False]
     finally:
         await probe.close()
+
+
+@pytest.mark.parametrize(
+    ("estimate", "message"),
+    [
+        ({"aaa": 1, "tokens": -1}, "unknown key p_estimate.aaa"),
+        ({"tokens": -1, "zzz": 1}, "p_estimate.tokens must be positive"),
+        ({"cost_micros": -1, "tokens": -5}, "p_estimate.cost_micros must not be negative"),
+        ({"model": 7, "tokens": 0}, "p_estimate.model must be a model name"),
+        ({"tokens": 5, "model": None, "cost_micros": None}, None),
+    ],
+)
+async def test_check_estimate_reports_the_keys_in_their_order_with_or_without_unknown_ones(
+    conn: asyncpg.Connection, estimate: dict[str, Any], message: str | None
+) -> None:
+    """The first bad key in key order is reported, whether the object has only known keys
+    (no statement since version 20261214000000) or also unknown ones."""
+    sql = "SELECT (tokentrack.check_estimate($1::jsonb, 'p_estimate')).*"
+    if message is None:
+        row = await conn.fetchrow(sql, json.dumps(estimate))
+        assert (row["tokens"], row["cost_micros"]) == (5, None)
+        return
+    with pytest.raises(asyncpg.InvalidParameterValueError, match=message):
+        await conn.fetchrow(sql, json.dumps(estimate))
