@@ -76,12 +76,10 @@ DECLARE
     v_holds jsonb := '[]'::jsonb;
     v_new_windows jsonb := '[]'::jsonb;
     v_budgets jsonb := '[]'::jsonb;
-    -- The windows whose used + held this hold takes across a threshold (note_crossings).
-    v_cross_ids uuid[] := '{}';
-    v_cross_starts timestamptz[] := '{}';
-    v_cross_before bigint[] := '{}';
-    v_cross_after bigint[] := '{}';
-    v_i integer;
+    -- The windows whose used + held this hold takes across a threshold (note_crossings);
+    -- NULL: none.
+    v_crossings jsonb;
+    v_rise record;
 BEGIN
     -- The account and the report, in one statement (since version 20261214000000): no row
     -- when the account does not exist; a row of NULLs for the report when it does not.
@@ -285,7 +283,9 @@ BEGIN
             LEFT JOIN holds AS hd ON hd.budget_id = c.id AND hd.window_start = c.window_start
         )
 
-        , checked AS (
+        -- Materialized: each budget's threshold test and hold are computed once, not once
+        -- per aggregate that reads them.
+        , checked AS MATERIALIZED (
             SELECT
                 x.*,
                 x.limit_now - x.before AS available,
@@ -342,11 +342,11 @@ BEGIN
                 'held', c.requested,
                 'available', c.available - c.requested
             ) ORDER BY c.id), '[]'::jsonb),
-            COALESCE(pg_catalog.array_agg(c.id ORDER BY c.id) FILTER (WHERE c.crosses), '{}'),
-            COALESCE(pg_catalog.array_agg(c.window_start ORDER BY c.id) FILTER (WHERE c.crosses), '{}'),
-            COALESCE(pg_catalog.array_agg(c.before ORDER BY c.id) FILTER (WHERE c.crosses), '{}'),
-            COALESCE(pg_catalog.array_agg(c.before + c.requested ORDER BY c.id) FILTER (WHERE c.crosses), '{}')
-        INTO v_refusal, v_holds, v_new_windows, v_budgets, v_cross_ids, v_cross_starts, v_cross_before, v_cross_after
+            pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object(
+                'budget_id', c.id, 'window_start', c.window_start,
+                'before', c.before, 'after', c.before + c.requested
+            ) ORDER BY c.id) FILTER (WHERE c.crosses)
+        INTO v_refusal, v_holds, v_new_windows, v_budgets, v_crossings
         FROM checked AS c;
         IF v_refusal IS NOT NULL THEN
             RETURN v_refusal;
@@ -392,11 +392,15 @@ BEGIN
     -- id order. Since version 20261214000000 only for the windows the statement above found
     -- crossing one (note_crossings would record nothing for the others: it reads the same
     -- limit, under the same budget lock, at the same now()); no statement when none does.
-    FOR v_i IN 1 .. pg_catalog.cardinality(v_cross_ids) LOOP
-        PERFORM tokentrack.note_crossings(
-            p_account_id, v_cross_ids[v_i], v_cross_starts[v_i], v_cross_before[v_i], v_cross_after[v_i]
-        );
-    END LOOP;
+    IF v_crossings IS NOT NULL THEN
+        FOR v_rise IN
+            SELECT r.budget_id, r.window_start, r.before, r.after
+            FROM pg_catalog.jsonb_to_recordset(v_crossings) AS r (budget_id uuid, window_start timestamptz, before bigint, after bigint)
+            ORDER BY r.budget_id
+        LOOP
+            PERFORM tokentrack.note_crossings(p_account_id, v_rise.budget_id, v_rise.window_start, v_rise.before, v_rise.after);
+        END LOOP;
+    END IF;
 
     RETURN pg_catalog.jsonb_build_object(
         'success', true,
