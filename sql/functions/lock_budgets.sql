@@ -5,11 +5,13 @@
 -- Internal (no EXECUTE for application roles). Rank 4 of the global lock order
 -- (docs/REVIEW.md): locks the account's budgets p_budget_ids FOR UPDATE, in id order, in one
 -- statement, until the transaction ends. Every function that reads a budget's limit, its
--- windows' use or its holds to decide, or changes them, takes them first: reserve_usage (every
--- budget that applies), extend_reservation, finalize_reservation, finish_report and the late
--- path of record_step_usage (the budgets a reservation holds, through
--- lock_reservation_budgets), set_budget (the one it changes). The sweep, the one function that
--- holds budgets of several accounts, locks them itself in (account_id, id) order.
+-- windows' use or its holds to decide, or changes them, takes them first: set_budget,
+-- grant_credits and adjust_usage (the one budget) call it; reserve_usage (every budget that
+-- applies) and lock_reservation_budgets (the budgets a reservation holds: extend_reservation,
+-- finalize_reservation, finish_report, the late path of record_step_usage) run the same
+-- statement themselves since version 20261214000000 (one function call fewer). The sweep, the
+-- one function that holds budgets of several accounts, locks them itself in (account_id, id)
+-- order.
 -- Row locks, not advisory locks: an advisory lock can be taken by any role that may connect to
 -- the database (pg_advisory_lock is PUBLIC and pg_locks shows the keys in use), which would
 -- let it stall every reservation of a budget; a row lock needs UPDATE on tokentrack.budgets,

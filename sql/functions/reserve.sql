@@ -28,7 +28,9 @@
 --   and model, model not a string, a blank subject, more than 32 subjects, an unknown mode;
 --   22001 a subject or model over 200 characters; 22003 tokens beyond the integer range.
 -- Since version 20261213000000 its refusals are counted (count_refusal, operation reserve): no
---   write to the transaction; see sql/schema/20261213000000_metrics.sql.
+--   write to the transaction; see sql/schema/20261213000000_metrics.sql. Since version
+--   20261214000000 a granted answer makes no call of count_refusal or require_read_committed
+--   (their tests are made inline).
 CREATE OR REPLACE FUNCTION tokentrack.reserve(
     p_account_id uuid,
     p_report_id uuid,
@@ -44,9 +46,13 @@ AS $function$
 DECLARE
     v_estimate tokentrack.reservation_estimate;
     v_subject text;
+    v_answer jsonb;
 BEGIN
-    -- READ COMMITTED only: see require_read_committed.
-    PERFORM tokentrack.require_read_committed('reserve');
+    -- READ COMMITTED only: see require_read_committed (called to raise its error; since version
+    -- 20261214000000 the test is made here first, no call when it passes).
+    IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
+        PERFORM tokentrack.require_read_committed('reserve');
+    END IF;
     IF p_account_id IS NULL THEN
         RAISE EXCEPTION 'p_account_id must not be NULL' USING ERRCODE = '22004', COLUMN = 'p_account_id';
     END IF;
@@ -79,9 +85,15 @@ BEGIN
             USING ERRCODE = '22023', COLUMN = 'p_mode';
     END IF;
 
-    RETURN tokentrack.count_refusal('reserve', tokentrack.reserve_usage(
+    v_answer := tokentrack.reserve_usage(
         p_account_id, p_report_id, v_estimate.tokens, v_estimate.cost_micros, p_subjects, p_mode
-    ));
+    );
+    -- count_refusal returns a granted answer unchanged: called for refusals only (since
+    -- version 20261214000000).
+    IF (v_answer ->> 'success') = 'false' THEN
+        RETURN tokentrack.count_refusal('reserve', v_answer);
+    END IF;
+    RETURN v_answer;
 END
 $function$;
 

@@ -30,7 +30,9 @@
 --   is read after the period lock is granted, so it includes every reservation committed
 --   before that.
 -- Since version 20261213000000 its refusals are counted (count_refusal, operation reserve): no
---   write to the transaction; see sql/schema/20261213000000_metrics.sql.
+--   write to the transaction; see sql/schema/20261213000000_metrics.sql. Since version
+--   20261214000000 a granted answer makes no call of count_refusal or require_read_committed
+--   (their tests are made inline).
 CREATE OR REPLACE FUNCTION tokentrack.try_reserve_tokens(
     p_account_id uuid, p_report_id uuid, p_estimated_tokens integer
 )
@@ -39,9 +41,14 @@ LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $function$
+DECLARE
+    v_answer jsonb;
 BEGIN
-    -- READ COMMITTED only: see require_read_committed.
-    PERFORM tokentrack.require_read_committed('try_reserve_tokens');
+    -- READ COMMITTED only: see require_read_committed (called to raise its error; since version
+    -- 20261214000000 the test is made here first, no call when it passes).
+    IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
+        PERFORM tokentrack.require_read_committed('try_reserve_tokens');
+    END IF;
     IF p_account_id IS NULL THEN
         RAISE EXCEPTION 'p_account_id must not be NULL' USING ERRCODE = '22004', COLUMN = 'p_account_id';
     END IF;
@@ -57,9 +64,13 @@ BEGIN
             USING ERRCODE = '22023', COLUMN = 'p_estimated_tokens';
     END IF;
 
-    RETURN tokentrack.count_refusal(
-        'reserve', tokentrack.reserve_usage(p_account_id, p_report_id, p_estimated_tokens, NULL, '{}', NULL)
-    );
+    v_answer := tokentrack.reserve_usage(p_account_id, p_report_id, p_estimated_tokens, NULL, '{}', NULL);
+    -- count_refusal returns a granted answer unchanged: called for refusals only (since
+    -- version 20261214000000).
+    IF (v_answer ->> 'success') = 'false' THEN
+        RETURN tokentrack.count_refusal('reserve', v_answer);
+    END IF;
+    RETURN v_answer;
 END
 $function$;
 

@@ -41,3 +41,6 @@ ON tokentrack.report_step_usage (billed_period_id) WHERE billed_period_id IS NOT
 -- Part sweep: nothing to undo here (no schema change); the migrator restores
 -- expire_reservations, cleanup_expired_reservations and sweep_expired_reservations from their
 -- version-13 texts (sql/history/20261213000000).
+
+-- Part bperf: nothing (functions only; the migrator restores their version-13 definitions
+-- from the recorded history).

@@ -168,3 +168,12 @@ EXECUTE FUNCTION tokentrack.report_step_usage_billed_is_immutable();
 -- only: their version-13 texts are in sql/history/20261213000000, which the rollback of this
 -- version re-executes. No table, index or data is touched, so the upgrade costs nothing on a
 -- big table and takes no lock beyond replacing the three routines.
+
+-- Part bperf: the reserve path in fewer statements (functions only, no schema change)
+--
+-- reserve_usage, reserve, try_reserve_tokens, check_estimate, lock_budgets (header) and
+-- lock_reservation_budgets are reworked (their version-13 text is in
+-- sql/history/20261213000000): the same answers, locks (rank 3 then rank 4 in id order) and
+-- writes in fewer statements and calls. No table, index or row changes, so nothing is
+-- migrated and nothing is locked while this part runs beyond CREATE OR REPLACE FUNCTION.
+-- Rollback: nothing to undo here; the migrator restores the functions' version-13 texts.
