@@ -7,15 +7,23 @@
 -- the report has no reservation or it belongs to another account: the caller answers with
 -- reservation_refusal().
 -- Locks: the reservation row (FOR UPDATE): the first lock of finalize and finish_report.
+-- PL/pgSQL since version 20261214000000 (it was LANGUAGE sql): PostgreSQL before 18 parses
+-- and plans a SQL function's statement on every call (a SECURITY DEFINER function with SET is
+-- never inlined), PL/pgSQL keeps the plan for the session; the same statement, the same lock.
 CREATE OR REPLACE FUNCTION tokentrack.lock_report_reservation(p_report_id uuid, p_account_id uuid)
 RETURNS uuid
-LANGUAGE sql
+LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $function$
-    SELECT rr.id FROM tokentrack.report_reservations AS rr
+DECLARE
+    v_id uuid;
+BEGIN
+    SELECT rr.id INTO v_id FROM tokentrack.report_reservations AS rr
     WHERE rr.report_id = p_report_id AND rr.account_id = p_account_id
-    FOR UPDATE
+    FOR UPDATE;
+    RETURN v_id;
+END
 $function$;
 
 COMMENT ON FUNCTION tokentrack.lock_report_reservation(uuid, uuid) IS

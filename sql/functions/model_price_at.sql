@@ -12,14 +12,20 @@
 -- A row of NULLs when no price is in effect (or p_model is NULL): the step is unpriced.
 -- Reads by model_prices_one_per_start (the exact name) and model_prices_patterns_idx.
 -- Locks nothing, writes nothing.
+-- PL/pgSQL since version 20261214000000 (it was LANGUAGE sql, whose statement PostgreSQL before
+-- 18 plans again at every call: once per recorded step); the same statement, the same answer.
 CREATE OR REPLACE FUNCTION tokentrack.model_price_at(p_model text, p_at timestamptz)
 RETURNS tokentrack.model_prices
-LANGUAGE sql
+LANGUAGE plpgsql
 STABLE
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $function$
-    SELECT c.* FROM (
+DECLARE
+    v_price tokentrack.model_prices;
+BEGIN
+    -- No row: v_price stays a row of NULLs.
+    SELECT c.* INTO v_price FROM (
         (
             SELECT mp.* FROM tokentrack.model_prices AS mp
             WHERE mp.model = p_model AND NOT mp.is_pattern AND mp.effective_from <= p_at
@@ -34,7 +40,9 @@ AS $function$
         )
     ) AS c
     ORDER BY c.is_pattern ASC, c.specificity DESC, c.model COLLATE "C" ASC
-    LIMIT 1
+    LIMIT 1;
+    RETURN v_price;
+END
 $function$;
 
 COMMENT ON FUNCTION tokentrack.model_price_at(text, timestamptz) IS

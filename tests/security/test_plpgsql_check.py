@@ -21,6 +21,10 @@ pytestmark = pytest.mark.requires_extension("plpgsql_check")
 # the monitoring figures.
 EXPECTED = {
     "tokentrack.accounts_keep_billing_rows()",  # version 20261214000000
+    # PL/pgSQL since version 20261214000000 (they were LANGUAGE sql)
+    "tokentrack.lock_report_reservation(uuid,uuid)",
+    "tokentrack.model_price_at(text,timestamp with time zone)",
+    "tokentrack.step_cost_micros(tokentrack.model_prices,integer,integer,integer,integer,integer)",
     "tokentrack.increment_usage(uuid,integer,boolean,boolean)",
     "tokentrack.lock_active_period(uuid)",
     "tokentrack.open_usage_period(uuid,bigint,timestamp with time zone)",
