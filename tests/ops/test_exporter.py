@@ -104,20 +104,23 @@ async def test_the_slow_task_advances_the_verified_point_and_catches_a_later_dis
     args = ("--min-interval", "0.1", "--reconcile-interval", "0.2")
     async with exporter(db_dsn, *args) as running:
         samples = await running.until(
-            lambda s: ("tokentrack_reconcile_point_entry", ()) in s
-            and value(s, "tokentrack_reconcile_point_entry") == last
+            lambda s: (
+                ("tokentrack_reconcile_point_entry", ()) in s
+                and value(s, "tokentrack_reconcile_point_entry") == last
+            )
         )
         assert value(samples, "tokentrack_reconcile_incremental") == 1
         assert value(samples, "tokentrack_reconcile_ok") == 1
-        point = await conn.fetchrow("SELECT through_entry, pending_entry FROM tokentrack.reconcile_point")
+        point = await conn.fetchrow(
+            "SELECT through_entry, pending_entry FROM tokentrack.reconcile_point"
+        )
         assert point is not None
         assert (point["through_entry"], point["pending_entry"]) == (last, None)
-        quiet = await running.until(
-            lambda s: value(s, "tokentrack_reconcile_entries_checked") == 0
-        )
+        quiet = await running.until(lambda s: value(s, "tokentrack_reconcile_entries_checked") == 0)
         assert value(quiet, "tokentrack_reconcile_ok") == 1
         await conn.execute(
-            "UPDATE tokentrack.usage_periods SET tokens_used = tokens_used + 3 WHERE status = 'active'"
+            "UPDATE tokentrack.usage_periods SET tokens_used = tokens_used + 3"
+            " WHERE status = 'active'"
         )
         broken = await running.until(lambda s: value(s, "tokentrack_reconcile_ok") == 0)
         assert value(broken, "tokentrack_reconcile_discrepancies") == 1

@@ -211,9 +211,7 @@ async def test_the_point_waits_for_a_lower_ledger_id_that_commits_later(
     third = await call(conn, "advance_reconcile_point")
     assert third["advanced"] is True
     assert third["through_entry"] == first["pending_entry"]
-    sums = dict(
-        await conn.fetch("SELECT account_id, tokens FROM tokentrack.reconcile_periods")
-    )
+    sums = dict(await conn.fetch("SELECT account_id, tokens FROM tokentrack.reconcile_periods"))
     assert sums == {account: 5, other: 3}
     assert (await call(conn, "reconcile_recent"))["ok"] is True
 

@@ -618,7 +618,9 @@ async def measure(conn: asyncpg.Connection, thresholds: Thresholds) -> MonitorRe
     await require_installed(conn, table="report_reservations")
     await _require_health(conn)
     incremental = not thresholds.full and bool(
-        await conn.fetchval("SELECT to_regprocedure('tokentrack.reconcile_recent(uuid)') IS NOT NULL")
+        await conn.fetchval(
+            "SELECT to_regprocedure('tokentrack.reconcile_recent(uuid)') IS NOT NULL"
+        )
     )
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         row = await fetchrow(
@@ -778,7 +780,9 @@ def evaluate(result: MonitorResult) -> list[Alert]:
     sample = f"{finished} reports with an outcome in {t.hours}h"
     if not enough:
         sample += f", fewer than --min-reports {t.min_reports}: rates not alerted"
-    checker = "reconcile_recent()" if result.reconcile_mode["mode"] == "incremental" else "reconcile()"
+    checker = (
+        "reconcile_recent()" if result.reconcile_mode["mode"] == "incremental" else "reconcile()"
+    )
     alerts = [
         Alert(
             "stale_reservations",
