@@ -66,10 +66,18 @@ SCRAPE_SQL: Final = (
 RECONCILE_SQL: Final = "SELECT tokentrack.reconcile(NULL)::text"
 ADVANCE_SQL: Final = "SELECT tokentrack.advance_reconcile_point()::text"
 RECENT_SQL: Final = "SELECT tokentrack.reconcile_recent(NULL)::text"
-HAS_RECENT_SQL: Final = (
-    "SELECT to_regprocedure('tokentrack.advance_reconcile_point()') IS NOT NULL"
-    " AND NOT pg_is_in_recovery()"
+CHOOSE_SQL: Final = (
+    "SELECT CASE"
+    " WHEN f.advance IS NOT NULL AND has_function_privilege(f.advance, 'EXECUTE')"
+    "  AND NOT pg_is_in_recovery() THEN 'advance'"
+    " WHEN f.recent IS NOT NULL AND has_function_privilege(f.recent, 'EXECUTE') THEN 'recent'"
+    " ELSE 'full' END"
+    " FROM (SELECT to_regprocedure('tokentrack.advance_reconcile_point()') AS advance,"
+    " to_regprocedure('tokentrack.reconcile_recent(uuid)') AS recent) AS f"
 )
+"""Which check the slow task runs: advance the point when it may (the function exists, this
+login may execute it, the server is a primary), else check against the point without
+advancing it (a monitoring role granted reconcile_recent only), else the full reconcile()."""
 BILLING_START_SQL: Final = "SELECT tokentrack.billing_totals(0, 0)::text"
 
 NO_RECONCILE: Final = {"ok": True, "periods_checked": 0, "discrepancies": []}
@@ -363,19 +371,22 @@ class Exporter:
 
         advance_reconcile_point() in a read-write transaction of its own (it writes only the
         point's tables, and waits for no billing lock); reconcile_recent() without advancing
-        when the database or the role is read-only; reconcile() with ``--reconcile-full`` or
-        an SQL without the incremental check."""
+        when this login may not advance it or the database is read-only (:data:`CHOOSE_SQL`);
+        reconcile() with ``--reconcile-full`` or an SQL without the incremental check."""
         s = self.settings
         timeout = f"SET LOCAL statement_timeout = {int(s.reconcile_timeout * 1000)}"
-        if not s.reconcile_full and await conn.fetchval(HAS_RECENT_SQL):
+        choice = "full" if s.reconcile_full else await conn.fetchval(CHOOSE_SQL)
+        if choice == "advance":
             try:
                 async with conn.transaction():
                     await conn.execute(timeout)
                     return json.loads(await conn.fetchval(ADVANCE_SQL)), True
-            except asyncpg.ReadOnlySQLTransactionError:
-                async with conn.transaction(isolation="repeatable_read", readonly=True):
-                    await conn.execute(timeout)
-                    return json.loads(await conn.fetchval(RECENT_SQL)), True
+            except asyncpg.ReadOnlySQLTransactionError:  # default_transaction_read_only
+                choice = "recent"
+        if choice == "recent":
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                await conn.execute(timeout)
+                return json.loads(await conn.fetchval(RECENT_SQL)), True
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             await conn.execute(timeout)
             return json.loads(await conn.fetchval(RECONCILE_SQL)), False

@@ -591,6 +591,12 @@ MEASURE_SQL: Final = (
     "SELECT now() AS taken_at, tokentrack.health($1)::text AS health,"
     " tokentrack.reconcile_recent(NULL)::text AS reconcile"
 )
+RECENT_SQL: Final = (
+    "SELECT coalesce(has_function_privilege(f, 'EXECUTE'), false)"
+    " FROM to_regprocedure('tokentrack.reconcile_recent(uuid)') AS f"
+)
+"""Whether the incremental check can run: installed, and this login may execute it (a
+monitoring role granted reconcile() only gets the full audit)."""
 FULL_MEASURE_SQL: Final = (
     "SELECT now() AS taken_at, tokentrack.health($1)::text AS health,"
     " tokentrack.reconcile(NULL)::text AS reconcile"
@@ -617,11 +623,7 @@ async def measure(conn: asyncpg.Connection, thresholds: Thresholds) -> MonitorRe
     """Read health() and reconcile() (one read-only snapshot) and evaluate the alerts."""
     await require_installed(conn, table="report_reservations")
     await _require_health(conn)
-    incremental = not thresholds.full and bool(
-        await conn.fetchval(
-            "SELECT to_regprocedure('tokentrack.reconcile_recent(uuid)') IS NOT NULL"
-        )
-    )
+    incremental = not thresholds.full and bool(await conn.fetchval(RECENT_SQL))
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         row = await fetchrow(
             conn, MEASURE_SQL if incremental else FULL_MEASURE_SQL, thresholds.hours
