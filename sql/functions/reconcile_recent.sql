@@ -63,7 +63,9 @@ BEGIN
     END IF;
 
     -- No row yet (the point never advanced): everything is after it. A variable, so that the
-    -- plan of the statement below knows how few ledger rows follow the point.
+    -- plan of the statement below knows how few ledger rows follow the point. Both statements
+    -- read the caller's snapshot (a STABLE PL/pgSQL function takes no snapshot of its own), so
+    -- a point advanced meanwhile is seen by neither or by both.
     SELECT COALESCE(pg_catalog.max(rp.through_entry), 0), pg_catalog.max(rp.advanced_at)
     INTO v_through, v_advanced_at
     FROM tokentrack.reconcile_point AS rp;
