@@ -281,3 +281,47 @@ async def test_rows_read_do_not_depend_on_the_rows_before_the_point(
     assert large_full > 10 * small_full, measured
     # ... the incremental check does not: at most a deeper index level or two.
     assert large_recent <= small_recent * 1.2 + 8, measured
+
+
+async def test_reconcile_answers_the_same_without_the_step_billing_indexes(
+    conn: asyncpg.Connection,
+) -> None:
+    """reconcile() (the full audit) reaches steps through the ledger's report_id and the
+    account's steps: with report_step_usage_billing_entry_idx and
+    report_step_usage_billed_period_idx dropped (as version 20261214000000's write path does)
+    its answers, discrepancies included, are the same."""
+    account = await new_account(conn)
+    other = await new_account(conn)
+    for _ in range(2):
+        await _report(conn, account)
+    stray = await _report(conn, other, tokens=40)
+    # A billed step moved behind its ledger row's back (triggers off): its entry no longer
+    # explains it, and it is billed into a period its entry is not of.
+    async with conn.transaction():
+        await conn.execute("SET LOCAL session_replication_role = replica")
+        await conn.execute(
+            "UPDATE tokentrack.report_step_usage SET total_tokens = total_tokens + 2,"
+            " billed_period_id = (SELECT id FROM tokentrack.usage_periods WHERE account_id = $2)"
+            " WHERE report_id = $1",
+            stray,
+            account,
+        )
+    before = {a: await call(conn, "reconcile", a) for a in (account, other)}
+    before_all = await call(conn, "reconcile")
+    assert {d["check"] for d in before_all["discrepancies"]} == {"ledger_entry", "billed_steps"}
+    # One account's billed steps are its own steps: the other account's step billed into this
+    # account's period shows in reconcile() of everything and of its own account (docs/API.md).
+    assert before[account]["ok"] is True
+    assert before[other]["ok"] is False
+    transaction = conn.transaction()
+    await transaction.start()
+    try:
+        await conn.execute(
+            "DROP INDEX tokentrack.report_step_usage_billing_entry_idx;"
+            " DROP INDEX tokentrack.report_step_usage_billed_period_idx"
+        )
+        assert await call(conn, "reconcile") == before_all
+        for a in (account, other):
+            assert await call(conn, "reconcile", a) == before[a]
+    finally:
+        await transaction.rollback()
