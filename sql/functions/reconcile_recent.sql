@@ -21,6 +21,9 @@
 --     "budget_used"), that it has its budget_windows row (check "budget_hold_window"), and the
 --     limit of its budget (check "budget_limit").
 -- A discrepancy is reported exactly as reconcile() reports it (same keys, same order).
+-- Before the point ever moved (through_entry 0, e.g. right after the install) everything is
+-- after it: the answer is reconcile()'s, with the keys below added (the full audit reads the
+-- history by sets, where this check would read it report by report).
 -- What only the full audit, reconcile(), catches: a change made outside the functions to a row
 -- that nothing has touched since the point (a hand edit of a completed period's tokens_used,
 -- of a window no billing has reached since, of a billed step's cost or of a ledger row before
@@ -69,6 +72,19 @@ BEGIN
     SELECT COALESCE(pg_catalog.max(rp.through_entry), 0), pg_catalog.max(rp.advanced_at)
     INTO v_through, v_advanced_at
     FROM tokentrack.reconcile_point AS rp;
+
+    -- Before the point ever moved everything is after it: the full audit is that check, and
+    -- reads the history by sets rather than report by report.
+    IF v_through = 0 THEN
+        RETURN tokentrack.reconcile(p_account_id) || pg_catalog.jsonb_build_object(
+            'entries_checked', (
+                SELECT pg_catalog.count(*) FROM tokentrack.usage_ledger AS l
+                WHERE p_account_id IS NULL OR l.account_id = p_account_id
+            ),
+            'through_entry', 0,
+            'advanced_at', NULL
+        );
+    END IF;
 
     -- The steps and reservations of the entries after the point are reached by report, in
     -- LATERAL subqueries kept apart by OFFSET 0: one index probe per report, whatever the
