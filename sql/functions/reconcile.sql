@@ -143,18 +143,27 @@ BEGIN
             AND l.kind IN ('report_billed', 'report_expired', 'late_step')
     ),
 
+    -- One account's steps by report_step_usage_account_idx, all of them for the audit of
+    -- everything: two branches, so that even a generic plan reads one account by index.
+    account_steps AS (
+        SELECT rs.billed_period_id, rs.billing_entry_id, rs.report_id, rs.total_tokens
+        FROM tokentrack.report_step_usage AS rs
+        WHERE rs.account_id = p_account_id AND rs.billed_period_id IS NOT NULL
+        UNION ALL
+        SELECT rs.billed_period_id, rs.billing_entry_id, rs.report_id, rs.total_tokens
+        FROM tokentrack.report_step_usage AS rs
+        WHERE p_account_id IS NULL AND rs.billed_period_id IS NOT NULL
+    ),
+
     stray_steps AS (
         SELECT
             s.billed_period_id AS period_id,
             pg_catalog.count(*) AS steps,
             pg_catalog.sum(s.total_tokens) AS tokens
-        FROM tokentrack.report_step_usage AS s
+        FROM account_steps AS s
         LEFT JOIN tokentrack.usage_ledger AS l ON l.id = s.billing_entry_id
         WHERE
-            -- One account's steps by report_step_usage_account_idx; all of them for the audit
-            -- of everything.
-            (p_account_id IS NULL OR s.account_id = p_account_id)
-            AND s.billed_period_id IN (SELECT periods.id FROM periods)
+            s.billed_period_id IN (SELECT periods.id FROM periods)
             AND (
                 l.id IS NULL
                 OR l.period_id <> s.billed_period_id
@@ -175,10 +184,14 @@ BEGIN
                 s.input_tokens, s.cached_input_tokens, s.cache_write_tokens,
                 s.output_tokens, s.reasoning_tokens
             ) AS expected
-        FROM tokentrack.report_step_usage AS s
-        WHERE
-            s.cost_micros IS NOT NULL
-            AND (p_account_id IS NULL OR s.account_id = p_account_id)
+        FROM (
+            -- As account_steps: one account by index even in a generic plan.
+            SELECT rs.* FROM tokentrack.report_step_usage AS rs
+            WHERE rs.account_id = p_account_id AND rs.cost_micros IS NOT NULL
+            UNION ALL
+            SELECT rs.* FROM tokentrack.report_step_usage AS rs
+            WHERE p_account_id IS NULL AND rs.cost_micros IS NOT NULL
+        ) AS s
     ),
 
     -- What the billed steps of the reservations holding each window were billed, summed once.
