@@ -23,14 +23,18 @@ Call = Callable[..., Awaitable[None]]
 
 def monitor_queries() -> list[tuple[str, str, tuple[Any, ...]]]:
     """What `tokentrack monitor` reads (24-hour window) as (name, SQL, arguments): the one
-    statement that calls tokentrack.health() (reconcile() is timed on its own).
+    statement that calls tokentrack.health(), and its usage accuracy check, the incremental
+    reconcile_recent() of every account (`monitor --full`'s reconcile() is timed on its own).
 
     The one place that knows what the monitor runs: timed by time_monitoring(), explained by
     plans().
     """
     from tokentrack_client.ops.monitor import HEALTH_SQL
 
-    return [("monitor: health()", HEALTH_SQL, (MONITOR_HOURS,) if "$1" in HEALTH_SQL else ())]
+    return [
+        ("monitor: health()", HEALTH_SQL, (MONITOR_HOURS,) if "$1" in HEALTH_SQL else ()),
+        ("monitor: reconcile_recent()", "SELECT tokentrack.reconcile_recent(NULL)::text", ()),
+    ]
 
 
 async def lifecycle_calls(accounts: int, rng: random.Random, i: int, call: Call) -> None:

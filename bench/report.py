@@ -704,7 +704,10 @@ def render(results: dict[str, Any]) -> str:
         add("")
         rec = gr["reconcile_all_s"]
         add(
-            f"`tokentrack monitor` also runs `reconcile()` of every period, an audit that reads "
+            "`tokentrack monitor` checks usage accuracy with `reconcile_recent()` (the rows "
+            "after the verified point, which `exporter: advance_reconcile_point()` moves: here "
+            "before each round, so each check reads one round's lifecycles); "
+            f"`monitor --full` runs `reconcile()` of every period, an audit that reads "
             f"everything by design: {rec[str(g['small'])]:.2f} s at {small}, "
             f"{rec[str(g['large'])]:.1f} s at {large}.\n"
         )

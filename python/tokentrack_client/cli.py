@@ -9,10 +9,10 @@
     tokentrack demo [--database-url URL]
     tokentrack audit baseline --out FILE | audit compare FILE
     tokentrack verify [--functional] [--upto VERSION]
-    tokentrack monitor [--json | --prometheus]
+    tokentrack monitor [--json | --prometheus] [--full]
     tokentrack exporter [--listen HOST:PORT] [--min-interval S] [--query-timeout S] [--hours N]
                         [--top-accounts N] [--top-subjects N] [--reconcile-interval S]
-                        [--reconcile-timeout S]
+                        [--reconcile-timeout S] [--reconcile-full]
     tokentrack cleanup [--batch-size N]
     tokentrack cron install | remove | status
     tokentrack prices import FILE [--dry-run] [--provider NAME] [--model GLOB] [--json]
@@ -382,6 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mon.add_argument("--hours", type=_positive, default=24, metavar="N", help="window (default 24)")
     mon.add_argument(
+        "--full",
+        action="store_true",
+        help="usage accuracy by reconcile(), the audit of every period, rather than the "
+        "incremental reconcile_recent() (what changed since the verified point)",
+    )
+    mon.add_argument(
         "--stale-alert-count",
         type=int,
         default=10,
@@ -482,6 +488,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         metavar="SECONDS",
         help="statement_timeout of reconcile() and of the billing counters' first sum (default 60)",
+    )
+    exp.add_argument(
+        "--reconcile-full",
+        action="store_true",
+        help="run reconcile(), the audit of every period, rather than the incremental check "
+        "that advances the verified point (advance_reconcile_point())",
     )
     _add_database_url(exp)
 
@@ -998,6 +1010,7 @@ async def _verify(args: argparse.Namespace) -> int:
 async def _monitor(args: argparse.Namespace) -> int:
     thresholds = monitor.Thresholds(
         hours=args.hours,
+        full=args.full,
         stale_alert_count=args.stale_alert_count,
         failure_rate_max=args.max_failure_rate,
         completion_rate_min=args.min_completion_rate,
@@ -1028,6 +1041,7 @@ def _exporter(args: argparse.Namespace) -> int:
         top_subjects=args.top_subjects,
         reconcile_interval=args.reconcile_interval,
         reconcile_timeout=args.reconcile_timeout,
+        reconcile_full=args.reconcile_full,
     )
     return exporter.run(settings)
 

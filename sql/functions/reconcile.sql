@@ -7,7 +7,8 @@
 --   reports_count   = sum of its usage_ledger rows' reports  (check "reports_count")
 --   each billing ledger row (report_billed, report_expired, late_step) = the total_tokens of
 --   the step rows it billed                                  (check "ledger_entry")
---   every billed step row points at a billing ledger row of its period (check "billed_steps")
+--   every billed step row points at a billing ledger row of its period and of its report
+--                                                            (check "billed_steps")
 -- and, for every step with a stored cost (of the account, or of all), that the cost follows
 -- from its tokens and the price of its model in effect at its completed_at (check
 -- "step_cost", with step_id; "expected" is absent when no price was in effect). A step
@@ -34,6 +35,14 @@
 --   "budgets_checked", "corrections_checked" (adjustments, grants and refunds of the account,
 --   or of all; since version 20261211000000), "discrepancies": [{"period_id",
 --   "account_id", "check", "expected", "actual", ...}]}; an unknown account is refused with account_not_found.
+-- Reads (since version 20261214000000, which no longer indexes report_step_usage by
+-- billing_entry_id or billed_period_id): the periods by usage_periods_account_idx, their ledger
+-- rows by usage_ledger_period_idx, each billing entry's steps through its report_id
+-- (report_step_usage_one_per_step), the account's steps by report_step_usage_account_idx, its
+-- reservations by report_reservations_period_idx; reconcile() of everything reads every table.
+-- One account's billed steps are those of its own steps billed into its periods (a step of
+-- another account billed there shows in reconcile() of everything).
+-- tokentrack.reconcile_recent() is the incremental check that monitor and the exporter run.
 -- Locks nothing: one statement, one snapshot, so concurrent billing never shows as a
 -- discrepancy (each billing writes its ledger row and tokens_used in one transaction).
 -- Errors: none beyond the refusal.
@@ -124,8 +133,9 @@ BEGIN
             l.period_id,
             l.tokens AS expected,
             COALESCE((
+                -- The entry's steps through its report (report_step_usage_one_per_step).
                 SELECT pg_catalog.sum(s.total_tokens) FROM tokentrack.report_step_usage AS s
-                WHERE s.billing_entry_id = l.id
+                WHERE s.report_id = l.report_id AND s.billing_entry_id = l.id
             ), 0) AS actual
         FROM tokentrack.usage_ledger AS l
         WHERE
@@ -133,18 +143,31 @@ BEGIN
             AND l.kind IN ('report_billed', 'report_expired', 'late_step')
     ),
 
+    -- One account's steps by report_step_usage_account_idx, all of them for the audit of
+    -- everything: two branches, so that even a generic plan reads one account by index.
+    account_steps AS (
+        SELECT rs.billed_period_id, rs.billing_entry_id, rs.report_id, rs.total_tokens
+        FROM tokentrack.report_step_usage AS rs
+        WHERE rs.account_id = p_account_id AND rs.billed_period_id IS NOT NULL
+        UNION ALL
+        SELECT rs.billed_period_id, rs.billing_entry_id, rs.report_id, rs.total_tokens
+        FROM tokentrack.report_step_usage AS rs
+        WHERE p_account_id IS NULL AND rs.billed_period_id IS NOT NULL
+    ),
+
     stray_steps AS (
         SELECT
             s.billed_period_id AS period_id,
             pg_catalog.count(*) AS steps,
             pg_catalog.sum(s.total_tokens) AS tokens
-        FROM tokentrack.report_step_usage AS s
+        FROM account_steps AS s
         LEFT JOIN tokentrack.usage_ledger AS l ON l.id = s.billing_entry_id
         WHERE
             s.billed_period_id IN (SELECT periods.id FROM periods)
             AND (
                 l.id IS NULL
                 OR l.period_id <> s.billed_period_id
+                OR l.report_id IS DISTINCT FROM s.report_id
                 OR l.kind NOT IN ('report_billed', 'report_expired', 'late_step')
             )
         GROUP BY s.billed_period_id
@@ -161,10 +184,14 @@ BEGIN
                 s.input_tokens, s.cached_input_tokens, s.cache_write_tokens,
                 s.output_tokens, s.reasoning_tokens
             ) AS expected
-        FROM tokentrack.report_step_usage AS s
-        WHERE
-            s.cost_micros IS NOT NULL
-            AND (p_account_id IS NULL OR s.account_id = p_account_id)
+        FROM (
+            -- As account_steps: one account by index even in a generic plan.
+            SELECT rs.* FROM tokentrack.report_step_usage AS rs
+            WHERE rs.account_id = p_account_id AND rs.cost_micros IS NOT NULL
+            UNION ALL
+            SELECT rs.* FROM tokentrack.report_step_usage AS rs
+            WHERE p_account_id IS NULL AND rs.cost_micros IS NOT NULL
+        ) AS s
     ),
 
     -- What the billed steps of the reservations holding each window were billed, summed once.

@@ -94,6 +94,56 @@ async def test_the_exporter_serves_every_figure_of_a_live_database(
     assert "stopped (SIGTERM)" in err
 
 
+async def test_the_slow_task_advances_the_verified_point_and_catches_a_later_discrepancy(
+    conn: asyncpg.Connection, db_dsn: str
+) -> None:
+    """The exporter is the incremental reconcile's writer: each run checks what changed since
+    the point and moves it over the settled ledger rows; a discrepancy after it is caught."""
+    await seed(conn)
+    last = await conn.fetchval("SELECT max(id) FROM tokentrack.usage_ledger")
+    args = ("--min-interval", "0.1", "--reconcile-interval", "0.2")
+    async with exporter(db_dsn, *args) as running:
+        samples = await running.until(
+            lambda s: (
+                ("tokentrack_reconcile_point_entry", ()) in s
+                and value(s, "tokentrack_reconcile_point_entry") == last
+            )
+        )
+        assert value(samples, "tokentrack_reconcile_incremental") == 1
+        assert value(samples, "tokentrack_reconcile_ok") == 1
+        point = await conn.fetchrow(
+            "SELECT through_entry, pending_entry FROM tokentrack.reconcile_point"
+        )
+        assert point is not None
+        assert (point["through_entry"], point["pending_entry"]) == (last, None)
+        quiet = await running.until(lambda s: value(s, "tokentrack_reconcile_entries_checked") == 0)
+        assert value(quiet, "tokentrack_reconcile_ok") == 1
+        await conn.execute(
+            "UPDATE tokentrack.usage_periods SET tokens_used = tokens_used + 3"
+            " WHERE status = 'active'"
+        )
+        broken = await running.until(lambda s: value(s, "tokentrack_reconcile_ok") == 0)
+        assert value(broken, "tokentrack_reconcile_discrepancies") == 1
+        assert value(broken, "tokentrack_reconcile_point_entry") == last
+        code, err = running.stop()
+    assert code == 0, err
+
+
+async def test_reconcile_full_runs_the_audit_and_leaves_the_point(
+    conn: asyncpg.Connection, db_dsn: str
+) -> None:
+    await seed(conn)
+    args = ("--min-interval", "0.1", "--reconcile-interval", "0.2", "--reconcile-full")
+    async with exporter(db_dsn, *args) as running:
+        samples = await running.until(lambda s: ("tokentrack_reconcile_ok", ()) in s)
+        assert value(samples, "tokentrack_reconcile_ok") == 1
+        assert value(samples, "tokentrack_reconcile_incremental") == 0
+        assert "tokentrack_reconcile_point_entry" not in names(samples)
+        code, err = running.stop()
+    assert code == 0, err
+    assert await conn.fetchval("SELECT count(*) FROM tokentrack.reconcile_point") == 0
+
+
 async def test_scrapes_within_the_min_interval_share_one_read(
     conn: asyncpg.Connection, db_dsn: str
 ) -> None:

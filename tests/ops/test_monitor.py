@@ -1117,3 +1117,87 @@ async def test_a_health_answer_it_cannot_read_is_one_line_and_exit_2(db_dsn: str
     assert result.err.startswith("tokentrack: error: cannot read tokentrack.health()"), result.err
     assert len(result.err.splitlines()) == 1, result.err
     assert "Traceback" not in result.out + result.err
+
+
+# --------------------------------------------------------------------------------------------
+# Usage accuracy: the incremental reconcile by default, --full for the audit
+# --------------------------------------------------------------------------------------------
+
+
+async def test_monitor_checks_what_changed_since_the_point_and_never_moves_it(
+    history_dsn: str,
+) -> None:
+    conn = await asyncpg.connect(history_dsn)
+    try:
+        entries = await conn.fetchval("SELECT count(*) FROM tokentrack.usage_ledger")
+        code, data = await _monitor(history_dsn)
+        assert code == 0
+        # The point never moved: every ledger row is after it.
+        assert data["reconcile_mode"] == {
+            "mode": "incremental",
+            "through_entry": 0,
+            "advanced_at": None,
+            "entries_checked": entries,
+        }
+        # The writer (the exporter's slow task, or a scheduled call) moves it: two runs.
+        for _ in range(2):
+            assert (await call(conn, "advance_reconcile_point"))["ok"] is True
+        last = await conn.fetchval("SELECT max(id) FROM tokentrack.usage_ledger")
+        active = await conn.fetchval(
+            "SELECT count(*) FROM tokentrack.usage_periods WHERE status = 'active'"
+        )
+        code, data = await _monitor(history_dsn)
+        assert code == 0
+        assert data["reconcile"]["ok"] is True
+        assert data["reconcile"]["periods_checked"] == active < 12
+        mode = data["reconcile_mode"]
+        assert (mode["through_entry"], mode["entries_checked"]) == (last, 0)
+        assert mode["advanced_at"] is not None
+        human = await tokentrack("monitor", "--database-url", history_dsn)
+        assert f"incremental: 0 ledger rows after the verified point (entry {last}" in human.out
+        # The monitor only reads the point.
+        assert await conn.fetchval("SELECT through_entry FROM tokentrack.reconcile_point") == last
+
+        # A discrepancy after the point is caught, as the full audit reports it.
+        await conn.execute(
+            "UPDATE tokentrack.usage_periods SET tokens_used = tokens_used + 1000"
+            " WHERE id = (SELECT id FROM tokentrack.usage_periods WHERE status = 'active'"
+            " ORDER BY id LIMIT 1)"
+        )
+        code, data = await _monitor(history_dsn)
+        assert code == 1
+        assert _firing(data) == {"usage_accuracy"}
+        code_full, full = await _monitor(history_dsn, "--full")
+        assert code_full == 1
+        assert full["reconcile_mode"] == {"mode": "full"}
+        assert full["reconcile"]["periods_checked"] == 12
+        assert data["reconcile"]["discrepancies"] == full["reconcile"]["discrepancies"]
+        alert = next(a for a in data["alerts"] if a["name"] == "usage_accuracy")
+        assert alert["message"].startswith("reconcile_recent(): 1 discrepancies")
+    finally:
+        await conn.close()
+
+
+async def test_a_hand_edit_of_a_period_nothing_touched_since_the_point_needs_the_full_audit(
+    history_dsn: str,
+) -> None:
+    """The documented limit of the incremental check (docs/API.md): a completed period that
+    no ledger row after the point reaches is not read again; `monitor --full` finds it."""
+    conn = await asyncpg.connect(history_dsn)
+    try:
+        for _ in range(2):
+            assert (await call(conn, "advance_reconcile_point"))["ok"] is True
+        edited = await conn.fetchval(
+            "UPDATE tokentrack.usage_periods SET tokens_used = tokens_used + 1"
+            " WHERE id = (SELECT id FROM tokentrack.usage_periods WHERE status = 'completed'"
+            " ORDER BY id LIMIT 1) RETURNING id"
+        )
+        assert edited is not None
+    finally:
+        await conn.close()
+    code, data = await _monitor(history_dsn)
+    assert (code, data["reconcile"]["ok"]) == (0, True)
+    code, data = await _monitor(history_dsn, "--full")
+    assert code == 1
+    [found] = data["reconcile"]["discrepancies"]
+    assert (found["period_id"], found["check"]) == (str(edited), "tokens_used")

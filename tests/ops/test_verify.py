@@ -400,6 +400,10 @@ async def test_verify_after_rolling_back_versions_10_9_8_7_6_5_4_3_and_2(db_dsn:
         "table tokentrack.credit_grants is missing",
         "table tokentrack.model_prices is missing",
         "table tokentrack.notifications is missing",
+        # version 20261214000000: the incremental reconcile's verified point
+        "table tokentrack.reconcile_periods is missing",
+        "table tokentrack.reconcile_point is missing",
+        "table tokentrack.reconcile_windows is missing",
         "table tokentrack.refusal_counters is missing",  # a view, version 20261213000000
         "table tokentrack.report_refunds is missing",
         "table tokentrack.report_reservations is missing",

@@ -52,6 +52,9 @@ EXPECTED = {
     "tokentrack.count_refusal(text,jsonb)",
     "tokentrack.metrics(integer,integer,integer)",
     "tokentrack.billing_totals(bigint,bigint)",
+    # Version 20261214000000 (write_path): the incremental reconcile
+    "tokentrack.reconcile_recent(uuid)",
+    "tokentrack.advance_reconcile_point()",
     "tokentrack.reserve(uuid,uuid,jsonb,text[],text)",
     "tokentrack.reserve_usage(uuid,uuid,integer,bigint,text[],text)",
     "tokentrack.check_estimate(jsonb,text)",

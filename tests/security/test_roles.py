@@ -55,6 +55,9 @@ SERVICE_API = {
     # version 20261213000000: the exporter's read-only figures, as health()
     "metrics",
     "billing_totals",
+    # version 20261214000000: the incremental reconcile and the advance of its point
+    "reconcile_recent",
+    "advance_reconcile_point",
 }
 # Version 20261210000000's tables: account data under row level security whose reader policy
 # calls the hook without a subquery (Citus refuses subqueries in policies).
@@ -63,6 +66,9 @@ BUDGET_TABLES = ("budgets", "budget_changes", "budget_windows")
 CREDIT_TABLES = ("credit_grants", "usage_adjustments", "report_refunds")
 # Version 20261212000000's table, under the same rules.
 NOTIFICATION_TABLES = ("notifications",)
+# Version 20261214000000's verified point of the incremental reconcile: owner only (read and
+# written by SECURITY DEFINER functions), row level security on with no policy.
+RECONCILE_TABLES = ("reconcile_point", "reconcile_periods", "reconcile_windows")
 ACCOUNT_HOOK = "current_account_id"
 
 
@@ -418,7 +424,11 @@ async def test_row_level_security_is_select_only_and_keyed_on_the_hook(
         " AND relname NOT IN ('schema_migrations', 'schema_functions', 'model_prices')"
     )
     assert {r["relname"] for r in tables} == (
-        set(TABLES) | set(BUDGET_TABLES) | set(CREDIT_TABLES) | set(NOTIFICATION_TABLES)
+        set(TABLES)
+        | set(BUDGET_TABLES)
+        | set(CREDIT_TABLES)
+        | set(NOTIFICATION_TABLES)
+        | set(RECONCILE_TABLES)
     )
     for r in tables:
         # Enabled; not forced, so the SECURITY DEFINER functions (run as the owner) can write.

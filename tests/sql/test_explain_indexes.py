@@ -337,6 +337,48 @@ async def reconcile_one_account(x: Explainer, s: Sample) -> None:
     assert (await x.call("SELECT tokentrack.reconcile($1)::text", s.account))["ok"] is True
 
 
+async def reconcile_one_account_without_step_billing_indexes(x: Explainer, s: Sample) -> None:
+    """Version 20261214000000 drops the partial indexes of report_step_usage on
+    billing_entry_id and billed_period_id (write cost): reconcile(one account) reaches the steps
+    through the ledger's report_id and the account's steps, never by a scan of them all. The
+    DROP is rolled back with the scenario's transaction (a no-op when they are gone already)."""
+    await x.conn.execute(
+        "DROP INDEX IF EXISTS tokentrack.report_step_usage_billing_entry_idx;"
+        " DROP INDEX IF EXISTS tokentrack.report_step_usage_billed_period_idx"
+    )
+    for account in (s.account, s.billed_account):
+        assert (await x.call("SELECT tokentrack.reconcile($1)::text", account))["ok"] is True
+
+
+async def reconcile_recent(x: Explainer, s: Sample) -> None:
+    """The incremental check, before the point ever moved (everything after it: an audit of
+    everything, skipped) and after: only the rows after the point, by index, one account or
+    all. The point's rows are rolled back with the scenario."""
+    await x.conn.execute(
+        "DROP INDEX IF EXISTS tokentrack.report_step_usage_billing_entry_idx;"
+        " DROP INDEX IF EXISTS tokentrack.report_step_usage_billed_period_idx"
+    )
+    await x.conn.execute(
+        "INSERT INTO tokentrack.reconcile_point (through_entry)"
+        " SELECT max(id) - 50 FROM tokentrack.usage_ledger;"
+        " INSERT INTO tokentrack.reconcile_periods (account_id, period_id, tokens, reports)"
+        " SELECT l.account_id, l.period_id, sum(l.tokens), sum(l.reports)"
+        " FROM tokentrack.usage_ledger AS l"
+        " WHERE l.id <= (SELECT through_entry FROM tokentrack.reconcile_point)"
+        " GROUP BY l.account_id, l.period_id"
+    )
+    # Of every account: every active period (one per account, the whole usage_periods here,
+    # which is not history), and only the 50 ledger rows after the point; its plans are not
+    # checked. Of one account: by index only.
+    everything = await x.call("SELECT tokentrack.reconcile_recent()::text")
+    assert (everything["ok"], everything["entries_checked"]) == (True, 50)
+    assert everything["periods_checked"] == ACCOUNTS
+    x.plans.clear()
+    for account in (s.account, s.billed_account):
+        one = await x.call("SELECT tokentrack.reconcile_recent($1)::text", account)
+        assert (one["ok"], one["periods_checked"]) == (True, 1)
+
+
 async def health(x: Explainer, s: Sample) -> None:
     for hours in (24, 1):  # one statement per call: two calls for three plans or more
         figures = await x.call("SELECT tokentrack.health($1)::text", hours)
@@ -359,6 +401,13 @@ SCENARIOS: list[Any] = [
         ("finish_report", finish, ("custom", "generic"), ()),
         ("expire_reservations", sweep, ("custom", "generic"), ()),
         ("reconcile_one_account", reconcile_one_account, ("custom",), ()),
+        (
+            "reconcile_one_account_without_step_billing_indexes",
+            reconcile_one_account_without_step_billing_indexes,
+            ("custom",),
+            (),
+        ),
+        ("reconcile_recent", reconcile_recent, ("custom",), ()),
         ("health", health, ("custom",), ()),
     )
     for mode in modes

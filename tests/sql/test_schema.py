@@ -33,6 +33,9 @@ PUBLIC_API = {
     "ack_notification(bigint,text)",
     "metrics(integer,integer,integer)",
     "billing_totals(bigint,bigint)",
+    # version 20261214000000: the incremental reconcile
+    "reconcile_recent(uuid)",
+    "advance_reconcile_point()",
 }
 
 # Functions that run with the caller's rights: the replaceable account hook, the trigger
@@ -202,8 +205,10 @@ async def test_every_table_has_row_level_security_and_a_comment(conn: asyncpg.Co
     budgets = {"budgets", "budget_changes", "budget_windows"}  # version 20261210000000
     credits = {"credit_grants", "usage_adjustments", "report_refunds"}  # version 20261211000000
     notifications = {"notifications"}  # version 20261212000000
+    # version 20261214000000: the incremental reconcile's verified point
+    point = {"reconcile_point", "reconcile_periods", "reconcile_windows"}
     assert {r["relname"] for r in rows} == (
-        set(TABLES) | no_account_data | budgets | credits | notifications
+        set(TABLES) | no_account_data | budgets | credits | notifications | point
     )
     for r in rows:
         assert r["comment"], r["relname"]

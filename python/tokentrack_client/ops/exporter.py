@@ -14,9 +14,16 @@ How it reads the database:
 * **slow task** (every ``--reconcile-interval`` seconds, 600 by default; 0 disables it), on
   its own connection so that it never delays a scrape, with ``statement_timeout`` =
   ``--reconcile-timeout`` (60 s): first the billing counters' starting point (the whole
-  usage ledger summed once), then ``tokentrack.reconcile()``. The exporter serves the last
-  verdict with its time (``tokentrack_reconcile_last_run_timestamp_seconds``); a run that
-  fails or times out keeps the previous verdict and sets ``tokentrack_reconcile_up 0``.
+  usage ledger summed once), then ``tokentrack.advance_reconcile_point()``: the incremental
+  reconcile (reconcile_recent(): what changed since the verified point, checked as
+  reconcile() checks it), which moves the point forward when it is ok, so each run costs what
+  changed since the run before, not the history. The exporter is the point's writer (the
+  monitor only reads it); on a read-only database (a standby, a read-only role) it checks
+  with reconcile_recent() without advancing. ``--reconcile-full`` runs ``tokentrack.reconcile()``,
+  the audit of every period, instead (and with an SQL older than version 20261214000000).
+  The exporter serves the last verdict with its time
+  (``tokentrack_reconcile_last_run_timestamp_seconds``); a run that fails or times out keeps
+  the previous verdict and sets ``tokentrack_reconcile_up 0``.
 
 Billing counters (``tokentrack_billed_tokens_total`` ...) are monotonic: the ledger is
 append-only, and after the first sum each scrape reads only the billing entries after the
@@ -57,6 +64,20 @@ SCRAPE_SQL: Final = (
     " CASE WHEN $6 THEN tokentrack.billing_totals($4, $5)::text END AS billing"
 )
 RECONCILE_SQL: Final = "SELECT tokentrack.reconcile(NULL)::text"
+ADVANCE_SQL: Final = "SELECT tokentrack.advance_reconcile_point()::text"
+RECENT_SQL: Final = "SELECT tokentrack.reconcile_recent(NULL)::text"
+CHOOSE_SQL: Final = (
+    "SELECT CASE"
+    " WHEN f.advance IS NOT NULL AND has_function_privilege(f.advance, 'EXECUTE')"
+    "  AND NOT pg_is_in_recovery() THEN 'advance'"
+    " WHEN f.recent IS NOT NULL AND has_function_privilege(f.recent, 'EXECUTE') THEN 'recent'"
+    " ELSE 'full' END"
+    " FROM (SELECT to_regprocedure('tokentrack.advance_reconcile_point()') AS advance,"
+    " to_regprocedure('tokentrack.reconcile_recent(uuid)') AS recent) AS f"
+)
+"""Which check the slow task runs: advance the point when it may (the function exists, this
+login may execute it, the server is a primary), else check against the point without
+advancing it (a monitoring role granted reconcile_recent only), else the full reconcile()."""
 BILLING_START_SQL: Final = "SELECT tokentrack.billing_totals(0, 0)::text"
 
 NO_RECONCILE: Final = {"ok": True, "periods_checked": 0, "discrepancies": []}
@@ -90,6 +111,7 @@ class Settings:
     top_subjects: int = 5
     reconcile_interval: float = 600.0
     reconcile_timeout: float = 60.0
+    reconcile_full: bool = False
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -184,6 +206,13 @@ class ReconcileVerdict:
     discrepancies: int
     finished_at: float
     duration: float
+    incremental: bool = False
+    """advance_reconcile_point() (or reconcile_recent() on a read-only database) rather than
+    reconcile()."""
+    through_entry: int | None = None
+    """The verified point after the run (incremental only)."""
+    entries_checked: int | None = None
+    """Ledger rows after the point that the run checked (incremental only)."""
 
 
 @dataclass
@@ -312,17 +341,16 @@ class Exporter:
                     self.billing = BillingCounters.start(json.loads(raw))
                 if s.reconcile_interval > 0:
                     started = time.monotonic()
-                    async with conn.transaction(isolation="repeatable_read", readonly=True):
-                        await conn.execute(
-                            f"SET LOCAL statement_timeout = {int(s.reconcile_timeout * 1000)}"
-                        )
-                        answer = json.loads(await conn.fetchval(RECONCILE_SQL))
+                    answer, incremental = await self._reconcile(conn)
                     self.state.reconcile = ReconcileVerdict(
                         ok=bool(answer["ok"]),
                         periods_checked=int(answer["periods_checked"]),
                         discrepancies=len(answer["discrepancies"]),
                         finished_at=time.time(),
                         duration=time.monotonic() - started,
+                        incremental=incremental,
+                        through_entry=int(answer["through_entry"]) if incremental else None,
+                        entries_checked=int(answer["entries_checked"]) if incremental else None,
                     )
                     self.state.reconcile_up = True
             except (*DATABASE_ERRORS, CommandError, KeyError, TypeError, ValueError) as exc:
@@ -337,6 +365,31 @@ class Exporter:
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=wait)
+
+    async def _reconcile(self, conn: asyncpg.Connection) -> tuple[dict[str, Any], bool]:
+        """One reconcile run: (its answer, whether it was the incremental check).
+
+        advance_reconcile_point() in a read-write transaction of its own (it writes only the
+        point's tables, and waits for no billing lock); reconcile_recent() without advancing
+        when this login may not advance it or the database is read-only (:data:`CHOOSE_SQL`);
+        reconcile() with ``--reconcile-full`` or an SQL without the incremental check."""
+        s = self.settings
+        timeout = f"SET LOCAL statement_timeout = {int(s.reconcile_timeout * 1000)}"
+        choice = "full" if s.reconcile_full else await conn.fetchval(CHOOSE_SQL)
+        if choice == "advance":
+            try:
+                async with conn.transaction():
+                    await conn.execute(timeout)
+                    return json.loads(await conn.fetchval(ADVANCE_SQL)), True
+            except asyncpg.ReadOnlySQLTransactionError:  # default_transaction_read_only
+                choice = "recent"
+        if choice == "recent":
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                await conn.execute(timeout)
+                return json.loads(await conn.fetchval(RECENT_SQL)), True
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            await conn.execute(timeout)
+            return json.loads(await conn.fetchval(RECONCILE_SQL)), False
 
     async def close(self) -> None:
         await self._drop("_conn")
@@ -444,6 +497,24 @@ def families(state: State, settings: Settings) -> Iterator[Any]:
             "How long the last reconcile() took.",
             verdict.duration,
         )
+        yield gauge(
+            "tokentrack_reconcile_incremental",
+            "1 when the last run was the incremental check (advance_reconcile_point()), 0 for "
+            "the full reconcile().",
+            1 if verdict.incremental else 0,
+        )
+        if verdict.incremental:
+            yield gauge(
+                "tokentrack_reconcile_point_entry",
+                "The verified point after the last incremental run: the ledger is checked "
+                "through this entry id.",
+                verdict.through_entry,
+            )
+            yield gauge(
+                "tokentrack_reconcile_entries_checked",
+                "Ledger rows after the verified point that the last incremental run checked.",
+                verdict.entries_checked,
+            )
     read = state.figures
     if not state.up or read is None:
         return

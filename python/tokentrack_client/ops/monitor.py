@@ -12,7 +12,13 @@ What it measures (``--hours`` is the window, 24 by default):
   2-hour lifetime means the expiry sweep is not running;
 * completed reports of the window that have a reservation but no recorded step (alert when
   any): the generator is not recording its steps;
-* usage accuracy: ``tokentrack.reconcile()`` over every period (alert when not ok);
+* usage accuracy (alert when not ok): by default ``tokentrack.reconcile_recent()``, the
+  incremental check of what changed since the verified point (sql/functions/reconcile_recent.sql:
+  the active periods, the ledger rows after the point, their steps and budget windows), whose
+  cost follows the changes, not the history; ``--full`` runs ``tokentrack.reconcile()``, the
+  audit of every period, instead. The monitor only reads the point (its snapshot is read-only):
+  ``tokentrack exporter`` (or a scheduled ``SELECT tokentrack.advance_reconcile_point()``)
+  advances it. Before version :data:`RECENT_VERSION` the monitor runs ``reconcile()``;
 * reservations by status with the oldest and newest (every active one; the completed and
   expired ones of the reports of the window);
 * reports per hour by status, with the failure rate (alert above 5%) and completion rate
@@ -34,8 +40,9 @@ What it measures (``--hours`` is the window, 24 by default):
 health() reads every figure by index (the partial index of active reservations, the unique
 (report_id) and (report_id, step_name) indexes, and ``reports_created_at_idx``), so its cost
 follows the window's traffic and the number of active reservations, not the size of the
-tables. ``reconcile()`` is the one exception, and the reason it stays outside health(): it
-audits every period, as it must.
+tables; so does reconcile_recent() (the changes since the point and one probe per active
+period). ``reconcile()`` (``--full``) is the exception, and the reason it stays outside
+health(): it audits every period, as it must.
 """
 
 from __future__ import annotations
@@ -69,6 +76,10 @@ COST_VERSION: Final = "20261203000000"
 """The version whose health() adds the "steps" and "model_prices" figures (token classes and
 cost); with an older health() (that version rolled back) they are ``None`` and not alerted."""
 
+RECENT_VERSION: Final = "20261214000000"
+"""The version that adds tokentrack.reconcile_recent(), the incremental check the monitor runs
+by default; with an older SQL the monitor runs reconcile()."""
+
 BUDGETS_VERSION: Final = "20261210000000"
 """The version whose health() adds the "budgets" figures; with an older health() they are
 ``None`` and the budget warnings cannot fire."""
@@ -82,6 +93,9 @@ class Thresholds:
     """Alert thresholds (the original checklist's values by default)."""
 
     hours: int = 24
+    full: bool = False
+    """``--full``: usage accuracy by reconcile() (the audit of everything) rather than the
+    incremental reconcile_recent()."""
     stale_alert_count: int = 10
     failure_rate_max: float = FAILURE_RATE_MAX
     completion_rate_min: float = COMPLETION_RATE_MIN
@@ -125,6 +139,10 @@ class MonitorResult:
     budget windows nearest their limits, each with ``used``, ``held``, ``limit`` and the
     monitor's ``percent``, ``exhausted`` and ``over_limit``); None before version
     :data:`BUDGETS_VERSION`."""
+    reconcile_mode: dict[str, Any] = field(default_factory=lambda: {"mode": "full"})
+    """How usage accuracy was checked: ``mode`` ``incremental`` (reconcile_recent(), with
+    ``through_entry``, ``advanced_at`` and ``entries_checked``: the verified point and the
+    ledger rows after it) or ``full`` (reconcile())."""
     alerts: list[Alert] = field(default_factory=list)
 
     @property
@@ -145,6 +163,7 @@ class MonitorResult:
                 "examples": self.reports_without_steps_examples,
             },
             "reconcile": self.reconcile,
+            "reconcile_mode": self.reconcile_mode,
             "reports_by_hour": self.reports_by_hour,
             "reports_window": self.reports_window,
             "failure_rate": self.failure_rate,
@@ -196,6 +215,7 @@ class MonitorResult:
             "",
             f"Usage accuracy (reconcile): {'ok' if rec['ok'] else 'NOT OK'}, "
             f"{rec['periods_checked']} periods checked, {len(rec['discrepancies'])} discrepancies",
+            _render_mode(self.reconcile_mode),
         ]
         for d in rec["discrepancies"][:10]:
             out.append(
@@ -513,6 +533,18 @@ class MonitorResult:
         )
 
 
+def _render_mode(mode: dict[str, Any]) -> str:
+    if mode["mode"] != "incremental":
+        return "  full audit: reconcile() of every period"
+    advanced = mode.get("advanced_at")
+    return (
+        f"  incremental: {mode.get('entries_checked')} ledger rows after the verified point "
+        f"(entry {mode.get('through_entry')}, "
+        + (f"advanced {advanced})" if advanced else "never advanced: everything is after it)")
+        + "; --full audits everything"
+    )
+
+
 def _subject_name(subject: str | None) -> str:
     return "(account)" if subject is None else subject
 
@@ -557,6 +589,16 @@ HEALTH_SQL: Final = "SELECT tokentrack.health($1)"
 # One statement: both STABLE functions read its snapshot, so the figures agree with each other.
 MEASURE_SQL: Final = (
     "SELECT now() AS taken_at, tokentrack.health($1)::text AS health,"
+    " tokentrack.reconcile_recent(NULL)::text AS reconcile"
+)
+RECENT_SQL: Final = (
+    "SELECT coalesce(has_function_privilege(f, 'EXECUTE'), false)"
+    " FROM to_regprocedure('tokentrack.reconcile_recent(uuid)') AS f"
+)
+"""Whether the incremental check can run: installed, and this login may execute it (a
+monitoring role granted reconcile() only gets the full audit)."""
+FULL_MEASURE_SQL: Final = (
+    "SELECT now() AS taken_at, tokentrack.health($1)::text AS health,"
     " tokentrack.reconcile(NULL)::text AS reconcile"
 )
 
@@ -581,13 +623,19 @@ async def measure(conn: asyncpg.Connection, thresholds: Thresholds) -> MonitorRe
     """Read health() and reconcile() (one read-only snapshot) and evaluate the alerts."""
     await require_installed(conn, table="report_reservations")
     await _require_health(conn)
+    incremental = not thresholds.full and bool(await conn.fetchval(RECENT_SQL))
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        row = await fetchrow(conn, MEASURE_SQL, thresholds.hours)
+        row = await fetchrow(
+            conn, MEASURE_SQL if incremental else FULL_MEASURE_SQL, thresholds.hours
+        )
     taken_at: datetime = row["taken_at"]
     try:
-        return read_answers(
-            taken_at, json.loads(row["health"]), json.loads(row["reconcile"]), thresholds
-        )
+        reconcile = json.loads(row["reconcile"])
+        result = read_answers(taken_at, json.loads(row["health"]), reconcile, thresholds)
+        if incremental:
+            result.reconcile_mode = reconcile_mode(reconcile)
+            result.alerts = evaluate(result)
+        return result
     except (KeyError, TypeError, ValueError) as exc:  # a health() of another tokentrack version
         raise OpsError(
             f"cannot read tokentrack.health(): unexpected answer ({type(exc).__name__}: {exc}); "
@@ -652,6 +700,16 @@ def read_answers(
     )
     result.alerts = evaluate(result)
     return result
+
+
+def reconcile_mode(answer: dict[str, Any]) -> dict[str, Any]:
+    """The ``reconcile_mode`` of a reconcile_recent() answer (tokentrack exporter uses it too)."""
+    return {
+        "mode": "incremental",
+        "through_entry": int(answer["through_entry"]),
+        "advanced_at": _when(answer["advanced_at"]),
+        "entries_checked": int(answer["entries_checked"]),
+    }
 
 
 def _steps(steps: dict[str, Any]) -> dict[str, Any]:
@@ -724,6 +782,9 @@ def evaluate(result: MonitorResult) -> list[Alert]:
     sample = f"{finished} reports with an outcome in {t.hours}h"
     if not enough:
         sample += f", fewer than --min-reports {t.min_reports}: rates not alerted"
+    checker = (
+        "reconcile_recent()" if result.reconcile_mode["mode"] == "incremental" else "reconcile()"
+    )
     alerts = [
         Alert(
             "stale_reservations",
@@ -749,7 +810,7 @@ def evaluate(result: MonitorResult) -> list[Alert]:
             "usage_accuracy",
             "alert",
             not result.reconcile["ok"],
-            f"reconcile(): {len(result.reconcile['discrepancies'])} discrepancies in "
+            f"{checker}: {len(result.reconcile['discrepancies'])} discrepancies in "
             f"{result.reconcile['periods_checked']} periods",
         ),
         Alert(
@@ -879,10 +940,12 @@ __all__ = [
     "BUDGETS_VERSION",
     "COST_VERSION",
     "HEALTH_SQL",
+    "RECENT_VERSION",
     "Alert",
     "MonitorResult",
     "Thresholds",
     "evaluate",
     "measure",
     "monitor",
+    "reconcile_mode",
 ]

@@ -49,6 +49,10 @@ MONITORING_FUNCTIONS = frozenset(
         # version 20261213000000: what tokentrack exporter reads besides those two
         "tokentrack.metrics(integer,integer,integer)",
         "tokentrack.billing_totals(bigint,bigint)",
+        # version 20261214000000: the incremental reconcile, and the advance of its verified
+        # point (which writes only the point's own tables: no billing figure, no billing lock)
+        "tokentrack.reconcile_recent(uuid)",
+        "tokentrack.advance_reconcile_point()",
     }
 )
 """Read-only functions that docs/SECURITY.md lets you grant to a monitoring role: such a grant
