@@ -287,9 +287,9 @@ async def test_reconcile_answers_the_same_without_the_step_billing_indexes(
     conn: asyncpg.Connection,
 ) -> None:
     """reconcile() (the full audit) reaches steps through the ledger's report_id and the
-    account's steps: with report_step_usage_billing_entry_idx and
-    report_step_usage_billed_period_idx dropped (as version 20261214000000's write path does)
-    its answers, discrepancies included, are the same."""
+    account's steps: without report_step_usage_billing_entry_idx and
+    report_step_usage_billed_period_idx (which version 20261214000000's write path dropped)
+    its answers, discrepancies included, are those it gives with them."""
     account = await new_account(conn)
     other = await new_account(conn)
     for _ in range(2):
@@ -306,22 +306,36 @@ async def test_reconcile_answers_the_same_without_the_step_billing_indexes(
             stray,
             account,
         )
-    before = {a: await call(conn, "reconcile", a) for a in (account, other)}
-    before_all = await call(conn, "reconcile")
+    # With the two indexes back, as version 20261213000000 had them (in a transaction rolled
+    # back), and then without them, as this version has it.
+    transaction = conn.transaction()
+    await transaction.start()
+    try:
+        await conn.execute(
+            "CREATE INDEX report_step_usage_billing_entry_idx"
+            " ON tokentrack.report_step_usage (billing_entry_id)"
+            " WHERE billing_entry_id IS NOT NULL;"
+            " CREATE INDEX report_step_usage_billed_period_idx"
+            " ON tokentrack.report_step_usage (billed_period_id)"
+            " WHERE billed_period_id IS NOT NULL"
+        )
+        before = {a: await call(conn, "reconcile", a) for a in (account, other)}
+        before_all = await call(conn, "reconcile")
+    finally:
+        await transaction.rollback()
     assert {d["check"] for d in before_all["discrepancies"]} == {"ledger_entry", "billed_steps"}
     # One account's billed steps are its own steps: the other account's step billed into this
     # account's period shows in reconcile() of everything and of its own account (docs/API.md).
     assert before[account]["ok"] is True
     assert before[other]["ok"] is False
-    transaction = conn.transaction()
-    await transaction.start()
-    try:
-        await conn.execute(
-            "DROP INDEX tokentrack.report_step_usage_billing_entry_idx;"
-            " DROP INDEX tokentrack.report_step_usage_billed_period_idx"
+    assert (
+        await conn.fetchval(
+            "SELECT count(*) FROM pg_indexes WHERE schemaname = 'tokentrack'"
+            " AND indexname IN ('report_step_usage_billing_entry_idx',"
+            " 'report_step_usage_billed_period_idx')"
         )
-        assert await call(conn, "reconcile") == before_all
-        for a in (account, other):
-            assert await call(conn, "reconcile", a) == before[a]
-    finally:
-        await transaction.rollback()
+        == 0
+    )
+    assert await call(conn, "reconcile") == before_all
+    for a in (account, other):
+        assert await call(conn, "reconcile", a) == before[a]
