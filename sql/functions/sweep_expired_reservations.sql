@@ -1,14 +1,15 @@
 -- version: 20260108000000
 --
--- PROCEDURE tokentrack.sweep_expired_reservations(p_batch_size integer DEFAULT 50)
+-- PROCEDURE tokentrack.sweep_expired_reservations(p_batch_size integer DEFAULT 100)
 --
 -- The expiry sweep in bounded batches, for pg_cron and large backlogs:
 --   CALL tokentrack.sweep_expired_reservations();
 -- Each batch bills and expires at most p_batch_size reservations (expire_reservations) and
--- commits, so the locks of a batch are held only for that batch (the default of 50 keeps a
--- batch well under 100 ms: about 1 ms per reservation in `make bench` when the sweep billed
--- one reservation after the other, when 500 took ~550 ms; since version 20261214000000,
--- which bills a batch set-based, see bench/results/latest.md). It
+-- commits, so the locks of a batch are held only for that batch. The default keeps a batch
+-- well under 100 ms: it was 50 while the sweep billed one reservation after the other (about
+-- 1 ms each in `make bench`, 500 took ~550 ms); since version 20261214000000, which bills a
+-- batch set-based, it is 100 (bench/results/latest.md: 0.15 ms per reservation in batches of
+-- 100, the longest 24 ms; batches of 500 held their locks up to 171 ms). It
 -- goes on until a batch finds nothing due (that last, empty batch locks nothing), so no
 -- reservation that was due when that batch began is left active; a short batch alone does not
 -- stop it. Must be called outside an explicit transaction block (it commits). Reports the
@@ -23,7 +24,7 @@
 -- Errors: 22004 a NULL batch size; 22023 a batch size below 1; 25000 (from expire_reservations)
 --   when the session's default isolation is above READ COMMITTED; 2D000 when CALLed inside a
 --   transaction block.
-CREATE OR REPLACE PROCEDURE tokentrack.sweep_expired_reservations(p_batch_size integer DEFAULT 50)
+CREATE OR REPLACE PROCEDURE tokentrack.sweep_expired_reservations(p_batch_size integer DEFAULT 100)
 LANGUAGE plpgsql
 AS $procedure$
 DECLARE

@@ -282,7 +282,7 @@ async def test_the_runbook_as_written(cron_server: PostgresServer, tmp_path: Pat
     monitoring = await _run_block("monitoring", dsn, redeploy_dir, cron_server)
     assert monitoring.returncode == 0, monitoring.stdout + monitoring.stderr
     assert "monitor: no alert firing" in monitoring.stdout
-    assert '"command": "CALL tokentrack.sweep_expired_reservations(50)"' in monitoring.stdout
+    assert '"command": "CALL tokentrack.sweep_expired_reservations(100)"' in monitoring.stdout
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ from sqlkit import race_a_short_batch
 from tokentrack_client import migrate
 from tokentrack_client.testing import PostgresServer
 
-SWEEP = "CALL tokentrack.sweep_expired_reservations(50)"
+SWEEP = "CALL tokentrack.sweep_expired_reservations(100)"
 
 
 async def _seed_expired(dsn: str, reservations: int) -> tuple[uuid.UUID, int, int]:
@@ -80,7 +80,7 @@ async def test_cleanup_expires_and_bills_what_was_left(history_dsn: str) -> None
     account, tokens, steps = await _seed_expired(history_dsn, 4)
     result = await tokentrack("cleanup", "--database-url", history_dsn)
     assert result.code == 0, result
-    # One batch of (at most) 50, then one that finds nothing due.
+    # One batch of (at most) 100, then one that finds nothing due.
     assert result.out == (
         f"cleanup: expired 4 reservation(s), billed {tokens} tokens ({steps} step(s))"
         " in 2 transaction(s)\n"
@@ -103,17 +103,17 @@ async def test_cleanup_in_batches_commits_each(db_dsn: str) -> None:
     assert await _state(db_dsn, account) == (0, tokens, True)
 
 
-async def test_cleanup_commits_in_batches_of_50_by_default(db_dsn: str) -> None:
+async def test_cleanup_commits_in_batches_of_100_by_default(db_dsn: str) -> None:
     """Point 9 of issue #11: without --batch-size, cleanup swept everything in one
     transaction (cleanup_expired_reservations), locking every affected period until the end."""
-    account, tokens, steps = await _seed_expired(db_dsn, 120)
+    account, tokens, steps = await _seed_expired(db_dsn, 220)
     result = await tokentrack("cleanup", "--json", "--database-url", db_dsn)
     assert result.code == 0, result
     assert json.loads(result.out) == {
-        "expired": 120,
+        "expired": 220,
         "billed_tokens": tokens,
         "steps": steps,
-        "batches": 4,  # 50, 50, 20, and one that found nothing due
+        "batches": 4,  # 100, 100, 20, and one that found nothing due
     }
     assert await _state(db_dsn, account) == (0, tokens, True)
 
@@ -195,7 +195,7 @@ async def test_cron_install_is_idempotent_and_pg_cron_runs_the_sweep(
     first = await tokentrack("cron", "install", "--database-url", app)
     assert first.code == 0, first
     assert first.out.startswith("cron: created extension pg_cron in database postgres\n")
-    assert "created: '0 */2 * * *' runs 'CALL tokentrack.sweep_expired_reservations(50)'" in (
+    assert "created: '0 */2 * * *' runs 'CALL tokentrack.sweep_expired_reservations(100)'" in (
         first.out
     )
     assert "in database tokentrack_app" in first.out

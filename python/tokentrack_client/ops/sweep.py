@@ -1,7 +1,7 @@
 """``tokentrack cleanup`` and ``tokentrack cron install|remove|status``: the expiry sweep.
 
 ``cleanup`` (:func:`run`) runs the sweep once, in batches of ``--batch-size`` reservations
-(default 50, as the procedure), each committed on its own: ``tokentrack.expire_reservations(N)``
+(default 100, as the procedure), each committed on its own: ``tokentrack.expire_reservations(N)``
 per transaction, what ``CALL tokentrack.sweep_expired_reservations(N)`` does, with the totals
 returned. It goes on until a batch expires nothing; a short batch does not stop it (rows that
 a concurrent finalize billed drop out of a batch, and reservations come due while it runs).
@@ -11,7 +11,7 @@ So no period stays locked for longer than one batch. It never calls
 client reads it (:func:`tokentrack_client.answers.read_answer`,
 :class:`~tokentrack_client.SweepResult`).
 
-``cron install`` schedules ``CALL tokentrack.sweep_expired_reservations(50)`` every 2 hours
+``cron install`` schedules ``CALL tokentrack.sweep_expired_reservations(100)`` every 2 hours
 (``0 */2 * * *``) through pg_cron, under a fixed job name, idempotently: pg_cron (1.3 and
 later) upserts a named job on (job name, user), and an unchanged job is left alone. pg_cron
 lives in one database of the server (``cron.database_name``); when that is not the
@@ -51,7 +51,7 @@ from tokentrack_client.results import SweepResult
 
 DEFAULT_JOB_NAME: Final = "tokentrack-expiry-sweep"
 DEFAULT_SCHEDULE: Final = "0 */2 * * *"
-DEFAULT_BATCH_SIZE: Final = 50
+DEFAULT_BATCH_SIZE: Final = 100
 SWEEP_PROCEDURE: Final = "tokentrack.sweep_expired_reservations(integer)"
 _SWEEP_BATCH: Final = "SELECT tokentrack.expire_reservations($1)::text"
 _SCHEDULE_IN_DATABASE: Final = "cron.schedule_in_database(text,text,text,text,text,boolean)"
