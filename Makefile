@@ -158,7 +158,7 @@ stress: venv postgres ## Concurrent workload (budgets, subjects, extensions) wit
 demo: venv postgres ## Four report types on a throwaway PostgreSQL (DATABASE_URL is ignored), then reconcile
 	@TOKENTRACK_PG_BINDIR="$(PG_BINDIR)" $(BIN)/tokentrack demo
 
-bench: venv postgres ## Benchmark vs pgbench simple-update on its own server (~15 min): bench/results/latest.*
+bench: venv postgres ## Benchmark vs pgbench simple-update on its own server (~30 min): bench/results/latest.*
 	TOKENTRACK_PG_BINDIR="$(PG_BINDIR)" $(BIN)/python bench/run.py
 
 bench-smoke: venv postgres ## The benchmark in about a minute, small sizes (not part of make test): bench/results/smoke.*

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """tokentrack's benchmark, side by side with pgbench's built-in simple-update on one server.
 
-    make bench          # the full run (about 15 minutes on 2 cores): bench/results/latest.{md,json}
+    make bench          # the full run (about 30 minutes on 2 cores): bench/results/latest.{md,json}
     make bench-smoke    # about a minute, smaller sizes: bench/results/smoke.{md,json}
     .venv/bin/python bench/run.py --help
 
